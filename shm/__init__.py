@@ -1,0 +1,1 @@
+"""POSIX shared memory: mapped regions, tensor arenas, message rings and doorbells."""

@@ -1,0 +1,124 @@
+"""Tensor arena: an allocator over shared-memory segments owned by one process.
+
+The owner allocates and frees; other processes only map the segments (by name)
+and read or write the blocks they are told about. Blocks are 64-byte aligned so
+numpy views on them are aligned for every datatype and for SIMD loads. When a
+segment is full a larger one is added; segments live until :meth:`close`.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+
+from shm.region import Region, new_name
+
+ALIGN = 64
+MiB = 1 << 20
+
+
+def _round_up(n: int) -> int:
+    return (n + ALIGN - 1) & ~(ALIGN - 1)
+
+
+class _Segment:
+    """One shared-memory segment with a first-fit free list."""
+
+    __slots__ = ("region", "free_offsets", "free_sizes", "used")
+
+    def __init__(self, region: Region) -> None:
+        self.region = region
+        self.free_offsets: list[int] = [0]  # sorted
+        self.free_sizes: list[int] = [region.size]
+        self.used: dict[int, int] = {}
+
+    def alloc(self, size: int) -> int | None:
+        sizes = self.free_sizes
+        for i, free in enumerate(sizes):
+            if free >= size:
+                offset = self.free_offsets[i]
+                if free == size:
+                    del self.free_offsets[i]
+                    del sizes[i]
+                else:
+                    self.free_offsets[i] = offset + size
+                    sizes[i] = free - size
+                self.used[offset] = size
+                return offset
+        return None
+
+    def free(self, offset: int) -> None:
+        size = self.used.pop(offset)
+        offsets, sizes = self.free_offsets, self.free_sizes
+        i = bisect_left(offsets, offset)
+        # Coalesce with the following and the preceding free block.
+        if i < len(offsets) and offset + size == offsets[i]:
+            size += sizes[i]
+            del offsets[i]
+            del sizes[i]
+        if i > 0 and offsets[i - 1] + sizes[i - 1] == offset:
+            sizes[i - 1] += size
+        else:
+            offsets.insert(i, offset)
+            sizes.insert(i, size)
+
+
+class Arena:
+    """Allocator of tensor blocks in shared memory, owned by this process."""
+
+    def __init__(self, tag: str, initial_size: int = 32 * MiB) -> None:
+        self._tag = tag
+        self._initial = _round_up(initial_size)
+        self._segments: dict[str, _Segment] = {}
+        self._order: list[_Segment] = []
+
+    def alloc(self, nbytes: int) -> tuple[str, int]:
+        """Reserve ``nbytes``; return ``(segment name, offset)``."""
+        size = _round_up(max(nbytes, 1))
+        for seg in self._order:
+            offset = seg.alloc(size)
+            if offset is not None:
+                return seg.region.name, offset
+        seg = self._grow(size)
+        offset = seg.alloc(size)
+        assert offset is not None
+        return seg.region.name, offset
+
+    def free(self, name: str, offset: int) -> None:
+        """Release a block returned by :meth:`alloc`."""
+        self._segments[name].free(offset)
+
+    def buffer(self, name: str) -> memoryview:
+        """Writable view of the whole segment ``name``."""
+        return self._segments[name].region.buf
+
+    def view(self, name: str, offset: int, nbytes: int) -> memoryview:
+        """Writable view of ``nbytes`` at ``offset`` of segment ``name``."""
+        return self._segments[name].region.buf[offset : offset + nbytes]
+
+    def in_use(self) -> int:
+        """Bytes currently allocated (for tests and statistics)."""
+        return sum(sum(s.used.values()) for s in self._order)
+
+    def names(self) -> list[str]:
+        return [s.region.name for s in self._order]
+
+    def close(self) -> None:
+        """Unlink and unmap every segment."""
+        for seg in self._order:
+            seg.region.unlink()
+            seg.region.close()
+        self._segments.clear()
+        self._order.clear()
+
+    def _grow(self, size: int) -> _Segment:
+        last = self._order[-1].region.size if self._order else 0
+        seg_size = max(self._initial, 2 * last)
+        while seg_size < size:
+            seg_size *= 2
+        seg = _Segment(Region(new_name(self._tag), seg_size, create=True))
+        self._segments[seg.region.name] = seg
+        self._order.append(seg)
+        return seg
+
+
+__all__ = ["ALIGN", "Arena", "MiB"]

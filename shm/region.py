@@ -1,0 +1,146 @@
+"""Mapped POSIX shared-memory objects.
+
+Every object this server creates is named ``/ek.<pid>.<tag>`` so that a later
+start can remove what a killed server left behind (:func:`remove_stale`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import mmap
+import os
+import re
+
+import posix_ipc
+
+PREFIX = "ek."
+_counter = itertools.count()
+# POSIX shm names: one leading slash, no other slash, no NUL; NAME_MAX on Linux.
+_KEY_RE = re.compile(r"^/[^/\x00]{1,254}$")
+
+
+class ShmError(Exception):
+    """A shared-memory object could not be created, opened or mapped."""
+
+
+def valid_key(key: str) -> bool:
+    """True if ``key`` is a POSIX shm name (``/name``), never a file path."""
+    return bool(_KEY_RE.match(key)) and key not in ("/.", "/..")
+
+
+def new_name(tag: str) -> str:
+    """A fresh name for an object owned by this process."""
+    return f"/{PREFIX}{os.getpid()}.{tag}.{next(_counter)}"
+
+
+class Region:
+    """A POSIX shared-memory object mapped into this process.
+
+    ``buf`` is a writable memoryview over the whole mapping. Numpy arrays made
+    over ``buf`` keep the mapping alive; :meth:`close` only drops this object's
+    references, so the pages stay mapped until the last view is gone.
+    """
+
+    __slots__ = ("name", "size", "owner", "_mmap", "buf", "__weakref__")
+
+    def __init__(self, name: str, size: int | None = None, *, create: bool = False) -> None:
+        """Open ``name`` (or create it with ``size`` bytes, reserved up front)."""
+        if not valid_key(name):
+            raise ShmError(f"invalid shared memory key '{name}'")
+        try:
+            if create:
+                if not size or size <= 0:
+                    raise ShmError("a created region needs a positive size")
+                shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600)
+                try:
+                    # Reserve the pages now: a sparse object on a full /dev/shm
+                    # would SIGBUS on first touch instead of failing cleanly.
+                    os.posix_fallocate(shm.fd, 0, size)
+                except OSError as e:
+                    shm.close_fd()
+                    shm.unlink()
+                    raise ShmError(f"unable to reserve {size} bytes of shared memory for '{name}': {e}") from e
+            else:
+                shm = posix_ipc.SharedMemory(name)
+                size = shm.size
+        except posix_ipc.ExistentialError as e:
+            raise ShmError(f"unable to open shared memory region '{name}': {e}") from e
+        except (posix_ipc.PermissionsError, OSError, ValueError) as e:
+            raise ShmError(f"unable to open shared memory region '{name}': {e}") from e
+        try:
+            self._mmap = mmap.mmap(shm.fd, size) if size else None
+        except (OSError, ValueError) as e:
+            raise ShmError(f"unable to map shared memory region '{name}': {e}") from e
+        finally:
+            shm.close_fd()
+        self.name = name
+        self.size = size
+        self.owner = create
+        self.buf = memoryview(self._mmap) if self._mmap is not None else memoryview(b"")
+
+    def close(self) -> None:
+        """Drop this process's mapping (deferred while views on it exist)."""
+        if self._mmap is None:
+            return
+        try:
+            self.buf.release()
+            self._mmap.close()
+        except BufferError:
+            pass  # numpy views still use the pages; they unmap when the last goes
+        self._mmap = None
+
+    def unlink(self) -> None:
+        """Remove the name from the system (mappings stay valid)."""
+        unlink(self.name)
+
+    def __repr__(self) -> str:
+        return f"Region({self.name!r}, {self.size})"
+
+
+def unlink(name: str) -> None:
+    """Remove a shared-memory name, ignoring one that is already gone."""
+    try:
+        posix_ipc.unlink_shared_memory(name)
+    except posix_ipc.ExistentialError:
+        pass
+
+
+def remove_stale(shm_dir: str = "/dev/shm") -> list[str]:
+    """Remove objects of earlier servers whose process no longer exists."""
+    removed = []
+    try:
+        entries = os.listdir(shm_dir)
+    except OSError:
+        return removed
+    for entry in entries:
+        stem = entry[4:] if entry.startswith("sem.") else entry
+        if not stem.startswith(PREFIX):
+            continue
+        pid_text = stem[len(PREFIX):].split(".", 1)[0]
+        if not pid_text.isdigit() or _alive(int(pid_text)):
+            continue
+        try:
+            os.unlink(os.path.join(shm_dir, entry))
+            removed.append(entry)
+        except OSError:
+            pass
+    return removed
+
+
+def owned_objects(pid: int, shm_dir: str = "/dev/shm") -> list[str]:
+    """Names in ``shm_dir`` that belong to process ``pid`` (used by tests)."""
+    tag = f"{PREFIX}{pid}."
+    try:
+        return sorted(e for e in os.listdir(shm_dir) if e.startswith(tag) or e.startswith("sem." + tag))
+    except OSError:
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
