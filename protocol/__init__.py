@@ -1,0 +1,1 @@
+"""Protocol schemas (Triton-compatible .proto files) and their generated Python modules."""
