@@ -1,0 +1,476 @@
+"""Triton python-backend utilities (``import triton_python_backend_utils as pb_utils``).
+
+Workers register this module under its Triton name so that ``model.py`` files
+written for Triton's python backend run unmodified. Input tensors are numpy
+views on shared memory: reading them copies nothing. Inputs that live in a
+client's registered region are read-only views (the client owns those bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from protocol import dtypes
+
+TRITONSERVER_REQUEST_FLAG_SEQUENCE_START = 1
+TRITONSERVER_REQUEST_FLAG_SEQUENCE_END = 2
+TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+TRITONSERVER_REQUEST_RELEASE_ALL = 1
+TRITONSERVER_REQUEST_RELEASE_RESCHEDULE = 2
+
+TRITON_STRING_TO_NUMPY: dict[str, Any] = {
+    "TYPE_BOOL": bool,
+    "TYPE_UINT8": np.uint8,
+    "TYPE_UINT16": np.uint16,
+    "TYPE_UINT32": np.uint32,
+    "TYPE_UINT64": np.uint64,
+    "TYPE_INT8": np.int8,
+    "TYPE_INT16": np.int16,
+    "TYPE_INT32": np.int32,
+    "TYPE_INT64": np.int64,
+    "TYPE_FP16": np.float16,
+    "TYPE_FP32": np.float32,
+    "TYPE_FP64": np.float64,
+    "TYPE_STRING": np.object_,
+    "TYPE_BF16": dtypes.NUMPY["BF16"].type,
+}
+
+# DataType enum values of model_config.proto, in order from TYPE_BOOL (1).
+_ENUM_ORDER = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32",
+               "INT64", "FP16", "FP32", "FP64", "BYTES", "BF16"]
+_ENUM_TO_NUMPY = {i + 1: dtypes.NUMPY[name].type for i, name in enumerate(_ENUM_ORDER)}
+_ENUM_TO_NUMPY[1] = np.bool_
+
+
+class TritonModelException(Exception):
+    """Raised by these utilities when a model uses them wrongly."""
+
+    def __init__(self, msg: str) -> None:
+        super().__init__(msg)
+        self._msg = msg
+
+    def message(self) -> str:
+        return self._msg
+
+
+class TritonError:
+    """An error to put in an :class:`InferenceResponse` (or raise from execute)."""
+
+    UNKNOWN = 0
+    INTERNAL = 1
+    NOT_FOUND = 2
+    INVALID_ARG = 3
+    UNAVAILABLE = 4
+    UNSUPPORTED = 5
+    ALREADY_EXISTS = 6
+    CANCELLED = 7
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        self._message = message
+        self._code = code
+
+    def message(self) -> str:
+        return self._message
+
+    def code(self) -> int:
+        return self._code
+
+    def __str__(self) -> str:
+        return self._message
+
+    def __repr__(self) -> str:
+        return f"TritonError({self._message!r}, code={self._code})"
+
+
+class Tensor:
+    """A named tensor; ``as_numpy()`` is its data."""
+
+    __slots__ = ("_name", "_array", "_triton_dtype")
+
+    def __init__(self, name: str, numpy_array: Any, triton_dtype: int | None = None) -> None:
+        if not isinstance(numpy_array, np.ndarray):
+            numpy_array = np.asarray(numpy_array)
+        if numpy_array.dtype.type == np.str_ or numpy_array.dtype == np.void:
+            raise TritonModelException(
+                "Tensor dtype used for numpy_array is not support by Python backend. Please use np.object_ instead."
+            )
+        if triton_dtype is not None:
+            np_type = triton_to_numpy_type(triton_dtype)
+            if np_type is not None and numpy_array.dtype != np_type:
+                numpy_array = numpy_array.view(np_type)
+        self._name = name
+        self._array = numpy_array
+        self._triton_dtype = triton_dtype
+
+    @staticmethod
+    def from_dlpack(name: str, dlpack_tensor: Any) -> Tensor:
+        """Wrap a DLPack-capable CPU tensor (or a DLPack capsule) without copying."""
+        if hasattr(dlpack_tensor, "__dlpack__"):
+            try:
+                return Tensor(name, np.from_dlpack(dlpack_tensor))
+            except (RuntimeError, BufferError, TypeError):
+                if hasattr(dlpack_tensor, "cpu"):  # a device tensor: bring it to host memory
+                    return Tensor(name, np.from_dlpack(dlpack_tensor.cpu()))
+                raise
+        return Tensor(name, np.from_dlpack(_Capsule(dlpack_tensor)))
+
+    def name(self) -> str:
+        return self._name
+
+    def as_numpy(self) -> np.ndarray:
+        return self._array
+
+    def triton_dtype(self) -> int | None:
+        return self._triton_dtype if self._triton_dtype is not None else numpy_to_triton_type(self._array.dtype)
+
+    def shape(self) -> list[int]:
+        return list(self._array.shape)
+
+    def is_cpu(self) -> bool:
+        return True
+
+    def to_dlpack(self) -> Any:
+        return self._array.__dlpack__()
+
+    def __dlpack__(self, stream: Any = None) -> Any:
+        return self._array.__dlpack__()
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return (1, 0)
+
+    def __repr__(self) -> str:
+        return f"Tensor({self._name!r}, {self._array.dtype}, {list(self._array.shape)})"
+
+
+class _Capsule:
+    """Give a bare DLPack capsule the protocol numpy's from_dlpack expects."""
+
+    def __init__(self, capsule: Any) -> None:
+        self._capsule = capsule
+
+    def __dlpack__(self, stream: Any = None, **_: Any) -> Any:
+        return self._capsule
+
+    def __dlpack_device__(self) -> tuple[int, int]:
+        return (1, 0)
+
+
+class InferenceResponse:
+    """The outputs (or the error) of one request."""
+
+    def __init__(self, output_tensors: list | None = None, error: TritonError | None = None,
+                 parameters: dict | str | None = None) -> None:
+        if output_tensors is None:
+            output_tensors = []
+        if not isinstance(output_tensors, list):
+            raise TritonModelException('"output_tensors" must be a list.')
+        self._output_tensors = output_tensors
+        self._error = error
+        if isinstance(parameters, str):
+            parameters = json.loads(parameters)
+        self._parameters = parameters or {}
+
+    def output_tensors(self) -> list:
+        return self._output_tensors
+
+    def has_error(self) -> bool:
+        return self._error is not None
+
+    def error(self) -> TritonError | None:
+        return self._error
+
+    def parameters(self) -> str:
+        return json.dumps(self._parameters)
+
+
+class InferenceResponseSender:
+    """Sends the responses of a decoupled model's request, one or many."""
+
+    def __init__(self, send: Callable[[InferenceResponse | None, int], None]) -> None:
+        self._send = send
+        self._closed = False
+
+    def send(self, response: InferenceResponse | None = None, flags: int = 0) -> None:
+        if self._closed:
+            raise TritonModelException("Unable to send response. Response sender has been closed.")
+        if flags not in (0, TRITONSERVER_RESPONSE_COMPLETE_FINAL):
+            raise TritonModelException("Invalid flags for the response sender.")
+        if flags & TRITONSERVER_RESPONSE_COMPLETE_FINAL:
+            self._closed = True
+        elif response is None:
+            raise TritonModelException("Inference Response object is needed when the flag is not final.")
+        self._send(response, flags)
+
+    def is_cancelled(self) -> bool:
+        return False
+
+
+class InferenceRequest:
+    """A request handed to ``execute``.
+
+    Models may also build one themselves for business-logic scripting (BLS);
+    calling ``exec()`` on it answers a clear error: BLS is not supported yet.
+    """
+
+    def __init__(self, model_name: str = "", inputs: list | None = None,
+                 requested_output_names: list | None = None, request_id: str = "",
+                 correlation_id: int | str = 0, flags: int = 0, parameters: dict | str | None = None,
+                 **_: Any) -> None:
+        self._model_name = model_name
+        self._inputs = inputs or []
+        self._requested = list(requested_output_names or [])
+        self._request_id = request_id
+        self._correlation_id = correlation_id
+        self._flags = flags
+        if isinstance(parameters, dict):
+            parameters = json.dumps(parameters)
+        self._parameters = parameters or "{}"
+        self._sender: InferenceResponseSender | None = None
+
+    def inputs(self) -> list:
+        return self._inputs
+
+    def requested_output_names(self) -> list[str]:
+        return self._requested
+
+    def request_id(self) -> str:
+        return self._request_id
+
+    def correlation_id(self) -> int | str:
+        return self._correlation_id
+
+    def flags(self) -> int:
+        return self._flags
+
+    def parameters(self) -> str:
+        return self._parameters
+
+    def model_name(self) -> str:
+        return self._model_name
+
+    def get_response_sender(self) -> InferenceResponseSender:
+        if self._sender is None:
+            raise TritonModelException("get_response_sender is only available for decoupled models")
+        return self._sender
+
+    def is_cancelled(self) -> bool:
+        return False
+
+    def set_release_flags(self, flags: int) -> None:
+        if flags != TRITONSERVER_REQUEST_RELEASE_ALL:
+            raise TritonModelException("request rescheduling is not supported")
+
+    def exec(self, *args: Any, **kwargs: Any) -> InferenceResponse:
+        message = "business logic scripting (InferenceRequest.exec) is not supported by this server"
+        return InferenceResponse(error=TritonError(message, TritonError.UNSUPPORTED))
+
+    async def async_exec(self, *args: Any, **kwargs: Any) -> InferenceResponse:
+        return self.exec()
+
+
+class ModelConfig:
+    """The model configuration handed to ``auto_complete_config``."""
+
+    def __init__(self, model_config: str | dict) -> None:
+        self._model_config = json.loads(model_config) if isinstance(model_config, str) else model_config
+
+    def as_dict(self) -> dict:
+        return self._model_config
+
+    def _name(self) -> str:
+        return self._model_config.get("name", "")
+
+    def max_batch_size(self) -> int:
+        return int(self._model_config.get("max_batch_size", 0))
+
+    def set_max_batch_size(self, max_batch_size: int) -> None:
+        current = self.max_batch_size()
+        if current > max_batch_size:
+            raise ValueError(
+                f"configuration specified max_batch_size {current}, but in auto-complete-config function "
+                f"for model '{self._name()}' specified max_batch_size {max_batch_size}")
+        self._model_config["max_batch_size"] = max_batch_size
+
+    def set_dynamic_batching(self) -> None:
+        for other in ("sequence_batching", "ensemble_scheduling"):
+            if other in self._model_config:
+                raise ValueError(
+                    f"Configuration specified scheduling_choice as '{other}', but auto-complete-config function "
+                    f"for model '{self._name()}' tries to set scheduling_choice as 'dynamic_batching'")
+        self._model_config.setdefault("dynamic_batching", {})
+
+    def set_model_transaction_policy(self, transaction_policy_dict: dict) -> None:
+        for key in transaction_policy_dict:
+            if key != "decoupled":
+                raise ValueError(
+                    f"model transaction property in auto-complete-config function for model '{self._name()}' "
+                    "contains property other than 'decoupled'")
+        policy = self._model_config.setdefault("model_transaction_policy", {})
+        policy.update(transaction_policy_dict)
+
+    def add_input(self, input: dict) -> None:  # noqa: A002 - Triton's parameter name
+        self._add_tensor("input", input)
+
+    def add_output(self, output: dict) -> None:
+        self._add_tensor("output", output)
+
+    def add_model_warmup(self, model_warmup: dict) -> None:
+        self._model_config.setdefault("model_warmup", []).append(model_warmup)
+
+    def _add_tensor(self, kind: str, tensor: dict) -> None:
+        model = self._name()
+        valid = ("name", "data_type", "dims", "optional") if kind == "input" else ("name", "data_type", "dims")
+        label = tensor.get("name", "")
+        for prop in tensor:
+            if prop not in valid:
+                allowed = ("'name', 'data_type' and 'dims'" if kind == "output"
+                           else "'name', 'data_type', 'dims' and 'optional'")
+                raise ValueError(f"{kind} '{label}' in auto-complete-config function for model '{model}' "
+                                 f"contains property other than {allowed}.")
+        for prop in ("name", "data_type", "dims"):
+            if prop not in tensor:
+                where = f"{kind} '{label}'" if prop != "name" else kind
+                raise ValueError(f"{where} in auto-complete-config function for model '{model}' "
+                                 f"is missing '{prop}' property.")
+        existing = self._model_config.setdefault(kind, [])
+        for current in existing:
+            if current.get("name") != tensor["name"]:
+                continue
+            if current.get("data_type", "TYPE_INVALID") not in ("TYPE_INVALID", tensor["data_type"]):
+                raise ValueError(f"unable to load model '{model}', configuration expects datatype "
+                                 f"{current['data_type']} for {kind} '{tensor['name']}', model provides "
+                                 f"{tensor['data_type']}")
+            if current.get("dims") and [int(d) for d in current["dims"]] != [int(d) for d in tensor["dims"]]:
+                raise ValueError(f"model '{model}', tensor '{tensor['name']}': the model expects dims "
+                                 f"{list(tensor['dims'])} but the model configuration specifies dims "
+                                 f"{list(current['dims'])}")
+            current.update(tensor)
+            return
+        existing.append(dict(tensor))
+
+
+class LogLevel:
+    INFO = 0
+    WARNING = 1
+    ERROR = 2
+    VERBOSE = 3
+
+
+class Logger:
+    """Triton's model logger: lines go to the server's log (stderr)."""
+
+    verbose = bool(int(os.environ.get("EDGE_KERNEL_LOG_VERBOSE", "0") or 0))
+    _lock = threading.Lock()
+
+    @staticmethod
+    def log(message: str, level: int = LogLevel.INFO) -> None:
+        if level == LogLevel.VERBOSE and not Logger.verbose:
+            return
+        tag = "IWEI"[level] if 0 <= level <= 3 else "I"
+        frame = sys._getframe(1)
+        while frame.f_back is not None and frame.f_code.co_filename == __file__:
+            frame = frame.f_back
+        where = f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
+        now = time.time()
+        stamp = time.strftime("%m%d %H:%M:%S", time.localtime(now)) + f".{int(now % 1 * 1e6):06d}"
+        with Logger._lock:
+            sys.stderr.write(f"{tag}{stamp} {os.getpid()} {where}] {message}\n")
+            sys.stderr.flush()
+
+    @staticmethod
+    def log_info(message: str) -> None:
+        Logger.log(message, LogLevel.INFO)
+
+    @staticmethod
+    def log_warn(message: str) -> None:
+        Logger.log(message, LogLevel.WARNING)
+
+    @staticmethod
+    def log_error(message: str) -> None:
+        Logger.log(message, LogLevel.ERROR)
+
+    @staticmethod
+    def log_verbose(message: str) -> None:
+        Logger.log(message, LogLevel.VERBOSE)
+
+
+def get_input_tensor_by_name(inference_request: InferenceRequest, name: str) -> Tensor | None:
+    for tensor in inference_request.inputs():
+        if tensor.name() == name:
+            return tensor
+    return None
+
+
+def get_output_tensor_by_name(inference_response: InferenceResponse, name: str) -> Tensor | None:
+    for tensor in inference_response.output_tensors():
+        if tensor.name() == name:
+            return tensor
+    return None
+
+
+def get_input_config_by_name(model_config: dict, name: str) -> dict | None:
+    for props in model_config.get("input", []):
+        if props["name"] == name:
+            return props
+    return None
+
+
+def get_output_config_by_name(model_config: dict, name: str) -> dict | None:
+    for props in model_config.get("output", []):
+        if props["name"] == name:
+            return props
+    return None
+
+
+def using_decoupled_model_transaction_policy(model_config: dict) -> bool:
+    return bool(model_config.get("model_transaction_policy", {}).get("decoupled", False))
+
+
+def triton_string_to_numpy(triton_type_string: str) -> Any:
+    return TRITON_STRING_TO_NUMPY[triton_type_string]
+
+
+def triton_to_numpy_type(data_type: int) -> Any:
+    return _ENUM_TO_NUMPY.get(data_type)
+
+
+def numpy_to_triton_type(data_type: Any) -> int | None:
+    if data_type in (np.object_, np.bytes_) or np.dtype(data_type).kind in "OS":
+        return 13
+    name = dtypes.from_numpy(np.dtype(data_type))
+    return None if name is None else _ENUM_ORDER.index(name) + 1
+
+
+def serialize_byte_tensor(input_tensor: np.ndarray) -> bytes | None:
+    if input_tensor.size == 0:
+        return None
+    if input_tensor.dtype != np.object_ and input_tensor.dtype.type != np.bytes_:
+        return None
+    return dtypes.serialize_bytes(input_tensor)
+
+
+def deserialize_bytes_tensor(encoded_tensor: bytes) -> np.ndarray:
+    return dtypes.deserialize_bytes(encoded_tensor)
+
+
+def is_model_ready(model_name: str, model_version: str = "") -> bool:
+    raise TritonModelException("is_model_ready is not supported by this server")
+
+
+def load_model(model_name: str, config: str = "", files: dict | None = None) -> None:
+    raise TritonModelException("model loading from a model is not supported by this server")
+
+
+def unload_model(model_name: str) -> None:
+    raise TritonModelException("model unloading from a model is not supported by this server")
+
+
+__all__ = [n for n in dir() if not n.startswith("_") and n not in ("annotations", "Any", "Callable")]
