@@ -1,0 +1,7 @@
+"""``python -m kernel`` is the ``kernel`` command."""
+
+import sys
+
+from kernel.cli import main
+
+sys.exit(main())

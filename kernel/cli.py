@@ -1,0 +1,161 @@
+"""The ``kernel`` command: ``kernel start`` serves a Triton model repository."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from typing import Any
+
+from kernel import __version__
+from kernel.server import Core, default_repository
+
+log = logging.getLogger("kernel")
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got '{text}'")
+
+
+def _backend_config(text: str) -> tuple[str, str, str]:
+    backend, sep, setting = text.partition(",")
+    key, eq, value = setting.partition("=")
+    if not sep or not eq or not backend or not key:
+        raise argparse.ArgumentTypeError(f"expected <backend>,<key>=<value>, got '{text}'")
+    return backend, key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kernel",
+        description="edge-kernel: a Triton-compatible inference server for edge devices. Serves Triton model "
+                    "repositories over KServe v2 HTTP/REST and gRPC, with model instances in worker processes "
+                    "that exchange tensors through POSIX shared memory.")
+    parser.add_argument("--version", action="version", version=f"edge-kernel {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    start = sub.add_parser(
+        "start", help="start the server on one or more model repositories",
+        description="Start the inference server. With no flags it serves the example model repository "
+                    "shipped with the project on ports 8000 (HTTP), 8001 (gRPC) and 8002 (metrics). Flag names "
+                    "follow tritonserver's.")
+    start.add_argument("--model-repository", "--model-store", action="append", dest="model_repository",
+                       metavar="PATH", help="a model repository directory (repeatable; default: the bundled "
+                                            "example repository)")
+    start.add_argument("--backend-directory", metavar="PATH", default="",
+                       help="accepted for compatibility with tritonserver command lines; backends are built in")
+    start.add_argument("--backend-config", action="append", type=_backend_config, default=[],
+                       metavar="<backend>,<key>=<value>",
+                       help="a backend setting, e.g. python,shm-default-byte-size=8388608 (the size of each "
+                            "python worker's output arena); repeatable")
+    start.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port (default 8000; -1 disables)")
+    start.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001; -1 disables)")
+    start.add_argument("--metrics-port", type=int, default=8002,
+                       help="Prometheus metrics port (default 8002; -1 disables)")
+    start.add_argument("--host", "--http-address", dest="host", default="0.0.0.0",
+                       help="address to listen on (default 0.0.0.0)")
+    start.add_argument("--log-verbose", type=int, default=0, metavar="LEVEL",
+                       help="verbose logging level; 0 (default) is off")
+    start.add_argument("--exit-timeout-secs", type=float, default=30.0, metavar="SECONDS",
+                       help="how long shutdown waits for in-flight requests (default 30)")
+    start.add_argument("--strict-model-config", type=_bool, default=False, metavar="BOOL",
+                       help="true: use config.pbtxt as is, without auto-completion by the backend "
+                            "(default false)")
+    start.add_argument("--disable-auto-complete-config", action="store_true",
+                       help="same as --strict-model-config=true")
+    start.add_argument("--model-control-mode", choices=("none", "explicit"), default="none",
+                       help="none: load every model at start (default); explicit: only --load-model models, "
+                            "others through the model repository API")
+    start.add_argument("--load-model", action="append", default=[], metavar="NAME",
+                       help="with --model-control-mode=explicit, a model to load at start ('*' for all)")
+    start.add_argument("--strict-readiness", type=_bool, default=True, metavar="BOOL",
+                       help="true (default): /v2/health/ready is ready only when every model is ready")
+    start.add_argument("--exit-on-error", type=_bool, default=False, metavar="BOOL",
+                       help="true: exit if a model fails to load at start (default false: keep serving the "
+                            "others, the failed model stays UNAVAILABLE with its reason)")
+    start.add_argument("--grpc-max-message-size", type=int, default=64 << 20, metavar="BYTES",
+                       help="largest gRPC message accepted or sent (default 64 MiB, enough for a 4K RGB frame)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "start":
+        parser.print_help()
+        return 0 if args.command is None and argv is not None and not argv else 2
+    logging.basicConfig(level=logging.DEBUG if args.log_verbose else logging.INFO,
+                        format="%(levelname).1s%(asctime)s %(process)d %(name)s] %(message)s",
+                        datefmt="%m%d %H:%M:%S", stream=sys.stderr)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency; keep running without it
+        return asyncio.run(serve(args))
+    return uvloop.run(serve(args))
+
+
+def print_table(rows: list[tuple[str, str, str]]) -> None:
+    """Triton's model table."""
+    head = ("Model", "Version", "Status")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(3)]
+    line = "+" + "+".join("-" * (w + 2) for w in widths) + "+"
+    out = [line, "| " + " | ".join(h.ljust(w) for h, w in zip(head, widths)) + " |", line]
+    out += ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
+    out.append(line)
+    print("\n".join(out), flush=True)
+
+
+async def serve(args: Any) -> int:
+    """Run the server until SIGINT/SIGTERM, then shut down cleanly."""
+    from aiohttp import web
+
+    from protocol.http import HttpFront
+
+    backend_config: dict[str, dict[str, str]] = {}
+    for backend, key, value in args.backend_config:
+        backend_config.setdefault(backend, {})[key] = value
+    core = Core(args.model_repository or [default_repository()],
+                strict_model_config=args.strict_model_config or args.disable_auto_complete_config,
+                model_control_mode=args.model_control_mode, load_models=args.load_model,
+                log_verbose=args.log_verbose, backend_config=backend_config,
+                exit_timeout=args.exit_timeout_secs, strict_readiness=args.strict_readiness)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    runners: list[web.AppRunner] = []
+    try:
+        try:
+            await core.start()
+        except Exception as e:
+            log.error("error: creating server: %s", e)
+            return 1
+        print_table(core.table())
+        if args.exit_on_error and not core.ready():
+            log.error("error: creating server: Internal - failed to load all models")
+            return 1
+        if args.http_port >= 0:
+            runner = web.AppRunner(HttpFront(core).app, access_log=None, handle_signals=False,
+                                   shutdown_timeout=args.exit_timeout_secs)
+            await runner.setup()
+            await web.TCPSite(runner, args.host, args.http_port, reuse_address=True).start()
+            runners.append(runner)
+            log.info("Started HTTPService at %s:%d", args.host, args.http_port)
+        await stop.wait()
+        log.info("Waiting for in-flight requests to complete.")
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+        await core.stop()
+        log.info("All models are stopped, shared memory removed. Exiting.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

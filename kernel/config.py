@@ -1,0 +1,186 @@
+"""Model configuration: config.pbtxt parsing, Triton's auto-completion and JSON form."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from google.protobuf import json_format, text_format
+from google.protobuf.descriptor import FieldDescriptor
+
+from kernel.errors import ServerError
+from protocol import dtypes
+from protocol.model_config_pb2 import DataType, ModelConfig, ModelInstanceGroup
+
+# Default model file per backend, and the backend a model file implies.
+DEFAULT_FILENAME = {
+    "python": "model.py",
+    "onnxruntime": "model.onnx",
+    "pytorch": "model.pt",
+    "tensorrt": "model.plan",
+}
+_PLATFORM_BACKEND = {
+    "onnxruntime_onnx": "onnxruntime",
+    "pytorch_libtorch": "pytorch",
+    "tensorrt_plan": "tensorrt",
+}
+
+
+def load(model_dir: str) -> ModelConfig:
+    """Parse ``<model_dir>/config.pbtxt`` (an empty config if there is none)."""
+    path = os.path.join(model_dir, "config.pbtxt")
+    config = ModelConfig()
+    if os.path.exists(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                text_format.Parse(f.read(), config)
+        except (text_format.ParseError, UnicodeDecodeError) as e:
+            raise ServerError(f"failed to read text proto from {path}: {e}", "INVALID_ARG") from e
+    return config
+
+
+def complete(config: ModelConfig, model_dir: str, gpu_count: int = 0) -> None:
+    """Fill in what Triton fills in before a model loads (in place).
+
+    Name, backend (from platform or model file), default model filename,
+    version policy, instance groups (names, kinds, counts, devices) and the
+    optimization defaults. Backend-specific auto-completion (a python model's
+    ``auto_complete_config``) happens afterwards, in the worker.
+    """
+    name = os.path.basename(os.path.normpath(model_dir))
+    if not config.name:
+        config.name = name
+    elif config.name != name:
+        raise ServerError(
+            f"unexpected directory name '{name}' for model '{config.name}', directory name must equal model name",
+            "INVALID_ARG")
+    if not config.backend:
+        if config.platform in _PLATFORM_BACKEND:
+            config.backend = _PLATFORM_BACKEND[config.platform]
+        elif config.platform == "ensemble":
+            pass
+        else:
+            config.backend = _detect_backend(model_dir, config.default_model_filename)
+    if not config.default_model_filename and config.backend in DEFAULT_FILENAME:
+        config.default_model_filename = DEFAULT_FILENAME[config.backend]
+    if not config.HasField("version_policy"):
+        config.version_policy.latest.num_versions = 1
+    if not config.HasField("optimization"):
+        config.optimization.input_pinned_memory.enable = True
+        config.optimization.output_pinned_memory.enable = True
+    if config.HasField("dynamic_batching"):
+        db = config.dynamic_batching
+        if db.priority_levels and not db.default_priority_level:
+            db.default_priority_level = (db.priority_levels + 1) // 2
+    if config.platform == "ensemble":
+        return
+    if not config.instance_group:
+        config.instance_group.add()
+    for index, group in enumerate(config.instance_group):
+        if not group.name:
+            group.name = f"{config.name}_{index}"
+        if group.count < 1:
+            group.count = 1
+        if group.kind == ModelInstanceGroup.KIND_AUTO:
+            group.kind = ModelInstanceGroup.KIND_GPU if gpu_count > 0 else ModelInstanceGroup.KIND_CPU
+        if group.kind == ModelInstanceGroup.KIND_GPU and not group.gpus:
+            group.gpus.extend(range(gpu_count))
+
+
+def _detect_backend(model_dir: str, filename: str) -> str:
+    names = set()
+    for entry in os.listdir(model_dir):
+        path = os.path.join(model_dir, entry)
+        if entry.isdigit() and os.path.isdir(path):
+            names.update(os.listdir(path))
+    if filename:
+        names = {filename} & names or names
+    for backend, default in DEFAULT_FILENAME.items():
+        if default in names:
+            return backend
+    return ""
+
+
+def validate(config: ModelConfig) -> None:
+    """Reject what Triton rejects at load time (the message becomes the model's reason)."""
+    model = config.name
+    if not config.backend and config.platform != "ensemble":
+        raise ServerError(
+            f"unexpected platform type '{config.platform}' for {model}" if config.platform
+            else f"must specify 'backend' or 'platform' for model '{model}'", "INVALID_ARG")
+    if config.max_batch_size < 0:
+        raise ServerError(f"'max_batch_size' must be non-negative value for {model}", "INVALID_ARG")
+    seen: set[str] = set()
+    for kind, tensors in (("input", config.input), ("output", config.output)):
+        for t in tensors:
+            if not t.name:
+                raise ServerError(f"model {kind} must specify 'name' for {model}", "INVALID_ARG")
+            if t.data_type == 0:
+                raise ServerError(f"model {kind} '{t.name}' must specify 'data_type' for {model}", "INVALID_ARG")
+            if (kind, t.name) in seen:
+                raise ServerError(f"model {kind} '{t.name}' is specified more than once for {model}", "INVALID_ARG")
+            seen.add((kind, t.name))
+            for d in t.dims:
+                if d < -1 or d == 0 and not t.HasField("reshape"):
+                    raise ServerError(
+                        f"model {kind} '{t.name}' dimension must be integer >= 1, or -1 to indicate a variable-size "
+                        f"dimension", "INVALID_ARG")
+    for size in config.dynamic_batching.preferred_batch_size:
+        if size < 1 or size > config.max_batch_size:
+            raise ServerError(f"dynamic batching preferred size must be <= max batch size for {model}", "INVALID_ARG")
+
+
+def datatype(enum_value: int) -> str:
+    """Triton datatype name of a ``DataType`` enum value (``TYPE_INT32`` -> ``INT32``)."""
+    return dtypes.FROM_CONFIG.get(DataType.Name(enum_value), "INVALID")
+
+
+def to_dict(message: Any) -> dict:
+    """Triton's JSON form of a config message: every field, int64 as numbers."""
+    out: dict[str, Any] = {}
+    for field in message.DESCRIPTOR.fields:
+        value = getattr(message, field.name)
+        if field.containing_oneof is not None and not message.HasField(field.name):
+            continue
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            val_field = field.message_type.fields_by_name["value"]
+            out[field.name] = {k: _value(val_field, v) for k, v in value.items()}
+        elif field.label == FieldDescriptor.LABEL_REPEATED:
+            out[field.name] = [_value(field, v) for v in value]
+        elif field.message_type is not None:
+            if message.HasField(field.name):
+                out[field.name] = to_dict(value)
+        else:
+            out[field.name] = _value(field, value)
+    return out
+
+
+def _value(field: FieldDescriptor, value: Any) -> Any:
+    if field.message_type is not None:
+        return to_dict(value)
+    if field.enum_type is not None:
+        return field.enum_type.values_by_number[value].name if value in field.enum_type.values_by_number else value
+    return value
+
+
+def from_json(text: str) -> ModelConfig:
+    """Parse a configuration given as JSON text (the model-load API's ``config``)."""
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise ServerError(f"failed to parse model configuration JSON: {e}", "INVALID_ARG") from e
+    if not isinstance(data, dict):
+        raise ServerError("model configuration JSON must be an object", "INVALID_ARG")
+    return from_dict(data)
+
+
+def from_dict(data: dict) -> ModelConfig:
+    """Parse the JSON form back (as returned by a python model's auto-completion)."""
+    config = ModelConfig()
+    try:
+        json_format.ParseDict(data, config, ignore_unknown_fields=False)
+    except json_format.ParseError as e:
+        raise ServerError(f"failed to parse auto-completed model configuration: {e}", "INVALID_ARG") from e
+    return config
+

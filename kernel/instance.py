@@ -1,0 +1,261 @@
+"""The front's side of a model instance: a worker process, its rings and doorbell."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import os
+import subprocess
+import sys
+from typing import Any, Protocol
+
+from kernel.errors import ServerError
+from shm.doorbell import Doorbell
+from shm.region import Region, ShmError, owned_objects, unlink
+from shm.ring import Ring, RingFull
+
+log = logging.getLogger("kernel")
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class BatchHandler(Protocol):
+    """Receives what a worker answers for one batch."""
+
+    def done(self, instance: Instance, results: list, timings: list, decoupled: bool) -> None: ...
+
+    def stream(self, instance: Instance, index: int, result: dict | None, final: bool) -> None: ...
+
+    def fail(self, instance: Instance, error: ServerError) -> None: ...
+
+
+class Regions:
+    """The front's cache of mapped worker-arena segments, by name."""
+
+    def __init__(self) -> None:
+        self._maps: dict[str, Region] = {}
+
+    def buffer(self, name: str) -> memoryview:
+        region = self._maps.get(name)
+        if region is None:
+            region = self._maps[name] = Region(name)
+        return region.buf
+
+    def drop(self, prefix: str) -> None:
+        for name in [n for n in self._maps if n.startswith(prefix)]:
+            self._maps.pop(name).close()
+
+    def close(self) -> None:
+        for region in self._maps.values():
+            region.close()
+        self._maps.clear()
+
+
+class Instance:
+    """A model instance served by one worker process."""
+
+    def __init__(self, name: str, kind: str, device_id: int, regions: Regions, *,
+                 verbose: bool = False, secondary: list | None = None) -> None:
+        self.name = name
+        self.kind = kind  # "CPU" | "GPU" | "MODEL"
+        self.device_id = device_id
+        self.secondary = secondary or []
+        self.regions = regions
+        self.verbose = verbose
+        self.proc: subprocess.Popen | None = None
+        self.pid = 0
+        self.inflight = 0
+        self.alive = False
+        self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._inbox: Ring | None = None
+        self._outbox: Ring | None = None
+        self._bell: Doorbell | None = None
+        self._control: collections.deque[asyncio.Future] = collections.deque()
+        self._batches: dict[int, BatchHandler] = {}
+        self._backlog: collections.deque[dict] = collections.deque()
+        self._frees: list[list] = []
+        self._next_id = 0
+        self.on_exit: Any = None  # callback(instance) when the worker dies unexpectedly
+
+    # -- lifetime -------------------------------------------------------
+    async def start(self, load_msg: dict, timeout: float = 120.0) -> dict:
+        """Spawn the worker and send it ``load_msg``; return its reply."""
+        self._loop = asyncio.get_running_loop()
+        self._inbox = Ring.create("in")
+        self._outbox = Ring.create("out")
+        self._bell = Doorbell()
+        spec = {"inbox": self._inbox.spec(), "outbox": self._outbox.spec(),
+                "doorbell_fd": self._bell.write_fd, "verbose": self.verbose}
+        env = dict(os.environ)
+        env["PYTHONPATH"] = _ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        self.proc = subprocess.Popen([sys.executable, "-m", "workers.runtime", json.dumps(spec)],
+                                     pass_fds=(self._bell.write_fd,), env=env, cwd=_ROOT)
+        self.pid = self.proc.pid
+        self._bell.close_writer()
+        self.alive = True
+        self._loop.add_reader(self._bell.read_fd, self._drain)
+        return await self.control(load_msg, timeout)
+
+    async def control(self, msg: dict, timeout: float = 120.0) -> dict:
+        """Send a control message and wait for the worker's answer."""
+        if not self.alive:
+            raise ServerError(f"instance '{self.name}' is not running", "UNAVAILABLE")
+        future = self._loop.create_future()
+        self._control.append(future)
+        self._post(msg)
+        try:
+            reply = await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            raise ServerError(f"instance '{self.name}' did not answer '{msg['t']}' in {timeout:g} s",
+                              "INTERNAL") from None
+        if reply.get("t") == "error":
+            raise ServerError(reply["error"], "INTERNAL")
+        return reply
+
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Finalize the model, end the worker, remove its shared memory."""
+        if self.alive:
+            self._stopping = True
+            try:
+                await self.control({"t": "stop"}, timeout)
+            except ServerError as e:
+                log.warning("instance %s: %s", self.name, e)
+        proc = self.proc
+        if proc is not None:
+            for _ in range(int(timeout * 20)):
+                if proc.poll() is not None:
+                    break
+                await asyncio.sleep(0.05)
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        self._teardown()
+
+    def _teardown(self) -> None:
+        self.alive = False
+        if self._bell is not None and self._loop is not None:
+            self._loop.remove_reader(self._bell.read_fd)
+            self._bell.close()
+            self._bell = None
+        for ring in (self._inbox, self._outbox):
+            if ring is not None:
+                ring.close()
+                ring.unlink()
+        self._inbox = self._outbox = None
+        if self.pid:
+            # The worker unlinks its arena on a clean exit; after a crash we do.
+            prefix = f"/ek.{self.pid}."
+            self.regions.drop(prefix)
+            for entry in owned_objects(self.pid):
+                unlink("/" + entry)
+
+    # -- execution ------------------------------------------------------
+    def execute(self, msg: dict, handler: BatchHandler) -> None:
+        """Send a batch (``msg`` gets its ``id``); the handler hears the result."""
+        if not self.alive:
+            handler.fail(self, ServerError(f"instance '{self.name}' is not running", "UNAVAILABLE"))
+            return
+        self._next_id += 1
+        msg["id"] = self._next_id
+        self._batches[self._next_id] = handler
+        self.inflight += 1
+        self._post(msg)
+
+    def release(self, blocks: list[list]) -> None:
+        """Free output blocks ``[segment, offset]`` of this worker's arena."""
+        if self.alive and blocks:
+            self._post({"t": "f", "b": blocks})
+
+    def forget_region(self, region_id: int) -> None:
+        """Tell the worker that a client region's registration has ended."""
+        if self.alive:
+            self._post({"t": "u", "k": region_id})
+
+    def buffer(self, name: str) -> memoryview:
+        """A mapped worker-arena segment (or a registered client region)."""
+        try:
+            return self.regions.buffer(name)
+        except ShmError as e:
+            raise ServerError(str(e), "INTERNAL") from e
+
+    def _post(self, msg: dict) -> None:
+        if self._backlog:
+            self._backlog.append(msg)
+            return
+        try:
+            self._inbox.send(msg, block=False)
+        except RingFull:
+            self._backlog.append(msg)
+
+    def _flush_backlog(self) -> None:
+        while self._backlog:
+            try:
+                self._inbox.send(self._backlog[0], block=False)
+            except RingFull:
+                return
+            self._backlog.popleft()
+
+    def _drain(self) -> None:
+        alive = self._bell.drain()
+        outbox = self._outbox
+        while (msg := outbox.try_recv()) is not None:
+            kind = msg["t"]
+            if kind == "r":
+                handler = self._batches.pop(msg["id"], None)
+                if handler is not None and not msg["d"]:
+                    self.inflight -= 1
+                elif handler is not None:
+                    self._batches[msg["id"]] = handler  # decoupled: stays until every final flag
+                if handler is not None:
+                    handler.done(self, msg["res"], msg["ts"], msg["d"])
+            elif kind == "s":
+                handler = self._batches.get(msg["id"])
+                if handler is not None:
+                    handler.stream(self, msg["i"], msg["res"], msg["final"])
+            elif kind == "error" and msg.get("id") in self._batches:
+                self.inflight -= 1
+                self._batches.pop(msg["id"]).fail(self, ServerError(msg["error"], "INTERNAL"))
+            elif self._control:
+                future = self._control.popleft()
+                if not future.done():
+                    future.set_result(msg)
+        if self._backlog:
+            self._flush_backlog()
+        if not alive:
+            self._died()
+
+    def batch_finished(self, batch_id_handler: BatchHandler) -> None:
+        """A decoupled batch has sent every final response."""
+        for key, handler in list(self._batches.items()):
+            if handler is batch_id_handler:
+                del self._batches[key]
+                self.inflight -= 1
+
+    def _died(self) -> None:
+        if not self.alive:
+            return
+        if self._stopping:  # the worker exits after answering "stop"
+            self._loop.remove_reader(self._bell.read_fd)
+            return
+        code = self.proc.poll() if self.proc else None
+        if code is None and self.proc is not None:
+            try:
+                code = self.proc.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                code = None
+        log.error("instance %s: worker process %s exited unexpectedly (status %s)", self.name, self.pid, code)
+        self._teardown()
+        error = ServerError(f"Failed to process the request(s) for model instance '{self.name}', "
+                            f"message: Stub process '{self.name}' is not healthy.", "INTERNAL")
+        for handler in self._batches.values():
+            handler.fail(self, error)
+        self._batches.clear()
+        self.inflight = 0
+        while self._control:
+            future = self._control.popleft()
+            if not future.done():
+                future.set_result({"t": "error", "error": f"worker of instance '{self.name}' exited (status {code})"})
+        if self.on_exit is not None:
+            self.on_exit(self)

@@ -1,0 +1,448 @@
+"""Model versions: configuration, instances, request validation and dispatch."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kernel import config as cfg
+from kernel.errors import ServerError, invalid
+from kernel.instance import Instance, Regions
+from kernel.scheduler import Scheduler
+from kernel.stats import ModelStats
+from kernel.types import InferRequest, InferResponse, OutputTensor, ShmRef
+from protocol import dtypes
+from protocol.model_config_pb2 import ModelConfig, ModelInstanceGroup
+
+if TYPE_CHECKING:
+    from shm.arena import Arena
+
+log = logging.getLogger("kernel")
+
+#: Request parameters the server consumes; the rest reach the model.
+RESERVED_PARAMETERS = frozenset({
+    "sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "binary_data_output",
+    "headers", "triton_enable_empty_final_response",
+})
+
+_KIND = {ModelInstanceGroup.KIND_CPU: "CPU", ModelInstanceGroup.KIND_GPU: "GPU", ModelInstanceGroup.KIND_MODEL: "MODEL"}
+
+
+class TensorSpec:
+    """What the configuration says of one input or output."""
+
+    __slots__ = ("name", "datatype", "dims", "optional", "shape_tensor")
+
+    def __init__(self, t: Any) -> None:
+        self.name = t.name
+        self.datatype = cfg.datatype(t.data_type)
+        self.dims = list(t.dims)
+        self.optional = bool(getattr(t, "optional", False))
+        self.shape_tensor = bool(t.is_shape_tensor)
+
+
+class Pending:
+    """A request waiting for (or in) execution."""
+
+    __slots__ = ("request", "future", "batch_size", "enqueued", "priority", "deadline", "stream")
+
+    def __init__(self, request: InferRequest, future: asyncio.Future, batch_size: int) -> None:
+        self.request = request
+        self.future = future
+        self.batch_size = batch_size
+        self.enqueued = time.perf_counter_ns()
+        self.priority = 0
+        self.deadline = 0
+        self.stream: Any = None  # a callback for decoupled responses
+
+
+class ModelVersion:
+    """One loaded (or failed) version of a model."""
+
+    def __init__(self, name: str, version: int, model_dir: str, config: ModelConfig, server: Any) -> None:
+        self.name = name
+        self.version = version
+        self.version_str = str(version)
+        self.model_dir = model_dir
+        self.server = server
+        self.state = "LOADING"
+        self.reason = ""
+        self.instances: list[Instance] = []
+        self.stats = ModelStats()
+        self.scheduler: Scheduler | None = None
+        self.set_config(config)
+
+    def set_config(self, config: ModelConfig) -> None:
+        self.config = config
+        self.config_dict = cfg.to_dict(config)
+        self.max_batch_size = config.max_batch_size
+        self.inputs = {t.name: TensorSpec(t) for t in config.input}
+        self.outputs = {t.name: TensorSpec(t) for t in config.output}
+        self.required = [n for n, t in self.inputs.items() if not t.optional]
+        self.decoupled = config.model_transaction_policy.decoupled
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "READY"
+
+    # -- lifetime -------------------------------------------------------
+    async def load(self, autocomplete: bool, gpu_count: int, regions: Regions, verbose: bool) -> None:
+        """Start the instances; on failure the version is UNAVAILABLE with a reason."""
+        try:
+            await self._load(autocomplete, gpu_count, regions, verbose)
+        except ServerError as e:
+            self.reason = e.message
+        except Exception as e:  # a model must never take the server down
+            self.reason = f"{type(e).__name__}: {e}"
+        else:
+            self.state = "READY"
+            return
+        self.state = "UNAVAILABLE"
+        await self._stop_instances()
+
+    async def _load(self, autocomplete: bool, gpu_count: int, regions: Regions, verbose: bool) -> None:
+        config = self.config
+        if config.backend != "python":
+            raise ServerError(f"unable to find backend library for backend '{config.backend or config.platform}', "
+                              "this server runs python-backend models", "INVALID_ARG")
+        model_file = os.path.join(self.model_dir, self.version_str, config.default_model_filename)
+        if not os.path.isfile(model_file):
+            raise ServerError(f"unable to find '{model_file}' for model '{self.name}'", "NOT_FOUND")
+        groups = [(g.name, _KIND.get(g.kind, "CPU"), list(g.gpus), g.count, list(g.secondary_devices))
+                  for g in config.instance_group]
+        first = Instance(f"{groups[0][0]}_0", groups[0][1], 0, regions, verbose=verbose)
+        self.instances = [first]
+        reply = await first.start({"t": "load", "backend": config.backend, "name": self.name,
+                                   "config": self.config_dict, "autocomplete": autocomplete,
+                                   "model_file": model_file})
+        if reply["config"] != self.config_dict:
+            completed = cfg.from_dict(reply["config"])
+            cfg.complete(completed, self.model_dir, gpu_count)
+            cfg.validate(completed)
+            self.set_config(completed)
+            groups = [(g.name, _KIND.get(g.kind, "CPU"), list(g.gpus), g.count, list(g.secondary_devices))
+                      for g in self.config.instance_group]
+        placements = []
+        for group_name, kind, gpus, count, secondary in groups:
+            devices = gpus if kind == "GPU" and gpus else [0]
+            index = 0
+            for device in devices:
+                for _ in range(count):
+                    placements.append((f"{group_name}_{index}", kind, device, secondary))
+                    index += 1
+        first.name, first.kind, first.device_id, first.secondary = placements[0]
+        for name, kind, device, secondary in placements[1:]:
+            self.instances.append(Instance(name, kind, device, regions, verbose=verbose, secondary=secondary))
+        load_msg = {"t": "load", "backend": config.backend, "name": self.name, "config": self.config_dict,
+                    "autocomplete": False, "model_file": model_file}
+        await asyncio.gather(*(inst.start(load_msg) for inst in self.instances[1:]))
+        model_config_json = json.dumps(self.config_dict)
+        await asyncio.gather(*(inst.control({"t": "init", "config": self.config_dict, "args": {
+            "model_config": model_config_json,
+            "model_instance_kind": inst.kind,
+            "model_instance_name": inst.name,
+            "model_instance_device_id": str(inst.device_id),
+            "model_repository": self.model_dir,
+            "model_version": self.version_str,
+            "model_name": self.name,
+        }}) for inst in self.instances))
+        for inst in self.instances:
+            inst.on_exit = self._instance_died
+        self.scheduler = Scheduler(self)
+
+    def _instance_died(self, instance: Instance) -> None:
+        if self.state == "READY" and not any(i.alive for i in self.instances):
+            self.state = "UNAVAILABLE"
+            self.reason = f"every instance of model '{self.name}' has stopped"
+            self._fail_queued(ServerError(self.reason, "UNAVAILABLE"))
+
+    async def unload(self) -> None:
+        """Wait for in-flight requests, then stop the instances."""
+        if self.state == "READY":
+            self.state = "UNLOADING"
+            for _ in range(600):
+                if not (self.scheduler and self.scheduler.queue) and not any(i.inflight for i in self.instances):
+                    break
+                await asyncio.sleep(0.05)
+        self._fail_queued(ServerError(f"Request for unknown model: '{self.name}' is not found", "NOT_FOUND"))
+        await self._stop_instances()
+        self.state = "UNAVAILABLE"
+        self.reason = "unloaded"
+
+    def _fail_queued(self, error: ServerError) -> None:
+        if self.scheduler is not None:
+            for pending in self.scheduler.drain():
+                if not pending.future.done():
+                    pending.future.set_exception(error)
+
+    async def _stop_instances(self) -> None:
+        await asyncio.gather(*(inst.stop() for inst in self.instances), return_exceptions=True)
+
+    # -- requests -------------------------------------------------------
+    def validate(self, request: InferRequest) -> int:
+        """Check a request against the configuration; return its batch size."""
+        model = self.name
+        inputs = self.inputs
+        seen = set()
+        for t in request.inputs:
+            spec = inputs.get(t.name)
+            if spec is None:
+                raise invalid(f"unexpected inference input '{t.name}' for model '{model}'")
+            if t.name in seen:
+                raise invalid(f"input '{t.name}' is specified more than once for model '{model}'")
+            seen.add(t.name)
+        missing = [n for n in self.required if n not in seen]
+        if missing:
+            got = [t.name for t in request.inputs]
+            raise invalid(
+                f"expected {len(self.required)} inputs but got {len(request.inputs)} inputs for model '{model}'. "
+                f"Got input(s) {_names(got)}, but missing required input(s) {_names(missing)}. "
+                "Please provide all required input(s).")
+        batch = 1
+        mbs = self.max_batch_size
+        for i, t in enumerate(request.inputs):
+            spec = inputs[t.name]
+            if t.datatype != spec.datatype:
+                raise invalid(f"inference input '{t.name}' data-type is '{t.datatype}', "
+                              f"but model '{model}' expects '{spec.datatype}'")
+            shape = t.shape
+            if mbs > 0 and not spec.shape_tensor:
+                if not shape:
+                    raise invalid(f"inference input '{t.name}' has no shape, model '{model}' expects a batch dimension")
+                if i == 0:
+                    batch = shape[0]
+                elif shape[0] != batch:
+                    raise invalid(f"inference input '{t.name}' batch size does not match other inputs for '{model}'")
+                if batch > mbs:
+                    raise invalid(f"inference request batch-size must be <= {mbs} for '{model}'")
+                dims = shape[1:]
+            else:
+                dims = shape
+            if not _matches(dims, spec.dims):
+                expected = ([-1] if mbs > 0 else []) + spec.dims
+                raise invalid(f"unexpected shape for input '{t.name}' for model '{model}'. "
+                              f"Expected {_shape(expected)}, got {_shape(shape)}")
+            self._check_size(t)
+        if request.outputs:
+            for out in request.outputs:
+                if out.name not in self.outputs:
+                    raise invalid(f"unexpected inference output '{out.name}' for model '{model}'")
+        return batch
+
+    def _check_size(self, t: Any) -> None:
+        data = t.data
+        if isinstance(data, np.ndarray):
+            if list(data.shape) != list(t.shape) and data.size != dtypes.element_count(t.shape):
+                raise invalid(f"unexpected number of elements for input '{t.name}', expecting "
+                              f"{dtypes.element_count(t.shape)}, got {data.size}")
+            return
+        size = data.byte_size if isinstance(data, ShmRef) else (0 if data is None else len(data))
+        expected = dtypes.byte_size(t.datatype, t.shape)
+        if expected is None:  # BYTES: the serialised elements must cover the shape
+            if not isinstance(data, ShmRef):
+                count = _count_bytes_elements(data)
+                if count != dtypes.element_count(t.shape):
+                    raise invalid(f"expected {dtypes.element_count(t.shape)} string elements for inference input "
+                                  f"'{t.name}', got {count if count >= 0 else 'malformed data'}")
+            return
+        if size != expected:
+            if isinstance(data, ShmRef):
+                raise invalid(f"input '{t.name}' got unexpected byte size {size}, expected {expected}")
+            raise invalid(f"input byte size mismatch for input '{t.name}' for model '{self.name}'. "
+                          f"Expected {expected}, got {size}")
+
+    def dispatch(self, instance: Instance, batch: list[Pending]) -> None:
+        """Write a batch's inputs to shared memory and send it to ``instance``."""
+        arena: Arena = self.server.arena
+        blocks: list[tuple[str, int]] = []
+        reqs = []
+        try:
+            for pending in batch:
+                request = pending.request
+                spec: dict[str, Any] = {"in": [_place(t, arena, blocks) for t in request.inputs]}
+                if request.outputs:
+                    spec["out"] = [o.name for o in request.outputs]
+                    dests = {o.name: [o.shm.region.key, o.shm.region.offset + o.shm.offset, o.shm.byte_size,
+                                      o.shm.region.id] for o in request.outputs if o.shm is not None}
+                    if dests:
+                        spec["shm"] = dests
+                if request.id:
+                    spec["rid"] = request.id
+                params = {k: v for k, v in request.parameters.items() if k not in RESERVED_PARAMETERS}
+                if params:
+                    spec["p"] = json.dumps(params)
+                reqs.append(spec)
+        except ServerError as e:
+            for block in blocks:
+                arena.free(*block)
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(e)
+            return
+        instance.execute({"t": "x", "reqs": reqs}, Batch(self, batch, blocks))
+
+    def _finished(self, instance: Instance) -> None:
+        if self.scheduler is not None:
+            self.scheduler.on_free(instance)
+
+
+class Batch:
+    """Hears a worker's answer for one dispatched batch and completes its requests."""
+
+    __slots__ = ("version", "pendings", "blocks", "sent")
+
+    def __init__(self, version: ModelVersion, pendings: list[Pending], blocks: list) -> None:
+        self.version = version
+        self.pendings = pendings
+        self.blocks = blocks
+        self.sent = time.perf_counter_ns()
+
+    def _free_inputs(self) -> None:
+        arena = self.version.server.arena
+        for block in self.blocks:
+            arena.free(*block)
+        self.blocks = []
+
+    def done(self, instance: Instance, results: list, timings: list, decoupled: bool) -> None:
+        self._free_inputs()
+        version = self.version
+        stats = version.stats
+        now = time.perf_counter_ns()
+        ci, cinf, co = timings
+        size = sum(p.batch_size for p in self.pendings)
+        stats.execution(size, ci, cinf, co)
+        for pending, result in zip(self.pendings, results):
+            total = now - pending.enqueued
+            if result is None:
+                continue  # decoupled: answered through stream()
+            if "err" in result:
+                stats.failure(total)
+                message, code = result["err"]
+                _settle(pending, ServerError(message, code))
+                continue
+            response = _response(version, instance, pending, result)
+            stats.success(total, self.sent - pending.enqueued, ci, cinf, co, pending.batch_size)
+            _settle(pending, response)
+        if not decoupled:
+            version._finished(instance)
+
+    def stream(self, instance: Instance, index: int, result: dict | None, final: bool) -> None:
+        pending = self.pendings[index]
+        callback = pending.stream
+        if result is not None and "err" in result:
+            message, code = result["err"]
+            response: Any = ServerError(message, code)
+        elif result is not None:
+            response = _response(self.version, instance, pending, result)
+        else:
+            response = None
+        if callback is not None:
+            callback(response, final)
+        elif isinstance(response, InferResponse):
+            response.release()
+        if final:
+            pending.stream = None
+            if all(p.stream is None for p in self.pendings):
+                instance.batch_finished(self)
+                self.version._finished(instance)
+
+    def fail(self, instance: Instance, error: ServerError) -> None:
+        self._free_inputs()
+        now = time.perf_counter_ns()
+        for pending in self.pendings:
+            self.version.stats.failure(now - pending.enqueued)
+            if pending.stream is not None:
+                pending.stream(error, True)
+                pending.stream = None
+            _settle(pending, error)
+        self.version._finished(instance)
+
+
+def _settle(pending: Pending, outcome: Any) -> None:
+    future = pending.future
+    if future.done():
+        if isinstance(outcome, InferResponse):
+            outcome.release()  # nobody is waiting any more (client went away)
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
+def _response(version: ModelVersion, instance: Instance, pending: Pending, result: dict) -> InferResponse:
+    request = pending.request
+    outputs = []
+    frees = []
+    refs = {o.name: o.shm for o in request.outputs or () if o.shm is not None}
+    for name, datatype, shape, key, offset, nbytes, region_id in result["out"]:
+        if region_id:
+            outputs.append(OutputTensor(name, datatype, shape, nbytes, shm=refs.get(name)))
+        elif nbytes:
+            outputs.append(OutputTensor(name, datatype, shape, nbytes, instance.buffer(key)[offset : offset + nbytes]))
+            frees.append([key, offset])
+        else:
+            outputs.append(OutputTensor(name, datatype, shape, 0, memoryview(b"")))
+    return InferResponse(version.name, version.version_str, request.id, outputs, result.get("p") or {},
+                         _release=partial(instance.release, frees) if frees else None)
+
+
+def _place(t: Any, arena: Arena, blocks: list) -> list:
+    """Put one input where the worker can map it; return its ``loc``."""
+    data = t.data
+    if isinstance(data, ShmRef):
+        reg = data.region
+        return [t.name, t.datatype, t.shape, reg.key, reg.offset + data.offset, data.byte_size, reg.id]
+    if isinstance(data, np.ndarray):
+        if t.datatype == "BYTES":
+            data = dtypes.serialize_bytes(data)
+        else:
+            array = data
+            nbytes = array.nbytes
+            if not nbytes:
+                return [t.name, t.datatype, t.shape, "", 0, 0, 0]
+            key, offset = arena.alloc(nbytes)
+            blocks.append((key, offset))
+            np.copyto(np.ndarray(array.shape, array.dtype, buffer=arena.buffer(key), offset=offset), array,
+                      casting="no")
+            return [t.name, t.datatype, t.shape, key, offset, nbytes, 0]
+    nbytes = 0 if data is None else len(data)
+    if not nbytes:
+        return [t.name, t.datatype, t.shape, "", 0, 0, 0]
+    key, offset = arena.alloc(nbytes)
+    blocks.append((key, offset))
+    arena.buffer(key)[offset : offset + nbytes] = data
+    return [t.name, t.datatype, t.shape, key, offset, nbytes, 0]
+
+
+def _matches(shape: list[int], dims: list[int]) -> bool:
+    if len(shape) != len(dims):
+        return False
+    return all(d == -1 or s == d for s, d in zip(shape, dims))
+
+
+def _shape(shape: list[int]) -> str:
+    return "[" + ",".join(str(d) for d in shape) + "]"
+
+
+def _names(names: list[str]) -> str:
+    return "[" + ", ".join(f"'{n}'" for n in names) + "]"
+
+
+def _count_bytes_elements(data: Any) -> int:
+    """Elements in serialised BYTES data; -1 if malformed."""
+    mv = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
+    pos, end, count = 0, len(mv), 0
+    while pos < end:
+        if pos + 4 > end:
+            return -1
+        pos += 4 + int.from_bytes(mv[pos : pos + 4], "little")
+        count += 1
+    return count if pos == end else -1

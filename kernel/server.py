@@ -1,0 +1,341 @@
+"""The server core: repository, models, scheduling, shared memory, statistics.
+
+Every front end (HTTP, gRPC, the in-process API) is a thin layer over
+:class:`Core`; it runs on one asyncio event loop and never blocks it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+from kernel import __version__
+from kernel import config as cfg
+from kernel.devices import gpu_count
+from kernel.errors import ServerError
+from kernel.instance import Regions
+from kernel.model import ModelVersion, Pending
+from kernel.repository import Repository, select_versions
+from kernel.shm_registry import Registration, SharedMemoryRegistry
+from kernel.types import InferRequest, InferResponse
+from shm.arena import Arena, MiB
+from shm.region import remove_stale
+
+log = logging.getLogger("kernel")
+
+EXTENSIONS = [
+    "classification", "sequence", "model_repository", "model_repository(unload_dependents)", "schedule_policy",
+    "model_configuration", "system_shared_memory", "cuda_shared_memory", "binary_tensor_data", "parameters",
+    "statistics", "trace", "logging",
+]
+
+
+class Model:
+    """A model directory known to the server, with its loaded versions."""
+
+    def __init__(self, name: str, path: str) -> None:
+        self.name = name
+        self.path = path
+        self.versions: dict[int, ModelVersion] = {}
+        self.error = ""  # why the model as a whole could not load
+        self.state = "UNAVAILABLE"
+        self.unloaded = False  # explicitly unloaded: not counted against readiness
+
+
+class Core:
+    """Everything behind the protocols."""
+
+    def __init__(self, model_repositories: list[str], *, strict_model_config: bool = False,
+                 model_control_mode: str = "none", load_models: list[str] | None = None,
+                 log_verbose: int = 0, backend_config: dict[str, dict[str, str]] | None = None,
+                 exit_timeout: float = 30.0, arena_size: int = 64 * MiB, strict_readiness: bool = True) -> None:
+        self.repository = Repository(model_repositories)
+        self.strict = strict_model_config
+        self.control_mode = model_control_mode
+        self.startup_models = list(load_models or [])
+        self.verbose = log_verbose
+        self.backend_config = backend_config or {}
+        self.exit_timeout = exit_timeout
+        self.strict_readiness = strict_readiness
+        self.models: dict[str, Model] = {}
+        self.regions = Regions()
+        self.shm = SharedMemoryRegistry(self._forget_region)
+        self.arena: Arena | None = None
+        self._arena_size = arena_size
+        self.gpus = gpu_count()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.started = False
+
+    # -- lifetime -------------------------------------------------------
+    async def start(self) -> None:
+        """Load the models the control mode asks for (failures leave the model UNAVAILABLE)."""
+        self._loop = asyncio.get_running_loop()
+        for entry in remove_stale():
+            log.info("removed stale shared memory object %s", entry)
+        self.repository.check()
+        self.arena = Arena("front", self._arena_size)
+        found, errors = self.repository.scan()
+        for name, error in errors.items():
+            model = self.models[name] = Model(name, "")
+            model.error = error
+        if self.control_mode == "explicit":
+            names = list(found) if "*" in self.startup_models else self.startup_models
+        else:
+            names = list(found)
+        await asyncio.gather(*(self.load_model(name) for name in names if name in found),
+                             return_exceptions=True)
+        for name in names:
+            if name not in found and name != "*" and name not in self.models:
+                model = self.models[name] = Model(name, "")
+                model.error = f"failed to load '{name}', failed to poll from model repository"
+        self.started = True
+
+    async def stop(self) -> None:
+        """Unload every model, then remove the shared memory this process made."""
+        await asyncio.gather(*(self._unload_versions(m) for m in self.models.values()), return_exceptions=True)
+        self.shm.close()
+        self.regions.close()
+        if self.arena is not None:
+            self.arena.close()
+            self.arena = None
+
+    # -- health and metadata --------------------------------------------
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        """Triton's strict readiness: started, and every model it tried to load is ready."""
+        if not self.started:
+            return False
+        if not self.strict_readiness:
+            return True
+        return all(m.state == "READY" for m in self.models.values() if not m.unloaded)
+
+    def metadata(self) -> dict:
+        return {"name": "triton", "version": "2.51.0", "extensions": list(EXTENSIONS),
+                "edge_kernel_version": __version__}
+
+    def version(self, name: str, version: str = "", *, ready: bool = True) -> ModelVersion:
+        """Look a model version up with Triton's errors; ``ready`` requires it serving."""
+        model = self.models.get(name)
+        if model is None or not model.versions:
+            if model is not None and ready is False and model.error:
+                raise ServerError(f"Request for unknown model: '{name}' has no available versions", "UNAVAILABLE")
+            raise ServerError(f"Request for unknown model: '{name}' is not found", "NOT_FOUND")
+        if version:
+            try:
+                number = int(version)
+            except ValueError:
+                raise ServerError(f"Request for unknown model: '{name}' version {version} is not found",
+                                  "NOT_FOUND") from None
+            mv = model.versions.get(number)
+            if mv is None:
+                raise ServerError(f"Request for unknown model: '{name}' version {version} is not found", "NOT_FOUND")
+            if ready and not mv.ready:
+                raise ServerError(f"Request for unknown model: '{name}' version {version} is not at ready state",
+                                  "UNAVAILABLE")
+            return mv
+        candidates = [mv for mv in model.versions.values() if mv.ready] if ready else list(model.versions.values())
+        if not candidates:
+            raise ServerError(f"Request for unknown model: '{name}' has no available versions", "UNAVAILABLE")
+        return max(candidates, key=lambda mv: mv.version)
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        try:
+            return self.version(name, version).ready
+        except ServerError:
+            return False
+
+    def model_metadata(self, name: str, version: str = "") -> dict:
+        mv = self.version(name, version)
+        model = self.models[name]
+        prefix = [-1] if mv.max_batch_size > 0 else []
+
+        def tensors(specs: dict) -> list[dict]:
+            return [{"name": s.name, "datatype": s.datatype, "shape": (prefix if not s.shape_tensor else []) + s.dims}
+                    for s in specs.values()]
+
+        return {"name": name,
+                "versions": [str(v) for v, m in sorted(model.versions.items()) if m.ready],
+                "platform": mv.config.platform or mv.config.backend,
+                "inputs": tensors(mv.inputs), "outputs": tensors(mv.outputs)}
+
+    def model_config(self, name: str, version: str = "") -> dict:
+        return self.version(name, version).config_dict
+
+    # -- inference ------------------------------------------------------
+    async def infer(self, request: InferRequest) -> InferResponse:
+        """Run one request; the caller must ``release()`` the response."""
+        mv = self.version(request.model_name, request.model_version)
+        if mv.decoupled:
+            raise ServerError("ModelInfer RPC doesn't support models with decoupled transaction policy",
+                              "UNSUPPORTED")
+        batch = mv.validate(request)
+        pending = Pending(request, self._loop.create_future(), batch)
+        mv.scheduler.submit(pending)
+        return await pending.future
+
+    def stream(self, request: InferRequest, callback: Callable[[Any, bool], None]) -> asyncio.Future:
+        """Run one request whose responses (decoupled: zero or more) go to ``callback``.
+
+        ``callback(response_or_error_or_None, final)``; the returned future ends
+        with the request.
+        """
+        mv = self.version(request.model_name, request.model_version)
+        batch = mv.validate(request)
+        pending = Pending(request, self._loop.create_future(), batch)
+        if mv.decoupled:
+            pending.stream = callback
+            done = self._loop.create_future()
+
+            def wrapped(response: Any, final: bool) -> None:
+                callback(response, final)
+                if final and not done.done():
+                    done.set_result(None)
+
+            pending.stream = wrapped
+            pending.future.add_done_callback(lambda f: f.cancelled() or f.exception())
+            mv.scheduler.submit(pending)
+            return done
+
+        def finish(future: asyncio.Future) -> None:
+            if future.cancelled():
+                return
+            error = future.exception()
+            callback(error if error is not None else future.result(), True)
+
+        pending.future.add_done_callback(finish)
+        mv.scheduler.submit(pending)
+        return pending.future
+
+    # -- statistics -----------------------------------------------------
+    def statistics(self, name: str = "", version: str = "") -> dict:
+        if name:
+            if version:
+                versions = [self.version(name, version)]
+            else:
+                model = self.models.get(name)
+                if model is None or not any(mv.ready for mv in model.versions.values()):
+                    raise ServerError(f"requested model '{name}' is not available", "NOT_FOUND")
+                versions = [mv for _, mv in sorted(model.versions.items()) if mv.ready]
+        else:
+            versions = [mv for m in sorted(self.models.values(), key=lambda m: m.name)
+                        for _, mv in sorted(m.versions.items()) if mv.ready]
+        return {"model_stats": [mv.stats.to_dict(mv.name, mv.version_str) for mv in versions]}
+
+    # -- model repository -----------------------------------------------
+    def repository_index(self, ready_only: bool = False) -> list[dict]:
+        found, errors = self.repository.scan()
+        names = sorted(set(found) | set(self.models) | set(errors))
+        index = []
+        for name in names:
+            model = self.models.get(name)
+            if model is None or (not model.versions and not model.error):
+                if not ready_only:
+                    index.append({"name": name})
+                continue
+            if not model.versions:
+                if not ready_only:
+                    index.append({"name": name, "version": "", "state": "UNAVAILABLE", "reason": model.error})
+                continue
+            for _, mv in sorted(model.versions.items()):
+                if ready_only and not mv.ready:
+                    continue
+                entry = {"name": name, "version": mv.version_str, "state": mv.state}
+                if mv.reason and mv.state != "READY":
+                    entry["reason"] = mv.reason
+                index.append(entry)
+        return index
+
+    def table(self) -> list[tuple[str, str, str]]:
+        """(model, version, status) rows for the start-up table."""
+        rows = []
+        for name in sorted(self.models):
+            model = self.models[name]
+            if not model.versions:
+                rows.append((name, "-", f"UNAVAILABLE: {model.error}"))
+            for _, mv in sorted(model.versions.items()):
+                status = mv.state if mv.ready else f"{mv.state}: {mv.reason}"
+                rows.append((name, mv.version_str, status))
+        return rows
+
+    async def load_model(self, name: str, config_override: str | None = None) -> None:
+        """Load (or reload) a model from the repository."""
+        async with self._lock(name):
+            await self._load(name, config_override)
+
+    async def _load(self, name: str, config_override: str | None) -> None:
+        try:
+            path = self.repository.locate(name)
+        except ServerError as e:
+            model = self.models.setdefault(name, Model(name, ""))
+            model.error = e.message
+            raise
+        old = self.models.get(name)
+        model = Model(name, path)
+        try:
+            if config_override:
+                config = cfg.from_json(config_override)
+            else:
+                config = cfg.load(path)
+            cfg.complete(config, path, self.gpus)
+            cfg.validate(config)
+            numbers = select_versions(config, path)
+        except ServerError as e:
+            model.error = e.message
+            self.models[name] = model
+            if old is not None:
+                await self._unload_versions(old)
+            raise
+        for number in numbers:
+            copy = type(config)()
+            copy.CopyFrom(config)
+            model.versions[number] = ModelVersion(name, number, path, copy, self)
+        await asyncio.gather(*(mv.load(not self.strict, self.gpus, self.regions, self.verbose > 0)
+                               for mv in model.versions.values()))
+        if old is not None:
+            await self._unload_versions(old)
+        self.models[name] = model
+        model.state = "READY" if any(mv.ready for mv in model.versions.values()) else "UNAVAILABLE"
+        failed = [mv for mv in model.versions.values() if not mv.ready]
+        for mv in failed:
+            log.error("failed to load '%s' version %s: %s", name, mv.version, mv.reason)
+        if failed and len(failed) == len(model.versions):
+            raise ServerError(f"failed to load '{name}', no version is available", "INVALID_ARG")
+
+    async def unload_model(self, name: str) -> None:
+        async with self._lock(name):
+            model = self.models.get(name)
+            if model is None:
+                found, _ = self.repository.scan()
+                if name not in found:
+                    raise ServerError(f"failed to unload '{name}', no version is available", "INVALID_ARG")
+                return
+            await self._unload_versions(model)
+            model.state = "UNAVAILABLE"
+            model.unloaded = True
+
+    async def _unload_versions(self, model: Model) -> None:
+        await asyncio.gather(*(mv.unload() for mv in model.versions.values()), return_exceptions=True)
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = self._locks[name] = asyncio.Lock()
+        return lock
+
+    # -- shared memory --------------------------------------------------
+    def _forget_region(self, reg: Registration) -> None:
+        for model in self.models.values():
+            for mv in model.versions.values():
+                for instance in mv.instances:
+                    instance.forget_region(reg.id)
+
+
+def default_repository() -> str:
+    """The example repository shipped with the project."""
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "models")

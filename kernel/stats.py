@@ -1,0 +1,72 @@
+"""Per-model-version statistics in the shape of Triton's statistics extension."""
+
+from __future__ import annotations
+
+import time
+
+_DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output",
+              "cache_hit", "cache_miss")
+
+
+class ModelStats:
+    """Counters of one model version; all times in nanoseconds."""
+
+    __slots__ = ("inference_count", "execution_count", "last_inference", "durations", "batches")
+
+    def __init__(self) -> None:
+        self.inference_count = 0
+        self.execution_count = 0
+        self.last_inference = 0  # ms since the epoch
+        self.durations = {k: [0, 0] for k in _DURATIONS}
+        # batch size -> [count, compute_input ns, compute_infer ns, compute_output ns]
+        self.batches: dict[int, list[int]] = {}
+
+    def success(self, total_ns: int, queue_ns: int, ci: int, cinf: int, co: int, batch_size: int) -> None:
+        """One request answered successfully (``ci``... are its share of the batch)."""
+        d = self.durations
+        for key, ns in (("success", total_ns), ("queue", queue_ns), ("compute_input", ci),
+                        ("compute_infer", cinf), ("compute_output", co)):
+            entry = d[key]
+            entry[0] += 1
+            entry[1] += ns
+        self.inference_count += batch_size
+        self.last_inference = time.time_ns() // 1_000_000
+
+    def failure(self, total_ns: int) -> None:
+        entry = self.durations["fail"]
+        entry[0] += 1
+        entry[1] += total_ns
+        self.last_inference = time.time_ns() // 1_000_000
+
+    def execution(self, batch_size: int, ci: int, cinf: int, co: int) -> None:
+        """One execution of the model on a batch of ``batch_size``."""
+        self.execution_count += 1
+        entry = self.batches.get(batch_size)
+        if entry is None:
+            entry = self.batches[batch_size] = [0, 0, 0, 0]
+        entry[0] += 1
+        entry[1] += ci
+        entry[2] += cinf
+        entry[3] += co
+
+    def to_dict(self, name: str, version: str) -> dict:
+        """Triton's JSON for one entry of ``model_stats``."""
+
+        def dur(count: int, ns: int) -> dict:
+            return {"count": count, "ns": ns}
+
+        return {
+            "name": name,
+            "version": version,
+            "last_inference": self.last_inference,
+            "inference_count": self.inference_count,
+            "execution_count": self.execution_count,
+            "inference_stats": {k: dur(*v) for k, v in self.durations.items()},
+            "response_stats": {},
+            "batch_stats": [
+                {"batch_size": size, "compute_input": dur(c, ci), "compute_infer": dur(c, cinf),
+                 "compute_output": dur(c, co)}
+                for size, (c, ci, cinf, co) in sorted(self.batches.items())
+            ],
+            "memory_usage": [],
+        }

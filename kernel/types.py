@@ -1,0 +1,97 @@
+"""Inference requests and responses as the core sees them, whatever the protocol."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from protocol import dtypes
+
+if TYPE_CHECKING:
+    from kernel.shm_registry import Registration
+
+
+@dataclass(slots=True)
+class ShmRef:
+    """A span of a client's registered shared-memory region."""
+
+    region: Registration
+    offset: int
+    byte_size: int
+
+
+@dataclass(slots=True)
+class InputTensor:
+    """One input. ``data`` is raw little-endian bytes (BYTES: Triton's serialised form),
+    a numpy array, or a span of a registered region."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    data: memoryview | bytes | np.ndarray | ShmRef | None = None
+    parameters: dict = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class RequestedOutput:
+    """An output the client asked for, possibly to be written into its region."""
+
+    name: str
+    shm: ShmRef | None = None
+    parameters: dict = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class InferRequest:
+    model_name: str
+    model_version: str = ""
+    id: str = ""
+    inputs: list[InputTensor] = field(default_factory=list)
+    outputs: list[RequestedOutput] | None = None
+    parameters: dict = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class OutputTensor:
+    """One output. ``data`` views shared memory until the response is released;
+    when the client asked for its region, ``shm`` is set and the bytes are there."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    byte_size: int = 0
+    data: memoryview | None = None
+    shm: ShmRef | None = None
+
+    def as_numpy(self) -> np.ndarray:
+        """The output as an array (a view on shared memory; BYTES are decoded)."""
+        buf = self.data
+        if buf is None and self.shm is not None:
+            start = self.shm.offset
+            buf = self.shm.region.buffer()[start : start + self.byte_size]
+        if buf is None:
+            buf = memoryview(b"")
+        if self.datatype == "BYTES":
+            return dtypes.deserialize_bytes(buf).reshape(self.shape)
+        return np.frombuffer(buf, dtype=dtypes.NUMPY[self.datatype]).reshape(self.shape)
+
+
+@dataclass(slots=True)
+class InferResponse:
+    model_name: str
+    model_version: str
+    id: str = ""
+    outputs: list[OutputTensor] = field(default_factory=list)
+    parameters: dict = field(default_factory=dict)
+    error: Any = None  # a ServerError, for streamed/decoupled responses only
+    final: bool = True
+    _release: Callable[[], None] | None = None
+
+    def release(self) -> None:
+        """Give the output buffers back to the worker (idempotent)."""
+        release, self._release = self._release, None
+        if release is not None:
+            release()
