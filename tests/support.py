@@ -1,0 +1,106 @@
+"""Start a real ``kernel start`` process for tests and check what it leaves behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DATATYPES = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+             "FP16", "FP32", "FP64", "BF16", "BYTES"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shm_entries() -> set[str]:
+    """Objects of this server family in /dev/shm (regions and semaphores)."""
+    return {e for e in os.listdir("/dev/shm") if e.startswith("ek.") or e.startswith("sem.ek.")}
+
+
+def build_repository(dest: Path) -> Path:
+    """The test repository: the examples, tests/models and one echo model per datatype."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for source in (ROOT / "examples" / "models", ROOT / "tests" / "models"):
+        for model in source.iterdir():
+            if model.is_dir():
+                shutil.copytree(model, dest / model.name)
+    template = (ROOT / "tests" / "templates" / "echo_model.py").read_text()
+    for dt in DATATYPES:
+        name = f"echo_{dt.lower()}"
+        config_type = "TYPE_STRING" if dt == "BYTES" else f"TYPE_{dt}"
+        (dest / name / "1").mkdir(parents=True)
+        (dest / name / "1" / "model.py").write_text(template)
+        (dest / name / "config.pbtxt").write_text(
+            f'backend: "python"\n'
+            f'input [ {{ name: "INPUT0", data_type: {config_type}, dims: [ -1 ] }} ]\n'
+            f'output [ {{ name: "OUTPUT0", data_type: {config_type}, dims: [ -1 ] }} ]\n')
+    return dest
+
+
+class KernelServer:
+    """``kernel start`` in a subprocess on free ports."""
+
+    def __init__(self, repository: Path | list[Path], *extra: str) -> None:
+        self.http_port = free_port()
+        self.grpc_port = free_port()
+        self.metrics_port = free_port()
+        repos = repository if isinstance(repository, list) else [repository]
+        self.args = [sys.executable, "-m", "kernel", "start", "--http-port", str(self.http_port),
+                     "--grpc-port", str(self.grpc_port), "--metrics-port", str(self.metrics_port),
+                     "--host", "127.0.0.1", *[a for r in repos for a in ("--model-repository", str(r))], *extra]
+        self.proc: subprocess.Popen | None = None
+        self.log_path: Path | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def start(self, log_path: Path, timeout: float = 60.0) -> KernelServer:
+        self.log_path = log_path
+        log = open(log_path, "wb")
+        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(f"http://{self.http_url}/v2/health/live", timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"server did not start in {timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def worker_pids(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
+        return [int(p) for p in out.split()]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise

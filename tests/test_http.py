@@ -1,0 +1,314 @@
+"""HTTP/REST endpoint, through the official tritonclient.http."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import ml_dtypes
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+from tests.support import DATATYPES
+
+
+def add_sub_inputs(a, b, binary=True):
+    inputs = []
+    for name, value in (("INPUT0", a), ("INPUT1", b)):
+        t = httpclient.InferInput(name, list(value.shape), "INT32")
+        t.set_data_from_numpy(value, binary_data=binary)
+        inputs.append(t)
+    return inputs
+
+
+def assert_serving(http):
+    """The server still answers add_sub correctly."""
+    a = np.arange(16, dtype=np.int32)
+    result = http.infer("add_sub", add_sub_inputs(a, a))
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), 2 * a)
+
+
+def raw_post(server, path, body: bytes, headers=None):
+    """A hand-made request, for malformed bodies tritonclient cannot produce."""
+    req = urllib.request.Request(f"http://{server.http_url}{path}", data=body, headers=headers or {}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+# -- health and metadata -----------------------------------------------------------------------------------
+def test_live_and_metadata(http):
+    assert http.is_server_live()
+    meta = http.get_server_metadata()
+    assert meta["name"] == "triton"
+    assert "binary_tensor_data" in meta["extensions"]
+    assert "system_shared_memory" in meta["extensions"]
+
+
+def test_not_ready_while_a_model_failed(http):
+    # Triton's strict readiness: the repository holds models that failed to load.
+    assert not http.is_server_ready()
+
+
+def test_model_metadata_config_ready(http):
+    assert http.is_model_ready("add_sub")
+    assert http.is_model_ready("add_sub", "1")
+    assert not http.is_model_ready("add_sub", "2")
+    meta = http.get_model_metadata("add_sub")
+    assert meta == {
+        "name": "add_sub", "versions": ["1"], "platform": "python",
+        "inputs": [{"name": "INPUT0", "datatype": "INT32", "shape": [16]},
+                   {"name": "INPUT1", "datatype": "INT32", "shape": [16]}],
+        "outputs": [{"name": "OUTPUT0", "datatype": "INT32", "shape": [16]},
+                    {"name": "OUTPUT1", "datatype": "INT32", "shape": [16]}],
+    }
+    assert http.get_model_metadata("add_sub", "1") == meta
+    config = http.get_model_config("add_sub")
+    assert config["name"] == "add_sub"
+    assert config["backend"] == "python"
+    assert config["max_batch_size"] == 0
+    assert config["input"][0]["data_type"] == "TYPE_INT32"
+    assert config["input"][0]["dims"] == [16]
+    assert config["instance_group"][0]["name"] == "add_sub_0"
+    assert config["instance_group"][0]["kind"] == "KIND_CPU"
+    assert config["default_model_filename"] == "model.py"
+    batched = http.get_model_metadata("identity")
+    assert batched["inputs"][0]["shape"] == [-1, -1]
+
+
+# -- inference ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("binary", [True, False])
+def test_add_sub(http, binary):
+    rng = np.random.default_rng(1)
+    a = rng.integers(-1000, 1000, 16, dtype=np.int32)
+    b = rng.integers(-1000, 1000, 16, dtype=np.int32)
+    outputs = [httpclient.InferRequestedOutput("OUTPUT0", binary_data=binary),
+               httpclient.InferRequestedOutput("OUTPUT1", binary_data=binary)]
+    result = http.infer("add_sub", add_sub_inputs(a, b, binary), outputs=outputs, request_id="req-7")
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), a - b)
+    response = result.get_response()
+    assert response["id"] == "req-7"
+    assert response["model_name"] == "add_sub"
+    assert response["model_version"] == "1"
+
+
+def test_requested_subset_of_outputs(http):
+    a = np.arange(16, dtype=np.int32)
+    result = http.infer("add_sub", add_sub_inputs(a, a), outputs=[httpclient.InferRequestedOutput("OUTPUT1")])
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), np.zeros(16, np.int32))
+    assert result.as_numpy("OUTPUT0") is None
+
+
+def sample(dt: str, shape=(2, 3)):
+    rng = np.random.default_rng(len(dt))
+    n = int(np.prod(shape))
+    if dt == "BOOL":
+        return rng.integers(0, 2, n).astype(bool).reshape(shape)
+    if dt == "BYTES":
+        return np.array([f"s{i}-é".encode() * i for i in range(n)], dtype=np.object_).reshape(shape)
+    if dt == "BF16":
+        return rng.standard_normal(n).astype(ml_dtypes.bfloat16).reshape(shape)
+    np_type = np.dtype(dt.lower().replace("fp", "float"))
+    if np_type.kind == "f":
+        return rng.standard_normal(n).astype(np_type).reshape(shape)
+    info = np.iinfo(np_type)
+    return rng.integers(info.min, info.max, n, dtype=np_type, endpoint=True).reshape(shape)
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+@pytest.mark.parametrize("dt", DATATYPES)
+def test_every_datatype(http, dt, binary):
+    if dt == "BF16" and not binary:
+        pytest.skip("tritonclient refuses BF16 as JSON (BF16 must be binary over HTTP)")
+    value = sample(dt, (3,))
+    t = httpclient.InferInput("INPUT0", list(value.shape), dt)
+    t.set_data_from_numpy(value, binary_data=binary)
+    result = http.infer(f"echo_{dt.lower()}", [t],
+                        outputs=[httpclient.InferRequestedOutput("OUTPUT0", binary_data=binary)])
+    out = result.as_numpy("OUTPUT0")
+    assert result.get_output("OUTPUT0")["datatype"] == dt
+    assert out.shape == value.shape
+    if dt == "BYTES":
+        got = [x.encode() if isinstance(x, str) else bytes(x) for x in out.reshape(-1)]
+        assert got == list(value.reshape(-1))
+    else:
+        np.testing.assert_array_equal(out.astype(value.dtype), value)
+
+
+def test_bytes_model(http):
+    text = np.array([b"edge", b"kernel", b""], dtype=np.object_)
+    t = httpclient.InferInput("TEXT", [3], "BYTES")
+    t.set_data_from_numpy(text)
+    result = http.infer("upper", [t])
+    assert list(result.as_numpy("UPPER")) == [b"EDGE", b"KERNEL", b""]
+    np.testing.assert_array_equal(result.as_numpy("LENGTH"), [4, 6, 0])
+
+
+def test_batched_model(http):
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    t = httpclient.InferInput("INPUT0", [3, 4], "FP32")
+    t.set_data_from_numpy(x)
+    np.testing.assert_array_equal(http.infer("identity", [t]).as_numpy("OUTPUT0"), x)
+
+
+# -- models that fail --------------------------------------------------------------------------------------
+def test_failed_models_are_unavailable_with_reason(http):
+    index = {(m["name"], m.get("version", "")): m for m in http.get_model_repository_index()}
+    assert index[("add_sub", "1")]["state"] == "READY"
+    broken = [m for (name, _), m in index.items() if name == "broken_config"]
+    assert broken and broken[0]["state"] == "UNAVAILABLE"
+    assert "broken_config" in broken[0]["reason"] or "config.pbtxt" in broken[0]["reason"]
+    init = index[("broken_init", "1")]
+    assert init["state"] == "UNAVAILABLE"
+    assert "cannot initialize on purpose" in init["reason"]
+    assert not http.is_model_ready("broken_init")
+    with pytest.raises(InferenceServerException):
+        http.get_model_metadata("broken_config")
+    assert_serving(http)
+
+
+def test_model_that_raises(http):
+    t = httpclient.InferInput("INPUT0", [2], "FP32")
+    t.set_data_from_numpy(np.ones(2, np.float32))
+    with pytest.raises(InferenceServerException) as e:
+        http.infer("raises", [t])
+    assert "this model always fails" in e.value.message()
+    assert e.value.status() == "500"
+    assert_serving(http)
+    with pytest.raises(InferenceServerException):
+        http.infer("raises", [t])  # the worker survived and answers again
+
+
+def test_model_error_response(http):
+    t = httpclient.InferInput("INPUT0", [2], "FP32")
+    t.set_data_from_numpy(np.array([1, -1], np.float32))
+    with pytest.raises(InferenceServerException) as e:
+        http.infer("error_response", [t])
+    assert "negative input" in e.value.message()
+    t.set_data_from_numpy(np.array([1, 2], np.float32))
+    np.testing.assert_array_equal(http.infer("error_response", [t]).as_numpy("OUTPUT0"), [1, 2])
+
+
+# -- bad input ---------------------------------------------------------------------------------------------
+def expect_error(http, model, inputs, fragment, status="400", outputs=None):
+    with pytest.raises(InferenceServerException) as e:
+        http.infer(model, inputs, outputs=outputs)
+    assert fragment in e.value.message(), e.value.message()
+    assert e.value.status() == status, (e.value.status(), e.value.message())
+    assert_serving(http)
+
+
+def test_unknown_model(http):
+    a = np.arange(16, dtype=np.int32)
+    expect_error(http, "nope", add_sub_inputs(a, a), "Request for unknown model: 'nope' is not found", "400")
+
+
+def test_unknown_input(http):
+    a = np.arange(16, dtype=np.int32)
+    inputs = add_sub_inputs(a, a)
+    extra = httpclient.InferInput("INPUT9", [16], "INT32")
+    extra.set_data_from_numpy(a)
+    expect_error(http, "add_sub", inputs + [extra], "unexpected inference input 'INPUT9' for model 'add_sub'")
+
+
+def test_missing_input(http):
+    a = np.arange(16, dtype=np.int32)
+    expect_error(http, "add_sub", add_sub_inputs(a, a)[:1], "expected 2 inputs but got 1 inputs for model 'add_sub'")
+
+
+def test_unknown_output(http):
+    a = np.arange(16, dtype=np.int32)
+    expect_error(http, "add_sub", add_sub_inputs(a, a), "unexpected inference output 'OUTPUT7' for model 'add_sub'",
+                 outputs=[httpclient.InferRequestedOutput("OUTPUT7")])
+
+
+def test_wrong_shape(http):
+    a = np.arange(15, dtype=np.int32)
+    expect_error(http, "add_sub", add_sub_inputs(a, a), "unexpected shape for input 'INPUT0' for model 'add_sub'")
+
+
+def test_wrong_datatype(http):
+    inputs = []
+    for name in ("INPUT0", "INPUT1"):
+        t = httpclient.InferInput(name, [16], "FP32")
+        t.set_data_from_numpy(np.ones(16, np.float32))
+        inputs.append(t)
+    expect_error(http, "add_sub", inputs, "inference input 'INPUT0' data-type is 'FP32', but model 'add_sub' "
+                                          "expects 'INT32'")
+
+
+def test_batch_too_large(http):
+    t = httpclient.InferInput("INPUT0", [9, 2], "FP32")
+    t.set_data_from_numpy(np.ones((9, 2), np.float32))
+    expect_error(http, "identity", [t], "inference request batch-size must be <= 8 for 'identity'")
+
+
+def _binary_body(header: dict, *blobs: bytes) -> tuple[bytes, dict]:
+    head = json.dumps(header).encode()
+    return head + b"".join(blobs), {"Inference-Header-Content-Length": str(len(head)),
+                                    "Content-Type": "application/octet-stream"}
+
+
+def test_malformed_json(server, http):
+    status, body = raw_post(server, "/v2/models/add_sub/infer", b'{"inputs": [', {"Content-Type": "application/json"})
+    assert status == 400
+    assert json.loads(body)["error"].startswith("failed to parse the request JSON buffer")
+    assert_serving(http)
+
+
+def test_wrong_byte_size(server, http):
+    a = np.arange(16, dtype=np.int32).tobytes()
+    header = {"inputs": [
+        {"name": "INPUT0", "shape": [16], "datatype": "INT32", "parameters": {"binary_data_size": 60}},
+        {"name": "INPUT1", "shape": [16], "datatype": "INT32", "parameters": {"binary_data_size": 64}}]}
+    body, headers = _binary_body(header, a[:60], a)
+    status, reply = raw_post(server, "/v2/models/add_sub/infer", body, headers)
+    assert status == 400
+    assert "INPUT0" in json.loads(reply)["error"]
+    assert_serving(http)
+
+
+def test_body_larger_than_declared(server, http):
+    a = np.arange(16, dtype=np.int32).tobytes()
+    header = {"inputs": [
+        {"name": "INPUT0", "shape": [16], "datatype": "INT32", "parameters": {"binary_data_size": 64}},
+        {"name": "INPUT1", "shape": [16], "datatype": "INT32", "parameters": {"binary_data_size": 64}}]}
+    body, headers = _binary_body(header, a, a, b"trailing garbage")
+    status, reply = raw_post(server, "/v2/models/add_sub/infer", body, headers)
+    assert status == 400
+    assert "unexpected additional input data" in json.loads(reply)["error"]
+    assert_serving(http)
+
+
+def test_json_element_count_mismatch(server, http):
+    doc = {"inputs": [{"name": "INPUT0", "shape": [16], "datatype": "INT32", "data": list(range(15))},
+                      {"name": "INPUT1", "shape": [16], "datatype": "INT32", "data": list(range(16))}]}
+    status, reply = raw_post(server, "/v2/models/add_sub/infer", json.dumps(doc).encode())
+    assert status == 400
+    assert "INPUT0" in json.loads(reply)["error"]
+    assert_serving(http)
+
+
+def test_concurrent_requests_all_correct(http, server):
+    clients = httpclient.InferenceServerClient(server.http_url, concurrency=16)
+    try:
+        rng = np.random.default_rng(5)
+        pairs = [(rng.integers(0, 100, 16, dtype=np.int32), rng.integers(0, 100, 16, dtype=np.int32))
+                 for _ in range(64)]
+        handles = [clients.async_infer("add_sub", add_sub_inputs(a, b)) for a, b in pairs]
+        for (a, b), h in zip(pairs, handles):
+            r = h.get_result()
+            np.testing.assert_array_equal(r.as_numpy("OUTPUT0"), a + b)
+            np.testing.assert_array_equal(r.as_numpy("OUTPUT1"), a - b)
+    finally:
+        clients.close()
+
+
+def test_np_dtype_names_match():
+    assert np_to_triton_dtype(np.int32) == "INT32"
