@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
-# Triton's TRITONSERVER_Error_Code names -> HTTP status (as Triton's HTTP endpoint maps them).
+# Triton's TRITONSERVER_Error_Code names -> HTTP status, as tritonserver 2.51 answers
+# (docs/triton-behaviour.md: a duplicate region name is ALREADY_EXISTS and answers 400).
 HTTP_STATUS = {
     "UNKNOWN": 500,
     "INTERNAL": 500,
     "NOT_FOUND": 404,
     "INVALID_ARG": 400,
     "UNAVAILABLE": 503,
-    "UNSUPPORTED": 501,
-    "ALREADY_EXISTS": 409,
-    "CANCELLED": 499,
+    "UNSUPPORTED": 400,
+    "ALREADY_EXISTS": 400,
+    "CANCELLED": 500,
+}
+
+# How Triton's Status prints each code in front of a message (model reasons).
+REASON_PREFIX = {
+    "UNKNOWN": "Unknown",
+    "INTERNAL": "Internal",
+    "NOT_FOUND": "Not found",
+    "INVALID_ARG": "Invalid argument",
+    "UNAVAILABLE": "Unavailable",
+    "UNSUPPORTED": "Unsupported",
+    "ALREADY_EXISTS": "Already exists",
+    "CANCELLED": "Cancelled",
 }
 
 # ... -> grpc.StatusCode numbers (grpclib.const.Status values).
@@ -43,6 +56,10 @@ class ServerError(Exception):
     @property
     def grpc_status(self) -> int:
         return GRPC_STATUS.get(self.code, 2)
+
+    def reason(self) -> str:
+        """The message as Triton states a model's failure (``Internal: ...``)."""
+        return f"{REASON_PREFIX.get(self.code, 'Unknown')}: {self.message}"
 
     def __repr__(self) -> str:
         return f"ServerError({self.message!r}, {self.code!r})"

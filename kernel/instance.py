@@ -78,10 +78,14 @@ class Instance:
         self._frees: list[list] = []
         self._next_id = 0
         self.on_exit: Any = None  # callback(instance) when the worker dies unexpectedly
+        self.load_msg: dict = {}
+        self.init_msg: dict = {}
 
     # -- lifetime -------------------------------------------------------
     async def start(self, load_msg: dict, timeout: float = 120.0) -> dict:
         """Spawn the worker and send it ``load_msg``; return its reply."""
+        self.load_msg = load_msg
+        self._stopping = False
         self._loop = asyncio.get_running_loop()
         self._inbox = Ring.create("in")
         self._outbox = Ring.create("out")
@@ -97,6 +101,16 @@ class Instance:
         self.alive = True
         self._loop.add_reader(self._bell.read_fd, self._drain)
         return await self.control(load_msg, timeout)
+
+    async def initialize(self, init_msg: dict, timeout: float = 120.0) -> None:
+        """Initialise the model instance in the worker."""
+        self.init_msg = init_msg
+        await self.control(init_msg, timeout)
+
+    async def restart(self) -> None:
+        """Start a fresh worker after a crash: load and initialise it again."""
+        await self.start(dict(self.load_msg, autocomplete=False))
+        await self.initialize(self.init_msg)
 
     async def control(self, msg: dict, timeout: float = 120.0) -> dict:
         """Send a control message and wait for the worker's answer."""

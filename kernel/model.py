@@ -77,6 +77,7 @@ class ModelVersion:
         self.instances: list[Instance] = []
         self.stats = ModelStats()
         self.scheduler: Scheduler | None = None
+        self._restarts: set[asyncio.Future] = set()
         self.set_config(config)
 
     def set_config(self, config: ModelConfig) -> None:
@@ -98,9 +99,9 @@ class ModelVersion:
         try:
             await self._load(autocomplete, gpu_count, regions, verbose)
         except ServerError as e:
-            self.reason = e.message
+            self.reason = e.reason()
         except Exception as e:  # a model must never take the server down
-            self.reason = f"{type(e).__name__}: {e}"
+            self.reason = f"Internal: {type(e).__name__}: {e}"
         else:
             self.state = "READY"
             return
@@ -144,7 +145,7 @@ class ModelVersion:
                     "autocomplete": False, "model_file": model_file}
         await asyncio.gather(*(inst.start(load_msg) for inst in self.instances[1:]))
         model_config_json = json.dumps(self.config_dict)
-        await asyncio.gather(*(inst.control({"t": "init", "config": self.config_dict, "args": {
+        await asyncio.gather(*(inst.initialize({"t": "init", "config": self.config_dict, "args": {
             "model_config": model_config_json,
             "model_instance_kind": inst.kind,
             "model_instance_name": inst.name,
@@ -158,13 +159,34 @@ class ModelVersion:
         self.scheduler = Scheduler(self)
 
     def _instance_died(self, instance: Instance) -> None:
-        if self.state == "READY" and not any(i.alive for i in self.instances):
+        """A worker crashed (its requests already failed): start a fresh one, like Triton restarts a stub."""
+        if self.state != "READY":
+            return
+        if not any(i.alive for i in self.instances):
             self.state = "UNAVAILABLE"
-            self.reason = f"every instance of model '{self.name}' has stopped"
-            self._fail_queued(ServerError(self.reason, "UNAVAILABLE"))
+            self.reason = f"Internal: every instance of model '{self.name}' stopped; restarting"
+        self._restarts.add(asyncio.ensure_future(self._restart(instance)))
+
+    async def _restart(self, instance: Instance) -> None:
+        task = asyncio.current_task()
+        try:
+            log.warning("restarting instance %s of model '%s'", instance.name, self.name)
+            await instance.restart()
+        except ServerError as e:
+            log.error("instance %s of model '%s' could not restart: %s", instance.name, self.name, e.message)
+            await instance.stop()
+            return
+        finally:
+            self._restarts.discard(task)
+        if self.state == "UNAVAILABLE" and any(i.alive for i in self.instances):
+            self.state, self.reason = "READY", ""
+        if self.scheduler is not None:
+            self.scheduler.on_free(instance)
 
     async def unload(self) -> None:
         """Wait for in-flight requests, then stop the instances."""
+        for task in list(self._restarts):
+            task.cancel()
         if self.state == "READY":
             self.state = "UNLOADING"
             for _ in range(600):
@@ -187,75 +209,84 @@ class ModelVersion:
 
     # -- requests -------------------------------------------------------
     def validate(self, request: InferRequest) -> int:
-        """Check a request against the configuration; return its batch size."""
+        """Check a request against the configuration with Triton's messages; return its batch size."""
         model = self.name
         inputs = self.inputs
-        seen = set()
+        prefix = f"[request id: {request.id or '<id_unknown>'}] "
+        names = [t.name for t in request.inputs]
+        if len(set(names)) != len(names):
+            dup = next(n for i, n in enumerate(names) if n in names[:i])
+            raise invalid(f"{prefix}input '{dup}' already exists in request")
+        missing = [n for n in self.required if n not in names]
+        count_error = invalid(
+            f"{prefix}expected {len(self.required)} inputs but got {len(names)} inputs for model '{model}'. "
+            f"Got input(s) {_names(names)}, but missing required input(s) {_names(missing)}. "
+            "Please provide all required input(s).")
+        if len(names) > len(inputs) or len(names) < len(self.required):
+            raise count_error
         for t in request.inputs:
-            spec = inputs.get(t.name)
-            if spec is None:
+            if t.name not in inputs:
                 raise invalid(f"unexpected inference input '{t.name}' for model '{model}'")
-            if t.name in seen:
-                raise invalid(f"input '{t.name}' is specified more than once for model '{model}'")
-            seen.add(t.name)
-        missing = [n for n in self.required if n not in seen]
         if missing:
-            got = [t.name for t in request.inputs]
-            raise invalid(
-                f"expected {len(self.required)} inputs but got {len(request.inputs)} inputs for model '{model}'. "
-                f"Got input(s) {_names(got)}, but missing required input(s) {_names(missing)}. "
-                "Please provide all required input(s).")
+            raise count_error
         batch = 1
         mbs = self.max_batch_size
-        for i, t in enumerate(request.inputs):
+        if mbs > 0:
+            for t in request.inputs:
+                if inputs[t.name].shape_tensor:
+                    continue
+                if not t.shape:
+                    raise invalid(f"{prefix}input '{t.name}' has no shape but model requires batch dimension "
+                                  f"for '{model}'")
+                batch = t.shape[0]
+                break
+            if batch > mbs:
+                raise invalid(f"{prefix}inference request batch-size must be <= {mbs} for '{model}'")
+        for t in request.inputs:
             spec = inputs[t.name]
             if t.datatype != spec.datatype:
-                raise invalid(f"inference input '{t.name}' data-type is '{t.datatype}', "
+                raise invalid(f"{prefix}inference input '{t.name}' data-type is '{t.datatype}', "
                               f"but model '{model}' expects '{spec.datatype}'")
             shape = t.shape
-            if mbs > 0 and not spec.shape_tensor:
-                if not shape:
-                    raise invalid(f"inference input '{t.name}' has no shape, model '{model}' expects a batch dimension")
-                if i == 0:
-                    batch = shape[0]
-                elif shape[0] != batch:
-                    raise invalid(f"inference input '{t.name}' batch size does not match other inputs for '{model}'")
-                if batch > mbs:
-                    raise invalid(f"inference request batch-size must be <= {mbs} for '{model}'")
-                dims = shape[1:]
-            else:
-                dims = shape
-            if not _matches(dims, spec.dims):
-                expected = ([-1] if mbs > 0 else []) + spec.dims
-                raise invalid(f"unexpected shape for input '{t.name}' for model '{model}'. "
-                              f"Expected {_shape(expected)}, got {_shape(shape)}")
-            self._check_size(t)
+            if any(d < 0 for d in shape):
+                raise invalid(f"{prefix}All input dimensions should be specified for input '{t.name}' for model "
+                              f"'{model}', got {_shape(shape)}")
+            batched = mbs > 0 and not spec.shape_tensor
+            if batched and shape and shape[0] != batch:
+                raise invalid(f"{prefix}input '{t.name}' batch size does not match other inputs for '{model}'")
+            if not _matches(shape[1:] if batched else shape, spec.dims) or (batched and not shape):
+                expected = ([-1] if batched else []) + spec.dims
+                note = _BATCH_NOTE if batched else ""
+                raise invalid(f"{prefix}unexpected shape for input '{t.name}' for model '{model}'. "
+                              f"Expected {_shape(expected)}, got {_shape(shape)}. {note}")
+            self._check_size(t, prefix)
         if request.outputs:
             for out in request.outputs:
                 if out.name not in self.outputs:
                     raise invalid(f"unexpected inference output '{out.name}' for model '{model}'")
         return batch
 
-    def _check_size(self, t: Any) -> None:
+    def _check_size(self, t: Any, prefix: str) -> None:
         data = t.data
+        count = dtypes.element_count(t.shape)
         if isinstance(data, np.ndarray):
-            if list(data.shape) != list(t.shape) and data.size != dtypes.element_count(t.shape):
-                raise invalid(f"unexpected number of elements for input '{t.name}', expecting "
-                              f"{dtypes.element_count(t.shape)}, got {data.size}")
+            size = data.size
+            if size != count:
+                raise invalid(f"{prefix}unexpected number of elements for input '{t.name}' for model "
+                              f"'{self.name}'. Expected {count}, got {size}")
             return
-        size = data.byte_size if isinstance(data, ShmRef) else (0 if data is None else len(data))
         expected = dtypes.byte_size(t.datatype, t.shape)
         if expected is None:  # BYTES: the serialised elements must cover the shape
-            if not isinstance(data, ShmRef):
-                count = _count_bytes_elements(data)
-                if count != dtypes.element_count(t.shape):
-                    raise invalid(f"expected {dtypes.element_count(t.shape)} string elements for inference input "
-                                  f"'{t.name}', got {count if count >= 0 else 'malformed data'}")
+            buf = data.region.buffer()[data.offset : data.offset + data.byte_size] if isinstance(data, ShmRef) \
+                else data
+            got = _count_bytes_elements(buf if buf is not None else b"")
+            if got != count:
+                raise invalid(f"{prefix}expected {count} string elements for inference input '{t.name}' for "
+                              f"model '{self.name}', got {max(got, 0)}")
             return
+        size = data.byte_size if isinstance(data, ShmRef) else (0 if data is None else len(data))
         if size != expected:
-            if isinstance(data, ShmRef):
-                raise invalid(f"input '{t.name}' got unexpected byte size {size}, expected {expected}")
-            raise invalid(f"input byte size mismatch for input '{t.name}' for model '{self.name}'. "
+            raise invalid(f"{prefix}input byte size mismatch for input '{t.name}' for model '{self.name}'. "
                           f"Expected {expected}, got {size}")
 
     def dispatch(self, instance: Instance, batch: list[Pending]) -> None:
@@ -269,7 +300,7 @@ class ModelVersion:
                 spec: dict[str, Any] = {"in": [_place(t, arena, blocks) for t in request.inputs]}
                 if request.outputs:
                     spec["out"] = [o.name for o in request.outputs]
-                    dests = {o.name: [o.shm.region.key, o.shm.region.offset + o.shm.offset, o.shm.byte_size,
+                    dests = {o.name: [o.shm.region.posix_name, o.shm.region.offset + o.shm.offset, o.shm.byte_size,
                                       o.shm.region.id] for o in request.outputs if o.shm is not None}
                     if dests:
                         spec["shm"] = dests
@@ -323,8 +354,11 @@ class Batch:
             if result is None:
                 continue  # decoupled: answered through stream()
             if "err" in result:
-                stats.failure(total)
                 message, code = result["err"]
+                if result.get("fail"):
+                    stats.failure(total)
+                else:  # an error response the model chose to send: Triton counts it a success
+                    stats.success(total, self.sent - pending.enqueued, ci, cinf, co, pending.batch_size)
                 _settle(pending, ServerError(message, code))
                 continue
             response = _response(version, instance, pending, result)
@@ -399,7 +433,7 @@ def _place(t: Any, arena: Arena, blocks: list) -> list:
     data = t.data
     if isinstance(data, ShmRef):
         reg = data.region
-        return [t.name, t.datatype, t.shape, reg.key, reg.offset + data.offset, data.byte_size, reg.id]
+        return [t.name, t.datatype, t.shape, reg.posix_name, reg.offset + data.offset, data.byte_size, reg.id]
     if isinstance(data, np.ndarray):
         if t.datatype == "BYTES":
             data = dtypes.serialize_bytes(data)
@@ -433,16 +467,22 @@ def _shape(shape: list[int]) -> str:
 
 
 def _names(names: list[str]) -> str:
-    return "[" + ", ".join(f"'{n}'" for n in names) + "]"
+    return "[" + ",".join(f"'{n}'" for n in names) + "]"
+
+
+_BATCH_NOTE = ("NOTE: Setting a non-zero max_batch_size in the model config requires a batch dimension to be "
+               "prepended to each input shape. If you want to specify the full shape including the batch dim in "
+               "your input dims config, try setting max_batch_size to zero. See the model configuration docs for "
+               "more info on max_batch_size.")
 
 
 def _count_bytes_elements(data: Any) -> int:
-    """Elements in serialised BYTES data; -1 if malformed."""
-    mv = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
+    """Whole elements in serialised BYTES data (Triton counts until the data runs out)."""
+    mv = memoryview(data).cast("B")
     pos, end, count = 0, len(mv), 0
-    while pos < end:
-        if pos + 4 > end:
-            return -1
+    while pos + 4 <= end:
         pos += 4 + int.from_bytes(mv[pos : pos + 4], "little")
+        if pos > end:
+            break
         count += 1
-    return count if pos == end else -1
+    return count

@@ -86,7 +86,7 @@ class Core:
             names = list(found) if "*" in self.startup_models else self.startup_models
         else:
             names = list(found)
-        await asyncio.gather(*(self.load_model(name) for name in names if name in found),
+        await asyncio.gather(*(self._load_locked(name) for name in names if name in found),
                              return_exceptions=True)
         for name in names:
             if name not in found and name != "*" and name not in self.models:
@@ -119,30 +119,31 @@ class Core:
         return {"name": "triton", "version": "2.51.0", "extensions": list(EXTENSIONS),
                 "edge_kernel_version": __version__}
 
-    def version(self, name: str, version: str = "", *, ready: bool = True) -> ModelVersion:
-        """Look a model version up with Triton's errors; ``ready`` requires it serving."""
+    def version(self, name: str, version: str = "") -> ModelVersion:
+        """The ready model version a request names, or Triton's NOT_FOUND error."""
         model = self.models.get(name)
         if model is None or not model.versions:
-            if model is not None and ready is False and model.error:
-                raise ServerError(f"Request for unknown model: '{name}' has no available versions", "UNAVAILABLE")
             raise ServerError(f"Request for unknown model: '{name}' is not found", "NOT_FOUND")
         if version:
             try:
                 number = int(version)
             except ValueError:
-                raise ServerError(f"Request for unknown model: '{name}' version {version} is not found",
-                                  "NOT_FOUND") from None
+                raise ServerError(f"failed to get model version from specified version string '{version}' "
+                                  "(details: stol), version should be an integral value > 0", "INVALID_ARG") from None
             mv = model.versions.get(number)
             if mv is None:
                 raise ServerError(f"Request for unknown model: '{name}' version {version} is not found", "NOT_FOUND")
-            if ready and not mv.ready:
+            if not mv.ready:
                 raise ServerError(f"Request for unknown model: '{name}' version {version} is not at ready state",
-                                  "UNAVAILABLE")
+                                  "NOT_FOUND")
             return mv
-        candidates = [mv for mv in model.versions.values() if mv.ready] if ready else list(model.versions.values())
-        if not candidates:
-            raise ServerError(f"Request for unknown model: '{name}' has no available versions", "UNAVAILABLE")
-        return max(candidates, key=lambda mv: mv.version)
+        best = None
+        for mv in model.versions.values():
+            if mv.ready and (best is None or mv.version > best.version):
+                best = mv
+        if best is None:
+            raise ServerError(f"Request for unknown model: '{name}' has no available versions", "NOT_FOUND")
+        return best
 
     def model_ready(self, name: str, version: str = "") -> bool:
         try:
@@ -170,14 +171,17 @@ class Core:
     # -- inference ------------------------------------------------------
     async def infer(self, request: InferRequest) -> InferResponse:
         """Run one request; the caller must ``release()`` the response."""
+        return await self.submit(request)
+
+    def submit(self, request: InferRequest) -> asyncio.Future:
+        """Validate and queue one request (errors raise now); the future ends with its response."""
         mv = self.version(request.model_name, request.model_version)
         if mv.decoupled:
             raise ServerError("ModelInfer RPC doesn't support models with decoupled transaction policy",
                               "UNSUPPORTED")
-        batch = mv.validate(request)
-        pending = Pending(request, self._loop.create_future(), batch)
+        pending = Pending(request, self._loop.create_future(), mv.validate(request))
         mv.scheduler.submit(pending)
-        return await pending.future
+        return pending.future
 
     def stream(self, request: InferRequest, callback: Callable[[Any, bool], None]) -> asyncio.Future:
         """Run one request whose responses (decoupled: zero or more) go to ``callback``.
@@ -214,39 +218,39 @@ class Core:
 
     # -- statistics -----------------------------------------------------
     def statistics(self, name: str = "", version: str = "") -> dict:
-        if name:
-            if version:
-                versions = [self.version(name, version)]
-            else:
-                model = self.models.get(name)
-                if model is None or not any(mv.ready for mv in model.versions.values()):
-                    raise ServerError(f"requested model '{name}' is not available", "NOT_FOUND")
-                versions = [mv for _, mv in sorted(model.versions.items()) if mv.ready]
-        else:
+        """Triton's statistics extension: every ready version, or those of one model."""
+        if not name:
             versions = [mv for m in sorted(self.models.values(), key=lambda m: m.name)
                         for _, mv in sorted(m.versions.items()) if mv.ready]
+        else:
+            model = self.models.get(name)
+            ready = [mv for _, mv in sorted(model.versions.items()) if mv.ready] if model else []
+            if not ready:
+                raise ServerError(f"requested model '{name}' is not available", "INVALID_ARG")
+            if version:
+                ready = [mv for mv in ready if mv.version_str == version]
+                if not ready:
+                    raise ServerError(f"requested model version is not available for model '{name}'", "INVALID_ARG")
+            versions = ready
         return {"model_stats": [mv.stats.to_dict(mv.name, mv.version_str) for mv in versions]}
 
     # -- model repository -----------------------------------------------
     def repository_index(self, ready_only: bool = False) -> list[dict]:
+        """Every model in the repositories, with the state of each known version."""
         found, errors = self.repository.scan()
-        names = sorted(set(found) | set(self.models) | set(errors))
         index = []
-        for name in names:
+        for name in sorted(set(found) | set(errors) | set(self.models)):
             model = self.models.get(name)
-            if model is None or (not model.versions and not model.error):
+            versions = sorted(model.versions.items()) if model is not None else []
+            if not versions:
                 if not ready_only:
                     index.append({"name": name})
                 continue
-            if not model.versions:
-                if not ready_only:
-                    index.append({"name": name, "version": "", "state": "UNAVAILABLE", "reason": model.error})
-                continue
-            for _, mv in sorted(model.versions.items()):
+            for _, mv in versions:
                 if ready_only and not mv.ready:
                     continue
                 entry = {"name": name, "version": mv.version_str, "state": mv.state}
-                if mv.reason and mv.state != "READY":
+                if mv.reason and not mv.ready:
                     entry["reason"] = mv.reason
                 index.append(entry)
         return index
@@ -264,60 +268,66 @@ class Core:
         return rows
 
     async def load_model(self, name: str, config_override: str | None = None) -> None:
-        """Load (or reload) a model from the repository."""
+        """The model repository extension's load: (re)load a model (explicit control mode)."""
+        self._check_control()
+        await self._load_locked(name, config_override)
+
+    async def unload_model(self, name: str) -> None:
+        """The model repository extension's unload (explicit control mode)."""
+        self._check_control()
+        async with self._lock(name):
+            model = self.models.get(name)
+            if model is not None:
+                await self._unload_versions(model)
+                model.state = "UNAVAILABLE"
+                model.unloaded = True
+
+    def _check_control(self) -> None:
+        if self.control_mode != "explicit":
+            raise ServerError("explicit model load / unload is not allowed if polling is enabled", "UNAVAILABLE")
+
+    async def _load_locked(self, name: str, config_override: str | None = None) -> None:
         async with self._lock(name):
             await self._load(name, config_override)
 
     async def _load(self, name: str, config_override: str | None) -> None:
+        """Load ``name`` from the repository; a failed reload keeps the loaded version serving."""
+        poll_error = ServerError(f"failed to load '{name}', failed to poll from model repository", "INTERNAL")
+        old = self.models.get(name)
         try:
             path = self.repository.locate(name)
-        except ServerError as e:
-            model = self.models.setdefault(name, Model(name, ""))
-            model.error = e.message
-            raise
-        old = self.models.get(name)
-        model = Model(name, path)
-        try:
-            if config_override:
-                config = cfg.from_json(config_override)
-            else:
-                config = cfg.load(path)
+            config = cfg.from_json(config_override) if config_override else cfg.load(path)
             cfg.complete(config, path, self.gpus)
             cfg.validate(config)
             numbers = select_versions(config, path)
         except ServerError as e:
-            model.error = e.message
-            self.models[name] = model
-            if old is not None:
-                await self._unload_versions(old)
-            raise
+            log.error("Poll failed for model directory '%s': %s", name, e.message)
+            if old is None or not old.versions:
+                self.models[name] = Model(name, "")
+                self.models[name].error = e.message
+            raise poll_error from None
+        model = Model(name, path)
         for number in numbers:
             copy = type(config)()
             copy.CopyFrom(config)
             model.versions[number] = ModelVersion(name, number, path, copy, self)
         await asyncio.gather(*(mv.load(not self.strict, self.gpus, self.regions, self.verbose > 0)
                                for mv in model.versions.values()))
-        if old is not None:
-            await self._unload_versions(old)
-        self.models[name] = model
-        model.state = "READY" if any(mv.ready for mv in model.versions.values()) else "UNAVAILABLE"
         failed = [mv for mv in model.versions.values() if not mv.ready]
         for mv in failed:
             log.error("failed to load '%s' version %s: %s", name, mv.version, mv.reason)
-        if failed and len(failed) == len(model.versions):
-            raise ServerError(f"failed to load '{name}', no version is available", "INVALID_ARG")
-
-    async def unload_model(self, name: str) -> None:
-        async with self._lock(name):
-            model = self.models.get(name)
-            if model is None:
-                found, _ = self.repository.scan()
-                if name not in found:
-                    raise ServerError(f"failed to unload '{name}', no version is available", "INVALID_ARG")
-                return
-            await self._unload_versions(model)
-            model.state = "UNAVAILABLE"
-            model.unloaded = True
+        if old is not None and failed:
+            await self._unload_versions(model)  # keep the version that serves
+            if any(mv.ready for mv in old.versions.values()):
+                raise ServerError(f"load failed for model '{name}': " + "".join(
+                    f"version {mv.version} is at UNAVAILABLE state: {mv.reason};\n" for mv in failed), "INVALID_ARG")
+        if old is not None:
+            await self._unload_versions(old)
+        self.models[name] = model
+        model.state = "READY" if not failed else "UNAVAILABLE"
+        if failed:
+            raise ServerError(f"load failed for model '{name}': " + "".join(
+                f"version {mv.version} is at UNAVAILABLE state: {mv.reason};\n" for mv in failed), "INVALID_ARG")
 
     async def _unload_versions(self, model: Model) -> None:
         await asyncio.gather(*(mv.unload() for mv in model.versions.values()), return_exceptions=True)

@@ -14,11 +14,12 @@ _ids = itertools.count(1)
 class Registration:
     """A registered span ``[offset, offset + byte_size)`` of a client's POSIX shm object."""
 
-    __slots__ = ("name", "key", "offset", "byte_size", "id", "region")
+    __slots__ = ("name", "key", "posix_name", "offset", "byte_size", "id", "region")
 
-    def __init__(self, name: str, key: str, offset: int, byte_size: int, region: Region) -> None:
+    def __init__(self, name: str, key: str, posix_name: str, offset: int, byte_size: int, region: Region) -> None:
         self.name = name
-        self.key = key
+        self.key = key  # as the client gave it
+        self.posix_name = posix_name  # what workers open
         self.offset = offset
         self.byte_size = byte_size
         self.id = next(_ids)  # distinguishes re-registrations of one key, for the workers' caches
@@ -49,21 +50,20 @@ class SharedMemoryRegistry:
         self._on_unregister = on_unregister
 
     def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        """Map a client's POSIX shm object ``key`` (``/name``; like shm_open, the slash may be left out)."""
         if name in self._regions:
             raise ServerError(f"shared memory region '{name}' already in manager", "ALREADY_EXISTS")
-        if not valid_key(key):
+        posix_name = key if key.startswith("/") else "/" + key
+        if not valid_key(posix_name):  # never a path: only names under /dev/shm
             raise ServerError(f"Unable to open shared memory region: '{key}'", "INTERNAL")
-        if offset < 0 or byte_size < 0:
-            raise ServerError(f"failed to register shared memory region '{name}': offset and byte size must "
-                              "be non-negative", "INVALID_ARG")
         try:
-            region = Region(key)
+            region = Region(posix_name)
         except ShmError:
             raise ServerError(f"Unable to open shared memory region: '{key}'", "INTERNAL") from None
-        if offset + byte_size > region.size:
+        if offset < 0 or byte_size <= 0 or offset + byte_size > region.size:
             region.close()
             raise ServerError(f"failed to register shared memory region '{name}': invalid args", "INVALID_ARG")
-        self._regions[name] = Registration(name, key, offset, byte_size, region)
+        self._regions[name] = Registration(name, key, posix_name, offset, byte_size, region)
 
     def unregister(self, name: str | None = None) -> None:
         """Unregister ``name``, or every region when ``name`` is empty."""
@@ -77,7 +77,7 @@ class SharedMemoryRegistry:
     def get(self, name: str) -> Registration:
         reg = self._regions.get(name)
         if reg is None:
-            raise ServerError(f"Unable to find shared memory region: '{name}'", "INVALID_ARG")
+            raise ServerError(f"Unable to find shared memory region: '{name}'", "NOT_FOUND")
         return reg
 
     def status(self, name: str | None = None) -> list[dict]:
@@ -86,7 +86,7 @@ class SharedMemoryRegistry:
             if reg is None:
                 raise ServerError(f"Unable to find system shared memory region: '{name}'", "NOT_FOUND")
             return [reg.status()]
-        return [reg.status() for reg in self._regions.values()]
+        return [self._regions[n].status() for n in sorted(self._regions)]
 
     def close(self) -> None:
         self.unregister(None)

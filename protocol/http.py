@@ -17,18 +17,25 @@ log = logging.getLogger("kernel.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _JSON = "application/json"
+_TEXT = "text/plain"
+CUDA_SHM_UNSUPPORTED = ("failed to register shared memory region: CUDA shared memory is not supported by this "
+                        "server (CUDA IPC is unavailable on Jetson); use system shared memory")
 
 
 def _json(doc: Any, status: int = 200) -> web.Response:
     return web.Response(body=json.dumps(doc, separators=(",", ":")).encode(), status=status, content_type=_JSON)
 
 
-def _error(error: ServerError) -> web.Response:
-    return web.Response(body=v2json.error_body(error), status=error.http_status, content_type=_JSON)
+def _error(error: ServerError, content_type: str = _JSON) -> web.Response:
+    return web.Response(body=v2json.error_body(error), status=error.http_status, content_type=content_type)
 
 
-def _ok() -> web.Response:
-    return web.Response(status=200, content_type=_JSON)
+def _ok(content_type: str = _TEXT) -> web.Response:
+    return web.Response(status=200, content_type=content_type)
+
+
+def _not_ready(body: bytes = b"") -> web.Response:
+    return web.Response(body=body, status=400, content_type=_TEXT)
 
 
 @web.middleware
@@ -39,8 +46,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except ServerError as e:
         return _error(e)
     except web.HTTPException as e:
-        if e.status >= 400 and e.status != 413:
-            return web.Response(body=json.dumps({"error": e.reason}).encode(), status=e.status, content_type=_JSON)
+        if e.status >= 400:
+            return web.Response(body=json.dumps({"error": e.reason}).encode(), status=e.status, content_type=_TEXT)
         raise
     except Exception as e:  # a bug must cost one request, not the server
         log.exception("unhandled error in %s %s", request.method, request.path)
@@ -54,9 +61,10 @@ async def _read_json(request: web.Request) -> dict:
     try:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
-        raise invalid(f"failed to parse the request JSON buffer: {e}") from None
+        raise ServerError(f"failed to parse the request JSON buffer: {e}", "INTERNAL") from None
     if not isinstance(doc, dict):
-        raise invalid("failed to parse the request JSON buffer: The document root must be an object.")
+        raise ServerError("failed to parse the request JSON buffer: The document root must be an object.",
+                          "INTERNAL")
     return doc
 
 
@@ -71,7 +79,7 @@ class HttpFront:
         r.add_get("/v2/health/ready", self.ready)
         r.add_get("/v2", self.server_metadata)
         r.add_get("/v2/models/stats", self.stats)
-        for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+        for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version:[0-9]+}"):
             r.add_get(base, self.model_metadata)
             r.add_get(base + "/ready", self.model_ready)
             r.add_get(base + "/config", self.model_config)
@@ -87,21 +95,21 @@ class HttpFront:
         r.add_post("/v2/systemsharedmemory/region/{name}/register", self.shm_register)
         r.add_post("/v2/systemsharedmemory/unregister", self.shm_unregister)
         r.add_post("/v2/systemsharedmemory/region/{name}/unregister", self.shm_unregister)
-        r.add_get("/v2/cudasharedmemory/status", self.cuda_shm)
-        r.add_get("/v2/cudasharedmemory/region/{name}/status", self.cuda_shm)
-        r.add_post("/v2/cudasharedmemory/region/{name}/register", self.cuda_shm)
-        r.add_post("/v2/cudasharedmemory/unregister", self.cuda_shm)
-        r.add_post("/v2/cudasharedmemory/region/{name}/unregister", self.cuda_shm)
+        r.add_get("/v2/cudasharedmemory/status", self.cuda_shm_status)
+        r.add_get("/v2/cudasharedmemory/region/{name}/status", self.cuda_shm_status)
+        r.add_post("/v2/cudasharedmemory/region/{name}/register", self.cuda_shm_register)
+        r.add_post("/v2/cudasharedmemory/unregister", self.cuda_shm_unregister)
+        r.add_post("/v2/cudasharedmemory/region/{name}/unregister", self.cuda_shm_unregister)
         r.add_route("*", "/v2/trace/setting", self.trace)
         r.add_route("*", "/v2/models/{model}/trace/setting", self.trace)
         r.add_route("*", "/v2/logging", self.logging)
 
     # -- health and metadata --------------------------------------------
     async def live(self, request: web.Request) -> web.Response:
-        return _ok() if self.core.live() else web.Response(status=400)
+        return _ok() if self.core.live() else _not_ready()
 
     async def ready(self, request: web.Request) -> web.Response:
-        return _ok() if self.core.ready() else web.Response(status=400)
+        return _ok() if self.core.ready() else _not_ready()
 
     async def server_metadata(self, request: web.Request) -> web.Response:
         meta = self.core.metadata()
@@ -113,7 +121,9 @@ class HttpFront:
 
     async def model_ready(self, request: web.Request) -> web.Response:
         m = request.match_info
-        return _ok() if self.core.model_ready(m["model"], m.get("version", "")) else web.Response(status=400)
+        if self.core.model_ready(m["model"], m.get("version", "")):
+            return _ok()
+        return _not_ready(b'{"error":"Model version not ready"}')
 
     async def model_config(self, request: web.Request) -> web.Response:
         m = request.match_info
@@ -126,14 +136,24 @@ class HttpFront:
     # -- inference ------------------------------------------------------
     async def infer(self, request: web.Request) -> web.Response:
         m = request.match_info
-        header = request.headers.get("Inference-Header-Content-Length")
+        model, version = m["model"], m.get("version", "")
         try:
-            header_length = int(header) if header is not None else None
-        except ValueError:
-            raise invalid(f"Unable to parse 'Inference-Header-Content-Length': {header}") from None
-        body = memoryview(await request.read())
-        infer_request = v2json.parse_request(m["model"], m.get("version", ""), body, header_length, self.core.shm)
-        response = await self.core.infer(infer_request)
+            mv = self.core.version(model, version)
+        except ServerError as e:
+            return _error(e, _TEXT)  # Triton answers an unknown model on this route in text/plain
+        body = await request.read()
+        header = request.headers.get("Inference-Header-Content-Length")
+        if header is not None and (not header.isdigit() or int(header) == 0):
+            specs = [(s.name, s.datatype, s.dims, mv.max_batch_size > 0) for s in mv.inputs.values()]
+            infer_request = v2json.raw_request(model, version, memoryview(body), specs)
+        else:
+            infer_request = v2json.parse_request(model, version, body, int(header) if header else None,
+                                                 self.core.shm)
+        future = self.core.submit(infer_request)
+        try:
+            response = await future
+        except ServerError as e:
+            return _error(e, _TEXT)  # failures of the model itself: text/plain, like Triton
         try:
             parts, json_length = v2json.encode_response(response, infer_request)
             payload = parts[0] if len(parts) == 1 else b"".join(parts)
@@ -159,12 +179,12 @@ class HttpFront:
         if any(k.startswith("file:") for k in params):
             raise ServerError("loading a model from files sent with the request is not supported", "UNSUPPORTED")
         await self.core.load_model(request.match_info["model"], config)
-        return _ok()
+        return _ok(_JSON)
 
     async def unload(self, request: web.Request) -> web.Response:
         await _read_json(request)
         await self.core.unload_model(request.match_info["model"])
-        return _ok()
+        return _ok(_JSON)
 
     # -- shared memory --------------------------------------------------
     async def shm_status(self, request: web.Request) -> web.Response:
@@ -172,21 +192,34 @@ class HttpFront:
 
     async def shm_register(self, request: web.Request) -> web.Response:
         doc = await _read_json(request)
-        key = doc.get("key")
-        offset = doc.get("offset", 0)
-        byte_size = doc.get("byte_size")
-        if not isinstance(key, str) or not isinstance(byte_size, int) or not isinstance(offset, int):
-            raise invalid("Shared memory register request requires 'key', 'offset' and 'byte_size'")
+        for field in ("key", "byte_size"):
+            if field not in doc:
+                raise invalid(f"Shared memory register request has no '{field}' field")
+        key, offset, byte_size = doc["key"], doc.get("offset", 0), doc["byte_size"]
+        for value in (offset, byte_size):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ServerError("attempt to access JSON non-unsigned-integer as unsigned-integer", "INTERNAL")
+        if not isinstance(key, str):
+            raise ServerError("attempt to access JSON non-string as string", "INTERNAL")
         self.core.shm.register(request.match_info["name"], key, offset, byte_size)
-        return _ok()
+        return _ok(_JSON)
 
     async def shm_unregister(self, request: web.Request) -> web.Response:
         self.core.shm.unregister(request.match_info.get("name"))
-        return _ok()
+        return _ok(_JSON)
 
-    async def cuda_shm(self, request: web.Request) -> web.Response:
-        raise ServerError("CUDA shared memory is not supported: this server runs where CUDA IPC is unavailable "
-                          "(Jetson); use system shared memory", "UNSUPPORTED")
+    # CUDA IPC does not exist on Jetson: like Triton without CUDA, no region can ever be registered.
+    async def cuda_shm_status(self, request: web.Request) -> web.Response:
+        name = request.match_info.get("name")
+        if name:
+            raise ServerError(f"Unable to find cuda shared memory region: '{name}'", "NOT_FOUND")
+        return _json([])
+
+    async def cuda_shm_register(self, request: web.Request) -> web.Response:
+        raise ServerError(CUDA_SHM_UNSUPPORTED, "UNSUPPORTED")
+
+    async def cuda_shm_unregister(self, request: web.Request) -> web.Response:
+        return _ok(_JSON)
 
     # -- trace and logging ----------------------------------------------
     async def trace(self, request: web.Request) -> web.Response:

@@ -12,106 +12,140 @@ from kernel.shm_registry import SharedMemoryRegistry
 from kernel.types import InferRequest, InferResponse, InputTensor, RequestedOutput, ShmRef
 from protocol import dtypes
 
-_SHM_KEYS = ("shared_memory_region", "shared_memory_offset", "shared_memory_byte_size")
+
+def _parse_error(message: str) -> ServerError:
+    """JSON that cannot be read as a request: Triton answers 500."""
+    return ServerError(message, "INTERNAL")
 
 
-def parse_request(model: str, version: str, body: memoryview, header_length: int | None,
+def parse_request(model: str, version: str, body: bytes, header_length: int | None,
                   shm: SharedMemoryRegistry) -> InferRequest:
-    """Parse an infer request body (JSON header, then binary tensor data)."""
+    """Parse an infer request body (JSON header, then binary tensor data, which stays in ``body``)."""
     size = len(body)
     if header_length is None:
         header_length = size
-    elif header_length < 0 or header_length > size:
-        raise invalid(f"inference header size should be in range (0, {size}), got: {header_length}")
+    elif header_length > size:
+        raise ServerError(f"inference header size should be in range (0, {size}), got: {header_length}",
+                          "INVALID_ARG")
     try:
-        doc = json.loads(body[:header_length].tobytes() if header_length != size else body.tobytes())
+        doc = json.loads(body if header_length == size else body[:header_length])
     except (ValueError, UnicodeDecodeError) as e:
-        raise invalid(f"failed to parse the request JSON buffer: {_json_error(e)}") from None
+        raise _parse_error(f"failed to parse the request JSON buffer: {e}") from None
     if not isinstance(doc, dict):
-        raise invalid("failed to parse the request JSON buffer: The document root must be an object.")
+        raise _parse_error("Unable to parse 'inputs': attempt to access non-existing object member 'inputs'")
     request = InferRequest(model, version)
     rid = doc.get("id")
     if rid is not None:
         if not isinstance(rid, str):
-            raise invalid("Unable to parse 'id': attempt to access JSON non-string as string")
+            raise _parse_error("Unable to parse 'id': attempt to access JSON non-string as string")
         request.id = rid
     params = doc.get("parameters")
     if params is not None:
         request.parameters = _params(params, "parameters")
     inputs = doc.get("inputs")
     if not isinstance(inputs, list):
-        raise invalid("Unable to parse 'inputs': attempt to access non-existent object member 'inputs'"
-                      if inputs is None else "Unable to parse 'inputs': attempt to access JSON non-array as array")
-    binary = body[header_length:]
+        raise _parse_error("Unable to parse 'inputs': attempt to access non-existing object member 'inputs'"
+                           if inputs is None else "Unable to parse 'inputs': attempt to access JSON non-array as array")
+    binary = memoryview(body)[header_length:]
     cursor = 0
     for item in inputs:
-        tensor, used = _input(item, binary, cursor, shm)
+        tensor, used = _input(item, binary, cursor, shm, model)
         cursor += used
         request.inputs.append(tensor)
     if cursor != len(binary):
-        raise invalid(f"unexpected additional input data for model '{model}'"
-                      if cursor < len(binary) else "unexpected end of input data")
+        raise invalid(f"unexpected additional input data for model '{model}'")
     outputs = doc.get("outputs")
     if outputs is not None:
         if not isinstance(outputs, list):
-            raise invalid("Unable to parse 'outputs': attempt to access JSON non-array as array")
-        request.outputs = [_output(o, shm) for o in outputs]
+            raise _parse_error("Unable to parse 'outputs': attempt to access JSON non-array as array")
+        seen: set[str] = set()
+        request.outputs = []
+        for item in outputs:
+            out = _output(item, shm)
+            if out.name not in seen:  # Triton answers a repeated output once
+                seen.add(out.name)
+                request.outputs.append(out)
     return request
 
 
-def _json_error(e: Exception) -> str:
-    return str(e)
+def raw_request(model: str, version: str, body: memoryview, inputs: list) -> InferRequest:
+    """Triton's raw binary request: the whole body is the data of the model's only input.
+
+    ``inputs`` are the model's (name, datatype, dims, batched) input specs.
+    """
+    if len(inputs) != 1:
+        raise invalid(f"[request id: <id_unknown>] Raw request must only have 1 input (found 1) to be deduced but "
+                      f"got {len(inputs)} inputs in '{model}' model configuration")
+    name, datatype, dims, batched = inputs[0]
+    shape = ([1] if batched else []) + list(dims)
+    if -1 in shape:
+        size = dtypes.SIZE.get(datatype)
+        known = dtypes.element_count([d for d in shape if d != -1])
+        if size is None or shape.count(-1) != 1 or not known or len(body) % (size * known):
+            raise invalid(f"[request id: <id_unknown>] unable to deduce the shape of input '{name}' of model "
+                          f"'{model}' from a raw request of {len(body)} bytes")
+        shape[shape.index(-1)] = len(body) // (size * known)
+    request = InferRequest(model, version)
+    request.inputs.append(InputTensor(name, datatype, shape, body))
+    request.parameters["binary_data_output"] = True
+    return request
 
 
 def _params(value: Any, where: str) -> dict:
     if not isinstance(value, dict):
-        raise invalid(f"Unable to parse '{where}': attempt to access JSON non-object as object")
+        raise _parse_error(f"Unable to parse '{where}': attempt to access JSON non-object as object")
     return value
 
 
-def _int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise invalid(f"Unable to parse '{what}': attempt to access JSON non-integer as integer")
+def _member(item: dict, key: str) -> Any:
+    value = item.get(key)
+    if value is None:
+        raise _parse_error(f"Unable to parse '{key}': attempt to access non-existing object member '{key}'")
     return value
 
 
-def _input(item: Any, binary: memoryview, cursor: int, shm: SharedMemoryRegistry) -> tuple[InputTensor, int]:
+def _uint(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _parse_error(f"Unable to parse '{what}': attempt to access JSON non-unsigned-integer as "
+                           "unsigned-integer")
+    return value
+
+
+_SOURCES = ("data", "binary_data_size", "shared_memory_region")
+
+
+def _input(item: Any, binary: memoryview, cursor: int, shm: SharedMemoryRegistry,
+           model: str) -> tuple[InputTensor, int]:
     if not isinstance(item, dict):
-        raise invalid("Unable to parse 'inputs': attempt to access JSON non-object as object")
-    name = item.get("name")
+        raise _parse_error("Unable to parse 'inputs': attempt to access JSON non-object as object")
+    name = _member(item, "name")
     if not isinstance(name, str):
-        raise invalid("Unable to parse 'name': attempt to access non-existent object member 'name'")
-    datatype = item.get("datatype")
-    if not isinstance(datatype, str):
-        raise invalid("Unable to parse 'datatype': attempt to access non-existent object member 'datatype'")
-    if datatype not in dtypes.NUMPY:
-        raise invalid(f"invalid datatype '{datatype}' of input '{name}'")
-    shape = item.get("shape")
+        raise _parse_error("Unable to parse 'name': attempt to access JSON non-string as string")
+    shape = _member(item, "shape")
     if not isinstance(shape, list):
-        raise invalid("Unable to parse 'shape': attempt to access non-existent object member 'shape'")
-    shape = [_int(d, "shape") for d in shape]
-    if any(d < 0 for d in shape):
-        raise invalid(f"unable to parse 'shape' of input '{name}': dimensions must be non-negative")
+        raise _parse_error("Unable to parse 'shape': attempt to access JSON non-array as array")
+    shape = [_uint(d, "shape") for d in shape]
+    datatype = _member(item, "datatype")
+    if datatype not in dtypes.NUMPY:
+        raise invalid(f"invalid datatype for input {name}")
     params = _params(item.get("parameters") or {}, "parameters")
     tensor = InputTensor(name, datatype, shape, parameters=params)
-    region = params.get("shared_memory_region")
-    if region is not None:
-        if "data" in item or "binary_data_size" in params:
-            raise invalid(f"input '{name}' has shared memory and data given at the same time")
+    given = [k for k in _SOURCES if (item if k == "data" else params).get(k) is not None]
+    if len(given) != 1:
+        which = "But no field is set" if not given else "But set " + " ".join(f"'{k}'" for k in given)
+        raise invalid("Input must set only one of the following fields: 'data', 'binary_data_size' in "
+                      f"'parameters', 'shared_memory_region' in 'parameters'. {which}")
+    if given[0] == "shared_memory_region":
         tensor.data = shm_ref(params, name, shm)
         return tensor, 0
-    binary_size = params.get("binary_data_size")
-    if binary_size is not None:
-        binary_size = _int(binary_size, "binary_data_size")
-        if "data" in item:
-            raise invalid(f"input '{name}' has binary data and JSON data given at the same time")
-        if cursor + binary_size > len(binary):
-            raise invalid("unexpected end of input data")
-        tensor.data = binary[cursor : cursor + binary_size]
-        return tensor, binary_size
-    if "data" not in item:
-        raise invalid(f"input '{name}' must specify 'data' or binary data or shared memory")
-    tensor.data = _json_tensor(item["data"], datatype, shape, name)
+    if given[0] == "binary_data_size":
+        size = _uint(params["binary_data_size"], "binary_data_size")
+        if cursor + size > len(binary):
+            raise invalid(f"unexpected size for input '{name}', expecting {cursor + size - len(binary)} "
+                          f"additional bytes for model '{model}'")
+        tensor.data = binary[cursor : cursor + size]
+        return tensor, size
+    tensor.data = _json_tensor(item["data"], datatype, shape)
     return tensor, 0
 
 
@@ -119,40 +153,45 @@ def shm_ref(params: dict, name: str, shm: SharedMemoryRegistry) -> ShmRef:
     """The registered-region span named by a tensor's shared_memory_* parameters."""
     region = params.get("shared_memory_region")
     if not isinstance(region, str):
-        raise invalid(f"Unable to parse 'shared_memory_region' for tensor '{name}'")
+        raise _parse_error("Unable to parse 'shared_memory_region': attempt to access JSON non-string as string")
+    reg = shm.get(region)
     offset = params.get("shared_memory_offset", 0)
     byte_size = params.get("shared_memory_byte_size")
-    if byte_size is None:
-        raise invalid(f"'shared_memory_byte_size' must be specified for tensor '{name}'")
-    offset, byte_size = _int(offset, "shared_memory_offset"), _int(byte_size, "shared_memory_byte_size")
-    reg = shm.get(region)
+    if byte_size is None or not isinstance(offset, int) or not isinstance(byte_size, int):
+        raise invalid(f"Invalid offset + byte size for shared memory region: '{region}'")
     reg.check(offset, byte_size, name)
     return ShmRef(reg, offset, byte_size)
 
 
-def _json_tensor(data: Any, datatype: str, shape: list[int], name: str) -> np.ndarray:
-    expected = dtypes.element_count(shape)
-    try:
-        if datatype == "BYTES":
-            flat = _flatten(data)
-            array = np.empty(len(flat), dtype=np.object_)
-            array[:] = [s.encode("utf-8") if isinstance(s, str) else _not_string(s, name) for s in flat]
-        else:
-            if datatype == "BOOL" and not _all(data, lambda v: isinstance(v, bool)):
-                raise ValueError("BOOL data must be JSON booleans")
-            if datatype != "BOOL" and not _all(data, lambda v: isinstance(v, (int, float))
-                                                and not isinstance(v, bool)):
-                raise ValueError("numeric data must be JSON numbers")
-            array = np.asarray(data, dtype=dtypes.NUMPY[datatype]).reshape(-1)
-    except (ValueError, TypeError, OverflowError) as e:
-        raise invalid(f"Unable to parse 'data' of input '{name}': {e}") from None
-    if array.size != expected:
-        raise invalid(f"unexpected number of elements for input '{name}': expected {expected}, got {array.size}")
+# Which JSON values each family of datatypes accepts, and how Triton names the mismatch.
+_ACCEPTS = {
+    "b": (lambda v: v is True or v is False, "boolean as boolean"),
+    "i": (lambda v: type(v) is int, "signed-integer as signed-integer"),
+    "u": (lambda v: type(v) is int and v >= 0, "unsigned-integer as unsigned-integer"),
+    "f": (lambda v: type(v) is float or type(v) is int, "number as double"),
+}
+
+
+def _json_tensor(data: Any, datatype: str, shape: list[int]) -> np.ndarray:
+    """A JSON ``data`` array (flat or nested) as an array of ``datatype``."""
+    flat = _flatten(data)
+    if datatype == "BYTES":
+        if not all(type(s) is str for s in flat):
+            raise _parse_error("Unable to parse JSON bytes array: attempt to access JSON non-string as string")
+        array = np.empty(len(flat), dtype=np.object_)
+        array[:] = [s.encode("utf-8") for s in flat]
+    else:
+        target = dtypes.NUMPY[datatype]
+        accepts, what = _ACCEPTS["f" if target.kind == "V" else target.kind]  # bfloat16 is a float
+        if not all(accepts(v) for v in flat):
+            raise _parse_error(f"Unable to parse 'data': attempt to access JSON non-{what}")
+        try:
+            array = np.array(flat, dtype=target)
+        except OverflowError:
+            raise _parse_error(f"Unable to parse 'data': value out of range for {datatype}") from None
+    if array.size != dtypes.element_count(shape):
+        raise _parse_error("Unable to parse 'data': Shape does not match true shape of 'data' field")
     return array.reshape(shape)
-
-
-def _not_string(value: Any, name: str) -> bytes:
-    raise ValueError(f"expected JSON strings for BYTES input '{name}'")
 
 
 def _flatten(data: Any) -> list:
@@ -171,13 +210,11 @@ def _flatten(data: Any) -> list:
     return out
 
 
-def _all(data: Any, check: Any) -> bool:
-    return all(check(v) for v in _flatten(data))
-
-
 def _output(item: Any, shm: SharedMemoryRegistry) -> RequestedOutput:
-    if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-        raise invalid("Unable to parse 'name': attempt to access non-existent object member 'name'")
+    if not isinstance(item, dict):
+        raise _parse_error("Unable to parse 'outputs': attempt to access JSON non-object as object")
+    if not isinstance(_member(item, "name"), str):
+        raise _parse_error("Unable to parse 'name': attempt to access JSON non-string as string")
     params = _params(item.get("parameters") or {}, "parameters")
     out = RequestedOutput(item["name"], parameters=params)
     if params.get("shared_memory_region") is not None:

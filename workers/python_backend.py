@@ -6,20 +6,24 @@ import importlib.util
 import os
 import sys
 import time
-import traceback
 from functools import partial
 from typing import Any
 
 from protocol import dtypes
 from workers import triton_python_backend_utils as pb
-from workers.runtime import TensorError, Worker
+from workers.runtime import TensorError, Worker, describe
 
 ERROR_CODES = ["UNKNOWN", "INTERNAL", "NOT_FOUND", "INVALID_ARG", "UNAVAILABLE", "UNSUPPORTED",
                "ALREADY_EXISTS", "CANCELLED"]
 
 
-def _error(message: str, code: str = "INTERNAL") -> dict:
-    return {"err": [message, code]}
+def _error(message: str, code: str = "INTERNAL", failed: bool = True) -> dict:
+    """A request's error; ``failed`` is False for an error response the model chose to send
+    (Triton counts those as successful inferences)."""
+    result: dict = {"err": [message, code]}
+    if failed:
+        result["fail"] = True
+    return result
 
 
 class PythonBackend:
@@ -92,9 +96,9 @@ class PythonBackend:
             try:
                 responses = self.model.execute([request for _, request in batch])
             except Exception as e:
-                text = self._failure(e)
+                failed = {"err": [self._failure(e), "INTERNAL"], "fail": True}
                 for i, _ in batch:
-                    results[i] = _error(text)
+                    results[i] = failed
                 batch = []
         t2 = time.perf_counter_ns()
         if batch and not self.decoupled:
@@ -105,10 +109,7 @@ class PythonBackend:
                      "ts": [t1 - t0, t2 - t1, time.perf_counter_ns() - t2]})
 
     def _failure(self, e: BaseException) -> str:
-        tb = traceback.extract_tb(e.__traceback__)
-        where = "".join(f"  {f.filename}({f.lineno}): {f.name}\n" for f in reversed(tb))
-        return (f"Failed to process the request(s) for model instance '{self.instance_name}', "
-                f"message: {type(e).__name__}: {e}\n\nAt:\n{where}")
+        return f"Failed to process the request(s) for model '{self.instance_name}', message: {describe(e)}"
 
     @staticmethod
     def _check_responses(responses: Any, count: int) -> str | None:
@@ -128,7 +129,7 @@ class PythonBackend:
             err = response.error()
             code = err.code() if isinstance(err, pb.TritonError) else 1
             return _error(str(err.message() if hasattr(err, "message") else err),
-                          ERROR_CODES[code] if 0 <= code < len(ERROR_CODES) else "INTERNAL")
+                          ERROR_CODES[code] if 0 <= code < len(ERROR_CODES) else "INTERNAL", failed=False)
         wanted = spec.get("out")
         dests = spec.get("shm") or {}
         outs: list[list] = []

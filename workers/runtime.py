@@ -100,8 +100,7 @@ class Worker:
                 else:
                     self.send({"t": "error", "error": f"unknown message type {kind!r}"})
             except Exception as e:  # never die on one message
-                text = str(e) if isinstance(e, TensorError) else f"{type(e).__name__}: {e}"
-                sys.stderr.write(traceback.format_exc())
+                text = str(e) if isinstance(e, TensorError) else describe(e)
                 self.send({"t": "error", "id": msg.get("id"), "error": text})
 
     def _load(self, msg: dict) -> None:
@@ -197,8 +196,30 @@ class Worker:
         self.outbox.close()
 
 
+_OWN = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def describe(e: BaseException) -> str:
+    """An exception as Triton's python backend reports it: type, message, model frames."""
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if not f.filename.startswith(_OWN) and not f.filename.startswith("<frozen")]
+    where = "".join(f"  {f.filename}({f.lineno}): {f.name}\n" for f in reversed(frames))
+    return f"{type(e).__name__}: {e}\n\nAt:\n{where}"
+
+
 def _on_term(signum: int, frame: Any) -> None:
     raise SystemExit(0)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux for SIGTERM when the front dies, so a killed front leaves no worker behind."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the worker still notices within a second (serve() polls getppid)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = json.loads(argv[0])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front owns Ctrl-C and stops us
     signal.signal(signal.SIGTERM, _on_term)
+    _die_with_parent()
     if spec.get("verbose"):
         os.environ["EDGE_KERNEL_LOG_VERBOSE"] = "1"
     worker = Worker(spec)
