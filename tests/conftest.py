@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support import KernelServer, build_repository, shm_entries
+from tests.support import KernelServer, build_repository
 
 
 @pytest.fixture(scope="session")
@@ -14,13 +14,11 @@ def repository(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def server(repository, tmp_path_factory):
-    before = shm_entries()
     srv = KernelServer(repository).start(tmp_path_factory.mktemp("log") / "server.log")
     yield srv
     code = srv.stop()
-    leftover = shm_entries() - before
     assert code == 0, srv.log()
-    assert not leftover, f"shared memory left behind: {sorted(leftover)}"
+    assert not srv.owned_shm(), f"shared memory left behind: {sorted(srv.owned_shm())}"
 
 
 @pytest.fixture

@@ -23,9 +23,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def shm_entries() -> set[str]:
-    """Objects of this server family in /dev/shm (regions and semaphores)."""
-    return {e for e in os.listdir("/dev/shm") if e.startswith("ek.") or e.startswith("sem.ek.")}
+def shm_entries(pids: set[int] | None = None) -> set[str]:
+    """Objects of this server family in /dev/shm (regions and semaphores), of ``pids`` if given.
+
+    Names are ``ek.<pid>.<tag>`` (semaphores ``sem.ek.<pid>...``); filtering by pid keeps
+    servers that other test runs start at the same time out of the picture.
+    """
+    found = set()
+    for entry in os.listdir("/dev/shm"):
+        stem = entry[4:] if entry.startswith("sem.") else entry
+        if stem.startswith("ek."):
+            pid = stem.split(".")[1]
+            if pids is None or (pid.isdigit() and int(pid) in pids):
+                found.add(entry)
+    return found
 
 
 def build_repository(dest: Path) -> Path:
@@ -61,6 +72,7 @@ class KernelServer:
                      "--host", "127.0.0.1", *[a for r in repos for a in ("--model-repository", str(r))], *extra]
         self.proc: subprocess.Popen | None = None
         self.log_path: Path | None = None
+        self.pids: set[int] = set()  # the front and every worker seen
 
     @property
     def http_url(self) -> str:
@@ -92,11 +104,18 @@ class KernelServer:
 
     def worker_pids(self) -> list[int]:
         out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
-        return [int(p) for p in out.split()]
+        workers = [int(p) for p in out.split()]
+        self.pids.update(workers)
+        return workers
+
+    def owned_shm(self) -> set[str]:
+        """What the server and the workers seen so far have in /dev/shm now."""
+        return shm_entries(self.pids | ({self.proc.pid} if self.proc else set()))
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else 0
+        self.worker_pids()
         self.proc.send_signal(sig)
         try:
             return self.proc.wait(timeout)

@@ -1,0 +1,158 @@
+"""Shared-memory building blocks: rings across processes, the arena allocator, region naming."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import random
+import time
+
+import posix_ipc
+import pytest
+
+from shm.arena import ALIGN, Arena
+from shm.doorbell import Doorbell, ring
+from shm.region import Region, ShmError, owned_objects, remove_stale, valid_key
+from shm.ring import Ring, RingFull
+
+
+def _echo_worker(inbox_spec, outbox_spec):
+    """Child process: answer every message with (seq, len(payload), its last bytes)."""
+    inbox, outbox = Ring(*inbox_spec), Ring(*outbox_spec)
+    while True:
+        msg = inbox.recv(timeout=10)
+        if msg is None:
+            break
+        outbox.send([msg[0], len(msg[1]), msg[1][-8:]])
+
+
+def test_ring_round_trips_across_processes():
+    """Messages of 1 to many slots, wrapping many times, arrive whole and in order."""
+    inbox = Ring.create("t-in", slots=16, slot_size=64)
+    outbox = Ring.create("t-out", slots=16, slot_size=64)
+    ctx = mp.get_context("spawn")
+    child = ctx.Process(target=_echo_worker, args=(inbox.spec(), outbox.spec()))
+    child.start()
+    try:
+        rng = random.Random(3)
+        sent = []
+        received = []
+        deadline = time.monotonic() + 60
+        for seq in range(3000):
+            payload = os.urandom(rng.choice([0, 1, 50, 59, 60, 61, 200, 500, 900]))
+            while True:
+                try:
+                    inbox.send([seq, payload], block=False)
+                    break
+                except RingFull:
+                    received.extend(_drain(outbox))
+                    assert child.is_alive() and time.monotonic() < deadline, "the consumer stopped"
+            sent.append((seq, len(payload), payload[-8:]))
+        while len(received) < len(sent):
+            msg = outbox.recv(timeout=10)
+            received.append(tuple(msg))
+        assert [tuple(m) for m in received] == sent
+        inbox.send(None)
+    finally:
+        child.join(10)
+        for r in (inbox, outbox):
+            r.close()
+            r.unlink()
+    assert child.exitcode == 0
+
+
+def _drain(ring_):
+    out = []
+    while (msg := ring_.try_recv()) is not None:
+        out.append(tuple(msg))
+    return out
+
+
+def test_ring_full_and_oversized():
+    r = Ring.create("t-full", slots=4, slot_size=64)
+    reader = Ring(*r.spec())  # the other end (each end keeps its own cursor)
+    try:
+        for i in range(4):
+            r.send(i, block=False)
+        with pytest.raises(RingFull):
+            r.send(4, block=False)
+        assert reader.try_recv() == 0  # one slot freed
+        r.send(4, block=False)
+        assert [reader.try_recv() for _ in range(4)] == [1, 2, 3, 4]
+        assert reader.try_recv() is None
+        with pytest.raises(ValueError):
+            r.send(b"x" * 1000)
+    finally:
+        reader.close()
+        r.close()
+        r.unlink()
+
+
+def test_recv_times_out():
+    r = Ring.create("t-timeout", slots=4, slot_size=64)
+    try:
+        with pytest.raises(posix_ipc.BusyError):
+            r.recv(timeout=0.05)
+    finally:
+        r.close()
+        r.unlink()
+
+
+def test_doorbell_reports_writer_exit():
+    bell = Doorbell()
+    ring(bell.write_fd)
+    assert bell.drain() is True
+    bell.close_writer()
+    assert bell.drain() is False
+    bell.close()
+
+
+def test_arena_alloc_free_coalesce_and_grow():
+    arena = Arena("t-arena", initial_size=4096)
+    try:
+        blocks = [arena.alloc(100) for _ in range(40)]  # 40 * 128 > 4096: grows a second segment
+        assert len(arena.names()) == 2
+        assert all(offset % ALIGN == 0 for _, offset in blocks)
+        assert len(set(blocks)) == 40
+        for name, offset in blocks[::2]:
+            arena.free(name, offset)
+        for name, offset in blocks[1::2]:
+            arena.free(name, offset)
+        assert arena.in_use() == 0
+        # Everything coalesced: the whole first segment is one block again.
+        name, offset = arena.alloc(4096)
+        assert (name, offset) == (arena.names()[0], 0)
+        view = arena.view(name, offset, 4096)
+        view[:4] = b"abcd"
+        assert bytes(Region(name).buf[:4]) == b"abcd"  # another mapping sees the bytes
+    finally:
+        names = arena.names()
+        arena.close()
+    assert not any(os.path.exists("/dev/shm" + n) for n in names)
+
+
+def test_region_keys_are_shm_names_only():
+    assert valid_key("/camera0")
+    for bad in ("camera", "/etc/passwd", "/../x", "/", "//x", "/a/b", "/.."):
+        assert not valid_key(bad), bad
+    with pytest.raises(ShmError):
+        Region("/etc/passwd")
+    with pytest.raises(ShmError):
+        Region("/ek-test-does-not-exist")
+
+
+def test_stale_objects_of_dead_processes_are_removed():
+    ctx = mp.get_context("spawn")
+    child = ctx.Process(target=_make_object_and_exit)
+    child.start()
+    child.join(10)
+    assert owned_objects(child.pid), "the child left its object behind"
+    removed = remove_stale()
+    assert any(e.startswith(f"ek.{child.pid}.") for e in removed)
+    assert not owned_objects(child.pid)
+
+
+def _make_object_and_exit():
+    from shm.region import Region, new_name
+
+    Region(new_name("stale"), 4096, create=True)  # never unlinked
