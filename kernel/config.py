@@ -126,6 +126,10 @@ def validate(config: ModelConfig) -> None:
                     raise ServerError(
                         f"model {kind} '{t.name}' dimension must be integer >= 1, or -1 to indicate a variable-size "
                         f"dimension", "INVALID_ARG")
+    for t in config.input:
+        if t.allow_ragged_batch:
+            raise ServerError(f"input '{t.name}' of model '{model}' sets allow_ragged_batch: ragged batching is "
+                              "not supported by this server yet", "UNSUPPORTED")
     for size in config.dynamic_batching.preferred_batch_size:
         if size < 1 or size > config.max_batch_size:
             raise ServerError(f"dynamic batching preferred size must be <= max batch size for {model}", "INVALID_ARG")

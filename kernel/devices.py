@@ -7,7 +7,13 @@ import os
 
 
 def gpu_count() -> int:
-    """NVIDIA GPUs visible to this process (Jetson's integrated GPU counts as one)."""
+    """NVIDIA GPUs visible to this process (Jetson's integrated GPU counts as one).
+
+    ``EDGE_KERNEL_GPU_COUNT`` overrides the detection (tests on machines without a GPU).
+    """
+    forced = os.environ.get("EDGE_KERNEL_GPU_COUNT")
+    if forced is not None and forced.strip().isdigit():
+        return int(forced)
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and visible.strip() in ("", "-1", "none", "NoDevFiles"):
         return 0

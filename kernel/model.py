@@ -15,7 +15,7 @@ import numpy as np
 from kernel import config as cfg
 from kernel.errors import ServerError, invalid
 from kernel.instance import Instance, Regions
-from kernel.scheduler import Scheduler
+from kernel.scheduler import Scheduler, make_scheduler
 from kernel.stats import ModelStats
 from kernel.types import InferRequest, InferResponse, OutputTensor, ShmRef
 from protocol import dtypes
@@ -51,16 +51,19 @@ class TensorSpec:
 class Pending:
     """A request waiting for (or in) execution."""
 
-    __slots__ = ("request", "future", "batch_size", "enqueued", "priority", "deadline", "stream")
+    __slots__ = ("request", "future", "batch_size", "enqueued", "deadline", "stream", "shape_key", "orderer",
+                 "outcome")
 
     def __init__(self, request: InferRequest, future: asyncio.Future, batch_size: int) -> None:
         self.request = request
         self.future = future
         self.batch_size = batch_size
         self.enqueued = time.perf_counter_ns()
-        self.priority = 0
-        self.deadline = 0
+        self.deadline = 0  # ns (perf_counter) after which the queue policy applies; 0: none
         self.stream: Any = None  # a callback for decoupled responses
+        self.shape_key: Any = None  # requests with equal keys may share a batch
+        self.orderer: Any = None  # set with preserve_ordering
+        self.outcome: Any = None  # held by the orderer until earlier requests are answered
 
 
 class ModelVersion:
@@ -132,7 +135,14 @@ class ModelVersion:
                       for g in self.config.instance_group]
         placements = []
         for group_name, kind, gpus, count, secondary in groups:
-            devices = gpus if kind == "GPU" and gpus else [0]
+            if kind == "GPU":
+                bad = [g for g in gpus if not 0 <= g < gpu_count]
+                if bad or not gpus:
+                    raise ServerError(
+                        f"instance group {group_name} of model {self.name} specifies invalid or unsupported gpu "
+                        f"id {bad[0] if bad else 0}. GPUs with at least the minimum required CUDA compute "
+                        f"compatibility of 6.0 are: {' '.join(str(i) for i in range(gpu_count))}", "INVALID_ARG")
+            devices = gpus if kind == "GPU" else [0]
             index = 0
             for device in devices:
                 for _ in range(count):
@@ -153,10 +163,13 @@ class ModelVersion:
             "model_repository": self.model_dir,
             "model_version": self.version_str,
             "model_name": self.name,
+            # Not in Triton's args: the group's secondary devices (an NVDLA core for a TensorRT engine).
+            "model_instance_secondary_devices": json.dumps(
+                [{"kind": "KIND_NVDLA", "device_id": d.device_id} for d in inst.secondary]),
         }}) for inst in self.instances))
         for inst in self.instances:
             inst.on_exit = self._instance_died
-        self.scheduler = Scheduler(self)
+        self.scheduler = make_scheduler(self)
 
     def _instance_died(self, instance: Instance) -> None:
         """A worker crashed (its requests already failed): start a fresh one, like Triton restarts a stub."""
@@ -190,7 +203,7 @@ class ModelVersion:
         if self.state == "READY":
             self.state = "UNLOADING"
             for _ in range(600):
-                if not (self.scheduler and self.scheduler.queue) and not any(i.inflight for i in self.instances):
+                if not (self.scheduler and self.scheduler.queued()) and not any(i.inflight for i in self.instances):
                     break
                 await asyncio.sleep(0.05)
         self._fail_queued(ServerError(f"Request for unknown model: '{self.name}' is not found", "NOT_FOUND"))
@@ -201,8 +214,12 @@ class ModelVersion:
     def _fail_queued(self, error: ServerError) -> None:
         if self.scheduler is not None:
             for pending in self.scheduler.drain():
-                if not pending.future.done():
-                    pending.future.set_exception(error)
+                _settle(pending, error)
+
+    def reject(self, pending: Pending, error: ServerError) -> None:
+        """A queued request the queue policy rejects (its timeout expired)."""
+        self.stats.failure(time.perf_counter_ns() - pending.enqueued)
+        _settle(pending, error)
 
     async def _stop_instances(self) -> None:
         await asyncio.gather(*(inst.stop() for inst in self.instances), return_exceptions=True)
@@ -400,6 +417,16 @@ class Batch:
 
 
 def _settle(pending: Pending, outcome: Any) -> None:
+    """Complete a request (through its orderer when responses must keep arrival order)."""
+    orderer = pending.orderer
+    if orderer is not None:
+        pending.orderer = None
+        orderer.complete(pending, outcome, _deliver)
+    else:
+        _deliver(pending, outcome)
+
+
+def _deliver(pending: Pending, outcome: Any) -> None:
     future = pending.future
     if future.done():
         if isinstance(outcome, InferResponse):

@@ -180,6 +180,7 @@ class Core:
             raise ServerError("ModelInfer RPC doesn't support models with decoupled transaction policy",
                               "UNSUPPORTED")
         pending = Pending(request, self._loop.create_future(), mv.validate(request))
+        self.shm.hold(request, pending.future)  # client regions stay mapped until it ends
         mv.scheduler.submit(pending)
         return pending.future
 
@@ -202,6 +203,7 @@ class Core:
                     done.set_result(None)
 
             pending.stream = wrapped
+            self.shm.hold(request, done)
             pending.future.add_done_callback(lambda f: f.cancelled() or f.exception())
             mv.scheduler.submit(pending)
             return done
@@ -212,6 +214,7 @@ class Core:
             error = future.exception()
             callback(error if error is not None else future.result(), True)
 
+        self.shm.hold(request, pending.future)
         pending.future.add_done_callback(finish)
         mv.scheduler.submit(pending)
         return pending.future
@@ -298,7 +301,6 @@ class Core:
             path = self.repository.locate(name)
             config = cfg.from_json(config_override) if config_override else cfg.load(path)
             cfg.complete(config, path, self.gpus)
-            cfg.validate(config)
             numbers = select_versions(config, path)
         except ServerError as e:
             log.error("Poll failed for model directory '%s': %s", name, e.message)
@@ -311,8 +313,13 @@ class Core:
             copy = type(config)()
             copy.CopyFrom(config)
             model.versions[number] = ModelVersion(name, number, path, copy, self)
+        try:
+            cfg.validate(config)
+        except ServerError as e:  # a readable but invalid config: each version says why
+            for mv in model.versions.values():
+                mv.state, mv.reason = "UNAVAILABLE", e.reason()
         await asyncio.gather(*(mv.load(not self.strict, self.gpus, self.regions, self.verbose > 0)
-                               for mv in model.versions.values()))
+                               for mv in model.versions.values() if mv.state == "LOADING"))
         failed = [mv for mv in model.versions.values() if not mv.ready]
         for mv in failed:
             log.error("failed to load '%s' version %s: %s", name, mv.version, mv.reason)
