@@ -39,8 +39,57 @@ def shm_entries(pids: set[int] | None = None) -> set[str]:
     return found
 
 
+_PROBE_IO = """
+input [ { name: "INPUT0", data_type: TYPE_FP32, dims: [ -1 ] } ]
+output [
+  { name: "OUTPUT0", data_type: TYPE_FP32, dims: [ -1 ] },
+  { name: "BATCH", data_type: TYPE_INT32, dims: [ 1 ] },
+  { name: "STARTED", data_type: TYPE_INT64, dims: [ 1 ] },
+  { name: "ENDED", data_type: TYPE_INT64, dims: [ 1 ] },
+  { name: "PID", data_type: TYPE_INT64, dims: [ 1 ] },
+  { name: "ARGS", data_type: TYPE_STRING, dims: [ 1 ] }
+]
+"""
+
+
+def _sleep(ms: int, from_input: bool = False) -> str:
+    text = f'parameters {{ key: "sleep_ms" value: {{ string_value: "{ms}" }} }}\n'
+    if from_input:
+        text += 'parameters { key: "sleep_from_input" value: { string_value: "true" } }\n'
+    return text
+
+
+#: Probe models (tests/templates/probe_model.py) for the scheduler tests: name -> config.
+PROBES = {
+    "batch_max4": "max_batch_size: 4\ndynamic_batching { max_queue_delay_microseconds: 1000000 }\n" + _sleep(50),
+    "batch_pref": "max_batch_size: 8\ndynamic_batching { preferred_batch_size: [ 2 ] "
+                  "max_queue_delay_microseconds: 1000000 }\n" + _sleep(300),
+    "batch_delay": "max_batch_size: 8\ndynamic_batching { max_queue_delay_microseconds: 300000 }\n",
+    "batch_nodelay": "max_batch_size: 8\ndynamic_batching { }\n",
+    "batch_prio": "max_batch_size: 1\ndynamic_batching { priority_levels: 2 default_priority_level: 2 }\n"
+                  + _sleep(0, from_input=True),
+    "batch_reject": "max_batch_size: 1\ndynamic_batching { default_queue_policy { timeout_action: REJECT "
+                    "default_timeout_microseconds: 100000 } }\n" + _sleep(0, from_input=True),
+    "batch_delayed": "max_batch_size: 1\ndynamic_batching { default_queue_policy { timeout_action: DELAY "
+                     "allow_timeout_override: true } }\n" + _sleep(0, from_input=True),
+    "batch_qsize": "max_batch_size: 1\ndynamic_batching { default_queue_policy { max_queue_size: 2 } }\n"
+                   + _sleep(0, from_input=True),
+    "batch_ordered": "max_batch_size: 1\ndynamic_batching { preserve_ordering: true }\n"
+                     "instance_group [ { kind: KIND_CPU, count: 2 } ]\n" + _sleep(0, from_input=True),
+    "batch_unordered": "max_batch_size: 1\ndynamic_batching { }\n"
+                       "instance_group [ { kind: KIND_CPU, count: 2 } ]\n" + _sleep(0, from_input=True),
+    "batch_stats": "max_batch_size: 4\ndynamic_batching { max_queue_delay_microseconds: 1000000 }\n",
+    "two_instances": "instance_group [ { kind: KIND_CPU, count: 2 } ]\n" + _sleep(400),
+    "slow_a": _sleep(400),
+    "slow_b": _sleep(400),
+    "gpu_probe": "instance_group [ { kind: KIND_GPU, count: 1, gpus: [ 0, 1 ], "
+                 "secondary_devices: [ { kind: KIND_NVDLA, device_id: 1 } ] } ]\n",
+    "ragged": "max_batch_size: 4\ndynamic_batching { }\n",
+}
+
+
 def build_repository(dest: Path) -> Path:
-    """The test repository: the examples, tests/models and one echo model per datatype."""
+    """The test repository: the examples, tests/models, one echo model per datatype and the probes."""
     dest.mkdir(parents=True, exist_ok=True)
     for source in (ROOT / "examples" / "models", ROOT / "tests" / "models"):
         for model in source.iterdir():
@@ -56,13 +105,21 @@ def build_repository(dest: Path) -> Path:
             f'backend: "python"\n'
             f'input [ {{ name: "INPUT0", data_type: {config_type}, dims: [ -1 ] }} ]\n'
             f'output [ {{ name: "OUTPUT0", data_type: {config_type}, dims: [ -1 ] }} ]\n')
+    probe = (ROOT / "tests" / "templates" / "probe_model.py").read_text()
+    for name, config in PROBES.items():
+        (dest / name / "1").mkdir(parents=True)
+        (dest / name / "1" / "model.py").write_text(probe)
+        io = _PROBE_IO.replace("dims: [ -1 ] }", "dims: [ -1 ], allow_ragged_batch: true }", 1) \
+            if name == "ragged" else _PROBE_IO
+        (dest / name / "config.pbtxt").write_text('backend: "python"\n' + config + io)
     return dest
 
 
 class KernelServer:
     """``kernel start`` in a subprocess on free ports."""
 
-    def __init__(self, repository: Path | list[Path], *extra: str) -> None:
+    def __init__(self, repository: Path | list[Path], *extra: str, env: dict | None = None) -> None:
+        self.env = env or {}
         self.http_port = free_port()
         self.grpc_port = free_port()
         self.metrics_port = free_port()
@@ -85,7 +142,7 @@ class KernelServer:
     def start(self, log_path: Path, timeout: float = 60.0) -> KernelServer:
         self.log_path = log_path
         log = open(log_path, "wb")
-        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", **self.env)
         self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

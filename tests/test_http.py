@@ -78,7 +78,7 @@ def test_model_metadata_config_ready(http):
     assert config["instance_group"][0]["kind"] == "KIND_CPU"
     assert config["default_model_filename"] == "model.py"
     batched = http.get_model_metadata("identity")
-    assert batched["inputs"][0]["shape"] == [-1, -1]
+    assert batched["inputs"][0]["shape"] == [-1, 16]
 
 
 # -- inference ---------------------------------------------------------------------------------------------
@@ -150,8 +150,8 @@ def test_bytes_model(http):
 
 
 def test_batched_model(http):
-    x = np.arange(12, dtype=np.float32).reshape(3, 4)
-    t = httpclient.InferInput("INPUT0", [3, 4], "FP32")
+    x = np.arange(48, dtype=np.float32).reshape(3, 16)
+    t = httpclient.InferInput("INPUT0", [3, 16], "FP32")
     t.set_data_from_numpy(x)
     np.testing.assert_array_equal(http.infer("identity", [t]).as_numpy("OUTPUT0"), x)
 
@@ -241,9 +241,9 @@ def test_wrong_shape(http):
     a = np.arange(15, dtype=np.int32)
     expect_error(http, "add_sub", add_sub_inputs(a, a), "[request id: <id_unknown>] unexpected shape for input "
                                                         "'INPUT0' for model 'add_sub'. Expected [16], got [15]. ")
-    t = httpclient.InferInput("INPUT0", [3], "FP32")
-    t.set_data_from_numpy(np.ones(3, np.float32))
-    expect_error(http, "identity", [t], "Expected [-1,-1], got [3]. NOTE: Setting a non-zero max_batch_size")
+    t = httpclient.InferInput("INPUT0", [16], "FP32")
+    t.set_data_from_numpy(np.ones(16, np.float32))
+    expect_error(http, "identity", [t], "Expected [-1,16], got [16]. NOTE: Setting a non-zero max_batch_size")
 
 
 def test_wrong_datatype(http):
@@ -257,9 +257,9 @@ def test_wrong_datatype(http):
 
 
 def test_batch_too_large(http):
-    t = httpclient.InferInput("INPUT0", [9, 2], "FP32")
-    t.set_data_from_numpy(np.ones((9, 2), np.float32))
-    expect_error(http, "identity", [t], "inference request batch-size must be <= 8 for 'identity'")
+    t = httpclient.InferInput("INPUT0", [65, 16], "FP32")
+    t.set_data_from_numpy(np.ones((65, 16), np.float32))
+    expect_error(http, "identity", [t], "inference request batch-size must be <= 64 for 'identity'")
 
 
 def _binary_body(header: dict, *blobs: bytes) -> tuple[bytes, dict]:
