@@ -17,7 +17,7 @@ from kernel.errors import ServerError, invalid
 from kernel.instance import Instance, Regions
 from kernel.scheduler import Scheduler, make_scheduler
 from kernel.stats import ModelStats
-from kernel.types import InferRequest, InferResponse, OutputTensor, ShmRef
+from kernel.types import ArenaRef, InferRequest, InferResponse, OutputTensor, ShmRef
 from protocol import dtypes
 from protocol.model_config_pb2 import ModelConfig, ModelInstanceGroup
 
@@ -218,7 +218,7 @@ class ModelVersion:
 
     def reject(self, pending: Pending, error: ServerError) -> None:
         """A queued request the queue policy rejects (its timeout expired)."""
-        self.stats.failure(time.perf_counter_ns() - pending.enqueued)
+        self.stats.failure(time.perf_counter_ns() - pending.enqueued, "REJECTED")
         _settle(pending, error)
 
     async def _stop_instances(self) -> None:
@@ -301,7 +301,7 @@ class ModelVersion:
                 raise invalid(f"{prefix}expected {count} string elements for inference input '{t.name}' for "
                               f"model '{self.name}', got {max(got, 0)}")
             return
-        size = data.byte_size if isinstance(data, ShmRef) else (0 if data is None else len(data))
+        size = data.byte_size if isinstance(data, (ShmRef, ArenaRef)) else (0 if data is None else len(data))
         if size != expected:
             raise invalid(f"{prefix}input byte size mismatch for input '{t.name}' for model '{self.name}'. "
                           f"Expected {expected}, got {size}")
@@ -461,6 +461,8 @@ def _place(t: Any, arena: Arena, blocks: list) -> list:
     if isinstance(data, ShmRef):
         reg = data.region
         return [t.name, t.datatype, t.shape, reg.posix_name, reg.offset + data.offset, data.byte_size, reg.id]
+    if isinstance(data, ArenaRef):  # already in our arena: the caller owns the block
+        return [t.name, t.datatype, t.shape, data.key, data.offset, data.byte_size, 0]
     if isinstance(data, np.ndarray):
         if t.datatype == "BYTES":
             data = dtypes.serialize_bytes(data)

@@ -135,6 +135,7 @@ class DynamicBatcher(Scheduler):
             priority = self.default_level
         level = self.levels[priority]
         if level.max_size and len(level) >= level.max_size:
+            self.version.stats.failure(0, "REJECTED")
             raise ServerError(f"[request id: {request.id or '<id_unknown>'}] Exceeds maximum queue size",
                               "UNAVAILABLE")
         timeout_us = level.timeout_us

@@ -11,7 +11,7 @@ _DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "com
 class ModelStats:
     """Counters of one model version; all times in nanoseconds."""
 
-    __slots__ = ("inference_count", "execution_count", "last_inference", "durations", "batches")
+    __slots__ = ("inference_count", "execution_count", "last_inference", "durations", "batches", "failures")
 
     def __init__(self) -> None:
         self.inference_count = 0
@@ -20,6 +20,7 @@ class ModelStats:
         self.durations = {k: [0, 0] for k in _DURATIONS}
         # batch size -> [count, compute_input ns, compute_infer ns, compute_output ns]
         self.batches: dict[int, list[int]] = {}
+        self.failures: dict[str, int] = {}  # by Triton's metric reason: BACKEND, REJECTED, OTHER
 
     def success(self, total_ns: int, queue_ns: int, ci: int, cinf: int, co: int, batch_size: int) -> None:
         """One request answered successfully (``ci``... are its share of the batch)."""
@@ -32,7 +33,8 @@ class ModelStats:
         self.inference_count += batch_size
         self.last_inference = time.time_ns() // 1_000_000
 
-    def failure(self, total_ns: int) -> None:
+    def failure(self, total_ns: int, reason: str = "BACKEND") -> None:
+        self.failures[reason] = self.failures.get(reason, 0) + 1
         entry = self.durations["fail"]
         entry[0] += 1
         entry[1] += total_ns

@@ -24,6 +24,16 @@ class ShmRef:
 
 
 @dataclass(slots=True)
+class ArenaRef:
+    """Bytes the caller placed in the server's own arena (the in-process API's input buffers)."""
+
+    key: str
+    offset: int
+    byte_size: int
+    owner: object = None  # keeps the caller's array (and so the block) alive while in flight
+
+
+@dataclass(slots=True)
 class InputTensor:
     """One input. ``data`` is raw little-endian bytes (BYTES: Triton's serialised form),
     a numpy array, or a span of a registered region."""
@@ -31,7 +41,7 @@ class InputTensor:
     name: str
     datatype: str
     shape: list[int]
-    data: memoryview | bytes | np.ndarray | ShmRef | None = None
+    data: memoryview | bytes | np.ndarray | ShmRef | ArenaRef | None = None
     parameters: dict = field(default_factory=dict)
 
 

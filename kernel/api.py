@@ -1,0 +1,493 @@
+"""The in-process API: the whole server inside an application, without sockets.
+
+A camera loop or a robot controller embeds the repository, the scheduler, the
+worker processes and the shared memory, and calls models directly::
+
+    from kernel.api import Server
+
+    with Server(model_repository="models") as server:
+        add_sub = server.model("add_sub")
+        result = add_sub.infer({"INPUT0": a, "INPUT1": b})
+        print(result["OUTPUT0"])
+
+    async with Server(model_repository="models") as server:   # on the caller's event loop
+        result = await server.model("add_sub").async_infer({"INPUT0": a, "INPUT1": b})
+
+Used as a plain context manager the server runs its event loop in a background
+thread and every method may be called from any thread; used as an async
+context manager it runs on the caller's loop, where the ``async_`` methods are
+the ones to call (the blocking ones still work from other threads). The HTTP
+and gRPC endpoints of ``kernel start`` are served from this same object.
+
+Outputs are numpy views on the worker's shared memory, not copies: they stay
+valid while the result or any array taken from it is alive, or until
+``result.release()``. :meth:`Model.input_buffer` gives an input array in shared
+memory that the caller fills in place, so the bytes are never copied either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kernel.errors import ServerError
+from kernel.server import Core, default_repository
+from kernel.types import ArenaRef, InferRequest, InferResponse, InputTensor, RequestedOutput
+from protocol import dtypes
+
+__all__ = ["InferResult", "Model", "Server", "ServerError"]
+
+
+class _Lease:
+    """Keeps a response's shared memory until the last array taken from it is gone."""
+
+    __slots__ = ("_release", "__weakref__")
+
+    def __init__(self, release: Callable[[], None]) -> None:
+        self._release = release
+
+    def release(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+    def __del__(self) -> None:
+        self.release()
+
+
+class LeasedArray(np.ndarray):
+    """An output array on shared memory; it (and its views) keep the memory leased."""
+
+    _lease: _Lease | None = None
+
+    def __array_finalize__(self, obj: Any) -> None:
+        self._lease = getattr(obj, "_lease", None)
+
+
+class InferResult(Mapping):
+    """The outputs of one inference, by name, as numpy arrays on shared memory."""
+
+    def __init__(self, response: InferResponse, release: Callable[[], None]) -> None:
+        self.model_name = response.model_name
+        self.model_version = response.model_version
+        self.id = response.id
+        self.parameters = dict(response.parameters)
+        self._lease = _Lease(release)
+        self._arrays: dict[str, np.ndarray] = {}
+        for out in response.outputs:
+            array = out.as_numpy()
+            if out.datatype != "BYTES" and out.shm is None:
+                array = array.view(LeasedArray)
+                array._lease = self._lease
+            self._arrays[out.name] = array
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._arrays[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._arrays)
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+    def as_numpy(self, name: str) -> np.ndarray | None:
+        """tritonclient's accessor: the output, or None if it was not returned."""
+        return self._arrays.get(name)
+
+    def copy(self) -> dict[str, np.ndarray]:
+        """The outputs as arrays the caller owns (then :meth:`release` frees the shared memory)."""
+        return {k: np.array(v) for k, v in self._arrays.items()}
+
+    def release(self) -> None:
+        """Give the shared memory back now; arrays taken from this result become invalid."""
+        self._lease.release()
+
+    def __enter__(self) -> InferResult:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        return f"InferResult({self.model_name!r}, {list(self._arrays)})"
+
+
+class Model:
+    """A handle on one model (a given version, or the latest ready one)."""
+
+    def __init__(self, server: Server, name: str, version: str = "") -> None:
+        self._server = server
+        self.name = name
+        self.version = version
+
+    def __repr__(self) -> str:
+        return f"Model({self.name!r}, version={self.version or 'latest'!r})"
+
+    def metadata(self) -> dict:
+        """Triton's model metadata (name, versions, platform, inputs, outputs)."""
+        return self._server._call(lambda core: core.model_metadata(self.name, self.version))
+
+    def config(self) -> dict:
+        """The model configuration, as Triton's JSON."""
+        return self._server._call(lambda core: core.model_config(self.name, self.version))
+
+    def ready(self) -> bool:
+        return self._server._call(lambda core: core.model_ready(self.name, self.version))
+
+    def statistics(self) -> dict:
+        return self._server._call(lambda core: core.statistics(self.name, self.version))
+
+    # -- inference ------------------------------------------------------
+    def infer(self, inputs: Mapping[str, np.ndarray], outputs: list[str] | None = None,
+              parameters: dict | None = None, *, request_id: str = "", priority: int = 0,
+              timeout_us: int = 0) -> InferResult:
+        """Run one inference and wait for it (from any thread but the server's loop)."""
+        request = self._request(inputs, outputs, parameters, request_id, priority, timeout_us)
+        response = self._server._wait(lambda core: core.submit(request))
+        return self._server._result(response)
+
+    async def async_infer(self, inputs: Mapping[str, np.ndarray], outputs: list[str] | None = None,
+                          parameters: dict | None = None, *, request_id: str = "", priority: int = 0,
+                          timeout_us: int = 0) -> InferResult:
+        """Run one inference from a coroutine (on the server's loop or any other)."""
+        request = self._request(inputs, outputs, parameters, request_id, priority, timeout_us)
+        server = self._server
+        if server._on_loop():
+            response = await server._core.submit(request)
+        else:
+            response = await asyncio.wrap_future(server._submit_threadsafe(lambda core: core.submit(request)))
+        return server._result(response)
+
+    def stream(self, inputs: Mapping[str, np.ndarray], outputs: list[str] | None = None,
+               parameters: dict | None = None, *, request_id: str = "") -> Iterator[InferResult]:
+        """The responses of a decoupled model (zero or more), as they come; errors raise."""
+        request = self._request(inputs, outputs, parameters, request_id, 0, 0)
+        queue: Any = __import__("queue").SimpleQueue()
+        self._server._call(lambda core: core.stream(request, lambda r, final: queue.put((r, final))))
+        while True:
+            response, final = queue.get()
+            if isinstance(response, ServerError):
+                raise response
+            if response is not None:
+                yield self._server._result(response)
+            if final:
+                return
+
+    async def async_stream(self, inputs: Mapping[str, np.ndarray], outputs: list[str] | None = None,
+                           parameters: dict | None = None, *, request_id: str = "") -> AsyncIterator[InferResult]:
+        """``stream`` for coroutines on the server's loop."""
+        request = self._request(inputs, outputs, parameters, request_id, 0, 0)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._server._core.stream(request, lambda r, final: queue.put_nowait((r, final)))
+        while True:
+            response, final = await queue.get()
+            if isinstance(response, ServerError):
+                raise response
+            if response is not None:
+                yield self._server._result(response)
+            if final:
+                return
+
+    def input_buffer(self, name: str, shape: list[int] | tuple[int, ...] | None = None) -> np.ndarray:
+        """A zeroed array for input ``name`` in shared memory, to fill in place and pass to infer().
+
+        Passing it (or a contiguous view of it) as the input costs no copy: the worker reads
+        it where it lies. ``shape`` is needed where the input has variable dimensions.
+        """
+        meta = self.metadata()
+        spec = next((t for t in meta["inputs"] if t["name"] == name), None)
+        if spec is None:
+            raise ServerError(f"unexpected inference input '{name}' for model '{self.name}'", "INVALID_ARG")
+        shape = list(shape) if shape is not None else list(spec["shape"])
+        if any(d < 0 for d in shape):
+            raise ServerError(f"input '{name}' of model '{self.name}' has variable dimensions "
+                              f"{spec['shape']}: give input_buffer a shape", "INVALID_ARG")
+        size = dtypes.SIZE.get(spec["datatype"])
+        if size is None:
+            raise ServerError("BYTES inputs have no fixed-size buffer", "INVALID_ARG")
+        return self._server._arena_array(dtypes.NUMPY[spec["datatype"]], shape)
+
+    def _request(self, inputs: Mapping[str, np.ndarray], outputs: list[str] | None, parameters: dict | None,
+                 request_id: str, priority: int, timeout_us: int) -> InferRequest:
+        params = dict(parameters or {})
+        if priority:
+            params["priority"] = priority
+        if timeout_us:
+            params["timeout"] = timeout_us
+        tensors = []
+        for name, value in inputs.items():
+            array = value if isinstance(value, np.ndarray) else np.asarray(value)
+            datatype = dtypes.from_numpy(array.dtype)
+            if datatype is None:
+                raise ServerError(f"input '{name}' has an unsupported numpy dtype {array.dtype}", "INVALID_ARG")
+            data: Any = _arena_ref(array) or (array if array.dtype.kind in "OSU" else np.ascontiguousarray(array))
+            tensors.append(InputTensor(name, datatype, list(array.shape), data))
+        requested = [RequestedOutput(n) for n in outputs] if outputs else None
+        return InferRequest(self.name, self.version, request_id, tensors, requested, params)
+
+
+class _ArenaBlock:
+    """An arena allocation handed to the caller; freed when its array is garbage."""
+
+    __slots__ = ("key", "offset", "nbytes", "address", "__weakref__")
+
+    def __init__(self, key: str, offset: int, nbytes: int, address: int) -> None:
+        self.key, self.offset, self.nbytes, self.address = key, offset, nbytes, address
+
+
+class ArenaArray(np.ndarray):
+    """An input array living in the server's shared-memory arena (see Model.input_buffer)."""
+
+    _block: _ArenaBlock | None = None
+
+    def __array_finalize__(self, obj: Any) -> None:
+        self._block = getattr(obj, "_block", None)
+
+
+def _arena_ref(array: np.ndarray) -> ArenaRef | None:
+    """Where an arena-backed array (or a contiguous view of one) lies in shared memory."""
+    block = getattr(array, "_block", None)
+    if block is None or not array.flags.c_contiguous:
+        return None
+    start = array.__array_interface__["data"][0] - block.address
+    if start < 0 or start + array.nbytes > block.nbytes:
+        return None
+    return ArenaRef(block.key, block.offset + start, array.nbytes, array)
+
+
+class Server:
+    """The server in this process: use it as a context manager (sync or async)."""
+
+    def __init__(self, model_repository: str | Path | list[str | Path] | None = None, *,
+                 strict_model_config: bool = False, model_control_mode: str = "none",
+                 load_models: list[str] | None = None, log_verbose: int = 0,
+                 backend_config: dict[str, dict[str, str]] | None = None, strict_readiness: bool = True,
+                 exit_timeout: float = 30.0) -> None:
+        repos = model_repository if isinstance(model_repository, list) else \
+            [model_repository] if model_repository is not None else [default_repository()]
+        self._core = Core([str(r) for r in repos], strict_model_config=strict_model_config,
+                          model_control_mode=model_control_mode, load_models=load_models,
+                          log_verbose=log_verbose, backend_config=backend_config,
+                          strict_readiness=strict_readiness, exit_timeout=exit_timeout)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped: asyncio.Event | None = None
+
+    @property
+    def core(self) -> Core:
+        """The core every front end uses (HTTP, gRPC and this API)."""
+        return self._core
+
+    # -- lifetime -------------------------------------------------------
+    def start(self) -> Server:
+        """Start on a background event-loop thread; return once the models are loaded."""
+        if self._loop is not None:
+            raise RuntimeError("server already started")
+        started: concurrent.futures.Future = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._run, args=(started,), name="edge-kernel", daemon=True)
+        self._thread.start()
+        started.result()
+        return self
+
+    def _run(self, started: concurrent.futures.Future) -> None:
+        try:
+            import uvloop
+
+            loop = uvloop.new_event_loop()
+        except ImportError:  # pragma: no cover
+            loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self._loop = loop
+
+        async def main() -> None:
+            self._stopped = asyncio.Event()
+            try:
+                await self._core.start()
+            except BaseException as e:
+                await self._core.stop()
+                started.set_exception(e)
+                return
+            started.set_result(None)
+            await self._stopped.wait()
+            await self._core.stop()
+
+        try:
+            loop.run_until_complete(main())
+        finally:
+            loop.close()
+
+    def stop(self) -> None:
+        """Unload every model, end the workers and remove all shared memory."""
+        if self._thread is None:
+            return
+        if self._loop is not None and self._stopped is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._stopped.set)
+        self._thread.join()
+        self._thread = None
+        self._loop = None
+
+    async def start_async(self) -> Server:
+        """Start on the running event loop (the caller's)."""
+        if self._loop is not None:
+            raise RuntimeError("server already started")
+        self._loop = asyncio.get_running_loop()
+        try:
+            await self._core.start()
+        except BaseException:
+            await self._core.stop()
+            self._loop = None
+            raise
+        return self
+
+    async def stop_async(self) -> None:
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.stop)
+            return
+        await self._core.stop()
+        self._loop = None
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> Server:
+        return await self.start_async()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.stop_async()
+
+    # -- server-wide ----------------------------------------------------
+    def live(self) -> bool:
+        return self._loop is not None
+
+    def ready(self) -> bool:
+        return self._call(lambda core: core.ready())
+
+    def metadata(self) -> dict:
+        return self._call(lambda core: core.metadata())
+
+    def models(self) -> list[dict]:
+        """The repository index: every model with the state of its versions."""
+        return self._call(lambda core: core.repository_index())
+
+    def model(self, name: str, version: str | int | None = None) -> Model:
+        """A handle on a model; errors (unknown model...) are raised when it is used."""
+        return Model(self, name, "" if version is None else str(version))
+
+    def load(self, name: str, config: dict | None = None) -> None:
+        """Load or reload a model (explicit model control mode); ``config`` overrides config.pbtxt."""
+        import json
+
+        text = json.dumps(config) if config is not None else None
+        self._wait(lambda core: asyncio.ensure_future(core.load_model(name, text)))
+
+    def unload(self, name: str) -> None:
+        self._wait(lambda core: asyncio.ensure_future(core.unload_model(name)))
+
+    async def async_load(self, name: str, config: dict | None = None) -> None:
+        import json
+
+        await self._core.load_model(name, json.dumps(config) if config is not None else None)
+
+    async def async_unload(self, name: str) -> None:
+        await self._core.unload_model(name)
+
+    def statistics(self) -> dict:
+        return self._call(lambda core: core.statistics())
+
+    # -- plumbing -------------------------------------------------------
+    def _on_loop(self) -> bool:
+        try:
+            return asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            return False
+
+    def _check(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise RuntimeError("the server is not running: use it as a context manager or call start()")
+        return self._loop
+
+    def _call(self, fn: Callable[[Core], Any]) -> Any:
+        """Run ``fn(core)`` on the server's loop and return its result."""
+        loop = self._check()
+        if self._on_loop():
+            return fn(self._core)
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                future.set_result(fn(self._core))
+            except BaseException as e:
+                future.set_exception(e)
+
+        loop.call_soon_threadsafe(run)
+        return future.result()
+
+    def _submit_threadsafe(self, fn: Callable[[Core], asyncio.Future]) -> concurrent.futures.Future:
+        """Start ``fn(core)`` (which returns an asyncio future) on the loop; a thread-safe future."""
+        loop = self._check()
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def settle(inner: asyncio.Future) -> None:
+            if inner.cancelled():
+                future.cancel()
+            elif inner.exception() is not None:
+                future.set_exception(inner.exception())
+            else:
+                future.set_result(inner.result())
+
+        def run() -> None:
+            try:
+                fn(self._core).add_done_callback(settle)
+            except BaseException as e:
+                future.set_exception(e)
+
+        loop.call_soon_threadsafe(run)
+        return future
+
+    def _wait(self, fn: Callable[[Core], asyncio.Future]) -> Any:
+        if self._on_loop():
+            raise RuntimeError("blocking call on the server's own event loop: use the async_ methods there")
+        return self._submit_threadsafe(fn).result()
+
+    def _result(self, response: InferResponse) -> InferResult:
+        loop = self._loop
+
+        def release() -> None:
+            if self._on_loop():
+                response.release()
+            elif loop is not None and not loop.is_closed():
+                loop.call_soon_threadsafe(response.release)
+
+        return InferResult(response, release)
+
+    def _arena_array(self, dtype: np.dtype, shape: list[int]) -> np.ndarray:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+
+        def alloc(core: Core) -> tuple[str, int, memoryview]:
+            key, offset = core.arena.alloc(nbytes)
+            return key, offset, core.arena.view(key, offset, max(nbytes, 1))
+
+        key, offset, view = self._call(alloc)
+        array = np.frombuffer(view, dtype=np.uint8, count=nbytes).view(dtype).reshape(shape).view(ArenaArray)
+        array[...] = 0
+        block = _ArenaBlock(key, offset, nbytes, array.__array_interface__["data"][0])
+        array._block = block
+        loop = self._loop
+        core = self._core
+
+        def free() -> None:
+            if loop is not None and not loop.is_closed() and core.arena is not None:
+                loop.call_soon_threadsafe(lambda: core.arena is not None and core.arena.free(key, offset))
+
+        weakref.finalize(block, free)
+        return array

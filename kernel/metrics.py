@@ -1,0 +1,105 @@
+"""Prometheus metrics with Triton's names (``nv_inference_*``), from the statistics counters.
+
+Samples carry Triton's exact names and labels (``model``, ``version``, ``reason``).
+prometheus_client appends ``_total`` to the family of a counter-typed metric while
+Triton does not, so the families are exposed as gauges: dashboards and queries
+written for Triton (``rate(nv_inference_count[1m])``...) read them unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+if TYPE_CHECKING:
+    from kernel.server import Core
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_DURATIONS = [
+    ("nv_inference_request_duration_us", "success", "Cumulative inference request duration in microseconds "
+                                                    "(includes cached requests)"),
+    ("nv_inference_queue_duration_us", "queue", "Cumulative inference queuing duration in microseconds "
+                                                "(includes cached requests)"),
+    ("nv_inference_compute_input_duration_us", "compute_input", "Cumulative compute input duration in "
+                                                                "microseconds (does not include cached requests)"),
+    ("nv_inference_compute_infer_duration_us", "compute_infer", "Cumulative compute inference duration in "
+                                                                "microseconds (does not include cached requests)"),
+    ("nv_inference_compute_output_duration_us", "compute_output", "Cumulative inference compute output duration "
+                                                                  "in microseconds (does not include cached "
+                                                                  "requests)"),
+]
+FAILURE_REASONS = ("REJECTED", "CANCELED", "BACKEND", "OTHER")
+
+
+class TritonCollector:
+    """Reads every loaded model version's statistics at scrape time."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["model", "version"]
+        success = GaugeMetricFamily("nv_inference_request_success",
+                                    "Number of successful inference requests, all batch sizes", labels=labels)
+        failure = GaugeMetricFamily("nv_inference_request_failure",
+                                    "Number of failed inference requests, all batch sizes",
+                                    labels=["model", "reason", "version"])
+        count = GaugeMetricFamily("nv_inference_count",
+                                  "Number of inferences performed (does not include cached requests)", labels=labels)
+        execs = GaugeMetricFamily("nv_inference_exec_count",
+                                  "Number of model executions performed (does not include cached requests)",
+                                  labels=labels)
+        pending = GaugeMetricFamily("nv_inference_pending_request_count",
+                                    "Instantaneous number of pending requests awaiting execution per-model.",
+                                    labels=labels)
+        durations = [(GaugeMetricFamily(name, doc, labels=labels), key) for name, key, doc in _DURATIONS]
+        for model in sorted(self.core.models.values(), key=lambda m: m.name):
+            for _, mv in sorted(model.versions.items()):
+                if not mv.ready:
+                    continue
+                stats = mv.stats
+                key = [mv.name, mv.version_str]
+                success.add_metric(key, stats.durations["success"][0])
+                for reason in FAILURE_REASONS:
+                    failure.add_metric([mv.name, reason, mv.version_str], stats.failures.get(reason, 0))
+                count.add_metric(key, stats.inference_count)
+                execs.add_metric(key, stats.execution_count)
+                queued = mv.scheduler.queued() if mv.scheduler is not None else 0
+                pending.add_metric(key, queued + sum(i.inflight for i in mv.instances))
+                for family, name in durations:
+                    family.add_metric(key, stats.durations[name][1] // 1000)
+        yield from (success, failure, count, execs, pending)
+        yield from (family for family, _ in durations)
+        yield from _cpu_metrics()
+
+
+def _cpu_metrics() -> Iterator[Metric]:
+    """Server-wide CPU memory (Triton's nv_cpu_memory_* on Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.count(" ") >= 1}
+    except OSError:
+        return
+    total = GaugeMetricFamily("nv_cpu_memory_total_bytes", "CPU total memory (RAM), in bytes")
+    used = GaugeMetricFamily("nv_cpu_memory_used_bytes", "CPU used memory (RAM), in bytes")
+    total.add_metric([], info.get("MemTotal", 0))
+    used.add_metric([], info.get("MemTotal", 0) - info.get("MemAvailable", 0))
+    yield total
+    yield used
+
+
+def registry(core: Core) -> CollectorRegistry:
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(TritonCollector(core))
+    return reg
+
+
+def render(reg: CollectorRegistry) -> bytes:
+    return generate_latest(reg)
+
+
+__all__ = ["CONTENT_TYPE", "registry", "render"]

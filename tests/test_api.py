@@ -1,0 +1,176 @@
+"""The in-process API (kernel.api.Server): every method, errors, threads, clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import threading
+
+import numpy as np
+import pytest
+
+from kernel.api import InferResult, Server, ServerError
+from tests.support import ROOT
+
+EXAMPLES = ROOT / "examples" / "models"
+
+
+def own_shm() -> set[str]:
+    """Shared-memory objects of this process and its children (the in-process server's)."""
+    pid = os.getpid()
+    out = set()
+    for entry in os.listdir("/dev/shm"):
+        stem = entry[4:] if entry.startswith("sem.") else entry
+        if stem.startswith(f"ek.{pid}."):
+            out.add(entry)
+        elif stem.startswith("ek."):
+            owner = stem.split(".")[1]
+            try:
+                if owner.isdigit() and os.getppid() != int(owner) and _parent(int(owner)) == pid:
+                    out.add(entry)
+            except OSError:
+                pass
+    return out
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.fixture(scope="module")
+def server():
+    with Server(model_repository=EXAMPLES) as srv:
+        yield srv
+    assert not own_shm()
+
+
+def test_sync_api(server):
+    assert server.live() and server.ready()
+    assert server.metadata()["name"] == "triton"
+    names = {m["name"] for m in server.models()}
+    assert {"add_sub", "upper", "identity"} <= names
+    model = server.model("add_sub")
+    assert model.ready()
+    assert model.metadata()["inputs"][0] == {"name": "INPUT0", "datatype": "INT32", "shape": [16]}
+    assert model.config()["backend"] == "python"
+    a = np.arange(16, dtype=np.int32)
+    b = np.full(16, 3, np.int32)
+    result = model.infer({"INPUT0": a, "INPUT1": b}, request_id="r1")
+    assert isinstance(result, InferResult)
+    assert result.id == "r1" and result.model_version == "1"
+    np.testing.assert_array_equal(result["OUTPUT0"], a + b)
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), a - b)
+    only = model.infer({"INPUT0": a, "INPUT1": b}, outputs=["OUTPUT1"])
+    assert list(only) == ["OUTPUT1"]
+    text = server.model("upper").infer({"TEXT": np.array([b"edge", b"kernel"], dtype=np.object_)})
+    assert list(text["UPPER"]) == [b"EDGE", b"KERNEL"]
+    batch = server.model("identity").infer({"INPUT0": np.ones((3, 16), np.float32)})
+    assert batch["OUTPUT0"].shape == (3, 16)
+    stats = model.statistics()["model_stats"][0]
+    assert stats["inference_count"] >= 2
+    assert server.statistics()["model_stats"]
+
+
+def test_outputs_are_shared_memory_kept_alive_by_their_arrays(server):
+    a = np.arange(16, dtype=np.int32)
+    result = server.model("add_sub").infer({"INPUT0": a, "INPUT1": a})
+    out = result["OUTPUT0"]
+    assert not out.flags.owndata  # a view on the worker's shared memory, not a copy
+    del result
+    gc.collect()
+    for _ in range(20):  # other requests reuse freed blocks; ours must still hold its values
+        server.model("add_sub").infer({"INPUT0": a * 0, "INPUT1": a * 0})
+    np.testing.assert_array_equal(out, 2 * a)
+    owned = server.model("add_sub").infer({"INPUT0": a, "INPUT1": a}).copy()
+    assert owned["OUTPUT0"].flags.owndata
+
+
+def test_errors_are_exceptions_with_tritons_messages(server):
+    a = np.arange(16, dtype=np.int32)
+    with pytest.raises(ServerError) as e:
+        server.model("nope").infer({"INPUT0": a})
+    assert e.value.message == "Request for unknown model: 'nope' is not found"
+    assert e.value.code == "NOT_FOUND"
+    with pytest.raises(ServerError) as e:
+        server.model("add_sub").infer({"INPUT0": a[:8], "INPUT1": a[:8]})
+    assert "unexpected shape for input 'INPUT0' for model 'add_sub'. Expected [16], got [8]." in e.value.message
+    with pytest.raises(ServerError) as e:
+        server.model("add_sub").infer({"INPUT0": a.astype(np.float32), "INPUT1": a.astype(np.float32)})
+    assert "data-type is 'FP32', but model 'add_sub' expects 'INT32'" in e.value.message
+    with pytest.raises(ServerError) as e:
+        server.model("add_sub", version=3).metadata()
+    assert e.value.message == "Request for unknown model: 'add_sub' version 3 is not found"
+    with pytest.raises(ServerError) as e:
+        server.load("add_sub")
+    assert e.value.message == "explicit model load / unload is not allowed if polling is enabled"
+
+
+def test_zero_copy_input_buffer(server):
+    model = server.model("add_sub")
+    a = model.input_buffer("INPUT0")
+    b = model.input_buffer("INPUT1")
+    assert a.shape == (16,) and a.dtype == np.int32 and not a.any()
+    a[:] = np.arange(16)
+    b[:] = 5
+    np.testing.assert_array_equal(model.infer({"INPUT0": a, "INPUT1": b})["OUTPUT0"], np.arange(16) + 5)
+    a[:] = 100  # filled in place again: nothing to re-send
+    np.testing.assert_array_equal(model.infer({"INPUT0": a, "INPUT1": b})["OUTPUT1"], np.full(16, 95))
+    with pytest.raises(ServerError):
+        model.input_buffer("NOPE")
+
+
+def test_sync_call_from_a_thread_while_the_async_api_runs_on_the_loop():
+    before = own_shm()  # the module's server may be running
+
+    async def main() -> None:
+        async with Server(model_repository=EXAMPLES) as srv:
+            model = srv.model("add_sub")
+            a = np.arange(16, dtype=np.int32)
+            thread_results: list[np.ndarray] = []
+
+            def from_thread() -> None:
+                for i in range(20):
+                    thread_results.append(model.infer({"INPUT0": a, "INPUT1": np.full(16, i, np.int32)})
+                                          .copy()["OUTPUT0"])
+
+            thread = threading.Thread(target=from_thread)
+            thread.start()
+            results = await asyncio.gather(*(model.async_infer({"INPUT0": a, "INPUT1": np.full(16, i, np.int32)})
+                                             for i in range(20)))
+            while thread.is_alive():
+                await asyncio.sleep(0.01)
+            for i, r in enumerate(results):
+                np.testing.assert_array_equal(r["OUTPUT0"], a + i)
+            for i, out in enumerate(thread_results):
+                np.testing.assert_array_equal(out, a + i)
+            with pytest.raises(RuntimeError):
+                model.infer({"INPUT0": a, "INPUT1": a})  # blocking on the server's own loop
+            assert await srv.model("upper").async_infer({"TEXT": np.array([b"x"], dtype=np.object_)})
+
+    asyncio.run(main())
+    assert own_shm() <= before
+
+
+def test_model_control_and_clean_shutdown(tmp_path):
+    before = own_shm()
+    with Server(model_repository=EXAMPLES, model_control_mode="explicit", load_models=["add_sub"]) as srv:
+        assert srv.model("add_sub").ready()
+        assert not srv.model("upper").ready()
+        srv.load("upper")
+        assert srv.model("upper").ready()
+        srv.unload("add_sub")
+        assert not srv.model("add_sub").ready()
+        with pytest.raises(ServerError) as e:
+            srv.model("add_sub").infer({"INPUT0": np.zeros(16, np.int32), "INPUT1": np.zeros(16, np.int32)})
+        assert e.value.message == "Request for unknown model: 'add_sub' has no available versions"
+        config = srv.model("upper").config()
+        config["instance_group"] = [{"kind": "KIND_CPU", "count": 2}]
+        srv.load("upper", config=config)
+        assert srv.model("upper").config()["instance_group"][0]["count"] == 2
+        with pytest.raises(ServerError):
+            srv.load("does_not_exist")
+    assert own_shm() <= before
+    with pytest.raises(RuntimeError):
+        srv.model("upper").metadata()  # stopped
