@@ -174,3 +174,25 @@ def test_model_control_and_clean_shutdown(tmp_path):
     assert own_shm() <= before
     with pytest.raises(RuntimeError):
         srv.model("upper").metadata()  # stopped
+
+
+def test_streaming_a_decoupled_model():
+    repo = ROOT / "tests" / "models"
+    with Server(model_repository=repo, model_control_mode="explicit", load_models=["repeat"]) as srv:
+        model = srv.model("repeat")
+        outs = [(int(r["IDX"][0]), int(r["OUT"][0])) for r in model.stream({"IN": np.array([5, 6, 7], np.int32)})]
+        assert outs == [(0, 5), (1, 6), (2, 7)]
+        assert list(model.stream({"IN": np.array([], np.int32)})) == []
+        with pytest.raises(ServerError) as e:
+            list(model.stream({"IN": np.array([1, -1], np.int32)}))
+        assert e.value.message == "negative value at 1"
+        with pytest.raises(ServerError) as e:
+            model.infer({"IN": np.array([1], np.int32)})
+        assert "decoupled" in e.value.message
+
+        async def collect() -> list[int]:
+            return [int(r["OUT"][0]) async for r in model.async_stream({"IN": np.array([9, 8], np.int32)})]
+
+        assert srv._call(lambda core: None) is None
+        future = asyncio.run_coroutine_threadsafe(collect(), srv._loop)
+        assert future.result(30) == [9, 8]
