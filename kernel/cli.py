@@ -10,7 +10,8 @@ import sys
 from typing import Any
 
 from kernel import __version__
-from kernel.server import Core, default_repository
+from kernel.api import Server
+from kernel.server import default_repository
 
 log = logging.getLogger("kernel")
 
@@ -120,19 +121,21 @@ async def serve(args: Any) -> int:
     backend_config: dict[str, dict[str, str]] = {}
     for backend, key, value in args.backend_config:
         backend_config.setdefault(backend, {})[key] = value
-    core = Core(args.model_repository or [default_repository()],
-                strict_model_config=args.strict_model_config or args.disable_auto_complete_config,
-                model_control_mode=args.model_control_mode, load_models=args.load_model,
-                log_verbose=args.log_verbose, backend_config=backend_config,
-                exit_timeout=args.exit_timeout_secs, strict_readiness=args.strict_readiness)
+    server = Server(args.model_repository or [default_repository()],
+                    strict_model_config=args.strict_model_config or args.disable_auto_complete_config,
+                    model_control_mode=args.model_control_mode, load_models=args.load_model,
+                    log_verbose=args.log_verbose, backend_config=backend_config,
+                    exit_timeout=args.exit_timeout_secs, strict_readiness=args.strict_readiness)
+    core = server.core
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     runners: list[web.AppRunner] = []
+    grpc_server = None
     try:
         try:
-            await core.start()
+            await server.start_async()
         except Exception as e:
             log.error("error: creating server: %s", e)
             return 1
@@ -147,12 +150,36 @@ async def serve(args: Any) -> int:
             await web.TCPSite(runner, args.host, args.http_port, reuse_address=True).start()
             runners.append(runner)
             log.info("Started HTTPService at %s:%d", args.host, args.http_port)
+        if args.metrics_port >= 0:
+            from kernel import metrics
+
+            registry = metrics.registry(core)
+
+            async def scrape(request: web.Request) -> web.Response:
+                return web.Response(body=metrics.render(registry), headers={"Content-Type": metrics.CONTENT_TYPE})
+
+            app = web.Application()
+            app.router.add_get("/metrics", scrape)
+            runner = web.AppRunner(app, access_log=None, handle_signals=False)
+            await runner.setup()
+            await web.TCPSite(runner, args.host, args.metrics_port, reuse_address=True).start()
+            runners.append(runner)
+            log.info("Started Metrics Service at %s:%d", args.host, args.metrics_port)
+        if args.grpc_port >= 0:
+            from protocol.grpc import GrpcFront
+
+            grpc_server = GrpcFront(core, max_message_size=args.grpc_max_message_size).server()
+            await grpc_server.start(args.host, args.grpc_port, reuse_address=True)
+            log.info("Started GRPCInferenceService at %s:%d", args.host, args.grpc_port)
         await stop.wait()
         log.info("Waiting for in-flight requests to complete.")
     finally:
+        if grpc_server is not None:
+            grpc_server.close()
+            await grpc_server.wait_closed()
         for runner in runners:
             await runner.cleanup()
-        await core.stop()
+        await server.stop_async()
         log.info("All models are stopped, shared memory removed. Exiting.")
     return 0
 
