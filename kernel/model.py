@@ -294,9 +294,9 @@ class ModelVersion:
             return
         expected = dtypes.byte_size(t.datatype, t.shape)
         if expected is None:  # BYTES: the serialised elements must cover the shape
-            buf = data.region.buffer()[data.offset : data.offset + data.byte_size] if isinstance(data, ShmRef) \
-                else data
-            got = _count_bytes_elements(buf if buf is not None else b"")
+            if isinstance(data, (ShmRef, ArenaRef)):
+                return  # never read a client's region here: the worker checks the count
+            got = _count_bytes_elements(data if data is not None else b"")
             if got != count:
                 raise invalid(f"{prefix}expected {count} string elements for inference input '{t.name}' for "
                               f"model '{self.name}', got {max(got, 0)}")
@@ -427,6 +427,9 @@ def _settle(pending: Pending, outcome: Any) -> None:
 
 
 def _deliver(pending: Pending, outcome: Any) -> None:
+    if pending.stream is not None and isinstance(outcome, BaseException):
+        callback, pending.stream = pending.stream, None  # a decoupled request ends with the error
+        callback(outcome, True)
     future = pending.future
     if future.done():
         if isinstance(outcome, InferResponse):

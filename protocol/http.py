@@ -54,6 +54,11 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return _error(ServerError(f"internal error: {type(e).__name__}: {e}", "INTERNAL"))
 
 
+def _check_uint(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ServerError("attempt to access JSON non-unsigned-integer as unsigned-integer", "INTERNAL")
+
+
 async def _read_json(request: web.Request) -> dict:
     body = await request.read()
     if not body:
@@ -192,15 +197,18 @@ class HttpFront:
 
     async def shm_register(self, request: web.Request) -> web.Response:
         doc = await _read_json(request)
-        for field in ("key", "byte_size"):
-            if field not in doc:
-                raise invalid(f"Shared memory register request has no '{field}' field")
-        key, offset, byte_size = doc["key"], doc.get("offset", 0), doc["byte_size"]
-        for value in (offset, byte_size):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ServerError("attempt to access JSON non-unsigned-integer as unsigned-integer", "INTERNAL")
+        # Triton's order: key (present, a string), offset (optional), byte_size (present); then the region.
+        if "key" not in doc:
+            raise invalid("Shared memory register request has no 'key' field")
+        key = doc["key"]
         if not isinstance(key, str):
             raise ServerError("attempt to access JSON non-string as string", "INTERNAL")
+        offset = doc.get("offset", 0)
+        _check_uint(offset)
+        if "byte_size" not in doc:
+            raise invalid("Shared memory register request has no 'byte_size' field")
+        byte_size = doc["byte_size"]
+        _check_uint(byte_size)
         self.core.shm.register(request.match_info["name"], key, offset, byte_size)
         return _ok(_JSON)
 

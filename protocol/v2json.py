@@ -136,7 +136,7 @@ def _input(item: Any, binary: memoryview, cursor: int, shm: SharedMemoryRegistry
         raise invalid("Input must set only one of the following fields: 'data', 'binary_data_size' in "
                       f"'parameters', 'shared_memory_region' in 'parameters'. {which}")
     if given[0] == "shared_memory_region":
-        tensor.data = shm_ref(params, name, shm)
+        tensor.data = shm_ref(_shm_params(params), name, shm)
         return tensor, 0
     if given[0] == "binary_data_size":
         size = _uint(params["binary_data_size"], "binary_data_size")
@@ -149,8 +149,18 @@ def _input(item: Any, binary: memoryview, cursor: int, shm: SharedMemoryRegistry
     return tensor, 0
 
 
+def _shm_params(params: dict) -> dict:
+    """Triton's JSON checks of a tensor's shared_memory_* parameters (before the region is looked up)."""
+    if not isinstance(params.get("shared_memory_region"), str):
+        raise _parse_error("Unable to parse 'shared_memory_region': attempt to access JSON non-string as string")
+    for key in ("shared_memory_offset", "shared_memory_byte_size"):
+        if key in params:
+            _uint(params[key], key)
+    return params
+
+
 def shm_ref(params: dict, name: str, shm: SharedMemoryRegistry) -> ShmRef:
-    """The registered-region span named by a tensor's shared_memory_* parameters."""
+    """The registered-region span named by a tensor's shared_memory_* parameters (HTTP and gRPC)."""
     region = params.get("shared_memory_region")
     if not isinstance(region, str):
         raise _parse_error("Unable to parse 'shared_memory_region': attempt to access JSON non-string as string")
@@ -218,7 +228,7 @@ def _output(item: Any, shm: SharedMemoryRegistry) -> RequestedOutput:
     params = _params(item.get("parameters") or {}, "parameters")
     out = RequestedOutput(item["name"], parameters=params)
     if params.get("shared_memory_region") is not None:
-        out.shm = shm_ref(params, item["name"], shm)
+        out.shm = shm_ref(_shm_params(params), item["name"], shm)
     return out
 
 
@@ -231,11 +241,8 @@ def encode_response(response: InferResponse, request: InferRequest) -> tuple[lis
     for out in response.outputs:
         entry: dict[str, Any] = {"name": out.name, "datatype": out.datatype, "shape": out.shape}
         params = wanted.get(out.name, {}) if wanted is not None else {}
-        if out.shm is not None:
-            entry["parameters"] = {"shared_memory_region": out.shm.region.name,
-                                   "shared_memory_byte_size": out.byte_size}
-            if out.shm.offset:
-                entry["parameters"]["shared_memory_offset"] = out.shm.offset
+        if out.shm is not None:  # written into the client's region: Triton answers name, datatype, shape
+            pass
         elif params.get("binary_data", default_binary):
             entry["parameters"] = {"binary_data_size": out.byte_size}
             blobs.append(out.data)

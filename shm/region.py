@@ -41,10 +41,13 @@ class Region:
     references, so the pages stay mapped until the last view is gone.
     """
 
-    __slots__ = ("name", "size", "owner", "_mmap", "buf", "__weakref__")
+    __slots__ = ("name", "size", "owner", "_mmap", "buf", "_fd", "__weakref__")
 
-    def __init__(self, name: str, size: int | None = None, *, create: bool = False) -> None:
-        """Open ``name`` (or create it with ``size`` bytes, reserved up front)."""
+    def __init__(self, name: str, size: int | None = None, *, create: bool = False, keep_fd: bool = False) -> None:
+        """Open ``name`` (or create it with ``size`` bytes, reserved up front).
+
+        ``keep_fd`` keeps the descriptor for :meth:`current_size` (regions a client may shrink).
+        """
         if not valid_key(name):
             raise ShmError(f"invalid shared memory key '{name}'")
         try:
@@ -70,16 +73,24 @@ class Region:
         try:
             self._mmap = mmap.mmap(shm.fd, size) if size else None
         except (OSError, ValueError) as e:
-            raise ShmError(f"unable to map shared memory region '{name}': {e}") from e
-        finally:
             shm.close_fd()
+            raise ShmError(f"unable to map shared memory region '{name}': {e}") from e
+        self._fd = os.dup(shm.fd) if keep_fd else -1
+        shm.close_fd()
         self.name = name
         self.size = size
         self.owner = create
         self.buf = memoryview(self._mmap) if self._mmap is not None else memoryview(b"")
 
+    def current_size(self) -> int:
+        """The object's size now (its owner may have shrunk it since it was mapped)."""
+        return os.fstat(self._fd).st_size if self._fd >= 0 else self.size
+
     def close(self) -> None:
         """Drop this process's mapping (deferred while views on it exist)."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
         if self._mmap is None:
             return
         try:

@@ -11,7 +11,7 @@ from typing import Any
 
 from protocol import dtypes
 from workers import triton_python_backend_utils as pb
-from workers.runtime import TensorError, Worker, describe
+from workers.runtime import BytesCountError, TensorError, Worker, describe
 
 ERROR_CODES = ["UNKNOWN", "INTERNAL", "NOT_FOUND", "INVALID_ARG", "UNAVAILABLE", "UNSUPPORTED",
                "ALREADY_EXISTS", "CANCELLED"]
@@ -80,6 +80,9 @@ class PythonBackend:
         for i, spec in enumerate(specs):
             try:
                 inputs = [pb.Tensor(loc[0], worker.input_array(loc)) for loc in spec["in"]]
+            except BytesCountError as e:
+                results[i] = _error(e.for_request(self.model_name, spec.get("rid", "")), "INVALID_ARG")
+                continue
             except (TensorError, ValueError) as e:
                 results[i] = _error(str(e), getattr(e, "code", "INVALID_ARG"))
                 continue

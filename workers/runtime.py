@@ -1,4 +1,4 @@
-"""Worker process main loop: ``python -m workers.runtime '<json spec>'``.
+"""Worker process main loop, started as ``python -m workers '<json spec>'``.
 
 One worker runs one model instance. It receives msgpack messages from the
 front on an inbox ring (sleeping in ``sem_wait`` while idle) and answers on an
@@ -24,7 +24,6 @@ import os
 import signal
 import sys
 import threading
-import time
 import traceback
 from typing import Any
 
@@ -37,6 +36,9 @@ from shm.doorbell import ring as ring_doorbell
 from shm.region import Region, ShmError
 from shm.ring import Ring
 
+#: How many ended registrations a worker remembers (see :meth:`Worker.region`).
+_FORGOTTEN_KEPT = 4096
+
 
 class TensorError(Exception):
     """A tensor could not be read from or written to shared memory."""
@@ -44,6 +46,19 @@ class TensorError(Exception):
     def __init__(self, message: str, code: str = "INVALID_ARG") -> None:
         super().__init__(message)
         self.code = code
+
+
+class BytesCountError(TensorError):
+    """Serialised BYTES input data holds a different number of elements than its shape."""
+
+    def __init__(self, name: str, expected: int, got: int) -> None:
+        super().__init__(f"expected {expected} string elements for inference input '{name}', got {got}")
+        self.name, self.expected, self.got = name, expected, got
+
+    def for_request(self, model: str, request_id: str) -> str:
+        """Triton's wording, which names the request and the model."""
+        return (f"[request id: {request_id or '<id_unknown>'}] expected {self.expected} string elements for "
+                f"inference input '{self.name}' for model '{model}', got {self.got}")
 
 
 class Worker:
@@ -56,7 +71,7 @@ class Worker:
         self.doorbell_fd: int = spec["doorbell_fd"]
         self.arena = Arena(f"w{os.getpid()}", spec.get("arena_size", 8 * MiB))
         self._regions: dict[str | int, Region] = {}
-        self._forgotten: set[int] = set()
+        self._forgotten: dict[int, None] = {}  # recently ended registrations, oldest first (bounded)
         self._send_lock = threading.Lock()
         self.backend: Any = None
 
@@ -117,24 +132,34 @@ class Worker:
     def region(self, key: str, region_id: int) -> Region:
         """The mapping of ``key``: an arena segment (``region_id`` 0) or a client region.
 
-        Mappings are cached; a client region is cached per registration, and one
-        whose registration has ended is mapped afresh for the request at hand.
+        Mappings are cached: arena segments by key, client regions per
+        registration (a re-registration of the same key is a new ``region_id``,
+        so it is mapped afresh and never served from an older mapping). A
+        registration that already ended is mapped for the request at hand only.
         """
         cache_key = region_id or key
         region = self._regions.get(cache_key)
         if region is not None:
             return region
         try:
-            region = Region(key)
+            region = Region(key, keep_fd=bool(region_id))
         except ShmError as e:
-            raise TensorError(str(e), "INTERNAL") from e
+            raise TensorError(f"Unable to open shared memory region: '{key}'" if region_id else str(e),
+                              "INTERNAL") from e
         if region_id not in self._forgotten:
             self._regions[cache_key] = region
         return region
 
     def forget_region(self, region_id: int) -> None:
-        """A client region was unregistered: drop its mapping."""
-        self._forgotten.add(region_id)
+        """A client region's registration ended: drop its mapping.
+
+        Views that models still hold (decoupled responses) keep the pages
+        mapped until they are gone; the front sends this only once no request
+        it accepted with the registration is in flight.
+        """
+        self._forgotten[region_id] = None
+        if len(self._forgotten) > _FORGOTTEN_KEPT:
+            del self._forgotten[next(iter(self._forgotten))]
         region = self._regions.pop(region_id, None)
         if region is not None:
             region.close()
@@ -146,11 +171,16 @@ class Worker:
             buf = memoryview(b"")
         else:
             region = self.region(key, region_id)
-            if offset + nbytes > region.size:
+            # A client may have shrunk its object since: touching pages past its end would SIGBUS.
+            if offset + nbytes > (region.current_size() if region_id else region.size):
                 raise TensorError(f"shared memory region '{key}' is smaller than the tensor it should hold")
             buf = region.buf[offset : offset + nbytes]
         if datatype == "BYTES":
-            return dtypes.deserialize_bytes(buf, dtypes.element_count(shape)).reshape(shape)
+            count = dtypes.element_count(shape)
+            try:
+                return dtypes.deserialize_bytes(buf, count).reshape(shape)
+            except ValueError:
+                raise BytesCountError(_name, count, _count_elements(buf)) from None
         array = np.frombuffer(buf, dtype=dtypes.NUMPY[datatype]).reshape(shape)
         if region_id:
             array.flags.writeable = False  # the client's bytes: never written by a model
@@ -174,8 +204,12 @@ class Worker:
             if nbytes > capacity:
                 raise TensorError(
                     f"shared memory size specified with the request for output '{name}' ({capacity} bytes) "
-                    f"should be at least {nbytes} bytes to hold the results")
-            target = self.region(key, region_id).buf
+                    f"should be at least {nbytes} bytes to hold the results", "INTERNAL")
+            region = self.region(key, region_id)
+            if offset + nbytes > region.size:
+                raise TensorError(f"shared memory region '{key}' is smaller than the output '{name}' it should "
+                                  "hold", "INTERNAL")
+            target = region.buf
         elif nbytes:
             key, offset = self.arena.alloc(nbytes)
             region_id = 0
@@ -194,6 +228,17 @@ class Worker:
             region.close()
         self.inbox.close()
         self.outbox.close()
+
+
+def _count_elements(buf: memoryview) -> int:
+    """Whole serialised BYTES elements in ``buf``."""
+    pos, end, count = 0, len(buf), 0
+    while pos + 4 <= end:
+        pos += 4 + int.from_bytes(buf[pos : pos + 4], "little")
+        if pos > end:
+            break
+        count += 1
+    return count
 
 
 _OWN = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
@@ -240,9 +285,3 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def now_ns() -> int:
-    return time.perf_counter_ns()
-
-
-if __name__ == "__main__":
-    sys.exit(main())
