@@ -94,7 +94,7 @@ class Instance:
                 "doorbell_fd": self._bell.write_fd, "verbose": self.verbose}
         env = dict(os.environ)
         env["PYTHONPATH"] = _ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        self.proc = subprocess.Popen([sys.executable, "-m", "workers.runtime", json.dumps(spec)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "workers", json.dumps(spec)],
                                      pass_fds=(self._bell.write_fd,), env=env, cwd=_ROOT)
         self.pid = self.proc.pid
         self._bell.close_writer()
