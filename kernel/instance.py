@@ -56,13 +56,13 @@ class Instance:
     """A model instance served by one worker process."""
 
     def __init__(self, name: str, kind: str, device_id: int, regions: Regions, *,
-                 verbose: bool = False, secondary: list | None = None) -> None:
+                 options: dict | None = None, secondary: list | None = None) -> None:
         self.name = name
         self.kind = kind  # "CPU" | "GPU" | "MODEL"
         self.device_id = device_id
         self.secondary = secondary or []
         self.regions = regions
-        self.verbose = verbose
+        self.options = options or {}  # merged into the worker's spec (verbose, arena_size, spin_us)
         self.proc: subprocess.Popen | None = None
         self.pid = 0
         self.inflight = 0
@@ -91,7 +91,7 @@ class Instance:
         self._outbox = Ring.create("out")
         self._bell = Doorbell()
         spec = {"inbox": self._inbox.spec(), "outbox": self._outbox.spec(),
-                "doorbell_fd": self._bell.write_fd, "verbose": self.verbose}
+                "doorbell_fd": self._bell.write_fd, **self.options}
         env = dict(os.environ)
         env["PYTHONPATH"] = _ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         self.proc = subprocess.Popen([sys.executable, "-m", "workers", json.dumps(spec)],
@@ -175,12 +175,27 @@ class Instance:
         msg["id"] = self._next_id
         self._batches[self._next_id] = handler
         self.inflight += 1
+        if self._frees:  # freed outputs ride along: no message (and no wake-up) of their own
+            msg["f"] = self._frees
+            self._frees = []
         self._post(msg)
 
     def release(self, blocks: list[list]) -> None:
-        """Free output blocks ``[segment, offset]`` of this worker's arena."""
-        if self.alive and blocks:
-            self._post({"t": "f", "b": blocks})
+        """Free output blocks ``[segment, offset]`` of this worker's arena.
+
+        The frees travel with the next batch sent to this worker; when none
+        follows within a millisecond they go on their own.
+        """
+        if not self.alive or not blocks:
+            return
+        if not self._frees:
+            self._loop.call_later(0.001, self._flush_frees)
+        self._frees.extend(blocks)
+
+    def _flush_frees(self) -> None:
+        if self._frees and self.alive:
+            self._post({"t": "f", "b": self._frees})
+        self._frees = []
 
     def forget_region(self, region_id: int) -> None:
         """Tell the worker that a client region's registration has ended."""

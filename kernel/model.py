@@ -97,10 +97,10 @@ class ModelVersion:
         return self.state == "READY"
 
     # -- lifetime -------------------------------------------------------
-    async def load(self, autocomplete: bool, gpu_count: int, regions: Regions, verbose: bool) -> None:
+    async def load(self, autocomplete: bool, gpu_count: int, regions: Regions, options: dict) -> None:
         """Start the instances; on failure the version is UNAVAILABLE with a reason."""
         try:
-            await self._load(autocomplete, gpu_count, regions, verbose)
+            await self._load(autocomplete, gpu_count, regions, options)
         except ServerError as e:
             self.reason = e.reason()
         except Exception as e:  # a model must never take the server down
@@ -111,7 +111,7 @@ class ModelVersion:
         self.state = "UNAVAILABLE"
         await self._stop_instances()
 
-    async def _load(self, autocomplete: bool, gpu_count: int, regions: Regions, verbose: bool) -> None:
+    async def _load(self, autocomplete: bool, gpu_count: int, regions: Regions, options: dict) -> None:
         config = self.config
         if config.backend != "python":
             raise ServerError(f"unable to find backend library for backend '{config.backend or config.platform}', "
@@ -121,7 +121,7 @@ class ModelVersion:
             raise ServerError(f"unable to find '{model_file}' for model '{self.name}'", "NOT_FOUND")
         groups = [(g.name, _KIND.get(g.kind, "CPU"), list(g.gpus), g.count, list(g.secondary_devices))
                   for g in config.instance_group]
-        first = Instance(f"{groups[0][0]}_0", groups[0][1], 0, regions, verbose=verbose)
+        first = Instance(f"{groups[0][0]}_0", groups[0][1], 0, regions, options=options)
         self.instances = [first]
         reply = await first.start({"t": "load", "backend": config.backend, "name": self.name,
                                    "config": self.config_dict, "autocomplete": autocomplete,
@@ -150,7 +150,7 @@ class ModelVersion:
                     index += 1
         first.name, first.kind, first.device_id, first.secondary = placements[0]
         for name, kind, device, secondary in placements[1:]:
-            self.instances.append(Instance(name, kind, device, regions, verbose=verbose, secondary=secondary))
+            self.instances.append(Instance(name, kind, device, regions, options=options, secondary=secondary))
         load_msg = {"t": "load", "backend": config.backend, "name": self.name, "config": self.config_dict,
                     "autocomplete": False, "model_file": model_file}
         await asyncio.gather(*(inst.start(load_msg) for inst in self.instances[1:]))

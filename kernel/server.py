@@ -103,6 +103,18 @@ class Core:
             self.arena.close()
             self.arena = None
 
+    def worker_options(self) -> dict:
+        """What each python worker is started with (``--backend-config python,<key>=<value>``).
+
+        ``shm-default-byte-size``: the first segment of a worker's output arena (Triton's
+        python backend option of that name sizes its shared-memory region); ``worker-spin-us``:
+        how long an idle worker polls its ring before sleeping (0: sleep at once).
+        """
+        python = self.backend_config.get("python", {})
+        return {"verbose": self.verbose > 0,
+                "arena_size": int(python.get("shm-default-byte-size", 8 << 20)),
+                "spin_us": int(python.get("worker-spin-us", 0))}
+
     # -- health and metadata --------------------------------------------
     def live(self) -> bool:
         return True
@@ -318,7 +330,7 @@ class Core:
         except ServerError as e:  # a readable but invalid config: each version says why
             for mv in model.versions.values():
                 mv.state, mv.reason = "UNAVAILABLE", e.reason()
-        await asyncio.gather(*(mv.load(not self.strict, self.gpus, self.regions, self.verbose > 0)
+        await asyncio.gather(*(mv.load(not self.strict, self.gpus, self.regions, self.worker_options())
                                for mv in model.versions.values() if mv.state == "LOADING"))
         failed = [mv for mv in model.versions.values() if not mv.ready]
         for mv in failed:

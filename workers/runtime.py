@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from typing import Any
 
@@ -82,11 +83,23 @@ class Worker:
             self.outbox.send(msg)
         ring_doorbell(self.doorbell_fd)
 
+    def _next(self, spin_ns: int) -> Any:
+        """The next message; polls for ``spin_ns`` before sleeping in sem_wait (1 s at a time)."""
+        if spin_ns:
+            inbox, clock = self.inbox, time.perf_counter_ns
+            deadline = clock() + spin_ns
+            while clock() < deadline:
+                msg = inbox.try_recv()
+                if msg is not None:
+                    return msg
+        return self.inbox.recv(timeout=1.0)
+
     def serve(self) -> None:
         parent = os.getppid()
+        spin_ns = int(self.spec.get("spin_us", 0)) * 1000
         while True:
             try:
-                msg = self.inbox.recv(timeout=1.0)
+                msg = self._next(spin_ns)
             except posix_ipc.BusyError:
                 if os.getppid() != parent:
                     return  # the front is gone
@@ -96,6 +109,10 @@ class Worker:
             kind = msg.get("t")
             try:
                 if kind == "x":
+                    frees = msg.get("f")
+                    if frees:
+                        for name, offset in frees:
+                            self.arena.free(name, offset)
                     self.backend.execute(msg)
                 elif kind == "f":
                     for name, offset in msg["b"]:
