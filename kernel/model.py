@@ -296,7 +296,7 @@ class ModelVersion:
         if expected is None:  # BYTES: the serialised elements must cover the shape
             if isinstance(data, (ShmRef, ArenaRef)):
                 return  # never read a client's region here: the worker checks the count
-            got = _count_bytes_elements(data if data is not None else b"")
+            got = dtypes.count_bytes_elements(data if data is not None else b"")
             if got != count:
                 raise invalid(f"{prefix}expected {count} string elements for inference input '{t.name}' for "
                               f"model '{self.name}', got {max(got, 0)}")
@@ -506,15 +506,3 @@ _BATCH_NOTE = ("NOTE: Setting a non-zero max_batch_size in the model config requ
                "prepended to each input shape. If you want to specify the full shape including the batch dim in "
                "your input dims config, try setting max_batch_size to zero. See the model configuration docs for "
                "more info on max_batch_size.")
-
-
-def _count_bytes_elements(data: Any) -> int:
-    """Whole elements in serialised BYTES data (Triton counts until the data runs out)."""
-    mv = memoryview(data).cast("B")
-    pos, end, count = 0, len(mv), 0
-    while pos + 4 <= end:
-        pos += 4 + int.from_bytes(mv[pos : pos + 4], "little")
-        if pos > end:
-            break
-        count += 1
-    return count

@@ -72,6 +72,18 @@ def serialize_bytes(array: np.ndarray) -> bytes:
     return b"".join(parts)
 
 
+def count_bytes_elements(buf) -> int:
+    """Whole elements in serialised BYTES data (counted, like Triton, until the data runs out)."""
+    mv = memoryview(buf).cast("B")
+    pos, end, count = 0, len(mv), 0
+    while pos + 4 <= end:
+        pos += 4 + int.from_bytes(mv[pos : pos + 4], "little")
+        if pos > end:
+            break
+        count += 1
+    return count
+
+
 def deserialize_bytes(buf, count: int | None = None) -> np.ndarray:
     """Parse serialised BYTES into a 1-D object array of ``bytes``.
 

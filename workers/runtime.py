@@ -197,7 +197,7 @@ class Worker:
             try:
                 return dtypes.deserialize_bytes(buf, count).reshape(shape)
             except ValueError:
-                raise BytesCountError(_name, count, _count_elements(buf)) from None
+                raise BytesCountError(_name, count, dtypes.count_bytes_elements(buf)) from None
         array = np.frombuffer(buf, dtype=dtypes.NUMPY[datatype]).reshape(shape)
         if region_id:
             array.flags.writeable = False  # the client's bytes: never written by a model
@@ -245,17 +245,6 @@ class Worker:
             region.close()
         self.inbox.close()
         self.outbox.close()
-
-
-def _count_elements(buf: memoryview) -> int:
-    """Whole serialised BYTES elements in ``buf``."""
-    pos, end, count = 0, len(buf), 0
-    while pos + 4 <= end:
-        pos += 4 + int.from_bytes(buf[pos : pos + 4], "little")
-        if pos > end:
-            break
-        count += 1
-    return count
 
 
 _OWN = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
