@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "that exchange tensors through POSIX shared memory.")
     parser.add_argument("--version", action="version", version=f"edge-kernel {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("bench", add_help=False, help="measure a model like perf_analyzer (same as python -m bench)")
     start = sub.add_parser(
         "start", help="start the server on one or more model repositories",
         description="Start the inference server. With no flags it serves the example model repository "
@@ -86,6 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    rest = sys.argv[1:] if argv is None else argv
+    if rest[:1] == ["bench"]:  # `kernel bench ...` is `python -m bench ...`
+        from bench.cli import main as bench_main
+
+        return bench_main(rest[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command != "start":

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The comparison on the GPU device machine (Ubuntu 24.04, CPython 3.12, no network), in one command:
+#
+#   scripts/device-bundle                 # here, once: fills .device-bundle/ (git-ignored)
+#   device run, carry [".device-bundle"], command: bash bench/device_run.sh
+#
+# It installs the bundle's wheels into $SITE, unpacks the trimmed reference Triton, checks it, runs
+# `python -m bench compare --client perf_analyzer` on every scenario (short windows: the whole run ends
+# within about 8 minutes) and leaves in $OUT: run.log, performance.md (also written to docs/) and
+# compare/{results.json,performance.md,ours.log,triton.log,client.log}.
+# Env: OUT (required), PYTHON (default python3), SITE (default /tmp/site), COMPARE_ARGS (extra arguments),
+# PERF_ANALYZER (a perf_analyzer binary other than the wheel's).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+: "${OUT:?OUT must name the folder that comes back}"
+PY=${PYTHON:-python3}
+SITE=${SITE:-/tmp/site}
+BUNDLE=.device-bundle
+REF=${REF_DIR:-/tmp/reference-triton-bundle}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+START=$(date +%s)
+step() { echo "== [$(( $(date +%s) - START ))s] $*"; }
+
+main() {
+step "machine"
+uname -a; nproc; free -g | head -2; "$PY" --version; command -v nvidia-smi >/dev/null && nvidia-smi -L
+[ -d "$BUNDLE/wheels" ] && [ -f "$BUNDLE/reference-triton.tar.xz" ] || {
+  echo "error: $BUNDLE is missing: run scripts/device-bundle here and carry .device-bundle"; exit 1; }
+
+step "wheels -> $SITE"
+PIP=("$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE")
+"${PIP[@]}" $(ls "$BUNDLE"/wheels/*.whl | grep -v /perf_analyzer-) || { echo "error: installing the wheels failed"; exit 1; }
+# perf_analyzer's wheel is tagged manylinux_2_38: it installs on Ubuntu 24.04, not on older systems.
+"${PIP[@]}" "$BUNDLE"/wheels/perf_analyzer-*.whl || [ -n "${PERF_ANALYZER:-}" ] ||
+  { echo "error: installing perf_analyzer failed (glibc < 2.38?); set PERF_ANALYZER to a working binary"; exit 1; }
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+export PATH="$SITE/bin:$PATH"
+chmod +x "$SITE"/perf_analyzer/bin/perf_analyzer 2>/dev/null
+"$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$SITE" . ||
+  echo "warning: pip could not install the project (setuptools missing?); it runs from the tree anyway"
+[ -d .git ] || export EDGE_KERNEL_COMMIT="$(cat "$BUNDLE/COMMIT" 2>/dev/null || echo unknown) (bundle)"
+
+step "imports"
+"$PY" - <<'EOF' || { echo "error: a package the run needs is missing or broken (see above)"; exit 1; }
+import importlib, sys
+from importlib.metadata import version
+need = ["numpy", "aiohttp", "uvloop", "msgpack", "ml_dtypes", "prometheus_client", "grpclib", "posix_ipc",
+        "google.protobuf", "matplotlib", "grpc", "tritonclient.http.aio", "tritonclient.grpc.aio"]
+bad = []
+for mod in need:
+    try:
+        importlib.import_module(mod)
+    except Exception as e:  # noqa: BLE001
+        bad.append(f"{mod}: {e}")
+dists = ["numpy", "aiohttp", "uvloop", "msgpack", "ml_dtypes", "prometheus_client", "grpclib", "posix_ipc", "protobuf",
+         "grpcio", "tritonclient", "perf_analyzer", "matplotlib"]
+def ver(dist):
+    try:
+        return version(dist)
+    except Exception:  # noqa: BLE001
+        return "missing"
+print(" ".join(f"{d}={ver(d)}" for d in dists))
+print("\n".join(bad), file=sys.stderr)
+sys.exit(1 if bad else 0)
+EOF
+PA_BIN=${PERF_ANALYZER:-$SITE/perf_analyzer/bin/perf_analyzer}
+if ldd "$PA_BIN" 2>&1 | grep -E "not found|GLIBC"; then echo "warning: $PA_BIN may not start here"; fi
+
+step "reference Triton"
+rm -rf "$REF" && mkdir -p "$REF" && tar -xJf "$BUNDLE/reference-triton.tar.xz" -C "$REF" || exit 1
+export REFERENCE_TRITON_CACHE="$REF/reference-triton"
+"$PY" scripts/reference-triton check || echo "warning: scripts/reference-triton check failed (see above)"
+
+step "compare"
+# shellcheck disable=SC2086
+timeout -s TERM 420 "$PY" -m bench compare --client perf_analyzer --scenarios all \
+  --measurement-interval 2000 --max-trials 5 --time-budget 300 --out "$OUT/compare" ${COMPARE_ARGS:-}
+rc=$?
+cp docs/performance.md "$OUT/performance.md" 2>/dev/null
+step "done (compare rc=$rc)"
+return $rc
+}
+
+main 2>&1 | tee "$OUT/run.log"
