@@ -91,6 +91,11 @@ class ModelVersion:
         self.outputs = {t.name: TensorSpec(t) for t in config.output}
         self.required = [n for n, t in self.inputs.items() if not t.optional]
         self.decoupled = config.model_transaction_policy.decoupled
+        batching = self.max_batch_size > 0
+        # What the fast path of validate() needs per input: datatype, dims, element size, batched.
+        self._checks = {t.name: (t.datatype, t.dims, dtypes.SIZE.get(t.datatype), batching and not t.shape_tensor)
+                        for t in self.inputs.values()}
+        self._all_required = len(self.required) == len(self.inputs)
 
     @property
     def ready(self) -> bool:
@@ -226,7 +231,67 @@ class ModelVersion:
 
     # -- requests -------------------------------------------------------
     def validate(self, request: InferRequest) -> int:
-        """Check a request against the configuration with Triton's messages; return its batch size."""
+        """Check a request against the configuration; return its batch size.
+
+        The common case (every input given once, fixed-size data that matches) is checked
+        here in one pass; anything else goes through :meth:`_validate`, which finds the
+        problem and words it as Triton does.
+        """
+        checks = self._checks
+        inputs = request.inputs
+        if not self._all_required or len(inputs) != len(checks):
+            return self._validate(request)
+        batch = 1
+        seen = 0
+        for t in inputs:
+            check = checks.get(t.name)
+            if check is None or check[0] != t.datatype or check[2] is None:
+                return self._validate(request)
+            _, dims, size, batched = check
+            shape = t.shape
+            if batched:
+                if not shape:
+                    return self._validate(request)
+                if seen == 0:
+                    batch = shape[0]
+                elif shape[0] != batch:
+                    return self._validate(request)
+                if len(shape) - 1 != len(dims):
+                    return self._validate(request)
+                count = batch
+                for d, s in zip(dims, shape[1:]):
+                    if s != d and (d != -1 or s < 0):
+                        return self._validate(request)
+                    count *= s
+            else:
+                if len(shape) != len(dims):
+                    return self._validate(request)
+                count = 1
+                for d, s in zip(dims, shape):
+                    if s != d and (d != -1 or s < 0):
+                        return self._validate(request)
+                    count *= s
+            data = t.data
+            if type(data) is memoryview:
+                if data.nbytes != count * size:
+                    return self._validate(request)
+            elif isinstance(data, (ShmRef, ArenaRef)):
+                if data.byte_size != count * size:
+                    return self._validate(request)
+            elif not isinstance(data, np.ndarray) or data.size != count:
+                return self._validate(request)
+            seen += 1
+        if seen != len(checks) or batch > self.max_batch_size > 0:
+            return self._validate(request)
+        if request.outputs:
+            outputs = self.outputs
+            for out in request.outputs:
+                if out.name not in outputs:
+                    return self._validate(request)
+        return batch
+
+    def _validate(self, request: InferRequest) -> int:
+        """The thorough check, with Triton's messages."""
         model = self.name
         inputs = self.inputs
         prefix = f"[request id: {request.id or '<id_unknown>'}] "

@@ -33,6 +33,11 @@ EXTENSIONS = [
 ]
 
 
+#: Defaults of ``--backend-config python,worker-spin-us=`` and ``python,front-poll-us=`` (see worker_options).
+DEFAULT_WORKER_SPIN_US = 500
+DEFAULT_FRONT_POLL_US = 300
+
+
 class Model:
     """A model directory known to the server, with its loaded versions."""
 
@@ -113,7 +118,8 @@ class Core:
         python = self.backend_config.get("python", {})
         return {"verbose": self.verbose > 0,
                 "arena_size": int(python.get("shm-default-byte-size", 8 << 20)),
-                "spin_us": int(python.get("worker-spin-us", 0))}
+                "spin_us": int(python.get("worker-spin-us", DEFAULT_WORKER_SPIN_US)),
+                "poll_us": int(python.get("front-poll-us", DEFAULT_FRONT_POLL_US))}
 
     # -- health and metadata --------------------------------------------
     def live(self) -> bool:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from kernel.errors import ServerError, invalid
@@ -23,7 +23,7 @@ CUDA_SHM_UNSUPPORTED = ("failed to register shared memory region: CUDA shared me
 
 
 def _json(doc: Any, status: int = 200) -> web.Response:
-    return web.Response(body=json.dumps(doc, separators=(",", ":")).encode(), status=status, content_type=_JSON)
+    return web.Response(body=orjson.dumps(doc), status=status, content_type=_JSON)
 
 
 def _error(error: ServerError, content_type: str = _JSON) -> web.Response:
@@ -47,7 +47,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return _error(e)
     except web.HTTPException as e:
         if e.status >= 400:
-            return web.Response(body=json.dumps({"error": e.reason}).encode(), status=e.status, content_type=_TEXT)
+            return web.Response(body=orjson.dumps({"error": e.reason}), status=e.status, content_type=_TEXT)
         raise
     except Exception as e:  # a bug must cost one request, not the server
         log.exception("unhandled error in %s %s", request.method, request.path)
@@ -64,8 +64,8 @@ async def _read_json(request: web.Request) -> dict:
     if not body:
         return {}
     try:
-        doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as e:
         raise ServerError(f"failed to parse the request JSON buffer: {e}", "INTERNAL") from None
     if not isinstance(doc, dict):
         raise ServerError("failed to parse the request JSON buffer: The document root must be an object.",

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
+import orjson
 
 from kernel.errors import ServerError, invalid
 from kernel.shm_registry import SharedMemoryRegistry
@@ -28,9 +28,95 @@ def parse_request(model: str, version: str, body: bytes, header_length: int | No
         raise ServerError(f"inference header size should be in range (0, {size}), got: {header_length}",
                           "INVALID_ARG")
     try:
-        doc = json.loads(body if header_length == size else body[:header_length])
-    except (ValueError, UnicodeDecodeError) as e:
+        doc = orjson.loads(body if header_length == size else memoryview(body)[:header_length])
+    except orjson.JSONDecodeError as e:
         raise _parse_error(f"failed to parse the request JSON buffer: {e}") from None
+    if type(doc) is dict:
+        try:
+            return _parse_plain(model, version, doc, body, header_length, shm)
+        except _Unusual:
+            pass
+    return _parse_checked(model, version, doc, body, header_length, shm)
+
+
+class _Unusual(Exception):
+    """The request is not of the plain shape the fast path handles (or it is wrong)."""
+
+
+_NUMERIC = frozenset(k for k in dtypes.NUMPY if k != "BYTES")
+
+
+def _parse_plain(model: str, version: str, doc: dict, body: bytes, header_length: int,
+                 shm: SharedMemoryRegistry) -> InferRequest:
+    """The common request in one pass: binary, shared-memory or numeric JSON inputs, plain outputs.
+
+    Raises :class:`_Unusual` at the first thing it does not expect; the checked parser then
+    reads the request again and words any error as Triton does.
+    """
+    rid = doc.get("id", "")
+    params = doc.get("parameters", {})
+    inputs = doc.get("inputs")
+    if type(rid) is not str or type(params) is not dict or type(inputs) is not list:
+        raise _Unusual
+    binary = memoryview(body)[header_length:] if header_length < len(body) else None
+    cursor = 0
+    tensors = []
+    for item in inputs:
+        if type(item) is not dict:
+            raise _Unusual
+        name = item.get("name")
+        shape = item.get("shape")
+        datatype = item.get("datatype")
+        if type(name) is not str or type(shape) is not list or datatype not in dtypes.NUMPY:
+            raise _Unusual
+        for d in shape:
+            if type(d) is not int or d < 0:
+                raise _Unusual
+        tparams = item.get("parameters")
+        data = item.get("data")
+        if tparams:
+            if type(tparams) is not dict or data is not None:
+                raise _Unusual
+            size = tparams.get("binary_data_size")
+            if size is not None:
+                if type(size) is not int or size < 0 or binary is None or cursor + size > len(binary) \
+                        or "shared_memory_region" in tparams:
+                    raise _Unusual
+                tensor = InputTensor(name, datatype, shape, binary[cursor : cursor + size], tparams)
+                cursor += size
+            elif "shared_memory_region" in tparams:
+                tensor = InputTensor(name, datatype, shape, shm_ref(_shm_params(tparams), name, shm), tparams)
+            else:
+                raise _Unusual
+        elif data is not None and datatype in _NUMERIC and type(data) is list:
+            tensor = InputTensor(name, datatype, shape, _json_tensor(data, datatype, shape))
+        else:
+            raise _Unusual
+        tensors.append(tensor)
+    if cursor != (0 if binary is None else len(binary)):
+        raise _Unusual
+    request = InferRequest(model, version, rid, tensors, None, params)
+    outputs = doc.get("outputs")
+    if outputs is not None:
+        if type(outputs) is not list:
+            raise _Unusual
+        requested = []
+        names = set()
+        for item in outputs:
+            name = item.get("name") if type(item) is dict else None
+            oparams = item.get("parameters", {}) if name is not None else None
+            if type(name) is not str or type(oparams) is not dict or name in names:
+                raise _Unusual
+            names.add(name)
+            ref = shm_ref(_shm_params(oparams), name, shm) if "shared_memory_region" in oparams else None
+            requested.append(RequestedOutput(name, ref, oparams))
+        request.outputs = requested
+    return request
+
+
+def _parse_checked(model: str, version: str, doc: Any, body: bytes, header_length: int,
+                   shm: SharedMemoryRegistry) -> InferRequest:
+    """Parse a request checking every field, with Triton's error messages."""
     if not isinstance(doc, dict):
         raise _parse_error("Unable to parse 'inputs': attempt to access non-existing object member 'inputs'")
     request = InferRequest(model, version)
@@ -255,20 +341,21 @@ def encode_response(response: InferResponse, request: InferRequest) -> tuple[lis
     if response.parameters:
         doc["parameters"] = response.parameters
     doc["outputs"] = outputs
-    header = json.dumps(doc, separators=(",", ":")).encode()
+    header = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
     if not blobs:
         return [header], None
     return [header, *blobs], len(header)
 
 
-def _json_data(out: Any) -> list:
+def _json_data(out: Any) -> Any:
+    """An output's ``data`` (numeric arrays are serialised by orjson without a Python list)."""
     array = out.as_numpy().reshape(-1)
     if out.datatype == "BYTES":
         return [b.decode("utf-8", errors="replace") if isinstance(b, bytes) else str(b) for b in array.tolist()]
-    if out.datatype in ("FP16", "BF16"):
-        return array.astype(np.float32).tolist()
-    return array.tolist()
+    if out.datatype == "BF16":
+        return array.astype(np.float32)
+    return np.ascontiguousarray(array)
 
 
 def error_body(error: ServerError) -> bytes:
-    return json.dumps({"error": error.message}).encode()
+    return orjson.dumps({"error": error.message})

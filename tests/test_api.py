@@ -17,26 +17,29 @@ EXAMPLES = ROOT / "examples" / "models"
 
 
 def own_shm() -> set[str]:
-    """Shared-memory objects of this process and its children (the in-process server's)."""
+    """Shared-memory objects of this process and of its worker processes (the in-process server's).
+
+    Servers that other fixtures start as subprocesses (``kernel start``) are not ours here.
+    """
     pid = os.getpid()
     out = set()
     for entry in os.listdir("/dev/shm"):
         stem = entry[4:] if entry.startswith("sem.") else entry
-        if stem.startswith(f"ek.{pid}."):
+        owner = stem.split(".")[1] if stem.startswith("ek.") else ""
+        if owner == str(pid) or owner.isdigit() and _is_our_worker(int(owner), pid):
             out.add(entry)
-        elif stem.startswith("ek."):
-            owner = stem.split(".")[1]
-            try:
-                if owner.isdigit() and os.getppid() != int(owner) and _parent(int(owner)) == pid:
-                    out.add(entry)
-            except OSError:
-                pass
     return out
 
 
-def _parent(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[1])
+def _is_our_worker(pid: int, parent: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read().split(b"\0")
+    except OSError:
+        return False
+    return ppid == parent and b"workers" in cmdline
 
 
 @pytest.fixture(scope="module")
