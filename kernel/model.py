@@ -174,6 +174,7 @@ class ModelVersion:
         }}) for inst in self.instances))
         for inst in self.instances:
             inst.on_exit = self._instance_died
+            inst.spinner = self.server.spinner
         self.scheduler = make_scheduler(self)
 
     def _instance_died(self, instance: Instance) -> None:
@@ -379,7 +380,7 @@ class ModelVersion:
         try:
             for pending in batch:
                 request = pending.request
-                spec: dict[str, Any] = {"in": [_place(t, arena, blocks) for t in request.inputs]}
+                spec: dict[str, Any] = {"in": _place_inputs(request.inputs, arena, blocks)}
                 if request.outputs:
                     spec["out"] = [o.name for o in request.outputs]
                     dests = {o.name: [o.shm.region.posix_name, o.shm.region.offset + o.shm.offset, o.shm.byte_size,
@@ -523,34 +524,46 @@ def _response(version: ModelVersion, instance: Instance, pending: Pending, resul
                          _release=partial(instance.release, frees) if frees else None)
 
 
-def _place(t: Any, arena: Arena, blocks: list) -> list:
-    """Put one input where the worker can map it; return its ``loc``."""
-    data = t.data
-    if isinstance(data, ShmRef):
-        reg = data.region
-        return [t.name, t.datatype, t.shape, reg.posix_name, reg.offset + data.offset, data.byte_size, reg.id]
-    if isinstance(data, ArenaRef):  # already in our arena: the caller owns the block
-        return [t.name, t.datatype, t.shape, data.key, data.offset, data.byte_size, 0]
-    if isinstance(data, np.ndarray):
-        if t.datatype == "BYTES":
-            data = dtypes.serialize_bytes(data)
-        else:
-            array = data
-            nbytes = array.nbytes
-            if not nbytes:
-                return [t.name, t.datatype, t.shape, "", 0, 0, 0]
-            key, offset = arena.alloc(nbytes)
-            blocks.append((key, offset))
-            np.copyto(np.ndarray(array.shape, array.dtype, buffer=arena.buffer(key), offset=offset), array,
-                      casting="no")
-            return [t.name, t.datatype, t.shape, key, offset, nbytes, 0]
-    nbytes = 0 if data is None else len(data)
-    if not nbytes:
-        return [t.name, t.datatype, t.shape, "", 0, 0, 0]
-    key, offset = arena.alloc(nbytes)
-    blocks.append((key, offset))
-    arena.buffer(key)[offset : offset + nbytes] = data
-    return [t.name, t.datatype, t.shape, key, offset, nbytes, 0]
+def _place_inputs(inputs: list, arena: Arena, blocks: list) -> list[list]:
+    """Put a request's inputs where the worker can map them; return their ``loc`` lists.
+
+    Inputs already in shared memory (a client's region, an in-process caller's arena
+    buffer) are passed by reference; the others are copied, all into one arena block.
+    """
+    locs = []
+    copies = []
+    total = 0
+    for t in inputs:
+        data = t.data
+        if isinstance(data, ShmRef):
+            reg = data.region
+            locs.append([t.name, t.datatype, t.shape, reg.posix_name, reg.offset + data.offset, data.byte_size,
+                         reg.id])
+            continue
+        if isinstance(data, ArenaRef):  # already in our arena: the caller owns the block
+            locs.append([t.name, t.datatype, t.shape, data.key, data.offset, data.byte_size, 0])
+            continue
+        if isinstance(data, np.ndarray):
+            if t.datatype == "BYTES":
+                data = dtypes.serialize_bytes(data)
+            else:
+                data = memoryview(np.ascontiguousarray(data)).cast("B")
+        nbytes = 0 if data is None else len(data) if type(data) is bytes else data.nbytes
+        loc = [t.name, t.datatype, t.shape, "", 0, nbytes, 0]
+        locs.append(loc)
+        if nbytes:
+            copies.append((loc, data, total, nbytes))
+            total += (nbytes + 63) & ~63
+    if total:
+        key, base = arena.alloc(total)
+        blocks.append((key, base))
+        buf = arena.buffer(key)
+        for loc, data, rel, nbytes in copies:
+            start = base + rel
+            buf[start : start + nbytes] = data
+            loc[3] = key
+            loc[4] = start
+    return locs
 
 
 def _matches(shape: list[int], dims: list[int]) -> bool:

@@ -16,7 +16,7 @@ from kernel import __version__
 from kernel import config as cfg
 from kernel.devices import gpu_count
 from kernel.errors import ServerError
-from kernel.instance import Regions
+from kernel.instance import Regions, Spinner
 from kernel.model import ModelVersion, Pending
 from kernel.repository import Repository, select_versions
 from kernel.shm_registry import Registration, SharedMemoryRegistry
@@ -71,6 +71,7 @@ class Core:
         self.arena: Arena | None = None
         self._arena_size = arena_size
         self.gpus = gpu_count()
+        self.spinner = Spinner(self.worker_options()["poll_us"])
         self._loop: asyncio.AbstractEventLoop | None = None
         self._locks: dict[str, asyncio.Lock] = {}
         self.started = False
@@ -200,6 +201,7 @@ class Core:
         pending = Pending(request, self._loop.create_future(), mv.validate(request))
         self.shm.hold(request, pending.future)  # client regions stay mapped until it ends
         mv.scheduler.submit(pending)
+        self.spinner.kick()
         return pending.future
 
     def stream(self, request: InferRequest, callback: Callable[[Any, bool], None]) -> asyncio.Future:
