@@ -39,7 +39,7 @@ export PATH="$SITE/bin:$PATH"
 chmod +x "$SITE"/perf_analyzer/bin/perf_analyzer 2>/dev/null
 "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target "$SITE" . ||
   echo "warning: pip could not install the project (setuptools missing?); it runs from the tree anyway"
-[ -d .git ] || export EDGE_KERNEL_COMMIT="$(cat "$BUNDLE/COMMIT" 2>/dev/null || echo unknown) (bundle)"
+export EDGE_KERNEL_COMMIT="$(cat "$BUNDLE/COMMIT" 2>/dev/null || echo unknown) (bundle)"
 
 step "imports"
 "$PY" - <<'EOF' || { echo "error: a package the run needs is missing or broken (see above)"; exit 1; }
