@@ -150,7 +150,7 @@ def to_dict(message: Any) -> dict:
         if field.message_type is not None and field.message_type.GetOptions().map_entry:
             val_field = field.message_type.fields_by_name["value"]
             out[field.name] = {k: _value(val_field, v) for k, v in value.items()}
-        elif field.label == FieldDescriptor.LABEL_REPEATED:
+        elif field.is_repeated:
             out[field.name] = [_value(field, v) for v in value]
         elif field.message_type is not None:
             if message.HasField(field.name):
