@@ -83,3 +83,8 @@ def internal(message: str) -> ServerError:
 
 def unsupported(message: str) -> ServerError:
     return ServerError(message, "UNSUPPORTED")
+
+
+#: CUDA IPC does not exist on Jetson: like Triton built without CUDA, no CUDA region can be registered.
+CUDA_SHM_UNSUPPORTED = ("failed to register shared memory region: CUDA shared memory is not supported by this "
+                        "server (CUDA IPC is unavailable on Jetson); use system shared memory")

@@ -20,7 +20,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.server import Server, Stream
 
-from kernel.errors import ServerError, invalid
+from kernel.errors import CUDA_SHM_UNSUPPORTED, ServerError, invalid
 from kernel.server import Core
 from kernel.types import InferRequest, InferResponse
 from protocol import grpc_service_pb2 as pb
@@ -35,8 +35,6 @@ _WINDOW = 16 << 20
 
 
 #: Same text as the HTTP endpoint's answer to a CUDA region registration.
-CUDA_SHM_UNSUPPORTED = ("failed to register shared memory region: CUDA shared memory is not supported by this "
-                        "server (CUDA IPC is unavailable on Jetson); use system shared memory")
 
 
 def _no_repository_name() -> ServerError:

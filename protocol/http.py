@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from kernel.errors import ServerError, invalid
+from kernel.errors import CUDA_SHM_UNSUPPORTED, ServerError, invalid
 from kernel.server import Core
 from protocol import v2json
 
@@ -18,8 +18,6 @@ log = logging.getLogger("kernel.http")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _JSON = "application/json"
 _TEXT = "text/plain"
-CUDA_SHM_UNSUPPORTED = ("failed to register shared memory region: CUDA shared memory is not supported by this "
-                        "server (CUDA IPC is unavailable on Jetson); use system shared memory")
 
 
 def _json(doc: Any, status: int = 200) -> web.Response:
