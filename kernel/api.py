@@ -29,10 +29,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
+from queue import SimpleQueue
 from typing import Any
 
 import numpy as np
@@ -169,7 +171,7 @@ class Model:
                parameters: dict | None = None, *, request_id: str = "") -> Iterator[InferResult]:
         """The responses of a decoupled model (zero or more), as they come; errors raise."""
         request = self._request(inputs, outputs, parameters, request_id, 0, 0)
-        queue: Any = __import__("queue").SimpleQueue()
+        queue: SimpleQueue = SimpleQueue()
         self._server._call(lambda core: core.stream(request, lambda r, final: queue.put((r, final))))
         while True:
             response, final = queue.get()
@@ -385,8 +387,6 @@ class Server:
 
     def load(self, name: str, config: dict | None = None) -> None:
         """Load or reload a model (explicit model control mode); ``config`` overrides config.pbtxt."""
-        import json
-
         text = json.dumps(config) if config is not None else None
         self._wait(lambda core: asyncio.ensure_future(core.load_model(name, text)))
 
@@ -394,8 +394,6 @@ class Server:
         self._wait(lambda core: asyncio.ensure_future(core.unload_model(name)))
 
     async def async_load(self, name: str, config: dict | None = None) -> None:
-        import json
-
         await self._core.load_model(name, json.dumps(config) if config is not None else None)
 
     async def async_unload(self, name: str) -> None:
