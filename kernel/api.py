@@ -172,15 +172,30 @@ class Model:
         """The responses of a decoupled model (zero or more), as they come; errors raise."""
         request = self._request(inputs, outputs, parameters, request_id, 0, 0)
         queue: SimpleQueue = SimpleQueue()
-        self._server._call(lambda core: core.stream(request, lambda r, final: queue.put((r, final))))
-        while True:
-            response, final = queue.get()
-            if isinstance(response, ServerError):
-                raise response
-            if response is not None:
-                yield self._server._result(response)
-            if final:
-                return
+        abandoned = False
+
+        def deliver(response: Any, final: bool) -> None:  # on the server's loop
+            if abandoned and isinstance(response, InferResponse):
+                response.release()
+            else:
+                queue.put((response, final))
+
+        self._server._call(lambda core: core.stream(request, deliver))
+        try:
+            while True:
+                response, final = queue.get()
+                if isinstance(response, ServerError):
+                    raise response
+                if response is not None:
+                    yield self._server._result(response)
+                if final:
+                    return
+        finally:
+            abandoned = True  # responses still to come are released as they arrive
+            while not queue.empty():
+                response, _ = queue.get()
+                if isinstance(response, InferResponse):
+                    self._server._result(response).release()
 
     async def async_stream(self, inputs: Mapping[str, np.ndarray], outputs: list[str] | None = None,
                            parameters: dict | None = None, *, request_id: str = "") -> AsyncIterator[InferResult]:
@@ -436,7 +451,10 @@ class Server:
         future: concurrent.futures.Future = concurrent.futures.Future()
 
         def settle(inner: asyncio.Future) -> None:
-            if inner.cancelled():
+            if future.cancelled():  # the caller gave up: give the response's shared memory back
+                if not inner.cancelled() and inner.exception() is None and isinstance(inner.result(), InferResponse):
+                    inner.result().release()
+            elif inner.cancelled():
                 future.cancel()
             elif inner.exception() is not None:
                 future.set_exception(inner.exception())

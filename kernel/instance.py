@@ -24,6 +24,8 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 class BatchHandler(Protocol):
     """Receives what a worker answers for one batch."""
 
+    batch_id: int
+
     def done(self, instance: Instance, results: list, timings: list, decoupled: bool) -> None: ...
 
     def stream(self, instance: Instance, index: int, result: dict | None, final: bool) -> None: ...
@@ -56,8 +58,11 @@ class Spinner:
             asyncio.get_running_loop().call_soon(self._turn)
 
     def _turn(self) -> None:
-        for instance in tuple(self.busy):
-            instance._receive()
+        try:
+            for instance in tuple(self.busy):
+                instance._receive()
+        except Exception:  # never stop spinning for good; the doorbell path reports errors
+            log.exception("polling an instance failed")
         if time.perf_counter_ns() < self._until:
             asyncio.get_running_loop().call_soon(self._turn)
         else:
@@ -115,6 +120,7 @@ class Instance:
         self.load_msg: dict = {}
         self.init_msg: dict = {}
         self.spinner: Spinner | None = None
+        self._arena_prefix = "/"
 
     # -- lifetime -------------------------------------------------------
     async def start(self, load_msg: dict, timeout: float = 120.0) -> dict:
@@ -132,6 +138,7 @@ class Instance:
         self.proc = subprocess.Popen([sys.executable, "-m", "workers", json.dumps(spec)],
                                      pass_fds=(self._bell.write_fd,), env=env, cwd=_ROOT)
         self.pid = self.proc.pid
+        self._arena_prefix = f"/ek.{self.pid}."
         self._bell.close_writer()
         self.alive = True
         self._loop.add_reader(self._bell.read_fd, self._drain)
@@ -184,6 +191,15 @@ class Instance:
 
     def _teardown(self) -> None:
         self.alive = False
+        self._frees = []
+        self._backlog.clear()
+        if self._batches:  # still in flight when the worker went away: they fail, nothing hangs
+            error = ServerError(f"Failed to process the request(s) for model instance '{self.name}', "
+                                "message: the instance stopped", "INTERNAL")
+            batches, self._batches = self._batches, {}
+            self.inflight = 0
+            for handler in batches.values():
+                handler.fail(self, error)
         if self._bell is not None and self._loop is not None:
             self._loop.remove_reader(self._bell.read_fd)
             self._bell.close()
@@ -207,13 +223,18 @@ class Instance:
             handler.fail(self, ServerError(f"instance '{self.name}' is not running", "UNAVAILABLE"))
             return
         self._next_id += 1
-        msg["id"] = self._next_id
-        self._batches[self._next_id] = handler
-        self.inflight += 1
+        batch_id = msg["id"] = handler.batch_id = self._next_id
         if self._frees:  # freed outputs ride along: no message (and no wake-up) of their own
             msg["f"] = self._frees
             self._frees = []
-        self._post(msg)
+        try:
+            self._post(msg)
+        except ValueError as e:  # larger than the whole ring
+            handler.fail(self, ServerError(f"request too large for model instance '{self.name}': {e}",
+                                           "INVALID_ARG"))
+            return
+        self._batches[batch_id] = handler
+        self.inflight += 1
         spinner = self.spinner
         if spinner is not None:
             spinner.busy.add(self)
@@ -223,9 +244,10 @@ class Instance:
         """Free output blocks ``[segment, offset]`` of this worker's arena.
 
         The frees travel with the next batch sent to this worker; when none
-        follows within 20 ms they go on their own.
+        follows within 20 ms they go on their own. Blocks of an earlier worker
+        process (restarted since) are gone with it.
         """
-        if not self.alive or not blocks:
+        if not self.alive or not blocks or not blocks[0][0].startswith(self._arena_prefix):
             return
         if not self._frees:
             self._loop.call_later(0.02, self._flush_frees)
@@ -267,9 +289,11 @@ class Instance:
 
     def _drain(self) -> None:
         alive = self._bell.drain()
-        self._receive()
-        if not alive:
-            self._died()
+        try:
+            self._receive()
+        finally:
+            if not alive:
+                self._died()
 
     def _receive(self) -> None:
         """Handle every answer the worker has written so far."""
@@ -308,18 +332,20 @@ class Instance:
         if self.spinner is not None and not self.inflight:
             self.spinner.busy.discard(self)
 
-    def batch_finished(self, batch_id_handler: BatchHandler) -> None:
-        """A decoupled batch has sent every final response."""
-        for key, handler in list(self._batches.items()):
-            if handler is batch_id_handler:
-                del self._batches[key]
-                self.inflight -= 1
+    def batch_finished(self, batch_id: int) -> None:
+        """A decoupled batch has returned from execute and sent every final response."""
+        if self._batches.pop(batch_id, None) is not None:
+            self.inflight -= 1
 
     def _died(self) -> None:
         if not self.alive:
             return
         if self._stopping:  # the worker exits after answering "stop"
             self._loop.remove_reader(self._bell.read_fd)
+            while self._control:  # a crash while stopping: nothing will answer
+                future = self._control.popleft()
+                if not future.done():
+                    future.set_result({"t": "stopped"})
             return
         code = self.proc.poll() if self.proc else None
         if code is None and self.proc is not None:
@@ -328,13 +354,14 @@ class Instance:
             except subprocess.TimeoutExpired:
                 code = None
         log.error("instance %s: worker process %s exited unexpectedly (status %s)", self.name, self.pid, code)
-        self._teardown()
+        self.alive = False
         error = ServerError(f"Failed to process the request(s) for model instance '{self.name}', "
                             f"message: Stub process '{self.name}' is not healthy.", "INTERNAL")
-        for handler in self._batches.values():
-            handler.fail(self, error)
-        self._batches.clear()
+        batches, self._batches = self._batches, {}
         self.inflight = 0
+        for handler in batches.values():
+            handler.fail(self, error)
+        self._teardown()
         while self._control:
             future = self._control.popleft()
             if not future.done():

@@ -194,6 +194,9 @@ class ModelVersion:
         except ServerError as e:
             log.error("instance %s of model '%s' could not restart: %s", instance.name, self.name, e.message)
             await instance.stop()
+            if not any(i.alive for i in self.instances):
+                self._fail_queued(ServerError(f"Request for unknown model: '{self.name}' has no available versions",
+                                              "NOT_FOUND"))
             return
         finally:
             self._restarts.discard(task)
@@ -203,7 +206,8 @@ class ModelVersion:
             self.scheduler.on_free(instance)
 
     async def unload(self) -> None:
-        """Wait for in-flight requests, then stop the instances."""
+        """Wait (up to 30 s) for queued and in-flight requests, then stop the instances;
+        what is still in flight then fails."""
         for task in list(self._restarts):
             task.cancel()
         if self.state == "READY":
@@ -240,7 +244,7 @@ class ModelVersion:
         """
         checks = self._checks
         inputs = request.inputs
-        if not self._all_required or len(inputs) != len(checks):
+        if not self._all_required or len(inputs) != len(checks) or len({t.name for t in inputs}) != len(inputs):
             return self._validate(request)
         batch = 1
         seen = 0
@@ -393,12 +397,15 @@ class ModelVersion:
                 if params:
                     spec["p"] = json.dumps(params)
                 reqs.append(spec)
-        except ServerError as e:
+        except Exception as e:  # e.g. /dev/shm full: fail these requests, keep serving
             for block in blocks:
                 arena.free(*block)
+            error = e if isinstance(e, ServerError) else ServerError(
+                f"unable to place the inputs of model '{self.name}' in shared memory: {e}", "INTERNAL")
+            now = time.perf_counter_ns()
             for pending in batch:
-                if not pending.future.done():
-                    pending.future.set_exception(e)
+                self.stats.failure(now - pending.enqueued, "OTHER")
+                _settle(pending, error)
             return
         instance.execute({"t": "x", "reqs": reqs}, Batch(self, batch, blocks))
 
@@ -408,30 +415,38 @@ class ModelVersion:
 
 
 class Batch:
-    """Hears a worker's answer for one dispatched batch and completes its requests."""
+    """Hears a worker's answer for one dispatched batch and completes its requests.
 
-    __slots__ = ("version", "pendings", "blocks", "sent")
+    An ordinary batch ends with the worker's answer. A decoupled one ends when that answer
+    (execute has returned) and every request's final response have both arrived, in any
+    order; only then are its inputs freed, since the model's threads may still read them.
+    """
+
+    __slots__ = ("version", "pendings", "blocks", "sent", "batch_id", "returned")
 
     def __init__(self, version: ModelVersion, pendings: list[Pending], blocks: list) -> None:
         self.version = version
         self.pendings = pendings
         self.blocks = blocks
         self.sent = time.perf_counter_ns()
+        self.batch_id = 0  # set by Instance.execute
+        self.returned = False
 
     def _free_inputs(self) -> None:
         arena = self.version.server.arena
-        for block in self.blocks:
-            arena.free(*block)
+        if arena is not None:
+            for block in self.blocks:
+                arena.free(*block)
         self.blocks = []
 
     def done(self, instance: Instance, results: list, timings: list, decoupled: bool) -> None:
-        self._free_inputs()
         version = self.version
         stats = version.stats
         now = time.perf_counter_ns()
         ci, cinf, co = timings
-        size = sum(p.batch_size for p in self.pendings)
-        stats.execution(size, ci, cinf, co)
+        stats.execution(sum(p.batch_size for p in self.pendings), ci, cinf, co)
+        if not decoupled:
+            self._free_inputs()
         for pending, result in zip(self.pendings, results):
             total = now - pending.enqueued
             if result is None:
@@ -442,12 +457,15 @@ class Batch:
                     stats.failure(total)
                 else:  # an error response the model chose to send: Triton counts it a success
                     stats.success(total, self.sent - pending.enqueued, ci, cinf, co, pending.batch_size)
-                _settle(pending, ServerError(message, code))
+                _settle(pending, ServerError(message, code))  # a decoupled stream ends with it too
                 continue
             response = _response(version, instance, pending, result)
             stats.success(total, self.sent - pending.enqueued, ci, cinf, co, pending.batch_size)
             _settle(pending, response)
-        if not decoupled:
+        if decoupled:
+            self.returned = True
+            self._finish_decoupled(instance)
+        else:
             version._finished(instance)
 
     def stream(self, instance: Instance, index: int, result: dict | None, final: bool) -> None:
@@ -466,19 +484,20 @@ class Batch:
             response.release()
         if final:
             pending.stream = None
-            if all(p.stream is None for p in self.pendings):
-                instance.batch_finished(self)
-                self.version._finished(instance)
+            self._finish_decoupled(instance)
+
+    def _finish_decoupled(self, instance: Instance) -> None:
+        if self.returned and all(p.stream is None for p in self.pendings):
+            self._free_inputs()
+            instance.batch_finished(self.batch_id)
+            self.version._finished(instance)
 
     def fail(self, instance: Instance, error: ServerError) -> None:
         self._free_inputs()
         now = time.perf_counter_ns()
         for pending in self.pendings:
             self.version.stats.failure(now - pending.enqueued)
-            if pending.stream is not None:
-                pending.stream(error, True)
-                pending.stream = None
-            _settle(pending, error)
+            _settle(pending, error)  # ends a decoupled stream too
         self.version._finished(instance)
 
 

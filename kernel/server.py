@@ -71,7 +71,8 @@ class Core:
         self.arena: Arena | None = None
         self._arena_size = arena_size
         self.gpus = gpu_count()
-        self.spinner = Spinner(self.worker_options()["poll_us"])
+        self.spinner = Spinner(int(self.backend_config.get("python", {}).get("front-poll-us",
+                                                                            DEFAULT_FRONT_POLL_US)))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._locks: dict[str, asyncio.Lock] = {}
         self.started = False
@@ -119,8 +120,7 @@ class Core:
         python = self.backend_config.get("python", {})
         return {"verbose": self.verbose > 0,
                 "arena_size": int(python.get("shm-default-byte-size", 8 << 20)),
-                "spin_us": int(python.get("worker-spin-us", DEFAULT_WORKER_SPIN_US)),
-                "poll_us": int(python.get("front-poll-us", DEFAULT_FRONT_POLL_US))}
+                "spin_us": int(python.get("worker-spin-us", DEFAULT_WORKER_SPIN_US))}
 
     # -- health and metadata --------------------------------------------
     def live(self) -> bool:
@@ -192,15 +192,24 @@ class Core:
         """Run one request; the caller must ``release()`` the response."""
         return await self.submit(request)
 
-    def submit(self, request: InferRequest) -> asyncio.Future:
-        """Validate and queue one request (errors raise now); the future ends with its response."""
-        mv = self.version(request.model_name, request.model_version)
+    def submit(self, request: InferRequest, mv: ModelVersion | None = None) -> asyncio.Future:
+        """Validate and queue one request (errors raise now); the future ends with its response.
+
+        ``mv`` is the version the caller already looked up for this request, if any (looked
+        up again if it stopped serving meanwhile, e.g. replaced by a reload).
+        """
+        if mv is None or mv.state != "READY":
+            mv = self.version(request.model_name, request.model_version)
         if mv.decoupled:
             raise ServerError("ModelInfer RPC doesn't support models with decoupled transaction policy",
                               "UNSUPPORTED")
         pending = Pending(request, self._loop.create_future(), mv.validate(request))
         self.shm.hold(request, pending.future)  # client regions stay mapped until it ends
-        mv.scheduler.submit(pending)
+        try:
+            mv.scheduler.submit(pending)
+        except BaseException:
+            pending.future.cancel()  # rejected (queue full): let go of the regions it held
+            raise
         self.spinner.kick()
         return pending.future
 
@@ -214,7 +223,6 @@ class Core:
         batch = mv.validate(request)
         pending = Pending(request, self._loop.create_future(), batch)
         if mv.decoupled:
-            pending.stream = callback
             done = self._loop.create_future()
 
             def wrapped(response: Any, final: bool) -> None:
@@ -223,21 +231,26 @@ class Core:
                     done.set_result(None)
 
             pending.stream = wrapped
-            self.shm.hold(request, done)
             pending.future.add_done_callback(lambda f: f.cancelled() or f.exception())
+            ends = done
+        else:
+            def finish(future: asyncio.Future) -> None:
+                if future.cancelled():
+                    return
+                error = future.exception()
+                callback(error if error is not None else future.result(), True)
+
+            pending.future.add_done_callback(finish)
+            ends = pending.future
+        self.shm.hold(request, ends)
+        try:
             mv.scheduler.submit(pending)
-            return done
-
-        def finish(future: asyncio.Future) -> None:
-            if future.cancelled():
-                return
-            error = future.exception()
-            callback(error if error is not None else future.result(), True)
-
-        self.shm.hold(request, pending.future)
-        pending.future.add_done_callback(finish)
-        mv.scheduler.submit(pending)
-        return pending.future
+        except BaseException:
+            ends.cancel()  # rejected (queue full): let go of the regions it held
+            pending.future.cancel()
+            raise
+        self.spinner.kick()
+        return ends
 
     # -- statistics -----------------------------------------------------
     def statistics(self, name: str = "", version: str = "") -> dict:
@@ -348,10 +361,10 @@ class Core:
             if any(mv.ready for mv in old.versions.values()):
                 raise ServerError(f"load failed for model '{name}': " + "".join(
                     f"version {mv.version} is at UNAVAILABLE state: {mv.reason};\n" for mv in failed), "INVALID_ARG")
+        self.models[name] = model  # serve the new version while the old one drains
+        model.state = "READY" if not failed else "UNAVAILABLE"
         if old is not None:
             await self._unload_versions(old)
-        self.models[name] = model
-        model.state = "READY" if not failed else "UNAVAILABLE"
         if failed:
             raise ServerError(f"load failed for model '{name}': " + "".join(
                 f"version {mv.version} is at UNAVAILABLE state: {mv.reason};\n" for mv in failed), "INVALID_ARG")

@@ -46,11 +46,6 @@ class Registration:
         """The registered span, mapped in this process."""
         return self.region.buf[self.offset : self.offset + self.byte_size]
 
-    def span(self, offset: int, byte_size: int, what: str) -> memoryview:
-        """``[offset, offset + byte_size)`` of the registered span, after :meth:`check`."""
-        self.check(offset, byte_size, what)
-        start = self.offset + offset
-        return self.region.buf[start : start + byte_size]
 
     def check(self, offset: int, byte_size: int, what: str) -> None:
         """Triton's bounds check of a tensor's span inside the registered span."""

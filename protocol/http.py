@@ -152,7 +152,7 @@ class HttpFront:
         else:
             infer_request = v2json.parse_request(model, version, body, int(header) if header else None,
                                                  self.core.shm)
-        future = self.core.submit(infer_request)
+        future = self.core.submit(infer_request, mv)
         try:
             response = await future
         except ServerError as e:

@@ -139,7 +139,7 @@ def remove_stale(shm_dir: str = "/dev/shm") -> list[str]:
 
 
 def owned_objects(pid: int, shm_dir: str = "/dev/shm") -> list[str]:
-    """Names in ``shm_dir`` that belong to process ``pid`` (used by tests)."""
+    """Names in ``shm_dir`` that belong to process ``pid`` (what a crashed worker leaves behind)."""
     tag = f"{PREFIX}{pid}."
     try:
         return sorted(e for e in os.listdir(shm_dir) if e.startswith(tag) or e.startswith("sem." + tag))

@@ -199,3 +199,41 @@ def test_streaming_a_decoupled_model():
         assert srv._call(lambda core: None) is None
         future = asyncio.run_coroutine_threadsafe(collect(), srv._loop)
         assert future.result(30) == [9, 8]
+
+
+def test_decoupled_batches_end_cleanly():
+    """Inputs stay valid until the final response; raising or answering inside execute ends the batch."""
+    repo = ROOT / "tests" / "models"
+    with Server(model_repository=repo, model_control_mode="explicit", load_models=["repeat"]) as srv:
+        model = srv.model("repeat")
+        outs: list[int] = []
+        thread = threading.Thread(target=lambda: outs.extend(
+            int(r["OUT"][0]) for r in model.stream({"IN": np.full(4, 1234, np.int32)})))
+        thread.start()  # answers 0.3 s after execute returned, reading its input array then
+        for _ in range(5):  # meanwhile other requests take arena blocks
+            list(model.stream({"IN": np.full(4, 5, np.int32)}))
+        thread.join(10)
+        assert outs == [1234] * 4
+        for _ in range(3):  # the instance keeps serving after execute raised
+            with pytest.raises(ServerError) as e:
+                list(model.stream({"IN": np.array([-99], np.int32)}))
+            assert "asked to fail" in e.value.message
+        assert [int(r["OUT"][0]) for r in model.stream({"IN": np.array([-7], np.int32)})] == [-7]
+        instance = srv.core.models["repeat"].versions[1].instances[0]
+        assert srv._call(lambda core: (instance.inflight, len(instance._batches), core.arena.in_use())) == (0, 0, 0)
+
+
+def test_oversized_and_duplicate_requests_are_refused_cleanly(server):
+    a = np.arange(16, dtype=np.int32)
+    model = server.model("add_sub")
+    with pytest.raises(ServerError) as e:
+        model.infer({"INPUT0": a, "INPUT1": a}, parameters={"blob": "x" * 600_000})
+    assert e.value.code == "INVALID_ARG" and "too large" in e.value.message
+    np.testing.assert_array_equal(model.infer({"INPUT0": a, "INPUT1": a})["OUTPUT0"], 2 * a)
+    from kernel.types import InferRequest, InputTensor
+
+    request = InferRequest("add_sub", inputs=[InputTensor("INPUT0", "INT32", [16], a),
+                                              InputTensor("INPUT0", "INT32", [16], a)])
+    with pytest.raises(ServerError) as e:
+        server._wait(lambda core: core.submit(request))
+    assert e.value.message == "[request id: <id_unknown>] input 'INPUT0' already exists in request"

@@ -149,6 +149,9 @@ class PythonBackend:
         except TensorError as e:
             self._free(outs)
             return _error(str(e), e.code)
+        except Exception as e:  # e.g. /dev/shm full while growing the arena, a model's odd tensor
+            self._free(outs)
+            return _error(f"unable to return the outputs: {type(e).__name__}: {e}")
         result: dict = {"out": outs}
         if response._parameters:
             result["p"] = response._parameters

@@ -109,14 +109,10 @@ class Worker:
             kind = msg.get("t")
             try:
                 if kind == "x":
-                    frees = msg.get("f")
-                    if frees:
-                        for name, offset in frees:
-                            self.arena.free(name, offset)
+                    self._free(msg.get("f"))
                     self.backend.execute(msg)
                 elif kind == "f":
-                    for name, offset in msg["b"]:
-                        self.arena.free(name, offset)
+                    self._free(msg["b"])
                 elif kind == "u":
                     self.forget_region(msg["k"])
                 elif kind == "load":
@@ -125,15 +121,26 @@ class Worker:
                     self.backend.initialize(msg)
                     self.send({"t": "ready"})
                 elif kind == "stop":
-                    if self.backend is not None:
-                        self.backend.finalize()
+                    try:
+                        if self.backend is not None:
+                            self.backend.finalize()
+                    except Exception:  # a failing finalize must not keep the process alive
+                        sys.stderr.write(traceback.format_exc())
                     self.send({"t": "stopped"})
                     return
                 else:
-                    self.send({"t": "error", "error": f"unknown message type {kind!r}"})
+                    sys.stderr.write(f"worker: unknown message type {kind!r}\n")
             except Exception as e:  # never die on one message
                 text = str(e) if isinstance(e, TensorError) else describe(e)
                 self.send({"t": "error", "id": msg.get("id"), "error": text})
+
+    def _free(self, blocks: list | None) -> None:
+        """Free output blocks the front is done with (unknown ones are logged, never answered)."""
+        for name, offset in blocks or ():
+            try:
+                self.arena.free(name, offset)
+            except KeyError:
+                sys.stderr.write(f"worker: asked to free an unknown block {name}:{offset}\n")
 
     def _load(self, msg: dict) -> None:
         backend = msg.get("backend", "python")
@@ -223,7 +230,7 @@ class Worker:
                     f"shared memory size specified with the request for output '{name}' ({capacity} bytes) "
                     f"should be at least {nbytes} bytes to hold the results", "INTERNAL")
             region = self.region(key, region_id)
-            if offset + nbytes > region.size:
+            if offset + nbytes > region.current_size():  # a client may have shrunk its object since
                 raise TensorError(f"shared memory region '{key}' is smaller than the output '{name}' it should "
                                   "hold", "INTERNAL")
             target = region.buf
