@@ -124,8 +124,7 @@ class ModelVersion:
         model_file = os.path.join(self.model_dir, self.version_str, config.default_model_filename)
         if not os.path.isfile(model_file):
             raise ServerError(f"unable to find '{model_file}' for model '{self.name}'", "NOT_FOUND")
-        groups = [(g.name, _KIND.get(g.kind, "CPU"), list(g.gpus), g.count, list(g.secondary_devices))
-                  for g in config.instance_group]
+        groups = _groups(config)
         first = Instance(f"{groups[0][0]}_0", groups[0][1], 0, regions, options=options)
         self.instances = [first]
         reply = await first.start({"t": "load", "backend": config.backend, "name": self.name,
@@ -136,8 +135,7 @@ class ModelVersion:
             cfg.complete(completed, self.model_dir, gpu_count)
             cfg.validate(completed)
             self.set_config(completed)
-            groups = [(g.name, _KIND.get(g.kind, "CPU"), list(g.gpus), g.count, list(g.secondary_devices))
-                      for g in self.config.instance_group]
+            groups = _groups(self.config)
         placements = []
         for group_name, kind, gpus, count, secondary in groups:
             if kind == "GPU":
@@ -261,21 +259,15 @@ class ModelVersion:
                     batch = shape[0]
                 elif shape[0] != batch:
                     return self._validate(request)
-                if len(shape) - 1 != len(dims):
-                    return self._validate(request)
-                count = batch
-                for d, s in zip(dims, shape[1:]):
-                    if s != d and (d != -1 or s < 0):
-                        return self._validate(request)
-                    count *= s
+                count, tail = batch, shape[1:]
             else:
-                if len(shape) != len(dims):
+                count, tail = 1, shape
+            if len(tail) != len(dims):
+                return self._validate(request)
+            for d, s in zip(dims, tail):
+                if s != d and (d != -1 or s < 0):
                     return self._validate(request)
-                count = 1
-                for d, s in zip(dims, shape):
-                    if s != d and (d != -1 or s < 0):
-                        return self._validate(request)
-                    count *= s
+                count *= s
             data = t.data
             if type(data) is memoryview:
                 if data.nbytes != count * size:
@@ -286,7 +278,7 @@ class ModelVersion:
             elif not isinstance(data, np.ndarray) or data.size != count:
                 return self._validate(request)
             seen += 1
-        if seen != len(checks) or batch > self.max_batch_size > 0:
+        if batch > self.max_batch_size > 0:
             return self._validate(request)
         if request.outputs:
             outputs = self.outputs
@@ -583,6 +575,12 @@ def _place_inputs(inputs: list, arena: Arena, blocks: list) -> list[list]:
             loc[3] = key
             loc[4] = start
     return locs
+
+
+def _groups(config: ModelConfig) -> list[tuple]:
+    """(name, kind, gpus, count, secondary devices) of each instance group."""
+    return [(g.name, _KIND.get(g.kind, "CPU"), list(g.gpus), g.count, list(g.secondary_devices))
+            for g in config.instance_group]
 
 
 def _matches(shape: list[int], dims: list[int]) -> bool:
