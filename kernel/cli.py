@@ -120,9 +120,8 @@ def print_table(rows: list[tuple[str, str, str]]) -> None:
 
 async def serve(args: Any) -> int:
     """Run the server until SIGINT/SIGTERM, then shut down cleanly."""
-    from aiohttp import web
-
     from protocol.http import HttpFront
+    from protocol.httpserver import HttpServer, Response, Router
 
     backend_config: dict[str, dict[str, str]] = {}
     for backend, key, value in args.backend_config:
@@ -137,7 +136,7 @@ async def serve(args: Any) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    runners: list[web.AppRunner] = []
+    http_servers: list[HttpServer] = []
     grpc_server = None
     try:
         try:
@@ -149,42 +148,37 @@ async def serve(args: Any) -> int:
         if args.exit_on_error and not core.ready():
             log.error("error: creating server: Internal - failed to load all models")
             return 1
-        if args.http_port >= 0:
-            runner = web.AppRunner(HttpFront(core).app, access_log=None, handle_signals=False,
-                                   shutdown_timeout=args.exit_timeout_secs)
-            await runner.setup()
-            await web.TCPSite(runner, args.host, args.http_port, reuse_address=True).start()
-            runners.append(runner)
-            log.info("Started HTTPService at %s:%d", args.host, args.http_port)
-        if args.metrics_port >= 0:
-            from kernel import metrics
-
-            registry = metrics.registry(core)
-
-            async def scrape(request: web.Request) -> web.Response:
-                return web.Response(body=metrics.render(registry), headers={"Content-Type": metrics.CONTENT_TYPE})
-
-            app = web.Application()
-            app.router.add_get("/metrics", scrape)
-            runner = web.AppRunner(app, access_log=None, handle_signals=False)
-            await runner.setup()
-            await web.TCPSite(runner, args.host, args.metrics_port, reuse_address=True).start()
-            runners.append(runner)
-            log.info("Started Metrics Service at %s:%d", args.host, args.metrics_port)
+        # HTTP last: once it answers, gRPC and metrics listen too (tests and probes rely on it).
         if args.grpc_port >= 0:
             from protocol.grpc import GrpcFront
 
             grpc_server = GrpcFront(core, max_message_size=args.grpc_max_message_size).server()
             await grpc_server.start(args.host, args.grpc_port, reuse_address=True)
             log.info("Started GRPCInferenceService at %s:%d", args.host, args.grpc_port)
+        if args.metrics_port >= 0:
+            from kernel import metrics
+
+            registry = metrics.registry(core)
+
+            router = Router()
+            router.add("GET", "/metrics", lambda request: Response(metrics.render(registry), 200, metrics.CONTENT_TYPE))
+            scrape = HttpServer(router)
+            await scrape.start(args.host, args.metrics_port)
+            http_servers.append(scrape)
+            log.info("Started Metrics Service at %s:%d", args.host, args.metrics_port)
+        if args.http_port >= 0:
+            http = HttpFront(core).server()
+            await http.start(args.host, args.http_port)
+            http_servers.append(http)
+            log.info("Started HTTPService at %s:%d", args.host, args.http_port)
         await stop.wait()
         log.info("Waiting for in-flight requests to complete.")
     finally:
         if grpc_server is not None:
             grpc_server.close()
             await grpc_server.wait_closed()
-        for runner in runners:
-            await runner.cleanup()
+        for http in http_servers:
+            await http.close(args.exit_timeout_secs)
         await server.stop_async()
         log.info("All models are stopped, shared memory removed. Exiting.")
     return 0
