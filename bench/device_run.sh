@@ -6,8 +6,9 @@
 #
 # It installs the bundle's wheels into $SITE, unpacks the trimmed reference Triton, checks it, runs
 # `python -m bench compare --client perf_analyzer` on every scenario (short windows: the whole run ends
-# within about 8 minutes) and leaves in $OUT: run.log, performance.md (also written to docs/) and
-# compare/{results.json,performance.md,ours.log,triton.log,client.log}.
+# within about 8 minutes), then `python -m bench.floor measure` (protocol stacks alone), and leaves in $OUT:
+# run.log, performance.md (also written to docs/), compare/{results.json,performance.md,ours.log,triton.log,
+# client.log} and floor/floor.json.
 # Env: OUT (required), PYTHON (default python3), SITE (default /tmp/site), COMPARE_ARGS (extra arguments),
 # PERF_ANALYZER (a perf_analyzer binary other than the wheel's).
 set -uo pipefail
@@ -78,6 +79,9 @@ timeout -s TERM 420 "$PY" -m bench compare --client perf_analyzer --scenarios al
   --measurement-interval 2000 --max-trials 5 --time-budget 300 --out "$OUT/compare" ${COMPARE_ARGS:-}
 rc=$?
 cp docs/performance.md "$OUT/performance.md" 2>/dev/null
+step "protocol floors (canned answers, no model)"
+timeout -s TERM 150 "$PY" -m bench.floor measure --out "$OUT/floor" --measurement-interval 1500 \
+  ${PERF_ANALYZER:+--perf-analyzer "$PERF_ANALYZER"} || echo "warning: bench.floor failed"
 step "done (compare rc=$rc)"
 return $rc
 }

@@ -272,3 +272,34 @@ def test_unknown_model_is_a_clear_error(kernel):
     assert "Traceback" not in proc.stderr
     proc = bench_cli("-m", "add_sub", "-u", kernel.http_url, "--shape", "NOPE:1", *QUICK)
     assert proc.returncode == 1 and "unknown input" in proc.stderr
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_floor_servers_answer_like_add_sub(protocol):
+    """bench.floor's canned servers speak enough of the protocol for tritonclient (and perf_analyzer)."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "bench.floor", "serve", "--protocol", protocol, "--port", str(port)],
+                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        module = httpclient if protocol == "http" else grpcclient
+        client = module.InferenceServerClient(f"127.0.0.1:{port}")
+        assert client.get_model_metadata("add_sub", **({} if protocol == "http" else {"as_json": True}))["name"] \
+            == "add_sub"
+        inputs = []
+        for name in ("INPUT0", "INPUT1"):
+            t = module.InferInput(name, [16], "INT32")
+            t.set_data_from_numpy(np.ones(16, dtype=np.int32))
+            inputs.append(t)
+        for _ in range(3):
+            out = client.infer("add_sub", inputs).as_numpy("OUTPUT0")
+            assert out.shape == (16,) and not out.any()  # canned zeros: no model ran
+        client.close()
+    finally:
+        proc.send_signal(subprocess.signal.SIGTERM)
+        tail = proc.communicate(timeout=30)[0]
+    assert "requests=3 " in tail
