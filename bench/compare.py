@@ -427,7 +427,10 @@ def gpus() -> str:
 
 
 def git_commit() -> str:
-    """HEAD (``+dirty`` with local changes); $EDGE_KERNEL_COMMIT where the tree has no git (device copies)."""
+    """$EDGE_KERNEL_COMMIT when set (device copies: their git metadata may be stale), else HEAD
+    (``+dirty`` with local changes)."""
+    if os.environ.get("EDGE_KERNEL_COMMIT"):
+        return os.environ["EDGE_KERNEL_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
                               cwd=REPO_ROOT, timeout=10)
@@ -437,7 +440,7 @@ def git_commit() -> str:
             return head.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.TimeoutExpired):
         pass
-    return os.environ.get("EDGE_KERNEL_COMMIT", "unknown")
+    return "unknown"
 
 
 def verdicts(scenario: Scenario, ours: dict | None, triton: dict | None, direct: dict | None) -> list[dict]:
