@@ -108,6 +108,8 @@ class Ring:
 
     def try_recv(self) -> Any:
         """The next message, or ``None`` if the ring is empty right now."""
+        if not self.items.value:  # sem_getvalue: a plain load, far cheaper than a failing trywait
+            return None
         try:
             self.items.acquire(0)
         except posix_ipc.BusyError:
