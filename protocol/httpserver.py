@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -27,6 +28,8 @@ log = logging.getLogger("kernel.http")
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 _REASONS[405] = b"Not Allowed"  # Triton's reason phrase
 _INFLATE = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+MAX_HEAD = 64 * 1024  # request line plus headers, bytes (llhttp itself has no limit)
+MAX_HEADERS = 128
 
 
 class HttpError(Exception):
@@ -131,7 +134,9 @@ class _Connection(asyncio.Protocol):
         self._headers: dict[str, str] = {}
         self._body: list[bytes] = []
         self._size = 0
+        self._head = 0
         self.unsent: list[Callable[[], None]] = []  # ``sent`` callbacks of bodies still buffered
+        self.last_active = time.monotonic()
 
     # -- asyncio.Protocol -------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -156,6 +161,7 @@ class _Connection(asyncio.Protocol):
             sent()
 
     def data_received(self, data: bytes) -> None:
+        self.last_active = time.monotonic()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as e:  # one of the callbacks below raised
@@ -174,11 +180,17 @@ class _Connection(asyncio.Protocol):
         self._headers = {}
         self._body = []
         self._size = 0
+        self._head = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
+        if len(self._url) > MAX_HEAD:
+            raise HttpError(414)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._head += len(name) + len(value)
+        if self._head > MAX_HEAD or len(self._headers) >= MAX_HEADERS:
+            raise HttpError(431)
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
@@ -304,17 +316,30 @@ class HttpServer:
     """Serve a :class:`Router` on a TCP port from the running event loop."""
 
     def __init__(self, router: Router, on_error: Callable[[Request, BaseException], Response] = _default_error,
-                 max_body: int = 1 << 30) -> None:
+                 max_body: int = 1 << 30, idle_timeout: float = 75.0) -> None:
         self.router = router
         self.on_error = on_error
         self.max_body = max_body
+        self.idle_timeout = idle_timeout  # seconds a connection may sit without a request in progress
         self.connections: set[_Connection] = set()
         self.pending = 0  # requests answered later (deferred or coroutine) and not yet answered
         self._server: asyncio.base_events.Server | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: _Connection(self), host, port, reuse_address=True)
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Close connections idle for longer than ``idle_timeout`` (checked a few times per timeout)."""
+        now = time.monotonic()
+        for conn in list(self.connections):
+            if not conn.busy and not conn.unsent and now - conn.last_active > self.idle_timeout \
+                    and conn.transport is not None:
+                conn.transport.close()
+        interval = min(max(self.idle_timeout / 4, 0.05), 10.0)
+        self._sweeper = asyncio.get_running_loop().call_later(interval, self._sweep)
 
     @property
     def port(self) -> int:
@@ -325,6 +350,8 @@ class HttpServer:
         """Stop accepting, give in-flight requests up to ``timeout`` seconds, close every connection."""
         if self._server is not None:
             self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while self.pending and loop.time() < deadline:

@@ -185,3 +185,43 @@ def test_output_buffers_outlive_a_slow_reader(server, http):
         json_length = int(headers["inference-header-content-length"])
         out = np.frombuffer(answer, dtype=np.uint8, offset=json_length)
         assert out.size == size and int(out.min()) == int(out.max()) == 1  # not overwritten by the others
+
+
+def test_oversized_heads_are_refused(server, http):
+    with _connect(server) as sock:
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(200)) + b"\r\n")
+        status, _, body = _read_response(sock, bytearray())
+        assert status == 431 and json.loads(body) == {"error": "Request Header Fields Too Large"}
+    with _connect(server) as sock:
+        sock.sendall(b"GET /" + b"a" * (70 * 1024) + b" HTTP/1.1\r\n\r\n")
+        assert _read_response(sock, bytearray())[0] == 414
+    assert_serving(http)
+
+
+def test_idle_connections_are_closed():
+    """A connection without a request in progress goes after ``idle_timeout``; busy ones stay."""
+    import asyncio
+
+    from protocol.httpserver import Deferred, HttpServer, Response, Router
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        slow = loop.create_future()
+        router = Router()
+        router.add("GET", "/fast", lambda request: Response(b"ok"))
+        router.add("GET", "/slow", lambda request: Deferred(slow, lambda f: Response(f.result())))
+        server = HttpServer(router, idle_timeout=0.2)
+        await server.start("127.0.0.1", 0)
+        idle_r, idle_w = await asyncio.open_connection("127.0.0.1", server.port)
+        busy_r, busy_w = await asyncio.open_connection("127.0.0.1", server.port)
+        idle_w.write(b"GET /fast HTTP/1.1\r\n\r\n")
+        assert (await idle_r.readuntil(b"ok")).startswith(b"HTTP/1.1 200 OK")
+        busy_w.write(b"GET /slow HTTP/1.1\r\n\r\n")
+        await asyncio.sleep(0.6)
+        assert await asyncio.wait_for(idle_r.read(), 1) == b""  # closed by the server
+        slow.set_result(b"late")
+        assert (await asyncio.wait_for(busy_r.readuntil(b"late"), 1)).startswith(b"HTTP/1.1 200 OK")
+        busy_w.close()
+        await server.close(1)
+
+    asyncio.run(main())
