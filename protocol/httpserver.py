@@ -11,6 +11,7 @@ honoured, and a route may answer at once, with a coroutine, or with a :class:`De
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
@@ -120,16 +121,35 @@ class Router:
         raise HttpError(404)
 
 
+class _Failure:
+    """A request that could not be parsed: answered in its turn, then the connection closes."""
+
+    __slots__ = ("status", "reason")
+
+    def __init__(self, status: int, reason: str) -> None:
+        self.status = status
+        self.reason = reason
+
+
 class _Connection(asyncio.Protocol):
-    """One client connection: parse, dispatch in order, write answers."""
+    """One client connection: parse, answer in order, write.
+
+    ``queue`` holds parsed requests (and at most one :class:`_Failure`, the last) behind the one
+    being answered (``busy``); :meth:`_next` works through it in a loop, never by recursion.
+    """
 
     def __init__(self, server: HttpServer) -> None:
         self.server = server
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
-        self.queue: deque[Request] = deque()
+        self.queue: deque[Request | _Failure] = deque()
         self.busy = False
         self.paused = False
+        self.failed = False  # a request did not parse: nothing after it is read
+        self.eof = False  # the client half-closed: answer what is queued, then close
+        self.continue_pending = False  # a 100 Continue waits for the answers before it
+        self._draining = False
+        self._upgrade_head: bytes | None = None
         self._url = b""
         self._headers: dict[str, str] = {}
         self._body: list[bytes] = []
@@ -151,6 +171,11 @@ class _Connection(asyncio.Protocol):
         self.queue.clear()
         self.resume_writing()
 
+    def eof_received(self) -> bool:
+        """The client will send no more; keep the socket open for the answers still owed."""
+        self.eof = True
+        return self.busy or bool(self.queue)
+
     def pause_writing(self) -> None:
         pass
 
@@ -161,6 +186,8 @@ class _Connection(asyncio.Protocol):
             sent()
 
     def data_received(self, data: bytes) -> None:
+        if self.failed:
+            return
         self.last_active = time.monotonic()
         try:
             self.parser.feed_data(data)
@@ -171,7 +198,15 @@ class _Connection(asyncio.Protocol):
             else:
                 log.error("HTTP connection failed", exc_info=cause)
                 self._fail(500, "internal error")
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+        except httptools.HttpParserUpgrade as e:
+            head, self._upgrade_head = self._upgrade_head, None
+            if head is None:
+                self._fail(400, "Bad Request")
+                return
+            # Declined (curl --http2 asks for h2c): parse the request again without the upgrade.
+            self.parser = httptools.HttpRequestParser(self)
+            self.data_received(head + data[e.args[0]:])
+        except httptools.HttpParserError:
             self._fail(400, "Bad Request")
 
     # -- httptools callbacks ------------------------------------------------
@@ -194,11 +229,15 @@ class _Connection(asyncio.Protocol):
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
-        length = self._headers.get("content-length")
+        headers = self._headers
+        length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.server.max_body:
             raise HttpError(413, f"request body exceeds the limit of {self.server.max_body} bytes")
-        if self._headers.get("expect", "").lower() == "100-continue" and self.transport is not None:
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if headers.get("expect", "").lower() == "100-continue" and not self.parser.should_upgrade():
+            if self.busy or self.queue:
+                self.continue_pending = True  # after the answers owed before it
+            elif self.transport is not None:
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
         self._size += len(body)
@@ -207,30 +246,81 @@ class _Connection(asyncio.Protocol):
         self._body.append(body)
 
     def on_message_complete(self) -> None:
+        if self.parser.should_upgrade():
+            self._upgrade_head = self._head_without_upgrade()
+            return
         parts = self._body
         body = parts[0] if len(parts) == 1 else b"".join(parts)
         encoding = self._headers.get("content-encoding")
         if encoding is not None and body:
-            wbits = _INFLATE.get(encoding.lower())
-            if wbits is None:
-                raise HttpError(415, f"unsupported content encoding '{encoding}'")
-            try:
-                body = zlib.decompress(body, wbits)
-            except zlib.error as e:
-                raise HttpError(400, f"failed to decompress the request body: {e}") from None
+            body = self._inflate(body, encoding)
         url = self._url.decode("utf-8", "surrogateescape")
         q = url.find("?")
-        request = Request(self.parser.get_method().decode("ascii"), url if q < 0 else url[:q], self._headers,
-                          body, self.parser.should_keep_alive())
-        if self.busy:
-            self.queue.append(request)
-            if len(self.queue) > 32 and not self.paused and self.transport is not None:
-                self.paused = True
-                self.transport.pause_reading()
-        else:
-            self._dispatch(request)
+        self.queue.append(Request(self.parser.get_method().decode("ascii"), url if q < 0 else url[:q],
+                                  self._headers, body, self.parser.should_keep_alive()))
+        if len(self.queue) > 32 and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+        self._next()
+
+    def _inflate(self, body: bytes, encoding: str) -> bytes:
+        wbits = _INFLATE.get(encoding.lower())
+        if wbits is None:
+            raise HttpError(415, f"unsupported content encoding '{encoding}'")
+        limit = self.server.max_body
+        inflater = zlib.decompressobj(wbits)
+        try:
+            out = inflater.decompress(body, limit + 1)  # bounded: no decompression bomb
+        except zlib.error as e:
+            raise HttpError(400, f"failed to decompress the request body: {e}") from None
+        if len(out) > limit or inflater.unconsumed_tail:
+            raise HttpError(413, f"request body exceeds the limit of {limit} bytes")
+        if not inflater.eof:
+            raise HttpError(400, "failed to decompress the request body: incomplete or truncated stream")
+        return out
+
+    def _head_without_upgrade(self) -> bytes:
+        """This request's head with its Upgrade (and HTTP2-Settings) left out."""
+        lines = [b"%s %s HTTP/%s\r\n" % (self.parser.get_method(), self._url, self.parser.get_http_version().encode())]
+        for name, value in self._headers.items():
+            if name in ("upgrade", "http2-settings"):
+                continue
+            if name == "connection":
+                value = ", ".join(t for t in (v.strip() for v in value.split(","))
+                                  if t.lower() not in ("upgrade", "http2-settings"))
+                if not value:
+                    continue
+            lines.append(b"%s: %s\r\n" % (name.encode("latin-1"), value.encode("latin-1")))
+        return b"".join(lines) + b"\r\n"
 
     # -- answering ----------------------------------------------------------
+    def _next(self) -> None:
+        """Answer queued requests in order while none is in progress."""
+        if self._draining:
+            return  # an outer call is looping already
+        self._draining = True
+        try:
+            while not self.busy and self.queue and self.transport is not None:
+                item = self.queue.popleft()
+                if isinstance(item, _Failure):
+                    self._write_failure(item)
+                    return
+                self._dispatch(item)
+            transport = self.transport
+            if transport is None or self.busy:
+                return
+            if self.paused and len(self.queue) <= 1:
+                self.paused = False
+                transport.resume_reading()
+            if not self.queue:
+                if self.continue_pending:
+                    self.continue_pending = False
+                    transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                if self.eof:
+                    transport.close()
+        finally:
+            self._draining = False
+
     def _dispatch(self, request: Request) -> None:
         self.busy = True
         try:
@@ -284,30 +374,38 @@ class _Connection(asyncio.Protocol):
         finally:
             if sent is not None:
                 sent()
+        self.last_active = time.monotonic()
         if not request.keep_alive:
             transport.close()
             return
         self.busy = False
-        if self.queue:
-            if self.paused and len(self.queue) <= 1:
-                self.paused = False
-                transport.resume_reading()
-            self._dispatch(self.queue.popleft())
+        self._next()
 
     def _fail(self, status: int, reason: str) -> None:
-        """A request that cannot be parsed: answer and close the connection."""
+        """Stop reading; answer ``status`` after the answers owed before it, then close."""
         log.debug("bad HTTP request: %s", reason)
-        if self.transport is not None and not self.transport.is_closing():
-            body = b'{"error":"%s"}' % reason.replace('"', "'").encode()
-            self.transport.write(b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
-                                 b"Connection: close\r\n\r\n%s" % (status, _REASONS.get(status, b"Error"),
-                                                                   len(body), body))
-            self.transport.close()
+        self.failed = True
+        self.queue.append(_Failure(status, reason))
+        self._next()
+
+    def _write_failure(self, failure: _Failure) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            body = error_body(failure.reason)
+            transport.write(b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
+                            b"Connection: close\r\n\r\n%s" % (failure.status, _REASONS.get(failure.status, b"Error"),
+                                                             len(body), body))
+            transport.close()
+
+
+def error_body(reason: str) -> bytes:
+    """Triton's error body, ``{"error": reason}``."""
+    return json.dumps({"error": reason}, separators=(",", ":")).encode()
 
 
 def _default_error(request: Request, error: BaseException) -> Response:
     if isinstance(error, HttpError):
-        return Response(b'{"error":"%s"}' % error.reason.encode(), error.status)
+        return Response(error_body(error.reason), error.status)
     log.error("unhandled error in %s %s", request.method, request.path, exc_info=error)
     return Response(b'{"error":"internal error"}', 500)
 
@@ -335,8 +433,8 @@ class HttpServer:
         """Close connections idle for longer than ``idle_timeout`` (checked a few times per timeout)."""
         now = time.monotonic()
         for conn in list(self.connections):
-            if not conn.busy and not conn.unsent and now - conn.last_active > self.idle_timeout \
-                    and conn.transport is not None:
+            if not conn.busy and not conn.queue and not conn.unsent and conn.transport is not None \
+                    and now - conn.last_active > self.idle_timeout:
                 conn.transport.close()
         interval = min(max(self.idle_timeout / 4, 0.05), 10.0)
         self._sweeper = asyncio.get_running_loop().call_later(interval, self._sweep)

@@ -225,3 +225,128 @@ def test_idle_connections_are_closed():
         await server.close(1)
 
     asyncio.run(main())
+
+
+def test_deep_pipeline_behind_a_deferred_answer(server):
+    """Thousands of queued answers after one that comes later: answered in a loop, not by recursion."""
+    body = _infer_body(np.arange(16, dtype=np.int32))
+    with _connect(server) as sock:
+        sock.sendall(b"POST /v2/models/add_sub/infer HTTP/1.1\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+                     + b"GET /v2/health/live HTTP/1.1\r\n\r\n" * 3000)
+        buf = bytearray()
+        assert _read_response(sock, buf)[0] == 200
+        for _ in range(3000):
+            assert _read_response(sock, buf)[:3:2] == (200, b"")
+
+
+def test_h2c_upgrade_is_declined_and_the_request_served(server):
+    """``curl --http2 http://...`` asks to upgrade to h2c; the request is answered over HTTP/1.1."""
+    body = _infer_body(np.arange(16, dtype=np.int32))
+    with _connect(server) as sock:
+        sock.sendall(b"POST /v2/models/add_sub/infer HTTP/1.1\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                     b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body) + b"GET /v2/health/live HTTP/1.1\r\n\r\n")
+        buf = bytearray()
+        status, _, answer = _read_response(sock, buf)
+        assert status == 200 and json.loads(answer)["outputs"][0]["data"] == [2 * i for i in range(16)]
+        assert _read_response(sock, buf)[0] == 200
+
+
+def _with_server(scenario, **options) -> None:
+    """Run ``scenario(port, release_slow)`` against an in-process HttpServer with /fast and /slow routes."""
+    import asyncio
+
+    from protocol.httpserver import Deferred, HttpServer, Response, Router
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        slow: list[asyncio.Future] = []
+
+        def slow_route(request):
+            slow.append(loop.create_future())
+            return Deferred(slow[-1], lambda f: Response(f.result()))
+
+        router = Router()
+        router.add("*", "/fast", lambda request: Response(b"ok"))
+        router.add("*", "/slow", slow_route)
+        server = HttpServer(router, **options)
+        await server.start("127.0.0.1", 0)
+        try:
+            await scenario(server.port, lambda: slow.pop(0).set_result(b"late"))
+        finally:
+            await server.close(1)
+
+    asyncio.run(main())
+
+
+def test_answers_keep_their_order_with_errors_and_continues():
+    import asyncio
+
+    async def scenario(port, release):
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(b"GET /slow HTTP/1.1\r\n\r\nPOST /fast HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n")
+        await asyncio.sleep(0.1)
+        release()
+        first = await asyncio.wait_for(r.readuntil(b"late"), 2)
+        assert first.startswith(b"HTTP/1.1 200 OK")
+        assert await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 2) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        w.write(b"hi")
+        assert (await asyncio.wait_for(r.readuntil(b"ok"), 2)).startswith(b"HTTP/1.1 200 OK")
+        # A request that does not parse, pipelined behind a late answer: answered after it, then closed.
+        w.write(b"GET /slow HTTP/1.1\r\n\r\nPOST /fast HTTP/1.1\r\nContent-Encoding: deflate\r\n"
+                b"Content-Length: 3\r\n\r\nabc")
+        await asyncio.sleep(0.1)
+        release()
+        rest = await asyncio.wait_for(r.read(), 2)
+        assert rest.startswith(b"HTTP/1.1 200 OK") and b"late" in rest.split(b"HTTP/1.1 400")[0]
+        assert b"HTTP/1.1 400 Bad Request" in rest and b"decompress" in rest
+        w.close()
+
+    _with_server(scenario)
+
+
+def test_compressed_body_cannot_exceed_the_limit():
+    import asyncio
+
+    async def scenario(port, release):
+        bomb = zlib.compress(bytes(8 << 20))  # 8 MiB of zeros in a few KiB
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(b"POST /fast HTTP/1.1\r\nContent-Encoding: deflate\r\nContent-Length: %d\r\n\r\n%s" % (len(bomb), bomb))
+        answer = await asyncio.wait_for(r.read(), 2)
+        assert answer.startswith(b"HTTP/1.1 413 ") and b"exceeds the limit of 1048576 bytes" in answer
+        w.close()
+
+    _with_server(scenario, max_body=1 << 20)
+
+
+def test_idle_clock_restarts_when_a_long_request_is_answered():
+    import asyncio
+
+    async def scenario(port, release):
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(b"GET /slow HTTP/1.1\r\n\r\n")
+        await asyncio.sleep(0.5)  # longer than the idle timeout, but busy
+        release()
+        await asyncio.wait_for(r.readuntil(b"late"), 2)
+        await asyncio.sleep(0.1)
+        w.write(b"GET /fast HTTP/1.1\r\n\r\n")
+        assert (await asyncio.wait_for(r.readuntil(b"ok"), 2)).startswith(b"HTTP/1.1 200 OK")
+        w.close()
+
+    _with_server(scenario, idle_timeout=0.2)
+
+
+def test_half_closed_client_still_gets_its_answers():
+    import asyncio
+
+    async def scenario(port, release):
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(b"GET /slow HTTP/1.1\r\n\r\nGET /fast HTTP/1.1\r\n\r\n")
+        w.write_eof()  # nothing more to send; the answers are still owed
+        await asyncio.sleep(0.1)
+        release()
+        answers = await asyncio.wait_for(r.read(), 2)  # both, then the server closes
+        assert answers.count(b"HTTP/1.1 200 OK") == 2 and answers.index(b"late") < answers.index(b"ok")
+        w.close()
+
+    _with_server(scenario)
