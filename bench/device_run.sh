@@ -10,7 +10,7 @@
 # run.log, performance.md (also written to docs/), compare/{results.json,performance.md,ours.log,triton.log,
 # client.log} and floor/floor.json.
 # Env: OUT (required), PYTHON (default python3), SITE (default /tmp/site), COMPARE_ARGS (extra arguments),
-# PERF_ANALYZER (a perf_analyzer binary other than the wheel's).
+# PERF_ANALYZER (a perf_analyzer binary other than the wheel's), SKIP_FLOOR (non-empty: no bench.floor).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?OUT must name the folder that comes back}"
@@ -79,9 +79,11 @@ timeout -s TERM 420 "$PY" -m bench compare --client perf_analyzer --scenarios al
   --measurement-interval 2000 --max-trials 5 --time-budget 300 --out "$OUT/compare" ${COMPARE_ARGS:-}
 rc=$?
 cp docs/performance.md "$OUT/performance.md" 2>/dev/null
-step "protocol floors (canned answers, no model)"
-timeout -s TERM 150 "$PY" -m bench.floor measure --out "$OUT/floor" --measurement-interval 1500 \
-  ${PERF_ANALYZER:+--perf-analyzer "$PERF_ANALYZER"} || echo "warning: bench.floor failed"
+if [ -z "${SKIP_FLOOR:-}" ]; then
+  step "protocol floors (canned answers, no model)"
+  timeout -s TERM 150 "$PY" -m bench.floor measure --out "$OUT/floor" --measurement-interval 1500 \
+    ${PERF_ANALYZER:+--perf-analyzer "$PERF_ANALYZER"} || echo "warning: bench.floor failed"
+fi
 step "done (compare rc=$rc)"
 return $rc
 }
