@@ -33,6 +33,7 @@ import json
 import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
 from queue import SimpleQueue
 from typing import Any
@@ -121,6 +122,40 @@ class InferResult(Mapping):
         return f"InferResult({self.model_name!r}, {list(self._arrays)})"
 
 
+class _Responses:
+    """The responses of one decoupled request, handed from the server's loop to one consumer.
+
+    ``deliver`` and ``close`` run on the server's loop. Once the consumer stops (done or early),
+    ``close`` releases the responses still queued, and ``deliver`` every one that arrives later.
+    """
+
+    def __init__(self, queue: SimpleQueue | asyncio.Queue) -> None:
+        self.queue = queue
+        self.closed = False
+
+    def deliver(self, response: Any, final: bool) -> None:
+        if self.closed:
+            if isinstance(response, InferResponse):
+                response.release()
+        else:
+            self.queue.put_nowait((response, final))
+
+    def close(self) -> None:
+        self.closed = True
+        while not self.queue.empty():
+            response, _ = self.queue.get_nowait()
+            if isinstance(response, InferResponse):
+                response.release()
+
+    @staticmethod
+    def take(server: Server, item: tuple[Any, bool]) -> tuple[InferResult | None, bool]:
+        """A queued ``(response, final)`` as ``(result, final)``; an error raises."""
+        response, final = item
+        if isinstance(response, ServerError):
+            raise response
+        return (server._result(response) if response is not None else None), final
+
+
 class Model:
     """A handle on one model (a given version, or the latest ready one)."""
 
@@ -171,46 +206,35 @@ class Model:
                parameters: dict | None = None, *, request_id: str = "") -> Iterator[InferResult]:
         """The responses of a decoupled model (zero or more), as they come; errors raise."""
         request = self._request(inputs, outputs, parameters, request_id, 0, 0)
-        queue: SimpleQueue = SimpleQueue()
-        abandoned = False
-
-        def deliver(response: Any, final: bool) -> None:  # on the server's loop
-            if abandoned and isinstance(response, InferResponse):
-                response.release()
-            else:
-                queue.put((response, final))
-
-        self._server._call(lambda core: core.stream(request, deliver))
+        server = self._server
+        responses = _Responses(SimpleQueue())
+        server._call(lambda core: core.stream(request, responses.deliver))
         try:
             while True:
-                response, final = queue.get()
-                if isinstance(response, ServerError):
-                    raise response
-                if response is not None:
-                    yield self._server._result(response)
+                result, final = responses.take(server, responses.queue.get())
+                if result is not None:
+                    yield result
                 if final:
                     return
         finally:
-            abandoned = True  # responses still to come are released as they arrive
-            while not queue.empty():
-                response, _ = queue.get()
-                if isinstance(response, InferResponse):
-                    self._server._result(response).release()
+            server._soon(responses.close)  # responses still queued or to come go back as they arrive
 
     async def async_stream(self, inputs: Mapping[str, np.ndarray], outputs: list[str] | None = None,
                            parameters: dict | None = None, *, request_id: str = "") -> AsyncIterator[InferResult]:
         """``stream`` for coroutines on the server's loop."""
         request = self._request(inputs, outputs, parameters, request_id, 0, 0)
-        queue: asyncio.Queue = asyncio.Queue()
-        self._server._core.stream(request, lambda r, final: queue.put_nowait((r, final)))
-        while True:
-            response, final = await queue.get()
-            if isinstance(response, ServerError):
-                raise response
-            if response is not None:
-                yield self._server._result(response)
-            if final:
-                return
+        server = self._server
+        responses = _Responses(asyncio.Queue())
+        server._core.stream(request, responses.deliver)
+        try:
+            while True:
+                result, final = responses.take(server, await responses.queue.get())
+                if result is not None:
+                    yield result
+                if final:
+                    return
+        finally:
+            responses.close()
 
     def input_buffer(self, name: str, shape: list[int] | tuple[int, ...] | None = None) -> np.ndarray:
         """A zeroed array for input ``name`` in shared memory, to fill in place and pass to infer().
@@ -475,16 +499,17 @@ class Server:
             raise RuntimeError("blocking call on the server's own event loop: use the async_ methods there")
         return self._submit_threadsafe(fn).result()
 
-    def _result(self, response: InferResponse) -> InferResult:
+    def _soon(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the server's loop: at once when called there, else when the loop gets to it
+        (dropped once the loop is closed: the shared memory went with it)."""
         loop = self._loop
+        if self._on_loop():
+            fn()
+        elif loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(fn)
 
-        def release() -> None:
-            if self._on_loop():
-                response.release()
-            elif loop is not None and not loop.is_closed():
-                loop.call_soon_threadsafe(response.release)
-
-        return InferResult(response, release)
+    def _result(self, response: InferResponse) -> InferResult:
+        return InferResult(response, partial(self._soon, response.release))
 
     def _arena_array(self, dtype: np.dtype, shape: list[int]) -> np.ndarray:
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -237,3 +238,31 @@ def test_oversized_and_duplicate_requests_are_refused_cleanly(server):
     with pytest.raises(ServerError) as e:
         server._wait(lambda core: core.submit(request))
     assert e.value.message == "[request id: <id_unknown>] input 'INPUT0' already exists in request"
+
+
+@pytest.mark.parametrize("side", ["sync", "async"])
+def test_streams_left_early_give_their_responses_back(side):
+    """A consumer that stops after the first response: the others, queued or still to come, are released."""
+    repo = ROOT / "tests" / "models"
+    with Server(model_repository=repo, model_control_mode="explicit", load_models=["repeat"]) as srv:
+        model = srv.model("repeat")
+        instance = srv._call(lambda core: core.version("repeat", "").instances[0])
+        released: list[int] = []
+        plain = instance.release
+        instance.release = lambda blocks: (released.append(len(blocks)), plain(blocks))
+        values = np.array([1000, 1, 2, 3, 4], np.int32)  # all five answered together, after 0.3 s
+        if side == "sync":
+            for result in model.stream({"IN": values}):
+                result.release()
+                break
+        else:
+            async def first() -> None:
+                async for result in model.async_stream({"IN": values}):
+                    result.release()
+                    break
+
+            asyncio.run_coroutine_threadsafe(first(), srv._loop).result(30)
+        deadline = time.monotonic() + 5
+        while len(released) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(released) == 5  # one release per response: none kept
