@@ -11,7 +11,7 @@ import orjson
 from kernel.errors import CUDA_SHM_UNSUPPORTED, ServerError, invalid
 from kernel.server import Core
 from protocol import v2json
-from protocol.httpserver import Deferred, HttpError, HttpServer, Request, Response, Router
+from protocol.httpserver import Deferred, HttpError, HttpServer, Request, Response, Router, error_body
 
 log = logging.getLogger("kernel.http")
 
@@ -41,7 +41,7 @@ def _on_error(request: Request, error: BaseException) -> Response:
     if isinstance(error, ServerError):
         return _error(error)
     if isinstance(error, HttpError):
-        return Response(orjson.dumps({"error": error.reason}), error.status, _TEXT)
+        return Response(error_body(error.reason), error.status, _TEXT)
     log.error("unhandled error in %s %s", request.method, request.path, exc_info=error)
     return _error(ServerError(f"internal error: {type(error).__name__}: {error}", "INTERNAL"))
 

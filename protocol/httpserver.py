@@ -11,7 +11,6 @@ honoured, and a route may answer at once, with a coroutine, or with a :class:`De
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import time
@@ -23,6 +22,7 @@ from typing import Any
 from urllib.parse import unquote
 
 import httptools
+import orjson
 
 log = logging.getLogger("kernel.http")
 
@@ -400,7 +400,7 @@ class _Connection(asyncio.Protocol):
 
 def error_body(reason: str) -> bytes:
     """Triton's error body, ``{"error": reason}``."""
-    return json.dumps({"error": reason}, separators=(",", ":")).encode()
+    return orjson.dumps({"error": reason})
 
 
 def _default_error(request: Request, error: BaseException) -> Response:
