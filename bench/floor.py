@@ -123,9 +123,9 @@ def serve(protocol: str, port: int) -> None:
 
 def measure(out: Path, binary: str | None, concurrency: list[int], interval_ms: int) -> list[dict]:
     """Each protocol at each concurrency: perf_analyzer's throughput and p50, the server's CPU per request."""
-    from bench.perf_analyzer import PASS_LINE, find_binary
+    from bench.inputs import BenchError
+    from bench.perf_analyzer import PerfAnalyzerRun, run
 
-    pa = find_binary(binary)
     rows = []
     for protocol, port in (("http", 18350), ("grpc", 18351)):
         for c in concurrency:
@@ -134,25 +134,22 @@ def measure(out: Path, binary: str | None, concurrency: list[int], interval_ms: 
             assert server.stdout is not None
             server.stdout.readline()  # "ready"
             t0 = time.perf_counter()
-            run = subprocess.run([pa, "-m", "add_sub", "-u", f"127.0.0.1:{port}", "-i", protocol,
-                                  "--concurrency-range", str(c), "-p", str(interval_ms), "-r", "5",
-                                  "--percentile=50", "-v"],
-                                 capture_output=True, text=True, timeout=120)
+            spec = PerfAnalyzerRun("add_sub", f"127.0.0.1:{port}", protocol, concurrency=c,
+                                   measurement_interval_ms=interval_ms, max_trials=5)
+            try:
+                result: dict[str, Any] = run(spec, binary)
+            except BenchError as e:
+                result = {"error": str(e)}
             wall = time.perf_counter() - t0
             server.send_signal(signal.SIGTERM)
             tail = server.communicate(timeout=30)[0]
             m = re.search(r"requests=(\d+) cpu_s=([0-9.]+)", tail)
-            thr = re.search(r"Throughput: ([0-9.]+) infer/sec", run.stdout)
-            p50 = re.search(r"p50 latency: (\d+) usec", run.stdout)
-            passes = PASS_LINE.findall(run.stdout)
-            if (thr is None or p50 is None) and passes:  # unstable: the last window stands in
-                thr, p50 = (None, passes[-1][1]), (None, passes[-1][4])
             requests, cpu = (int(m[1]), float(m[2])) if m else (0, 0.0)
-            rows.append({"protocol": protocol, "concurrency": c,
-                         "infer_per_s": float(thr[1]) if thr else None, "p50_us": int(p50[1]) if p50 else None,
+            rows.append({"protocol": protocol, "concurrency": c, "infer_per_s": result.get("throughput"),
+                         "p50_us": result.get("latency_us", {}).get("p50"),
                          "server_cpu_us_per_request": round(1e6 * cpu / requests, 1) if requests else None,
-                         "requests": requests, "wall_s": round(wall, 1),
-                         "stable": "Failed to obtain stable measurement" not in run.stdout + run.stderr})
+                         "requests": requests, "wall_s": round(wall, 1), "stable": result.get("stable", False),
+                         **({"error": result["error"]} if "error" in result else {})})
             print(json.dumps(rows[-1]), flush=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "floor.json").write_text(json.dumps(rows, indent=1))
