@@ -121,28 +121,22 @@ class Router:
         raise HttpError(404)
 
 
-class _Failure:
-    """A request that could not be parsed: answered in its turn, then the connection closes."""
-
-    __slots__ = ("status", "reason")
-
-    def __init__(self, status: int, reason: str) -> None:
-        self.status = status
-        self.reason = reason
+_CLOSING = Request("GET", "", {}, b"", keep_alive=False)  # answers an unparsable request, then closes
 
 
 class _Connection(asyncio.Protocol):
     """One client connection: parse, answer in order, write.
 
-    ``queue`` holds parsed requests (and at most one :class:`_Failure`, the last) behind the one
-    being answered (``busy``); :meth:`_next` works through it in a loop, never by recursion.
+    ``queue`` holds parsed requests (and at most one :class:`HttpError`, the last: a request that
+    did not parse) behind the one being answered (``busy``); :meth:`_next` works through it in a
+    loop, never by recursion.
     """
 
     def __init__(self, server: HttpServer) -> None:
         self.server = server
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
-        self.queue: deque[Request | _Failure] = deque()
+        self.queue: deque[Request | HttpError] = deque()
         self.busy = False
         self.paused = False
         self.failed = False  # a request did not parse: nothing after it is read
@@ -302,8 +296,8 @@ class _Connection(asyncio.Protocol):
         try:
             while not self.busy and self.queue and self.transport is not None:
                 item = self.queue.popleft()
-                if isinstance(item, _Failure):
-                    self._write_failure(item)
+                if isinstance(item, HttpError):
+                    self._respond(_CLOSING, Response(error_body(item.reason), item.status))
                     return
                 self._dispatch(item)
             transport = self.transport
@@ -385,17 +379,8 @@ class _Connection(asyncio.Protocol):
         """Stop reading; answer ``status`` after the answers owed before it, then close."""
         log.debug("bad HTTP request: %s", reason)
         self.failed = True
-        self.queue.append(_Failure(status, reason))
+        self.queue.append(HttpError(status, reason))
         self._next()
-
-    def _write_failure(self, failure: _Failure) -> None:
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            body = error_body(failure.reason)
-            transport.write(b"HTTP/1.1 %d %s\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n"
-                            b"Connection: close\r\n\r\n%s" % (failure.status, _REASONS.get(failure.status, b"Error"),
-                                                             len(body), body))
-            transport.close()
 
 
 def error_body(reason: str) -> bytes:
