@@ -303,15 +303,15 @@ class _Connection(asyncio.Protocol):
             transport = self.transport
             if transport is None or self.busy:
                 return
-            if self.paused and len(self.queue) <= 1:
+            # Idle, nothing queued: read again, let a waiting body come, or end a half-closed connection.
+            if self.paused:
                 self.paused = False
                 transport.resume_reading()
-            if not self.queue:
-                if self.continue_pending:
-                    self.continue_pending = False
-                    transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                if self.eof:
-                    transport.close()
+            if self.continue_pending:
+                self.continue_pending = False
+                transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            if self.eof:
+                transport.close()
         finally:
             self._draining = False
 
