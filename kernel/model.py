@@ -374,9 +374,10 @@ class ModelVersion:
         blocks: list[tuple[str, int]] = []
         reqs = []
         try:
-            for pending in batch:
+            placed = _place_inputs([pending.request.inputs for pending in batch], arena, blocks)
+            for pending, locs in zip(batch, placed):
                 request = pending.request
-                spec: dict[str, Any] = {"in": _place_inputs(request.inputs, arena, blocks)}
+                spec: dict[str, Any] = {"in": locs}
                 if request.outputs:
                     spec["out"] = [o.name for o in request.outputs]
                     dests = {o.name: [o.shm.region.posix_name, o.shm.region.offset + o.shm.offset, o.shm.byte_size,
@@ -535,46 +536,58 @@ def _response(version: ModelVersion, instance: Instance, pending: Pending, resul
                          _release=partial(instance.release, frees) if frees else None)
 
 
-def _place_inputs(inputs: list, arena: Arena, blocks: list) -> list[list]:
-    """Put a request's inputs where the worker can map them; return their ``loc`` lists.
+def _place_inputs(batch: list[list], arena: Arena, blocks: list) -> list[list[list]]:
+    """Put a batch's inputs where the worker can map them; return each request's ``loc`` lists.
 
-    Inputs already in shared memory (a client's region, an in-process caller's arena
-    buffer) are passed by reference; the others are copied, all into one arena block.
+    Inputs already in shared memory (a client's region, an in-process caller's arena buffer)
+    are passed by reference. The others are copied once into one arena block for the whole
+    batch, stacked: the rows of the batch's requests for one input lie back to back, so the
+    input of the whole batch is one contiguous tensor and each request's is a slice of it.
     """
-    locs = []
-    copies = []
-    total = 0
-    for t in inputs:
-        data = t.data
-        if isinstance(data, ShmRef):
-            reg = data.region
-            locs.append([t.name, t.datatype, t.shape, reg.posix_name, reg.offset + data.offset, data.byte_size,
-                         reg.id])
-            continue
-        if isinstance(data, ArenaRef):  # already in our arena: the caller owns the block
-            locs.append([t.name, t.datatype, t.shape, data.key, data.offset, data.byte_size, 0])
-            continue
-        if isinstance(data, np.ndarray):
-            if t.datatype == "BYTES":
-                data = dtypes.serialize_bytes(data)
-            else:
-                data = memoryview(np.ascontiguousarray(data)).cast("B")
-        nbytes = 0 if data is None else len(data) if type(data) is bytes else data.nbytes
-        loc = [t.name, t.datatype, t.shape, "", 0, nbytes, 0]
-        locs.append(loc)
-        if nbytes:
-            copies.append((loc, data, total, nbytes))
-            total += (nbytes + 63) & ~63
-    if total:
-        key, base = arena.alloc(total)
-        blocks.append((key, base))
+    placed = []
+    stacks: dict[str, list] = {}  # input name -> [(loc, data, nbytes)] in batch order
+    for inputs in batch:
+        locs = []
+        for t in inputs:
+            data = t.data
+            if isinstance(data, ShmRef):
+                reg = data.region
+                locs.append([t.name, t.datatype, t.shape, reg.posix_name, reg.offset + data.offset,
+                             data.byte_size, reg.id])
+                continue
+            if isinstance(data, ArenaRef):  # already in our arena: the caller owns the block
+                locs.append([t.name, t.datatype, t.shape, data.key, data.offset, data.byte_size, 0])
+                continue
+            if isinstance(data, np.ndarray):
+                if t.datatype == "BYTES":
+                    data = dtypes.serialize_bytes(data)
+                else:
+                    data = memoryview(np.ascontiguousarray(data)).cast("B")
+            nbytes = 0 if data is None else len(data) if type(data) is bytes else data.nbytes
+            loc = [t.name, t.datatype, t.shape, "", 0, nbytes, 0]
+            locs.append(loc)
+            if nbytes:
+                rows = stacks.get(t.name)
+                if rows is None:
+                    rows = stacks[t.name] = []
+                rows.append((loc, data, nbytes))
+        placed.append(locs)
+    if stacks:
+        total = 0
+        for rows in stacks.values():
+            total = (total + 63) & ~63  # each stacked input starts 64-byte aligned
+            total += sum(nbytes for _, _, nbytes in rows)
+        key, start = arena.alloc(total)
+        blocks.append((key, start))
         buf = arena.buffer(key)
-        for loc, data, rel, nbytes in copies:
-            start = base + rel
-            buf[start : start + nbytes] = data
-            loc[3] = key
-            loc[4] = start
-    return locs
+        for rows in stacks.values():
+            start = (start + 63) & ~63
+            for loc, data, nbytes in rows:
+                buf[start : start + nbytes] = data
+                loc[3] = key
+                loc[4] = start
+                start += nbytes
+    return placed
 
 
 def _groups(config: ModelConfig) -> list[tuple]:

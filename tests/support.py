@@ -47,6 +47,7 @@ output [
   { name: "STARTED", data_type: TYPE_INT64, dims: [ 1 ] },
   { name: "ENDED", data_type: TYPE_INT64, dims: [ 1 ] },
   { name: "PID", data_type: TYPE_INT64, dims: [ 1 ] },
+  { name: "ADDR", data_type: TYPE_UINT64, dims: [ 1 ] },
   { name: "ARGS", data_type: TYPE_STRING, dims: [ 1 ] }
 ]
 """

@@ -74,6 +74,19 @@ def test_concurrent_requests_coalesce_up_to_max_batch_size(server):
         np.testing.assert_array_equal(r["OUTPUT0"], [[i]])  # each request got its own rows back
 
 
+def test_a_batch_is_stacked_in_one_block(server):
+    """The inputs of one batch are copied once, back to back: one tensor the requests slice."""
+    c = Concurrent(server.http_url)
+    for i in range(4):
+        c.send(i, "batch_max4", probe_inputs(i, width=3))
+    results = c.wait()
+    started = {int(r.as_numpy("STARTED")[0, 0]) for r in results.values()}
+    assert len(started) == 1 and int(results[0].as_numpy("BATCH")[0, 0]) == 4  # one batch of all four
+    addresses = sorted(int(r.as_numpy("ADDR")[0, 0]) for r in results.values())
+    row = 3 * 4  # one request's INPUT0: 3 FP32 values
+    assert [a - addresses[0] for a in addresses] == [0, row, 2 * row, 3 * row]
+
+
 def test_preferred_batch_size_is_preferred(server):
     c = Concurrent(server.http_url)
     c.send(0, "batch_pref", probe_inputs(0))  # a preferred batch of 2 that occupies the instance for 300 ms

@@ -1,7 +1,8 @@
 """Probe: echoes INPUT0 and reports how it was executed.
 
 Per request: BATCH (requests in this execute call), STARTED/ENDED (wall-clock ns of the
-execute call), PID (worker process), ARGS (the initialize args, JSON). Config parameters:
+execute call), PID (worker process), ADDR (where its INPUT0 lies in the worker's memory),
+ARGS (the initialize args, JSON). Config parameters:
 ``sleep_ms`` (sleep in every execute) and ``sleep_from_input`` (sleep INPUT0's first value, ms).
 """
 
@@ -39,6 +40,7 @@ class TritonPythonModel:
                 pb_utils.Tensor("STARTED", np.full(shape, started, np.int64)),
                 pb_utils.Tensor("ENDED", np.full(shape, ended, np.int64)),
                 pb_utils.Tensor("PID", np.full(shape, os.getpid(), np.int64)),
+                pb_utils.Tensor("ADDR", np.full(shape, x.__array_interface__["data"][0], np.uint64)),
                 pb_utils.Tensor("ARGS", np.full(shape, self.args.encode(), np.object_)),
             ]))
         return responses
