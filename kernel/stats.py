@@ -23,7 +23,10 @@ class ModelStats:
         self.failures: dict[str, int] = {}  # by Triton's metric reason: BACKEND, REJECTED, OTHER
 
     def success(self, total_ns: int, queue_ns: int, ci: int, cinf: int, co: int, batch_size: int) -> None:
-        """One request answered successfully (``ci``... are its share of the batch)."""
+        """One request answered successfully (``ci``... are its share of the batch).
+
+        ``last_inference`` is set by :meth:`execution`, which precedes its requests' successes.
+        """
         d = self.durations
         for key, ns in (("success", total_ns), ("queue", queue_ns), ("compute_input", ci),
                         ("compute_infer", cinf), ("compute_output", co)):
@@ -31,7 +34,6 @@ class ModelStats:
             entry[0] += 1
             entry[1] += ns
         self.inference_count += batch_size
-        self.last_inference = time.time_ns() // 1_000_000
 
     def failure(self, total_ns: int, reason: str = "BACKEND") -> None:
         self.failures[reason] = self.failures.get(reason, 0) + 1
@@ -50,6 +52,7 @@ class ModelStats:
         entry[1] += ci
         entry[2] += cinf
         entry[3] += co
+        self.last_inference = time.time_ns() // 1_000_000
 
     def to_dict(self, name: str, version: str) -> dict:
         """Triton's JSON for one entry of ``model_stats``."""
