@@ -25,6 +25,7 @@ class BatchHandler(Protocol):
     """Receives what a worker answers for one batch."""
 
     batch_id: int
+    sent: int  # time.perf_counter_ns() when it was sent
 
     def done(self, instance: Instance, results: list, timings: list, decoupled: bool) -> None: ...
 
@@ -40,19 +41,29 @@ class Spinner:
     the instances with batches in flight instead of sleeping in epoll: a worker's answer,
     or the client's next request, is then handled microseconds after it arrives rather
     than after the wake-up of a sleeping process (tens of microseconds, more in a VM).
-    Other sockets are served meanwhile; an idle server does not spin.
+    A batch sent to an instance whose recent batches came back within ``hold_ns`` is
+    waited for that long (a quarter more than its usual time) even when that exceeds
+    the window; slower models are left to wake the loop. Other sockets are served
+    meanwhile; an idle server does not spin.
     """
 
-    def __init__(self, window_us: int) -> None:
+    def __init__(self, window_us: int, hold_us: int = 0) -> None:
         self.window_ns = window_us * 1000
+        self.hold_ns = hold_us * 1000 if window_us else 0
         self.busy: set[Instance] = set()
         self._until = 0
         self._active = False
 
-    def kick(self) -> None:
+    def kick(self, expect_ns: int = 0) -> None:
+        """Poll for the window from now, or for ``expect_ns`` (an answer's usual wait) if longer."""
         if not self.window_ns:
             return
-        self._until = time.perf_counter_ns() + self.window_ns
+        span = self.window_ns
+        if span < expect_ns <= self.hold_ns:
+            span = expect_ns + (expect_ns >> 2)
+        until = time.perf_counter_ns() + span
+        if until > self._until:
+            self._until = until
         if not self._active:
             self._active = True
             asyncio.get_running_loop().call_soon(self._turn)
@@ -120,6 +131,7 @@ class Instance:
         self.load_msg: dict = {}
         self.init_msg: dict = {}
         self.spinner: Spinner | None = None
+        self.answer_ns = 0
         self._arena_prefix = "/"
 
     # -- lifetime -------------------------------------------------------
@@ -238,7 +250,7 @@ class Instance:
         spinner = self.spinner
         if spinner is not None:
             spinner.busy.add(self)
-            spinner.kick()
+            spinner.kick(self.answer_ns)
 
     def release(self, blocks: list[list]) -> None:
         """Free output blocks ``[segment, offset]`` of this worker's arena.
@@ -311,6 +323,8 @@ class Instance:
                 handler = self._batches.pop(msg["id"], None)
                 if handler is not None and not msg["d"]:
                     self.inflight -= 1
+                    # How long answers take, sent to received (a moving average): see Spinner.
+                    self.answer_ns += (time.perf_counter_ns() - handler.sent - self.answer_ns) >> 3
                 elif handler is not None:
                     self._batches[msg["id"]] = handler  # decoupled: stays until every final flag
                 if handler is not None:

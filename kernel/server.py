@@ -33,9 +33,11 @@ EXTENSIONS = [
 ]
 
 
-#: Defaults of ``--backend-config python,worker-spin-us=`` and ``python,front-poll-us=`` (see worker_options).
+#: Defaults of ``--backend-config python,worker-spin-us=``, ``python,front-poll-us=`` and
+#: ``python,front-hold-us=`` (see worker_options and kernel.instance.Spinner).
 DEFAULT_WORKER_SPIN_US = 500
 DEFAULT_FRONT_POLL_US = 300
+DEFAULT_FRONT_HOLD_US = 1000
 
 
 class Model:
@@ -71,8 +73,9 @@ class Core:
         self.arena: Arena | None = None
         self._arena_size = arena_size
         self.gpus = gpu_count()
-        self.spinner = Spinner(int(self.backend_config.get("python", {}).get("front-poll-us",
-                                                                            DEFAULT_FRONT_POLL_US)))
+        python = self.backend_config.get("python", {})
+        self.spinner = Spinner(int(python.get("front-poll-us", DEFAULT_FRONT_POLL_US)),
+                               int(python.get("front-hold-us", DEFAULT_FRONT_HOLD_US)))
         self._loop: asyncio.AbstractEventLoop | None = None
         self._locks: dict[str, asyncio.Lock] = {}
         self.started = False

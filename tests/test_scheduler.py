@@ -6,6 +6,7 @@ Every probe reports, per request, how many requests its ``execute`` call receive
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -284,3 +285,30 @@ def test_gpu_instances_get_their_device_and_dla(tmp_path, repository):
     finally:
         client.close()
         assert server.stop() == 0
+
+
+@pytest.mark.parametrize("expect_ms, held", [(3, True), (8, False)])
+def test_front_polls_as_long_as_answers_usually_take_within_the_hold(expect_ms, held):
+    """After a send, the front polls for 0.1 ms, or for an answer's usual wait if under the hold (5 ms)."""
+    from kernel.instance import Spinner
+
+    polls: list[int] = []
+
+    class Instance:
+        def _receive(self) -> None:
+            polls.append(time.perf_counter_ns())
+
+    async def main() -> int:
+        spinner = Spinner(window_us=100, hold_us=5000)
+        spinner.busy.add(Instance())
+        start = time.perf_counter_ns()
+        spinner.kick(expect_ms * 1_000_000)
+        await asyncio.sleep(0.012)
+        return start
+
+    start = asyncio.run(main())
+    late = [t for t in polls if t - start > 2_000_000]  # still polling 2 ms after the send
+    if held:
+        assert len(late) > 10 and max(polls) - start >= 3_000_000
+    else:
+        assert len(late) <= 1  # a turn begun before the window closed may finish late, once
