@@ -324,7 +324,8 @@ class Instance:
                 if handler is not None and not msg["d"]:
                     self.inflight -= 1
                     # How long answers take, sent to received (a moving average): see Spinner.
-                    self.answer_ns += (time.perf_counter_ns() - handler.sent - self.answer_ns) >> 3
+                    wait = time.perf_counter_ns() - handler.sent
+                    self.answer_ns = self.answer_ns + ((wait - self.answer_ns) >> 3) if self.answer_ns else wait
                 elif handler is not None:
                     self._batches[msg["id"]] = handler  # decoupled: stays until every final flag
                 if handler is not None:
