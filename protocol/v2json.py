@@ -9,7 +9,7 @@ import orjson
 
 from kernel.errors import ServerError, invalid
 from kernel.shm_registry import SharedMemoryRegistry
-from kernel.types import InferRequest, InferResponse, InputTensor, RequestedOutput, ShmRef
+from kernel.types import ArenaRef, InferRequest, InferResponse, InputTensor, RequestedOutput, ShmRef
 from protocol import dtypes
 
 
@@ -18,9 +18,13 @@ def _parse_error(message: str) -> ServerError:
     return ServerError(message, "INTERNAL")
 
 
-def parse_request(model: str, version: str, body: bytes, header_length: int | None,
-                  shm: SharedMemoryRegistry) -> InferRequest:
-    """Parse an infer request body (JSON header, then binary tensor data, which stays in ``body``)."""
+def parse_request(model: str, version: str, body: bytes | memoryview, header_length: int | None,
+                  shm: SharedMemoryRegistry, arena_at: tuple[str, int] | None = None) -> InferRequest:
+    """Parse an infer request body (JSON header, then binary tensor data, which stays in ``body``).
+
+    ``arena_at`` is ``(segment, offset)`` of the body when it lies in the front's arena: binary
+    tensors then refer to it there (:class:`ArenaRef`) and are never copied again.
+    """
     size = len(body)
     if header_length is None:
         header_length = size
@@ -33,7 +37,7 @@ def parse_request(model: str, version: str, body: bytes, header_length: int | No
         raise _parse_error(f"failed to parse the request JSON buffer: {e}") from None
     if type(doc) is dict:
         try:
-            return _parse_plain(model, version, doc, body, header_length, shm)
+            return _parse_plain(model, version, doc, body, header_length, shm, arena_at)
         except _Unusual:
             pass
     return _parse_checked(model, version, doc, body, header_length, shm)
@@ -46,8 +50,8 @@ class _Unusual(Exception):
 _NUMERIC = frozenset(k for k in dtypes.NUMPY if k != "BYTES")
 
 
-def _parse_plain(model: str, version: str, doc: dict, body: bytes, header_length: int,
-                 shm: SharedMemoryRegistry) -> InferRequest:
+def _parse_plain(model: str, version: str, doc: dict, body: bytes | memoryview, header_length: int,
+                 shm: SharedMemoryRegistry, arena_at: tuple[str, int] | None = None) -> InferRequest:
     """The common request in one pass: binary, shared-memory or numeric JSON inputs, plain outputs.
 
     Raises :class:`_Unusual` at the first thing it does not expect; the checked parser then
@@ -82,7 +86,10 @@ def _parse_plain(model: str, version: str, doc: dict, body: bytes, header_length
                 if type(size) is not int or size < 0 or binary is None or cursor + size > len(binary) \
                         or "shared_memory_region" in tparams:
                     raise _Unusual
-                tensor = InputTensor(name, datatype, shape, binary[cursor : cursor + size], tparams)
+                data: Any = binary[cursor : cursor + size]
+                if arena_at is not None:
+                    data = ArenaRef(arena_at[0], arena_at[1] + header_length + cursor, size, data)
+                tensor = InputTensor(name, datatype, shape, data, tparams)
                 cursor += size
             elif "shared_memory_region" in tparams:
                 tensor = InputTensor(name, datatype, shape, shm_ref(_shm_params(tparams), name, shm), tparams)

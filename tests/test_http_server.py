@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 import time
 import zlib
 
@@ -350,3 +351,173 @@ def test_half_closed_client_still_gets_its_answers():
         w.close()
 
     _with_server(scenario)
+
+
+class _Buffers:
+    """A body-buffer allocator that counts what is handed out and given back (twice is an error)."""
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.refuse = refuse
+        self.outstanding: set[int] = set()
+        self.handed = 0
+        self.errors: list[str] = []
+
+    def __call__(self, size: int):
+        if self.refuse:
+            return None
+        buffers = self
+        self.handed += 1
+        key = self.handed
+
+        class Buffer:
+            view = memoryview(bytearray(size))
+
+            def release(self) -> None:
+                if key not in buffers.outstanding:
+                    buffers.errors.append(f"buffer {key} released twice")
+                buffers.outstanding.discard(key)
+
+        self.outstanding.add(key)
+        return Buffer()
+
+
+def _with_buffers(scenario, buffers: _Buffers) -> None:
+    """``scenario(port, release_slow)`` on a server whose /echo answers where the body was received."""
+    import asyncio
+
+    from protocol.httpserver import Deferred, HttpServer, Response, Router
+
+    def echo(request):
+        where = b"buf" if request.buffer is not None else b"mem"
+        assert bytes(request.body[:4]) == b"\x01\x02\x03\x04"[: len(request.body)]
+        return Response(b"%s:%d" % (where, len(request.body)))
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        slow: list[asyncio.Future] = []
+
+        def slow_route(request):
+            slow.append(loop.create_future())
+            return Deferred(slow[-1], lambda f: Response(f.result()))
+
+        router = Router()
+        router.add("POST", "/echo", echo)
+        router.add("*", "/slow", slow_route)
+        server = HttpServer(router, body_buffer=buffers, body_buffer_min=4096)
+        await server.start("127.0.0.1", 0)
+        try:
+            await scenario(server.port, lambda: slow.pop(0).set_result(b"late"))
+        finally:
+            await server.close(1)
+
+    asyncio.run(main())
+
+
+def _post(body: bytes, extra: bytes = b"") -> bytes:
+    return b"POST /echo HTTP/1.1\r\nContent-Length: %d\r\n%s\r\n" % (len(body), extra) + body
+
+
+def test_large_bodies_are_received_into_the_buffer_and_given_back():
+    import asyncio
+
+    buffers = _Buffers()
+    big = (b"\x01\x02\x03\x04" * 25_000)  # 100 kB
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (big[:50_000], big[50_000:])) + b"0\r\n\r\n"
+
+    async def scenario(port, release):
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(_post(big))  # large, with a length: into a buffer
+        assert (await asyncio.wait_for(r.readuntil(b"buf:100000"), 2)).startswith(b"HTTP/1.1 200")
+        w.write(_post(big[:1000]))  # small: in memory
+        await asyncio.wait_for(r.readuntil(b"mem:1000"), 2)
+        w.write(_post(zlib.compress(big), b"Content-Encoding: deflate\r\n"))  # must be inflated: in memory
+        await asyncio.wait_for(r.readuntil(b"mem:100000"), 2)
+        w.write(b"POST /echo HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked)  # no length: in memory
+        await asyncio.wait_for(r.readuntil(b"mem:100000"), 2)
+        assert (buffers.handed, buffers.outstanding) == (1, set())
+
+        # Queued behind a late answer when the connection is reset: their buffers come back all the same.
+        w.write(b"GET /slow HTTP/1.1\r\n\r\n" + _post(big) + _post(big))
+        await asyncio.sleep(0.1)
+        assert len(buffers.outstanding) == 2
+        w.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        w.close()  # with linger 0: a reset, not an orderly close
+        await asyncio.sleep(0.1)
+        release()
+        await asyncio.sleep(0.05)
+        assert buffers.outstanding == set()
+
+        # A client that stops half-way through a body.
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(_post(big)[:60_000])
+        await asyncio.sleep(0.1)
+        assert len(buffers.outstanding) == 1
+        w.close()
+        await asyncio.sleep(0.1)
+        assert buffers.outstanding == set()
+
+        # A request that does not parse after a large one: the large one is answered, then all is given back.
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(_post(big) + b"NOT HTTP\r\n\r\n")
+        answers = await asyncio.wait_for(r.read(), 2)
+        assert b"buf:100000" in answers and b"HTTP/1.1 400" in answers
+        assert buffers.outstanding == set() and buffers.handed == 5 and buffers.errors == []
+
+    _with_buffers(scenario, buffers)
+
+
+def test_bodies_stay_in_memory_when_no_buffer_is_given():
+    import asyncio
+
+    buffers = _Buffers(refuse=True)
+
+    async def scenario(port, release):
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(_post(b"\x01\x02\x03\x04" * 2048))
+        await asyncio.wait_for(r.readuntil(b"mem:8192"), 2)
+        w.close()
+
+    _with_buffers(scenario, buffers)
+
+
+def test_request_bodies_in_the_front_arena_are_given_back():
+    """Large infer bodies lie in shared memory until answered, whatever the outcome, then go back."""
+    import asyncio
+
+    from tritonclient.utils import InferenceServerException
+
+    from kernel.api import Server
+    from protocol.http import HttpFront
+    from tests.support import ROOT
+
+    with Server(model_repository=ROOT / "examples" / "models") as srv:
+        http = HttpFront(srv.core).server()
+        asyncio.run_coroutine_threadsafe(http.start("127.0.0.1", 0), srv._loop).result(10)
+        client = httpclient.InferenceServerClient(f"127.0.0.1:{http.port}", network_timeout=60)
+        frame = np.random.default_rng(5).integers(0, 256, (1080, 1920, 3), dtype=np.uint8)
+        try:
+            t = httpclient.InferInput("FRAME", list(frame.shape), "UINT8")
+            t.set_data_from_numpy(frame)
+            mean = client.infer("frame_stats", [t]).as_numpy("MEAN")
+            np.testing.assert_allclose(mean, frame[::4, ::4].reshape(-1, 3).mean(axis=0), rtol=1e-6)
+
+            wrong = httpclient.InferInput("FRAME", [1080, 1920, 2], "UINT8")  # refused before it is queued
+            wrong.set_data_from_numpy(frame[:, :, :2].copy())
+            with pytest.raises(InferenceServerException, match="unexpected shape for input 'FRAME'"):
+                client.infer("frame_stats", [wrong])
+            with pytest.raises(InferenceServerException, match="Request for unknown model"):
+                client.infer("no_such_model", [t])
+
+            host, port = "127.0.0.1", http.port
+            with socket.create_connection((host, port)) as sock:  # a client gone half-way through its body
+                sock.sendall(b"POST /v2/models/frame_stats/infer HTTP/1.1\r\nContent-Length: 6300000\r\n\r\n"
+                             + bytes(3_000_000))
+                time.sleep(0.2)
+                assert srv._call(lambda core: core.arena.in_use()) >= 6_300_000
+            deadline = time.monotonic() + 5
+            while srv._call(lambda core: core.arena.in_use()) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert srv._call(lambda core: core.arena.in_use()) == 0
+        finally:
+            client.close()
+            asyncio.run_coroutine_threadsafe(http.close(1), srv._loop).result(10)

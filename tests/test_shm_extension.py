@@ -577,12 +577,26 @@ def test_zero_copy_the_model_reads_the_client_region(http, server, regions):
     assert result.as_numpy("SUM")[0] == 200 * 1000
     assert result.as_numpy("MAPPING")[0].decode() == f"/dev/shm{key}"
 
-    # Tensor data in the request body is copied once, into the front's arena, which the worker maps.
+    # Tensor data in a small request body is copied once, into the front's arena, which the worker maps.
     body = httpclient.InferInput("INPUT0", [1000], "UINT8")
     body.set_data_from_numpy(data)
     result = http.infer("shm_probe", [body])
     assert re.fullmatch(rf"/dev/shm/ek\.{server.proc.pid}\.front\.\d+", result.as_numpy("MAPPING")[0].decode())
     assert result.as_numpy("SUM")[0] == data.sum(dtype=np.uint64)
+    assert b"binary_data_size" not in result.as_numpy("BEFORE")[0]  # a block of its own
+
+    # A large body is received straight into the arena: the model reads the tensor where the socket's
+    # bytes landed, right behind the request's own JSON header.
+    big = np.random.default_rng(3).integers(0, 256, 200_000, dtype=np.uint8)
+    body = httpclient.InferInput("INPUT0", [big.size], "UINT8")
+    body.set_data_from_numpy(big)
+    for _ in range(3):  # and again: the block is given back after each answer and taken anew
+        result = http.infer("shm_probe", [body])
+        assert re.fullmatch(rf"/dev/shm/ek\.{server.proc.pid}\.front\.\d+", result.as_numpy("MAPPING")[0].decode())
+        assert result.as_numpy("SUM")[0] == big.sum(dtype=np.uint64)
+        before = result.as_numpy("BEFORE")[0]
+        header = json.loads(before[before.index(b'{"inputs"'):])  # the request's JSON header, whole
+        assert header["inputs"][0]["parameters"]["binary_data_size"] == 200000
 
 
 # -- the camera-frame example -----------------------------------------------------------------------------
