@@ -539,10 +539,11 @@ def _response(version: ModelVersion, instance: Instance, pending: Pending, resul
 def _place_inputs(batch: list[list], arena: Arena, blocks: list) -> list[list[list]]:
     """Put a batch's inputs where the worker can map them; return each request's ``loc`` lists.
 
-    Inputs already in shared memory (a client's region, an in-process caller's arena buffer)
-    are passed by reference. The others are copied once into one arena block for the whole
-    batch, stacked: the rows of the batch's requests for one input lie back to back, so the
-    input of the whole batch is one contiguous tensor and each request's is a slice of it.
+    Inputs already in shared memory (a client's region, an in-process caller's arena buffer, a
+    large HTTP body received into the arena) are passed by reference. The others are copied once
+    into one arena block for the whole batch, stacked: the rows of the batch's requests for one
+    input lie back to back, so the input of the whole batch is one contiguous tensor and each
+    request's is a slice of it.
     """
     placed = []
     stacks: dict[str, list] = {}  # input name -> [(loc, data, nbytes)] in batch order

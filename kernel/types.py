@@ -25,7 +25,8 @@ class ShmRef:
 
 @dataclass(slots=True)
 class ArenaRef:
-    """Bytes the caller placed in the server's own arena (the in-process API's input buffers)."""
+    """Bytes already in the front's own arena: an in-process caller's input buffer, or a tensor of
+    a large HTTP request body received there."""
 
     key: str
     offset: int
