@@ -20,24 +20,32 @@ _TEXT = "text/plain"
 _BINARY = "application/octet-stream"
 
 
+#: Bytes of request bodies the HTTP endpoint keeps in the front's arena at once.
+MAX_BODY_ARENA = 256 << 20
+
+
 class ArenaBody:
     """A request body received into the front's shared-memory arena.
 
     The binary tensors in it reach the worker where they lie: no copy after the socket's.
     """
 
-    __slots__ = ("core", "arena", "key", "offset", "view")
+    __slots__ = ("front", "arena", "key", "offset", "view")
 
-    def __init__(self, core: Core, size: int) -> None:
-        self.core = core
-        self.arena = core.arena
+    def __init__(self, front: HttpFront, size: int) -> None:
+        self.front = front
+        self.arena = front.core.arena
         self.key, self.offset = self.arena.alloc(size)
         self.view = self.arena.view(self.key, self.offset, size)
+        front.body_bytes += size
 
     def release(self) -> None:
         arena, self.arena = self.arena, None
+        if arena is None:
+            return
+        self.front.body_bytes -= len(self.view)
         self.view = memoryview(b"")
-        if arena is not None and arena is self.core.arena:  # not after the server stopped
+        if arena is self.front.core.arena:  # not after the server stopped
             arena.free(self.key, self.offset)
 
 
@@ -93,6 +101,7 @@ class HttpFront:
         self.core = core
         self.router = r = Router()
         self.max_body = max_body
+        self.body_bytes = 0  # of request bodies in the arena now (see _body_buffer)
         for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version:[0-9]+}"):
             r.add("POST", base + "/infer", self.infer)  # first: the hot route matches at once
         r.add("GET", "/v2/health/live", self.live)
@@ -128,11 +137,15 @@ class HttpFront:
         return HttpServer(self.router, _on_error, self.max_body, body_buffer=self._body_buffer)
 
     def _body_buffer(self, size: int) -> ArenaBody | None:
-        """Large bodies go straight to the arena (a 1080p frame: no 6 MB join, no copy at dispatch)."""
-        if self.core.arena is None:
+        """Large bodies go straight to the arena (a 1080p frame: no 6 MB join, no copy at dispatch).
+
+        At most ``MAX_BODY_ARENA`` bytes of bodies at a time: the arena never shrinks, so a burst
+        of large requests beyond that is received in memory (and copied at dispatch) instead.
+        """
+        if self.core.arena is None or self.body_bytes + size > MAX_BODY_ARENA:
             return None
         try:
-            return ArenaBody(self.core, size)
+            return ArenaBody(self, size)
         except Exception as e:  # e.g. /dev/shm full: the body is received in memory instead
             log.warning("a request body of %d bytes could not go to shared memory: %s", size, e)
             return None

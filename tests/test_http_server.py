@@ -521,3 +521,28 @@ def test_request_bodies_in_the_front_arena_are_given_back():
         finally:
             client.close()
             asyncio.run_coroutine_threadsafe(http.close(1), srv._loop).result(10)
+
+
+def test_bodies_beyond_the_arena_budget_are_received_in_memory(monkeypatch):
+    """The arena never shrinks: past MAX_BODY_ARENA bytes of bodies at once, bodies stay in memory."""
+    from protocol import http as front
+
+    class Core:
+        from shm.arena import Arena
+
+        arena = Arena("t-body", 1 << 20)
+
+    monkeypatch.setattr(front, "MAX_BODY_ARENA", 300_000)
+    endpoint = front.HttpFront(Core())
+    try:
+        first = endpoint._body_buffer(200_000)
+        assert first is not None and endpoint.body_bytes == 200_000
+        assert endpoint._body_buffer(200_000) is None  # over the budget: in memory
+        first.release()
+        first.release()  # once only
+        assert endpoint.body_bytes == 0 and Core.arena.in_use() == 0
+        second = endpoint._body_buffer(200_000)
+        assert second is not None
+        second.release()
+    finally:
+        Core.arena.close()
