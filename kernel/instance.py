@@ -323,8 +323,9 @@ class Instance:
                 handler = self._batches.pop(msg["id"], None)
                 if handler is not None and not msg["d"]:
                     self.inflight -= 1
-                    # How long answers take, sent to received (a moving average): see Spinner.
-                    wait = time.perf_counter_ns() - handler.sent
+                    # How long after a send the worker answers (a moving average; its clock is ours,
+                    # CLOCK_MONOTONIC, and our own lateness in noticing is left out): see Spinner.
+                    wait = max(msg["at"] - handler.sent, 0)
                     self.answer_ns = self.answer_ns + ((wait - self.answer_ns) >> 3) if self.answer_ns else wait
                 elif handler is not None:
                     self._batches[msg["id"]] = handler  # decoupled: stays until every final flag
