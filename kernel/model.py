@@ -356,8 +356,10 @@ class ModelVersion:
             return
         expected = dtypes.byte_size(t.datatype, t.shape)
         if expected is None:  # BYTES: the serialised elements must cover the shape
-            if isinstance(data, (ShmRef, ArenaRef)):
+            if isinstance(data, ShmRef):
                 return  # never read a client's region here: the worker checks the count
+            if isinstance(data, ArenaRef):
+                data = data.owner  # our own arena (a request body): the bytes are at hand
             got = dtypes.count_bytes_elements(data if data is not None else b"")
             if got != count:
                 raise invalid(f"{prefix}expected {count} string elements for inference input '{t.name}' for "

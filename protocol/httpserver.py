@@ -261,7 +261,8 @@ class _Connection(asyncio.Protocol):
             allocate = self.server.body_buffer
             if allocate is not None and size >= self.server.body_buffer_min \
                     and "content-encoding" not in headers and "transfer-encoding" not in headers:
-                self._sink = allocate(size)
+                self._sink = allocate(self.parser.get_method().decode("ascii"),
+                                      self._url.decode("utf-8", "surrogateescape"), headers, size)
         if headers.get("expect", "").lower() == "100-continue" and not self.parser.should_upgrade():
             if self.busy or self.queue:
                 self.continue_pending = True  # after the answers owed before it
@@ -381,8 +382,12 @@ class _Connection(asyncio.Protocol):
             self.server.pending += 1
             answer.future.add_done_callback(lambda f: self._finish(request, answer.finish, f))
         else:
+            try:
+                task = asyncio.ensure_future(answer)
+            except TypeError as e:  # a route that answered with something else
+                self._respond(request, self.server.on_error(request, e))
+                return
             self.server.pending += 1
-            task = asyncio.ensure_future(answer)
             task.add_done_callback(lambda f: self._finish(request, asyncio.Future.result, f))
 
     def _finish(self, request: Request, finish: Callable[[asyncio.Future], Response], future: asyncio.Future) -> None:
@@ -455,13 +460,13 @@ class HttpServer:
 
     def __init__(self, router: Router, on_error: Callable[[Request, BaseException], Response] = _default_error,
                  max_body: int = 1 << 30, idle_timeout: float = 75.0,
-                 body_buffer: Callable[[int], BodyBuffer | None] | None = None,
+                 body_buffer: Callable[[str, str, dict[str, str], int], BodyBuffer | None] | None = None,
                  body_buffer_min: int = 64 << 10) -> None:
         self.router = router
         self.on_error = on_error
         self.max_body = max_body
         # Bodies of at least body_buffer_min bytes with a Content-Length (and no Content-Encoding) are
-        # received into body_buffer(length), when it gives one.
+        # received into body_buffer(method, url, headers, length), when it gives one.
         self.body_buffer = body_buffer
         self.body_buffer_min = body_buffer_min
         self.idle_timeout = idle_timeout  # seconds a connection may sit without a request in progress

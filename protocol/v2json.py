@@ -88,7 +88,9 @@ def _parse_plain(model: str, version: str, doc: dict, body: bytes | memoryview, 
                     raise _Unusual
                 data: Any = binary[cursor : cursor + size]
                 if arena_at is not None:
-                    data = ArenaRef(arena_at[0], arena_at[1] + header_length + cursor, size, data)
+                    at = arena_at[1] + header_length + cursor
+                    if at % (dtypes.SIZE.get(datatype) or 1) == 0:  # else copied, aligned, at dispatch
+                        data = ArenaRef(arena_at[0], at, size, data)
                 tensor = InputTensor(name, datatype, shape, data, tparams)
                 cursor += size
             elif "shared_memory_region" in tparams:

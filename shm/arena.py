@@ -71,13 +71,19 @@ class Arena:
         self._segments: dict[str, _Segment] = {}
         self._order: list[_Segment] = []
 
-    def alloc(self, nbytes: int) -> tuple[str, int]:
-        """Reserve ``nbytes``; return ``(segment name, offset)``."""
+    def alloc(self, nbytes: int, grow: bool = True) -> tuple[str, int] | None:
+        """Reserve ``nbytes``; return ``(segment name, offset)``.
+
+        With ``grow=False``, only from the segments there are (or the first, of the initial size):
+        None when none has room.
+        """
         size = _round_up(max(nbytes, 1))
         for seg in self._order:
             offset = seg.alloc(size)
             if offset is not None:
                 return seg.region.name, offset
+        if not grow and (self._order or size > self._initial):
+            return None
         seg = self._grow(size)
         offset = seg.alloc(size)
         assert offset is not None

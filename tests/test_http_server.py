@@ -362,7 +362,7 @@ class _Buffers:
         self.handed = 0
         self.errors: list[str] = []
 
-    def __call__(self, size: int):
+    def __call__(self, method: str, url: str, headers: dict, size: int):
         if self.refuse:
             return None
         buffers = self
@@ -402,6 +402,7 @@ def _with_buffers(scenario, buffers: _Buffers) -> None:
 
         router = Router()
         router.add("POST", "/echo", echo)
+        router.add("POST", "/bad", lambda request: 42)  # a route that answers with something else
         router.add("*", "/slow", slow_route)
         server = HttpServer(router, body_buffer=buffers, body_buffer_min=4096)
         await server.start("127.0.0.1", 0)
@@ -461,7 +462,13 @@ def test_large_bodies_are_received_into_the_buffer_and_given_back():
         w.write(_post(big) + b"NOT HTTP\r\n\r\n")
         answers = await asyncio.wait_for(r.read(), 2)
         assert b"buf:100000" in answers and b"HTTP/1.1 400" in answers
-        assert buffers.outstanding == set() and buffers.handed == 5 and buffers.errors == []
+
+        # A route that answers with neither a response nor a coroutine: a 500, and the buffer back.
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(b"POST /bad HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(big) + big)
+        assert (await asyncio.wait_for(r.readuntil(b"internal error"), 2)).startswith(b"HTTP/1.1 500")
+        w.close()
+        assert buffers.outstanding == set() and buffers.handed == 6 and buffers.errors == []
 
     _with_buffers(scenario, buffers)
 
@@ -508,10 +515,20 @@ def test_request_bodies_in_the_front_arena_are_given_back():
             with pytest.raises(InferenceServerException, match="Request for unknown model"):
                 client.infer("no_such_model", [t])
 
+            # BYTES in a large body are counted in the front, as in a small one: Triton's 400.
+            text = np.array([b"x" * 100] * 1000, dtype=np.object_)
+            for count in (10, 1000):  # a small and a large body
+                strings = httpclient.InferInput("TEXT", [count], "BYTES")
+                strings.set_data_from_numpy(text[:count].copy(), binary_data=True)
+                strings.set_shape([count + 1])  # one more element than the data holds
+                with pytest.raises(InferenceServerException, match=f"expected {count + 1} string elements"):
+                    client.infer("upper", [strings])
+            assert srv.model("upper").statistics()["model_stats"][0]["execution_count"] == 0
+
             host, port = "127.0.0.1", http.port
             with socket.create_connection((host, port)) as sock:  # a client gone half-way through its body
-                sock.sendall(b"POST /v2/models/frame_stats/infer HTTP/1.1\r\nContent-Length: 6300000\r\n\r\n"
-                             + bytes(3_000_000))
+                sock.sendall(b"POST /v2/models/frame_stats/infer HTTP/1.1\r\nContent-Length: 6300000\r\n"
+                             b"Inference-Header-Content-Length: 100\r\n\r\n" + bytes(3_000_000))
                 time.sleep(0.2)
                 assert srv._call(lambda core: core.arena.in_use()) >= 6_300_000
             deadline = time.monotonic() + 5
@@ -523,26 +540,32 @@ def test_request_bodies_in_the_front_arena_are_given_back():
             asyncio.run_coroutine_threadsafe(http.close(1), srv._loop).result(10)
 
 
-def test_bodies_beyond_the_arena_budget_are_received_in_memory(monkeypatch):
-    """The arena never shrinks: past MAX_BODY_ARENA bytes of bodies at once, bodies stay in memory."""
+def test_only_binary_infer_bodies_go_to_the_arena_within_its_room_and_budget(monkeypatch):
+    """The arena never shrinks: bodies take only its free room, at most MAX_BODY_ARENA bytes at once,
+    and only inference requests with binary tensors (the rest is parsed in memory anyway)."""
     from protocol import http as front
+    from shm.arena import Arena
 
     class Core:
-        from shm.arena import Arena
-
         arena = Arena("t-body", 1 << 20)
 
     monkeypatch.setattr(front, "MAX_BODY_ARENA", 300_000)
     endpoint = front.HttpFront(Core())
+    infer = "/v2/models/m/infer"
+    binary = {"inference-header-content-length": "101"}
     try:
-        first = endpoint._body_buffer(200_000)
+        assert endpoint._body_buffer("GET", infer, binary, 200_000) is None
+        assert endpoint._body_buffer("POST", "/v2/repository/models/m/load", binary, 200_000) is None
+        assert endpoint._body_buffer("POST", infer, {}, 200_000) is None  # all JSON
+        first = endpoint._body_buffer("POST", infer + "?x=1", binary, 200_000)
         assert first is not None and endpoint.body_bytes == 200_000
-        assert endpoint._body_buffer(200_000) is None  # over the budget: in memory
+        assert (first.offset + 101) % 64 == 0  # the binary part starts aligned
+        assert endpoint._body_buffer("POST", infer, binary, 200_000) is None  # over the budget
         first.release()
         first.release()  # once only
         assert endpoint.body_bytes == 0 and Core.arena.in_use() == 0
-        second = endpoint._body_buffer(200_000)
-        assert second is not None
-        second.release()
+        monkeypatch.setattr(front, "MAX_BODY_ARENA", 8 << 20)
+        assert endpoint._body_buffer("POST", infer, binary, 2 << 20) is None  # no room: never grown
+        assert len(Core.arena.names()) == 1
     finally:
         Core.arena.close()

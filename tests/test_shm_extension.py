@@ -590,13 +590,15 @@ def test_zero_copy_the_model_reads_the_client_region(http, server, regions):
     big = np.random.default_rng(3).integers(0, 256, 200_000, dtype=np.uint8)
     body = httpclient.InferInput("INPUT0", [big.size], "UINT8")
     body.set_data_from_numpy(big)
-    for _ in range(3):  # and again: the block is given back after each answer and taken anew
-        result = http.infer("shm_probe", [body])
+    for request_id in ("", "a", "abc"):  # the block is given back after each answer and taken anew
+        result = http.infer("shm_probe", [body], request_id=request_id)
         assert re.fullmatch(rf"/dev/shm/ek\.{server.proc.pid}\.front\.\d+", result.as_numpy("MAPPING")[0].decode())
         assert result.as_numpy("SUM")[0] == big.sum(dtype=np.uint64)
         before = result.as_numpy("BEFORE")[0]
-        header = json.loads(before[before.index(b'{"inputs"'):])  # the request's JSON header, whole
+        start = max(before.rfind(b'{"id"'), before.rfind(b'{"inputs"'))
+        header = json.loads(before[start:])  # the request's JSON header, whole, right before the tensor
         assert header["inputs"][0]["parameters"]["binary_data_size"] == 200000
+        assert result.as_numpy("ADDRESS")[0] % 64 == 0  # whatever the header's length: aligned
 
 
 # -- the camera-frame example -----------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Where does the model's input live? MAPPING is the pathname of the worker mapping that holds
 INPUT0's first byte (from /proc/self/maps), SUM the sum of its bytes, BEFORE the (up to) 256 bytes
-that precede INPUT0 in that mapping."""
+that precede INPUT0 in that mapping, ADDRESS where INPUT0 starts in this process."""
 
 import ctypes
 
@@ -30,5 +30,6 @@ class TritonPythonModel:
             responses.append(pb_utils.InferenceResponse(output_tensors=[
                 pb_utils.Tensor("MAPPING", np.array([where.encode()], dtype=np.object_)),
                 pb_utils.Tensor("SUM", np.array([data.sum(dtype=np.uint64)], dtype=np.uint64)),
-                pb_utils.Tensor("BEFORE", np.array([before], dtype=np.object_))]))
+                pb_utils.Tensor("BEFORE", np.array([before], dtype=np.object_)),
+                pb_utils.Tensor("ADDRESS", np.array([address], dtype=np.uint64))]))
         return responses
