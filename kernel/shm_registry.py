@@ -46,7 +46,6 @@ class Registration:
         """The registered span, mapped in this process."""
         return self.region.buf[self.offset : self.offset + self.byte_size]
 
-
     def check(self, offset: int, byte_size: int, what: str) -> None:
         """Triton's bounds check of a tensor's span inside the registered span."""
         if offset < 0 or byte_size < 0 or offset + byte_size > self.byte_size:

@@ -34,9 +34,6 @@ log = logging.getLogger("kernel.grpc")
 _WINDOW = 16 << 20
 
 
-#: Same text as the HTTP endpoint's answer to a CUDA region registration.
-
-
 def _no_repository_name() -> ServerError:
     return ServerError("'repository_name' specification is not supported", "UNSUPPORTED")
 
