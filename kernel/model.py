@@ -20,6 +20,7 @@ from kernel.stats import ModelStats
 from kernel.types import ArenaRef, InferRequest, InferResponse, OutputTensor, ShmRef
 from protocol import dtypes
 from protocol.model_config_pb2 import ModelConfig, ModelInstanceGroup
+from shm.arena import round_up
 
 if TYPE_CHECKING:
     from shm.arena import Arena
@@ -570,21 +571,18 @@ def _place_inputs(batch: list[list], arena: Arena, blocks: list) -> list[list[li
             loc = [t.name, t.datatype, t.shape, "", 0, nbytes, 0]
             locs.append(loc)
             if nbytes:
-                rows = stacks.get(t.name)
-                if rows is None:
-                    rows = stacks[t.name] = []
-                rows.append((loc, data, nbytes))
+                stacks.setdefault(t.name, []).append((loc, data, nbytes))
         placed.append(locs)
     if stacks:
         total = 0
         for rows in stacks.values():
-            total = (total + 63) & ~63  # each stacked input starts 64-byte aligned
+            total = round_up(total)  # each stacked input starts aligned, as arena blocks do
             total += sum(nbytes for _, _, nbytes in rows)
         key, start = arena.alloc(total)
         blocks.append((key, start))
         buf = arena.buffer(key)
         for rows in stacks.values():
-            start = (start + 63) & ~63
+            start = round_up(start)
             for loc, data, nbytes in rows:
                 buf[start : start + nbytes] = data
                 loc[3] = key

@@ -12,6 +12,7 @@ from kernel.errors import CUDA_SHM_UNSUPPORTED, ServerError, invalid
 from kernel.server import Core
 from protocol import v2json
 from protocol.httpserver import Deferred, HttpError, HttpServer, Request, Response, Router, error_body
+from shm.arena import round_up
 
 log = logging.getLogger("kernel.http")
 
@@ -28,7 +29,7 @@ class ArenaBody:
     """A request body received into the front's shared-memory arena.
 
     The binary tensors in it reach the worker where they lie: no copy after the socket's. The
-    body is placed so that its binary part (after the JSON header) starts 64-byte aligned.
+    body is placed so that its binary part (after the JSON header) starts aligned like arena blocks.
     """
 
     __slots__ = ("front", "arena", "key", "block", "offset", "view")
@@ -145,13 +146,17 @@ class HttpFront:
         most ``MAX_BODY_ARENA`` bytes of bodies at a time.
         """
         header = headers.get("inference-header-content-length", "")
-        if method != "POST" or not url.startswith("/v2/models/") or not url.partition("?")[0].endswith("/infer") \
-                or not header.isdigit() or not 0 < int(header) < size:
+        if not header.isdigit() or not 0 < int(header) < size:
+            return None
+        try:
+            if self.router.resolve(method, url.partition("?")[0])[0] != self.infer:
+                return None
+        except HttpError:  # no such route: answered without reading the body
             return None
         arena = self.core.arena
         if arena is None or self.body_bytes + size > MAX_BODY_ARENA:
             return None
-        pad = -int(header) % 64  # the binary part then starts 64-byte aligned, as the arena's blocks do
+        pad = round_up(int(header)) - int(header)  # the binary part then starts aligned, as arena blocks do
         try:
             where = arena.alloc(size + pad, grow=False)
         except Exception as e:  # noqa: BLE001 - a body that cannot go to shared memory goes to memory

@@ -16,7 +16,8 @@ ALIGN = 64
 MiB = 1 << 20
 
 
-def _round_up(n: int) -> int:
+def round_up(n: int) -> int:
+    """``n`` rounded up to the arena's alignment (every block starts ALIGN-aligned)."""
     return (n + ALIGN - 1) & ~(ALIGN - 1)
 
 
@@ -67,7 +68,7 @@ class Arena:
 
     def __init__(self, tag: str, initial_size: int = 32 * MiB) -> None:
         self._tag = tag
-        self._initial = _round_up(initial_size)
+        self._initial = round_up(initial_size)
         self._segments: dict[str, _Segment] = {}
         self._order: list[_Segment] = []
 
@@ -77,7 +78,7 @@ class Arena:
         With ``grow=False``, only from the segments there are (or the first, of the initial size):
         None when none has room.
         """
-        size = _round_up(max(nbytes, 1))
+        size = round_up(max(nbytes, 1))
         for seg in self._order:
             offset = seg.alloc(size)
             if offset is not None:
@@ -127,4 +128,4 @@ class Arena:
         return seg
 
 
-__all__ = ["ALIGN", "Arena", "MiB"]
+__all__ = ["ALIGN", "Arena", "MiB", "round_up"]
