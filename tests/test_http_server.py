@@ -253,8 +253,9 @@ def test_h2c_upgrade_is_declined_and_the_request_served(server):
         assert _read_response(sock, buf)[0] == 200
 
 
-def _with_server(scenario, **options) -> None:
-    """Run ``scenario(port, release_slow)`` against an in-process HttpServer with /fast and /slow routes."""
+def _with_server(scenario, routes: tuple = (), **options) -> None:
+    """Run ``scenario(port, release_slow)`` against an in-process HttpServer with /fast and /slow routes
+    (and ``routes``: ``(method, path, handler)``)."""
     import asyncio
 
     from protocol.httpserver import Deferred, HttpServer, Response, Router
@@ -270,6 +271,8 @@ def _with_server(scenario, **options) -> None:
         router = Router()
         router.add("*", "/fast", lambda request: Response(b"ok"))
         router.add("*", "/slow", slow_route)
+        for method, path, handler in routes:
+            router.add(method, path, handler)
         server = HttpServer(router, **options)
         await server.start("127.0.0.1", 0)
         try:
@@ -383,35 +386,16 @@ class _Buffers:
 
 def _with_buffers(scenario, buffers: _Buffers) -> None:
     """``scenario(port, release_slow)`` on a server whose /echo answers where the body was received."""
-    import asyncio
-
-    from protocol.httpserver import Deferred, HttpServer, Response, Router
+    from protocol.httpserver import Response
 
     def echo(request):
         where = b"buf" if request.buffer is not None else b"mem"
         assert bytes(request.body[:4]) == b"\x01\x02\x03\x04"[: len(request.body)]
         return Response(b"%s:%d" % (where, len(request.body)))
 
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        slow: list[asyncio.Future] = []
-
-        def slow_route(request):
-            slow.append(loop.create_future())
-            return Deferred(slow[-1], lambda f: Response(f.result()))
-
-        router = Router()
-        router.add("POST", "/echo", echo)
-        router.add("POST", "/bad", lambda request: 42)  # a route that answers with something else
-        router.add("*", "/slow", slow_route)
-        server = HttpServer(router, body_buffer=buffers, body_buffer_min=4096)
-        await server.start("127.0.0.1", 0)
-        try:
-            await scenario(server.port, lambda: slow.pop(0).set_result(b"late"))
-        finally:
-            await server.close(1)
-
-    asyncio.run(main())
+    routes = (("POST", "/echo", echo),
+              ("POST", "/bad", lambda request: 42))  # a route that answers with something else
+    _with_server(scenario, routes, body_buffer=buffers, body_buffer_min=4096)
 
 
 def _post(body: bytes, extra: bytes = b"") -> bytes:
