@@ -329,7 +329,7 @@ def direct_baseline(repository: str, model: str, seconds: float = 2.0) -> dict[s
 
     from bench.inputs import make_data, resolve_inputs
     from kernel import config as model_config
-    from workers import triton_python_backend_utils as pb_utils
+    from workers.backends.python import triton_python_backend_utils as pb_utils
 
     model_dir = os.path.join(repository, model)
     cfg = model_config.load(model_dir)
@@ -548,8 +548,9 @@ def render(doc: dict[str, Any]) -> str:
     direct = doc.get("direct")
     if direct:
         lines.append(f"- Direct call (scenario 4's second target): `frame_stats` `execute()` called in-process with "
-                     f"`workers.triton_python_backend_utils` standing in for Triton's, {direct['calls']} calls: "
-                     f"p50 {_fmt(direct['latency_us']['p50'])} µs, p99 {_fmt(direct['latency_us']['p99'])} µs.")
+                     "`workers.backends.python.triton_python_backend_utils` standing in for Triton's, "
+                     f"{direct['calls']} calls: p50 {_fmt(direct['latency_us']['p50'])} µs, "
+                     f"p99 {_fmt(direct['latency_us']['p99'])} µs.")
     lines += [f"- Settings: windows of {s['measurement_interval_ms']} ms, at most {s['max_trials']} per measurement, "
               f"stable when the last 3 agree within ±{s['stability_percentage']:g}% in throughput and p50 latency; "
               "an unstable measurement is repeated once with windows twice as long when the time budget allows.",

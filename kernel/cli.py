@@ -26,10 +26,14 @@ def _bool(text: str) -> bool:
 
 
 def _backend_config(text: str) -> tuple[str, str, str]:
-    backend, sep, setting = text.partition(",")
-    key, eq, value = setting.partition("=")
-    if not sep or not eq or not backend or not key:
-        raise argparse.ArgumentTypeError(f"expected <backend>,<key>=<value>, got '{text}'")
+    """``<backend>,<key>=<value>``, or tritonserver's global ``<key>=<value>`` (backend "")."""
+    comma, eq = text.find(","), text.find("=")
+    if eq > 0 and (comma < 0 or eq < comma):
+        return "", text[:eq], text[eq + 1:]
+    backend, _, setting = text.partition(",")
+    key, eq_sign, value = setting.partition("=")
+    if comma <= 0 or not eq_sign or not key:
+        raise argparse.ArgumentTypeError(f"expected <backend>,<key>=<value> or <key>=<value>, got '{text}'")
     return backend, key, value
 
 
@@ -50,12 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--model-repository", "--model-store", action="append", dest="model_repository",
                        metavar="PATH", help="a model repository directory (repeatable; default: the bundled "
                                             "example repository)")
-    start.add_argument("--backend-directory", metavar="PATH", default="",
-                       help="accepted for compatibility with tritonserver command lines; backends are built in")
+    start.add_argument("--backend-directory", action="append", default=[], metavar="PATH",
+                       help="a directory of third-party backends, DIR/<name>/backend.py (or a Triton python-based "
+                            "backend, DIR/<name>/model.py), searched before the built-in backends (python, "
+                            "onnxruntime, pytorch); repeatable")
     start.add_argument("--backend-config", action="append", type=_backend_config, default=[],
                        metavar="<backend>,<key>=<value>",
-                       help="a backend setting, e.g. python,shm-default-byte-size=8388608 (the size of each "
-                            "python worker's output arena); repeatable")
+                       help="a backend setting, e.g. onnxruntime,default-max-batch-size=8, "
+                            "pytorch,libomp-path=/usr/lib/aarch64-linux-gnu/libgomp.so.1 or "
+                            "python,shm-default-byte-size=8388608 (each worker's output arena); <key>=<value> "
+                            "applies to every backend; repeatable")
     start.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port (default 8000; -1 disables)")
     start.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001; -1 disables)")
     start.add_argument("--metrics-port", type=int, default=8002,
@@ -130,7 +138,8 @@ async def serve(args: Any) -> int:
                     strict_model_config=args.strict_model_config or args.disable_auto_complete_config,
                     model_control_mode=args.model_control_mode, load_models=args.load_model,
                     log_verbose=args.log_verbose, backend_config=backend_config,
-                    exit_timeout=args.exit_timeout_secs, strict_readiness=args.strict_readiness)
+                    backend_directory=args.backend_directory, exit_timeout=args.exit_timeout_secs,
+                    strict_readiness=args.strict_readiness)
     core = server.core
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -13,18 +13,21 @@ from kernel.errors import ServerError
 from protocol import dtypes
 from protocol.model_config_pb2 import DataType, ModelConfig, ModelInstanceGroup
 
-# Default model file per backend, and the backend a model file implies.
+# Built-in backends: default model file and platform name, in the order Triton looks for model files
+# (TensorRT, ONNX Runtime, PyTorch, Python: AutoCompleteBackendFields).
 DEFAULT_FILENAME = {
-    "python": "model.py",
+    "tensorrt": "model.plan",
     "onnxruntime": "model.onnx",
     "pytorch": "model.pt",
-    "tensorrt": "model.plan",
+    "python": "model.py",
 }
-_PLATFORM_BACKEND = {
-    "onnxruntime_onnx": "onnxruntime",
-    "pytorch_libtorch": "pytorch",
-    "tensorrt_plan": "tensorrt",
+_BACKEND_PLATFORM = {
+    "tensorrt": "tensorrt_plan",
+    "onnxruntime": "onnxruntime_onnx",
+    "pytorch": "pytorch_libtorch",
 }
+_PLATFORM_BACKEND = {platform: backend for backend, platform in _BACKEND_PLATFORM.items()}
+_PLATFORM_BACKEND["pytorch_torchscript"] = "pytorch"  # Triton's alternative name
 
 
 def load(model_dir: str) -> ModelConfig:
@@ -58,10 +61,10 @@ def complete(config: ModelConfig, model_dir: str, gpu_count: int = 0) -> None:
     if not config.backend:
         if config.platform in _PLATFORM_BACKEND:
             config.backend = _PLATFORM_BACKEND[config.platform]
-        elif config.platform == "ensemble":
-            pass
-        else:
-            config.backend = _detect_backend(model_dir, config.default_model_filename)
+        elif config.platform != "ensemble":
+            config.backend = _detect_backend(model_dir, config.default_model_filename, config.platform)
+    if not config.platform and config.backend in _BACKEND_PLATFORM:
+        config.platform = _BACKEND_PLATFORM[config.backend]
     if not config.default_model_filename and config.backend in DEFAULT_FILENAME:
         config.default_model_filename = DEFAULT_FILENAME[config.backend]
     if not config.HasField("version_policy"):
@@ -88,16 +91,22 @@ def complete(config: ModelConfig, model_dir: str, gpu_count: int = 0) -> None:
             group.gpus.extend(range(gpu_count))
 
 
-def _detect_backend(model_dir: str, filename: str) -> str:
-    names = set()
-    for entry in os.listdir(model_dir):
-        path = os.path.join(model_dir, entry)
-        if entry.isdigit() and os.path.isdir(path):
-            names.update(os.listdir(path))
-    if filename:
-        names = {filename} & names or names
+def _detect_backend(model_dir: str, filename: str, platform: str) -> str:
+    """The built-in backend a model's file implies: its ``default_model_filename``, else the files of its
+    first version directory (TensorRT, ONNX Runtime, PyTorch, Python: Triton's order)."""
     for backend, default in DEFAULT_FILENAME.items():
-        if default in names:
+        if filename == default:
+            return backend
+    if filename or platform:
+        return ""
+    versions = sorted(e for e in os.listdir(model_dir) if os.path.isdir(os.path.join(model_dir, e)))
+    if not versions:
+        return ""
+    version_dir = os.path.join(model_dir, versions[0])
+    for backend, default in DEFAULT_FILENAME.items():
+        path = os.path.join(version_dir, default)
+        # ONNX models may be directories (external data); the others are files.
+        if os.path.isfile(path) or (backend == "onnxruntime" and os.path.isdir(path)):
             return backend
     return ""
 

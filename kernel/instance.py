@@ -112,7 +112,8 @@ class Instance:
         self.device_id = device_id
         self.secondary = secondary or []
         self.regions = regions
-        self.options = options or {}  # merged into the worker's spec (verbose, arena_size, spin_us)
+        self.options = dict(options or {})  # merged into the worker's spec (verbose, arena_size, spin_us)
+        self.env: dict[str, str] = self.options.pop("env", None) or {}  # set in the worker's environment
         self.proc: subprocess.Popen | None = None
         self.pid = 0
         self.inflight = 0
@@ -143,9 +144,9 @@ class Instance:
         self._inbox = Ring.create("in")
         self._outbox = Ring.create("out")
         self._bell = Doorbell()
-        spec = {"inbox": self._inbox.spec(), "outbox": self._outbox.spec(),
+        spec = {"instance": self.name, "inbox": self._inbox.spec(), "outbox": self._outbox.spec(),
                 "doorbell_fd": self._bell.write_fd, **self.options}
-        env = dict(os.environ)
+        env = dict(os.environ, **self.env)
         env["PYTHONPATH"] = _ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         self.proc = subprocess.Popen([sys.executable, "-m", "workers", json.dumps(spec)],
                                      pass_fds=(self._bell.write_fd,), env=env, cwd=_ROOT)
@@ -179,7 +180,7 @@ class Instance:
             raise ServerError(f"instance '{self.name}' did not answer '{msg['t']}' in {timeout:g} s",
                               "INTERNAL") from None
         if reply.get("t") == "error":
-            raise ServerError(reply["error"], "INTERNAL")
+            raise ServerError(reply["error"], reply.get("code") or "INTERNAL")
         return reply
 
     async def stop(self, timeout: float = 30.0) -> None:

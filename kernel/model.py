@@ -119,18 +119,21 @@ class ModelVersion:
 
     async def _load(self, autocomplete: bool, gpu_count: int, regions: Regions, options: dict) -> None:
         config = self.config
-        if config.backend != "python":
-            raise ServerError(f"unable to find backend library for backend '{config.backend or config.platform}', "
-                              "this server runs python-backend models", "INVALID_ARG")
-        model_file = os.path.join(self.model_dir, self.version_str, config.default_model_filename)
-        if not os.path.isfile(model_file):
-            raise ServerError(f"unable to find '{model_file}' for model '{self.name}'", "NOT_FOUND")
+        if config.platform == "ensemble":
+            raise ServerError("ensemble models are not supported by this server yet", "UNSUPPORTED")
+        version_dir = os.path.join(self.model_dir, self.version_str)
+        model_file = os.path.join(version_dir, config.default_model_filename) if config.default_model_filename \
+            else version_dir
+        server = self.server
+        load_msg = {"t": "load", "backend": config.backend, "name": self.name, "version": self.version_str,
+                    "repository": self.model_dir, "config": self.config_dict, "autocomplete": autocomplete,
+                    "model_file": model_file, "backend_dirs": server.backend_directories,
+                    "backend_config": server.backend_settings(config.backend)}
+        options = dict(options, env=server.worker_env(config.backend))
         groups = _groups(config)
         first = Instance(f"{groups[0][0]}_0", groups[0][1], 0, regions, options=options)
         self.instances = [first]
-        reply = await first.start({"t": "load", "backend": config.backend, "name": self.name,
-                                   "config": self.config_dict, "autocomplete": autocomplete,
-                                   "model_file": model_file})
+        reply = await first.start(load_msg)
         if reply["config"] != self.config_dict:
             completed = cfg.from_dict(reply["config"])
             cfg.complete(completed, self.model_dir, gpu_count)
@@ -155,8 +158,7 @@ class ModelVersion:
         first.name, first.kind, first.device_id, first.secondary = placements[0]
         for name, kind, device, secondary in placements[1:]:
             self.instances.append(Instance(name, kind, device, regions, options=options, secondary=secondary))
-        load_msg = {"t": "load", "backend": config.backend, "name": self.name, "config": self.config_dict,
-                    "autocomplete": False, "model_file": model_file}
+        load_msg = dict(load_msg, config=self.config_dict, autocomplete=False)
         await asyncio.gather(*(inst.start(load_msg) for inst in self.instances[1:]))
         model_config_json = json.dumps(self.config_dict)
         await asyncio.gather(*(inst.initialize({"t": "init", "config": self.config_dict, "args": {

@@ -58,13 +58,15 @@ class Core:
     def __init__(self, model_repositories: list[str], *, strict_model_config: bool = False,
                  model_control_mode: str = "none", load_models: list[str] | None = None,
                  log_verbose: int = 0, backend_config: dict[str, dict[str, str]] | None = None,
-                 exit_timeout: float = 30.0, arena_size: int = 64 * MiB, strict_readiness: bool = True) -> None:
+                 backend_directories: list[str] | None = None, exit_timeout: float = 30.0,
+                 arena_size: int = 64 * MiB, strict_readiness: bool = True) -> None:
         self.repository = Repository(model_repositories)
         self.strict = strict_model_config
         self.control_mode = model_control_mode
         self.startup_models = list(load_models or [])
         self.verbose = log_verbose
         self.backend_config = backend_config or {}
+        self.backend_directories = [os.path.abspath(d) for d in backend_directories or []]
         self.exit_timeout = exit_timeout
         self.strict_readiness = strict_readiness
         self.models: dict[str, Model] = {}
@@ -113,8 +115,32 @@ class Core:
             self.arena.close()
             self.arena = None
 
+    def backend_settings(self, backend: str) -> dict[str, str]:
+        """``--backend-config`` settings a backend sees: the global ones (``<key>=<value>``), then its own
+        (``<backend>,<key>=<value>``), which win."""
+        return {**self.backend_config.get("", {}), **self.backend_config.get(backend, {})}
+
+    def worker_env(self, backend: str) -> dict[str, str]:
+        """Environment variables a worker of ``backend`` must start with: they act before its
+        interpreter loads anything, which no setting inside the worker can do.
+
+        ``libomp-path``: an OpenMP runtime to preload (LD_PRELOAD), e.g. the libgomp that PyTorch on
+        Jetson needs loaded first ("cannot allocate memory in static TLS block");
+        ``ld-library-path``: directories put in front of LD_LIBRARY_PATH.
+        """
+        settings = self.backend_settings(backend)
+        env = {}
+        preload = settings.get("libomp-path")
+        if preload:
+            env["LD_PRELOAD"] = ":".join(p for p in (preload, os.environ.get("LD_PRELOAD", "")) if p)
+        libraries = settings.get("ld-library-path")
+        if libraries:
+            env["LD_LIBRARY_PATH"] = ":".join(p for p in (libraries, os.environ.get("LD_LIBRARY_PATH", "")) if p)
+        return env
+
     def worker_options(self) -> dict:
-        """What each python worker is started with (``--backend-config python,<key>=<value>``).
+        """What each worker is started with (``--backend-config python,<key>=<value>``: the worker
+        runtime's settings, the same for every backend).
 
         ``shm-default-byte-size``: the first segment of a worker's output arena (Triton's
         python backend option of that name sizes its shared-memory region); ``worker-spin-us``:

@@ -2,12 +2,13 @@
 
 One worker runs one model instance. It receives msgpack messages from the
 front on an inbox ring (sleeping in ``sem_wait`` while idle) and answers on an
-outbox ring, ringing the front's doorbell after each answer.
+outbox ring, ringing the front's doorbell after each answer. What runs the model
+is a backend (workers.backend); this module is the same for every backend.
 
 Messages from the front (``t`` is the type):
 
-* ``load``  -- import the backend's model and auto-complete its configuration;
-* ``init``  -- initialise the instance with the final configuration;
+* ``load``  -- find the backend and auto-complete the model's configuration;
+* ``init``  -- create the backend's instance with the final configuration;
 * ``x``     -- execute a batch of requests; tensors are ``loc`` lists
   ``[name, datatype, shape, key, offset, byte_size, region_id]`` that point into
   shared memory (the front's arena when ``region_id`` is 0, else a client's
@@ -26,6 +27,7 @@ import sys
 import threading
 import time
 import traceback
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -36,6 +38,8 @@ from shm.arena import Arena, MiB
 from shm.doorbell import ring as ring_doorbell
 from shm.region import Region, ShmError
 from shm.ring import Ring
+from workers import gpu
+from workers.backend import Backend, BackendError, Model, Request, Response
 
 #: How many ended registrations a worker remembers (see :meth:`Worker.region`).
 _FORGOTTEN_KEPT = 4096
@@ -63,7 +67,7 @@ class BytesCountError(TensorError):
 
 
 class Worker:
-    """Shared-memory plumbing of one worker process, used by its backend."""
+    """Shared-memory plumbing of one worker process, and the generic side of its backend."""
 
     def __init__(self, spec: dict) -> None:
         self.spec = spec
@@ -74,7 +78,11 @@ class Worker:
         self._regions: dict[str | int, Region] = {}
         self._forgotten: dict[int, None] = {}  # recently ended registrations, oldest first (bounded)
         self._send_lock = threading.Lock()
-        self.backend: Any = None
+        self.backend_class: type[Backend] | None = None
+        self.backend: Backend | None = None
+        self.model: Model | None = None
+        self._load_msg: dict = {}
+        self._artifact = ""  # the model file a third-party python-based backend imposes
 
     # -- messages -------------------------------------------------------
     def send(self, msg: dict) -> None:
@@ -110,7 +118,7 @@ class Worker:
             try:
                 if kind == "x":
                     self._free(msg.get("f"))
-                    self.backend.execute(msg)
+                    self.execute(msg)
                 elif kind == "f":
                     self._free(msg["b"])
                 elif kind == "u":
@@ -118,8 +126,7 @@ class Worker:
                 elif kind == "load":
                     self._load(msg)
                 elif kind == "init":
-                    self.backend.initialize(msg)
-                    self.send({"t": "ready"})
+                    self._init(msg)
                 elif kind == "stop":
                     try:
                         if self.backend is not None:
@@ -131,8 +138,11 @@ class Worker:
                 else:
                     sys.stderr.write(f"worker: unknown message type {kind!r}\n")
             except Exception as e:  # never die on one message
-                text = str(e) if isinstance(e, TensorError) else describe(e)
-                self.send({"t": "error", "id": msg.get("id"), "error": text})
+                if isinstance(e, BackendError):
+                    text, code = e.message, e.code
+                else:
+                    text, code = (str(e) if isinstance(e, TensorError) else describe(e)), "INTERNAL"
+                self.send({"t": "error", "id": msg.get("id"), "error": text, "code": code})
 
     def _free(self, blocks: list | None) -> None:
         """Free output blocks the front is done with (unknown ones are logged, never answered)."""
@@ -143,14 +153,156 @@ class Worker:
                 sys.stderr.write(f"worker: asked to free an unknown block {name}:{offset}\n")
 
     def _load(self, msg: dict) -> None:
-        backend = msg.get("backend", "python")
-        if backend != "python":
-            raise ValueError(f"unable to find backend '{backend}'")
-        from workers.python_backend import PythonBackend
+        """Find the backend (and auto-complete the model's configuration if asked to)."""
+        from workers.backends import resolve
 
-        self.backend = PythonBackend(self)
-        config = self.backend.load(msg)
+        self.backend_class, artifact = resolve(msg.get("backend", ""), msg.get("backend_dirs") or [])
+        self._artifact = artifact or ""
+        self._load_msg = msg
+        config = msg["config"]
+        if msg.get("autocomplete"):
+            completed = self.backend_class.auto_complete_config(self._model(msg))
+            if completed is not None:
+                config = completed
         self.send({"t": "loaded", "config": config})
+
+    def _init(self, msg: dict) -> None:
+        """Create the backend's instance with the model's final configuration."""
+        self.model = self._model(dict(self._load_msg, config=msg["config"], args=msg["args"]))
+        self.backend = self.backend_class(self.model)
+        self.send({"t": "ready"})
+
+    def _model(self, msg: dict) -> Model:
+        if self._artifact:
+            msg = dict(msg, model_file=self._artifact)
+        return Model(msg)
+
+    # -- execution ------------------------------------------------------
+    def execute(self, msg: dict) -> None:
+        """Run one batch through the backend and answer the front.
+
+        Requests whose inputs cannot be read fail alone; the others run. The answer has one
+        result per request: ``{"out": [loc, ...], "p": params}`` or ``{"err": [message, code]}``
+        (``"fail"`` when it counts as a failed inference); None for a decoupled model, whose
+        responses go out one by one as ``s`` messages.
+        """
+        t0 = time.perf_counter_ns()
+        backend, model = self.backend, self.model
+        decoupled = model.decoupled
+        specs = msg["reqs"]
+        results: list[dict | None] = [None] * len(specs)
+        requests: list[Request] = []
+        index: list[int] = []
+        place = self._output_buffer
+        for i, spec in enumerate(specs):
+            try:
+                inputs, spans = self._inputs(spec["in"])
+            except BytesCountError as e:
+                results[i] = _error(e.for_request(model.name, spec.get("rid", "")), "INVALID_ARG")
+                continue
+            except (TensorError, ValueError) as e:
+                results[i] = _error(str(e), getattr(e, "code", "INVALID_ARG"))
+                continue
+            request = Request(inputs, spec.get("out") or [], spec.get("rid", ""), spec.get("cid", 0),
+                              spec.get("fl", 0), spec.get("p", ""))
+            request._spans = spans
+            request._dests = spec.get("shm") or {}
+            request._place = place
+            if decoupled:
+                request._send = partial(self._stream, msg["id"], i, request)
+            requests.append(request)
+            index.append(i)
+        marks: list[int] = []
+        backend._marks = marks
+        t1 = time.perf_counter_ns()
+        responses: Any = None
+        if requests:
+            try:
+                responses = backend.execute(requests)
+            except Exception as e:
+                failed = _error(self._failure(e), e.code if isinstance(e, BackendError) else "INTERNAL")
+                for i in index:
+                    results[i] = failed
+                for request in requests:
+                    self._release_placed(request)
+                requests = []
+        t2 = time.perf_counter_ns()
+        if requests and not decoupled:
+            problem = _check_responses(responses, len(requests))
+            for k, i in enumerate(index):
+                results[i] = _error(problem) if problem else self._result(responses[k], requests[k])
+        t3 = time.perf_counter_ns()  # CLOCK_MONOTONIC: the front reads it as its own clock
+        backend._marks = None
+        if len(marks) == 2:  # the backend's own split of execute: gathering inputs, inference
+            t1, t2 = marks
+        self.send({"t": "r", "id": msg["id"], "res": results, "d": decoupled,
+                   "ts": [t1 - t0, t2 - t1, t3 - t2], "at": t3})
+
+    def _failure(self, e: BaseException) -> str:
+        if isinstance(e, BackendError):
+            return e.message
+        return f"Failed to process the request(s) for model '{self.model.instance_name}', message: {describe(e)}"
+
+    def _inputs(self, locs: list) -> tuple[dict[str, np.ndarray], dict[str, tuple[memoryview, int]]]:
+        inputs = {}
+        spans = {}
+        for loc in locs:
+            inputs[loc[0]], mapping = self._input(loc)
+            if mapping is not None:
+                spans[loc[0]] = (mapping, loc[4])
+        return inputs, spans
+
+    def _result(self, response: Any, request: Request) -> dict:
+        """Place one response's outputs in shared memory (those not written in place already)."""
+        if not isinstance(response, Response):
+            self._release_placed(request)
+            return _error(f"Expected a Response object, got {type(response).__name__}")
+        if response.error is not None:
+            self._release_placed(request)
+            err = response.error
+            return _error(err.message, err.code, failed=response.failed)
+        dests = request._dests
+        placed = request._placed
+        outs: list[list] = []
+        try:
+            for name, value in response.outputs.items():
+                if not request.wants(name):
+                    continue
+                done = placed.pop(name, None)
+                if done is not None and _same_memory(done[0], value):
+                    outs.append(done[1])
+                    continue
+                if done is not None:
+                    self._free_locs([done[1]])
+                outs.append(self.output_loc(name, value, dests.get(name)))
+        except TensorError as e:
+            self._free_locs(outs)
+            self._release_placed(request)
+            return _error(str(e), e.code)
+        except Exception as e:  # e.g. /dev/shm full while growing the arena, a model's odd tensor
+            self._free_locs(outs)
+            self._release_placed(request)
+            return _error(f"unable to return the outputs: {type(e).__name__}: {e}")
+        self._release_placed(request)  # buffers asked for but not returned
+        result: dict = {"out": outs}
+        if response.parameters:
+            result["p"] = response.parameters
+        return result
+
+    def _stream(self, batch_id: int, index: int, request: Request, response: Response | None,
+                final: bool) -> None:
+        result = None if response is None else self._result(response, request)
+        self.send({"t": "s", "id": batch_id, "i": index, "res": result, "final": final})
+
+    def _release_placed(self, request: Request) -> None:
+        if request._placed:
+            self._free_locs([loc for _, loc in request._placed.values()])
+            request._placed.clear()
+
+    def _free_locs(self, outs: list[list]) -> None:
+        for loc in outs:
+            if loc[3] and not loc[6]:
+                self.arena.free(loc[3], loc[4])
 
     # -- tensors --------------------------------------------------------
     def region(self, key: str, region_id: int) -> Region:
@@ -190,39 +342,35 @@ class Worker:
 
     def input_array(self, loc: list) -> np.ndarray:
         """A numpy view (copy for BYTES) of an input ``loc``."""
+        return self._input(loc)[0]
+
+    def _input(self, loc: list) -> tuple[np.ndarray, memoryview | None]:
+        """An input's array and the whole mapping it lies in (None for BYTES, copied out)."""
         _name, datatype, shape, key, offset, nbytes, region_id = loc
         if not key:
-            buf = memoryview(b"")
+            mapping = buf = memoryview(b"")
         else:
             region = self.region(key, region_id)
             # A client may have shrunk its object since: touching pages past its end would SIGBUS.
             if offset + nbytes > (region.current_size() if region_id else region.size):
                 raise TensorError(f"shared memory region '{key}' is smaller than the tensor it should hold")
-            buf = region.buf[offset : offset + nbytes]
+            mapping = region.buf
+            buf = mapping[offset : offset + nbytes]
         if datatype == "BYTES":
             count = dtypes.element_count(shape)
             try:
-                return dtypes.deserialize_bytes(buf, count).reshape(shape)
+                return dtypes.deserialize_bytes(buf, count).reshape(shape), None
             except ValueError:
                 raise BytesCountError(_name, count, dtypes.count_bytes_elements(buf)) from None
         array = np.frombuffer(buf, dtype=dtypes.NUMPY[datatype]).reshape(shape)
         if region_id:
             array.flags.writeable = False  # the client's bytes: never written by a model
-        return array
+        return array, mapping
 
-    def output_loc(self, name: str, array: np.ndarray, datatype: str, dest: list | None) -> list:
-        """Place an output in shared memory; return its ``loc``.
-
-        ``dest`` is ``[key, offset, byte_size, region_id]`` of a client region
-        the request asked for, else the output goes to this worker's arena.
-        """
-        shape = list(array.shape)
-        if datatype == "BYTES":
-            data = dtypes.serialize_bytes(array)
-            nbytes = len(data)
-        else:
-            data = None
-            nbytes = array.nbytes
+    def _place(self, name: str, datatype: str, nbytes: int, dest: list | None) -> tuple[memoryview, list]:
+        """Room for an output: in the client's region ``dest`` (``[key, offset, byte_size, region_id]``)
+        when the request asked for one, else in this worker's arena. Returns the buffer and the
+        output's ``loc`` (its shape still to be filled in)."""
         if dest is not None:
             key, offset, capacity, region_id = dest
             if nbytes > capacity:
@@ -233,18 +381,60 @@ class Worker:
             if offset + nbytes > region.current_size():  # a client may have shrunk its object since
                 raise TensorError(f"shared memory region '{key}' is smaller than the output '{name}' it should "
                                   "hold", "INTERNAL")
-            target = region.buf
-        elif nbytes:
-            key, offset = self.arena.alloc(nbytes)
-            region_id = 0
-            target = self.arena.buffer(key)
+            return region.buf, [name, datatype, None, key, offset, nbytes, region_id]
+        if not nbytes:
+            return memoryview(b""), [name, datatype, None, "", 0, 0, 0]
+        key, offset = self.arena.alloc(nbytes)
+        return self.arena.buffer(key), [name, datatype, None, key, offset, nbytes, 0]
+
+    def _output_buffer(self, request: Request, name: str, datatype: str, shape: list[int]) -> np.ndarray:
+        """Request.output_buffer: an output's final place, handed to the backend to write into."""
+        dtype = dtypes.NUMPY.get(datatype)
+        if dtype is None or datatype == "BYTES":
+            raise BackendError(f"no output buffer for output '{name}' of datatype {datatype}", "INVALID_ARG")
+        old = request._placed.pop(name, None)
+        if old is not None:
+            self._free_locs([old[1]])
+        nbytes = dtypes.element_count(shape) * dtype.itemsize
+        buf, loc = self._place(name, datatype, nbytes, request._dests.get(name))
+        loc[2] = shape
+        array = np.ndarray(shape, dtype, buffer=buf, offset=loc[4]) if nbytes else np.empty(shape, dtype)
+        request._placed[name] = (array, loc)
+        return array
+
+    def output_loc(self, name: str, value: Any, dest: list | None) -> list:
+        """Copy an output into shared memory (``dest``: a client region the request asked for); return its
+        ``loc``. ``value`` is a numpy array or a device tensor (copied from the device in place)."""
+        if not isinstance(value, np.ndarray):
+            if gpu.on_device(value):
+                dtype, shape = gpu.describe(value)
+                datatype = dtypes.from_numpy(dtype)
+                if datatype is None:
+                    raise TensorError(f"output '{name}' has an unsupported datatype {dtype}", "INTERNAL")
+                nbytes = dtypes.element_count(shape) * dtype.itemsize
+                buf, loc = self._place(name, datatype, nbytes, dest)
+                loc[2] = list(shape)
+                if nbytes:
+                    gpu.copy_to_host(value, np.ndarray(shape, dtype, buffer=buf, offset=loc[4]))
+                return loc
+            value = gpu.as_host_array(value)
+        datatype = dtypes.from_numpy(value.dtype)
+        if datatype is None:
+            raise TensorError(f"output '{name}' has an unsupported datatype {value.dtype}", "INTERNAL")
+        if datatype == "BYTES":
+            data = dtypes.serialize_bytes(value)
+            nbytes = len(data)
         else:
-            return [name, datatype, shape, "", 0, 0, 0]
+            data = None
+            nbytes = value.nbytes
+        buf, loc = self._place(name, datatype, nbytes, dest)
+        loc[2] = list(value.shape)
+        offset = loc[4]
         if data is not None:
-            target[offset : offset + nbytes] = data
+            buf[offset : offset + nbytes] = data
         elif nbytes:
-            np.copyto(np.ndarray(array.shape, array.dtype, buffer=target, offset=offset), array, casting="no")
-        return [name, datatype, shape, key, offset, nbytes, region_id]
+            np.copyto(np.ndarray(value.shape, value.dtype, buffer=buf, offset=offset), value, casting="no")
+        return loc
 
     def close(self) -> None:
         self.arena.close()
@@ -252,6 +442,32 @@ class Worker:
             region.close()
         self.inbox.close()
         self.outbox.close()
+
+
+def _error(message: str, code: str = "INTERNAL", failed: bool = True) -> dict:
+    """A request's error; ``failed`` is False for an error response the model chose to send."""
+    result: dict = {"err": [message, code]}
+    if failed:
+        result["fail"] = True
+    return result
+
+
+def _check_responses(responses: Any, count: int) -> str | None:
+    if not isinstance(responses, (list, tuple)):
+        return ("Failed to process the request(s): expected a list of InferenceResponse objects "
+                f"from execute, got {type(responses).__name__}")
+    if len(responses) != count:
+        return ("Number of InferenceResponse objects do not match number of InferenceRequest objects. "
+                f"InferenceRequest(s) size is:{count}, and InferenceResponse(s) size is:{len(responses)}\n")
+    return None
+
+
+def _same_memory(placed: np.ndarray, value: Any) -> bool:
+    """Whether ``value`` is the output buffer handed out (the backend wrote the output in place)."""
+    if value is placed:
+        return True
+    return (isinstance(value, np.ndarray) and value.shape == placed.shape and value.dtype == placed.dtype
+            and value.__array_interface__["data"][0] == placed.__array_interface__["data"][0])
 
 
 _OWN = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep

@@ -91,9 +91,9 @@ class TritonError:
 
 
 class Tensor:
-    """A named tensor; ``as_numpy()`` is its data."""
+    """A named tensor: a numpy array (``as_numpy()``), or a GPU tensor reached through DLPack."""
 
-    __slots__ = ("_name", "_array", "_triton_dtype")
+    __slots__ = ("_name", "_data", "_triton_dtype", "_device")
 
     def __init__(self, name: str, numpy_array: Any, triton_dtype: int | None = None) -> None:
         if not isinstance(numpy_array, np.ndarray):
@@ -107,47 +107,88 @@ class Tensor:
             if np_type is not None and numpy_array.dtype != np_type:
                 numpy_array = numpy_array.view(np_type)
         self._name = name
-        self._array = numpy_array
+        self._data: Any = numpy_array
         self._triton_dtype = triton_dtype
+        self._device = -1  # the GPU holding the data; -1: host memory
+
+    @classmethod
+    def _on_device(cls, name: str, tensor: Any, device_id: int) -> Tensor:
+        """A tensor whose data stays on GPU ``device_id`` (a torch or cupy tensor)."""
+        self = cls.__new__(cls)
+        self._name, self._data, self._triton_dtype, self._device = name, tensor, None, device_id
+        return self
 
     @staticmethod
     def from_dlpack(name: str, dlpack_tensor: Any) -> Tensor:
-        """Wrap a DLPack-capable CPU tensor (or a DLPack capsule) without copying."""
-        if hasattr(dlpack_tensor, "__dlpack__"):
-            try:
-                return Tensor(name, np.from_dlpack(dlpack_tensor))
-            except (RuntimeError, BufferError, TypeError):
-                if hasattr(dlpack_tensor, "cpu"):  # a device tensor: bring it to host memory
-                    return Tensor(name, np.from_dlpack(dlpack_tensor.cpu()))
-                raise
-        return Tensor(name, np.from_dlpack(_Capsule(dlpack_tensor)))
+        """Wrap a DLPack tensor (or a bare DLPack capsule) without copying: host tensors become numpy
+        arrays, GPU tensors stay on their GPU."""
+        if not hasattr(dlpack_tensor, "__dlpack__"):  # a capsule: only a framework can take it
+            dlpack_tensor = _from_capsule(dlpack_tensor)
+        device_type, device_id = dlpack_tensor.__dlpack_device__()
+        if device_type in (1, 3):  # kDLCPU, kDLCUDAHost
+            return Tensor(name, np.from_dlpack(dlpack_tensor) if not type(dlpack_tensor).__module__.startswith(
+                "torch") else _torch_to_numpy(dlpack_tensor))
+        return Tensor._on_device(name, dlpack_tensor, int(device_id))
 
     def name(self) -> str:
         return self._name
 
     def as_numpy(self) -> np.ndarray:
-        return self._array
+        if self._device >= 0:
+            raise TritonModelException("Tensor is stored in GPU and cannot be converted to NumPy.")
+        return self._data
 
     def triton_dtype(self) -> int | None:
-        return self._triton_dtype if self._triton_dtype is not None else numpy_to_triton_type(self._array.dtype)
+        if self._triton_dtype is not None:
+            return self._triton_dtype
+        if self._device >= 0:
+            from workers import gpu
+
+            return numpy_to_triton_type(gpu.describe(self._data)[0])
+        return numpy_to_triton_type(self._data.dtype)
 
     def shape(self) -> list[int]:
-        return list(self._array.shape)
+        return list(self._data.shape)
 
     def is_cpu(self) -> bool:
-        return True
+        return self._device < 0
 
     def to_dlpack(self) -> Any:
-        return self._array.__dlpack__()
+        return self._data.__dlpack__()
 
     def __dlpack__(self, stream: Any = None) -> Any:
-        return self._array.__dlpack__()
+        if self._device >= 0:
+            return self._data.__dlpack__(stream=stream) if stream is not None else self._data.__dlpack__()
+        return self._data.__dlpack__()
 
     def __dlpack_device__(self) -> tuple[int, int]:
-        return (1, 0)
+        return (2, self._device) if self._device >= 0 else (1, 0)
 
     def __repr__(self) -> str:
-        return f"Tensor({self._name!r}, {self._array.dtype}, {list(self._array.shape)})"
+        where = f"cuda:{self._device}" if self._device >= 0 else "cpu"
+        return f"Tensor({self._name!r}, {self._data.dtype}, {list(self._data.shape)}, {where})"
+
+
+def _torch_to_numpy(tensor: Any) -> np.ndarray:
+    from workers import gpu
+
+    return gpu.as_host_array(tensor)
+
+
+def _from_capsule(capsule: Any) -> Any:
+    """A framework tensor for a bare DLPack capsule (torch, else cupy, else numpy for host memory)."""
+    try:
+        import torch.utils.dlpack
+
+        return torch.utils.dlpack.from_dlpack(capsule)
+    except ImportError:
+        pass
+    try:
+        import cupy
+
+        return cupy.from_dlpack(capsule)
+    except ImportError:
+        return _Capsule(capsule)
 
 
 class _Capsule:

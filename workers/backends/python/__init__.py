@@ -1,0 +1,117 @@
+"""Triton's python backend: runs ``model.py`` files written for Triton, unmodified.
+
+The model's ``TritonPythonModel`` gets ``pb_utils.InferenceRequest`` objects whose input
+tensors are numpy views on shared memory, and answers ``pb_utils.InferenceResponse``
+objects; this module translates between those and the backend interface
+(workers.backend). Unlike Triton on JetPack, it hands GPU tensors to models that ask for
+them (``FORCE_CPU_ONLY_INPUT_TENSORS: no`` on a KIND_GPU instance) and takes GPU tensors
+back through DLPack (docs/backends.md).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from typing import Any
+
+from workers import gpu
+from workers.backend import CODES, Backend, BackendError, Model, Request, Response
+from workers.backends.python import triton_python_backend_utils as pb
+
+_MODULES: dict[str, Any] = {}  # model.py path -> its module: imported once per worker
+
+
+def _model_class(path: str, name: str) -> Any:
+    """``TritonPythonModel`` of the model file at ``path``."""
+    module = _MODULES.get(path)
+    if module is None:
+        sys.modules.setdefault("triton_python_backend_utils", pb)
+        if not os.path.isfile(path):
+            raise BackendError(f"unable to find '{path}' for model '{name}'", "NOT_FOUND")
+        version_dir = os.path.dirname(path)
+        if version_dir not in sys.path:
+            sys.path.insert(0, version_dir)
+        spec = importlib.util.spec_from_file_location(f"model_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        _MODULES[path] = module
+    cls = getattr(module, "TritonPythonModel", None)
+    if cls is None:
+        raise AttributeError(f"'{path}' does not define class TritonPythonModel")
+    return cls
+
+
+class PythonBackend(Backend):
+    """Loads a ``TritonPythonModel`` and feeds it requests built on shared memory."""
+
+    default_model_filename = "model.py"
+
+    @classmethod
+    def auto_complete_config(cls, model: Model) -> dict | None:
+        model_class = _model_class(model.artifact, model.name)
+        if not hasattr(model_class, "auto_complete_config"):
+            return None
+        result = model_class.auto_complete_config(pb.ModelConfig(model.config))
+        if not isinstance(result, pb.ModelConfig):
+            raise TypeError("auto_complete_config must return the pb_utils.ModelConfig it was given")
+        return result.as_dict()
+
+    def __init__(self, model: Model) -> None:
+        super().__init__(model)
+        self.name = model.name
+        self.decoupled = model.decoupled
+        force_cpu = model.parameter("FORCE_CPU_ONLY_INPUT_TENSORS", "yes")
+        if force_cpu not in ("yes", "no"):
+            raise BackendError(f"Incorrect value for FORCE_CPU_ONLY_INPUT_TENSORS: {force_cpu}'", "UNSUPPORTED")
+        #: Inputs go to the instance's GPU first (Triton on JetPack cannot do this: no GPU tensors there).
+        self.gpu_inputs = force_cpu == "no" and model.kind == "GPU"
+        self.device_id = model.device_id
+        self.instance = _model_class(model.artifact, model.name)()
+        if hasattr(self.instance, "initialize"):
+            self.instance.initialize(model.args)
+
+    def finalize(self) -> None:
+        if hasattr(self.instance, "finalize"):
+            self.instance.finalize()
+
+    def execute(self, requests: list[Request]) -> list[Response] | None:
+        batch = [self._request(r) for r in requests]
+        responses = self.instance.execute(batch)
+        if self.decoupled:
+            return None
+        if not isinstance(responses, (list, tuple)):
+            return responses  # the runtime words the problem
+        return [_response(r) for r in responses]
+
+    def _request(self, request: Request) -> pb.InferenceRequest:
+        if self.gpu_inputs:
+            tensors = [pb.Tensor._on_device(name, gpu.to_device(array, self.device_id), self.device_id)
+                       if array.dtype != object else pb.Tensor(name, array) for name, array in request.inputs.items()]
+        else:
+            tensors = [pb.Tensor(name, array) for name, array in request.inputs.items()]
+        inference = pb.InferenceRequest(
+            model_name=self.name, inputs=tensors, requested_output_names=request.requested_outputs,
+            request_id=request.id, correlation_id=request.correlation_id, flags=request.flags,
+            parameters=request._parameters or "{}")
+        if self.decoupled:
+            inference._sender = pb.InferenceResponseSender(
+                lambda response, flags: request.send(None if response is None else _response(response),
+                                                     bool(flags & pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)))
+        return inference
+
+
+def _response(response: Any) -> Response:
+    """A pb_utils.InferenceResponse as the runtime's Response."""
+    if not isinstance(response, pb.InferenceResponse):
+        return Response(error=BackendError(f"Expected an InferenceResponse object, got {type(response).__name__}"))
+    if response.has_error():
+        err = response.error()
+        code = err.code() if isinstance(err, pb.TritonError) else 1
+        message = str(err.message() if hasattr(err, "message") else err)
+        return Response(error=BackendError(message, CODES[code] if 0 <= code < len(CODES) else "INTERNAL"),
+                        failed=False)
+    outputs = {}
+    for tensor in response.output_tensors():
+        outputs[tensor.name()] = tensor._data
+    return Response(outputs, parameters=response._parameters)
