@@ -648,9 +648,12 @@ class Page:
         with open(os.path.join(self.out, "performance.md"), "w", encoding="utf-8") as f:
             f.write(page)
         if docs and not self.args.no_docs:
+            from bench.backends import kept_section  # bench.backends' section of the page stays
+
             os.makedirs(os.path.dirname(os.path.abspath(self.args.docs)), exist_ok=True)
+            kept = kept_section(self.args.docs)
             with open(self.args.docs, "w", encoding="utf-8") as f:
-                f.write(page)
+                f.write(page + ("\n" + kept if kept else ""))
         return page
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.support import KernelServer, build_repository
@@ -28,3 +30,8 @@ def http(server):
     client = httpclient.InferenceServerClient(server.http_url)
     yield client
     client.close()
+
+
+# GPU tests (tests/device) run on a machine with an NVIDIA GPU and CUDA torch, with
+# EDGE_KERNEL_DEVICE_TESTS=1 (bench/device_run.sh does); elsewhere they are not collected.
+collect_ignore = [] if os.environ.get("EDGE_KERNEL_DEVICE_TESTS") else ["device"]

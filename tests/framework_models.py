@@ -77,3 +77,11 @@ def external_data_model(directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     onnx.save_model(model, str(directory / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
                     location="weights.bin", size_threshold=0)
+
+
+def torchscript(module_class: type, path: Path) -> None:
+    """Script ``module_class()`` with torch.jit and save it at ``path``."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.jit.save(torch.jit.script(module_class().eval()), str(path))

@@ -227,3 +227,31 @@ def test_a_missing_framework_names_the_extra_to_install(tmp_path):
         http.close()
     finally:
         assert srv.stop() == 0
+
+
+def test_the_documented_example_backend(tmp_path):
+    """examples/backends/linear, as docs/backends.md shows it (the page holds the file verbatim)."""
+    from tests.support import ROOT
+
+    source = (ROOT / "examples" / "backends" / "linear" / "backend.py").read_text()
+    assert source in (ROOT / "docs" / "backends.md").read_text()
+    rng = np.random.default_rng(0)
+    weights, bias = rng.standard_normal((3, 2)).astype(np.float32), rng.standard_normal(2).astype(np.float32)
+    repo = tmp_path / "models"
+    (repo / "linear_model" / "1").mkdir(parents=True)
+    np.savez(repo / "linear_model" / "1" / "model.npz", W=weights, b=bias)
+    (repo / "linear_model" / "config.pbtxt").write_text('backend: "linear"\n')
+    srv = KernelServer(repo, "--backend-directory", str(ROOT / "examples" / "backends"),
+                       "--backend-config", "linear,scale=2").start(tmp_path / "log")
+    try:
+        http = httpclient.InferenceServerClient(srv.http_url)
+        config = http.get_model_config("linear_model")
+        assert config["max_batch_size"] == 8 and "dynamic_batching" in config
+        assert [(t["name"], t["dims"]) for t in config["input"] + config["output"]] == [("X", [3]), ("Y", [2])]
+        x = rng.standard_normal((4, 3)).astype(np.float32)
+        t = httpclient.InferInput("X", [4, 3], "FP32")
+        t.set_data_from_numpy(x)
+        np.testing.assert_allclose(http.infer("linear_model", [t]).as_numpy("Y"), (x @ weights + bias) * 2, rtol=1e-6)
+        http.close()
+    finally:
+        assert srv.stop() == 0

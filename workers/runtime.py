@@ -175,6 +175,9 @@ class Worker:
     def _model(self, msg: dict) -> Model:
         if self._artifact:
             msg = dict(msg, model_file=self._artifact)
+        elif not msg["config"].get("default_model_filename") and self.backend_class.default_model_filename:
+            # a backend the front knows nothing of: its own default file in the version directory
+            msg = dict(msg, model_file=os.path.join(msg["model_file"], self.backend_class.default_model_filename))
         return Model(msg)
 
     # -- execution ------------------------------------------------------

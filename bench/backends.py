@@ -1,0 +1,286 @@
+"""``python -m bench.backends``: what serving a framework model costs over calling the framework directly.
+
+For each model (a small conv net on ONNX Runtime; a CNN on the PyTorch backend, torchvision's
+resnet18 with random weights where torchvision is installed, on the GPU where there is one), in
+one run on one machine:
+
+* direct: the framework called in this process, as the backend calls it (ONNX Runtime's
+  ``session.run``; torch's forward with the input moved to the device and the output back);
+* in-process: ``kernel.api.Server`` (the input written into an arena buffer, no sockets);
+* HTTP + system shared memory: ``tritonclient.http`` against ``kernel start``, the input and
+  output in registered POSIX regions (a camera pipeline's path).
+
+Each is called back to back, one at a time, for ``--seconds`` after a warm-up; the page gives
+p50/p99 and the overhead (p50 minus the direct call's p50) against the targets: 100 µs in
+process, 250 µs over HTTP with shared memory. Results go to ``DIR/backends.json`` and into
+docs/performance.md, between the markers of its "Framework backends" section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from bench.compare import REPO_ROOT, machine, ours_server
+from bench.inputs import BenchError
+
+DOCS = os.path.join(REPO_ROOT, "docs", "performance.md")
+BEGIN, END = "<!-- bench.backends: begin -->", "<!-- bench.backends: end -->"
+TARGETS = {"inprocess": 100.0, "http_shm": 250.0}  # µs of overhead at batch 1
+
+
+def _timed(call: Callable[[], Any], seconds: float, warmup: int = 20) -> dict[str, float]:
+    for _ in range(warmup):
+        call()
+    samples = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter_ns()
+        call()
+        samples.append(time.perf_counter_ns() - t0)
+    samples.sort()
+    return {"p50_us": samples[len(samples) // 2] / 1000, "p99_us": samples[min(len(samples) - 1,
+                                                                                int(len(samples) * 0.99))] / 1000,
+            "calls": len(samples)}
+
+
+# -- models ----------------------------------------------------------------------------------------
+
+def _onnx_model(repo: str) -> dict:
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    init = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in
+            (("w1", (16, 3, 3, 3)), ("b1", (16,)), ("w2", (32, 16, 3, 3)), ("b2", (32,)), ("fc", (32, 10)))]
+    nodes = [helper.make_node("Conv", ["INPUT", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Relu", ["c2"], ["r2"]),
+             helper.make_node("GlobalAveragePool", ["r2"], ["p"]), helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("MatMul", ["f", "fc"], ["OUTPUT"])]
+    graph = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info("INPUT", TensorProto.FLOAT,
+                                                                            ["N", 3, 64, 64])],
+                              [helper.make_tensor_value_info("OUTPUT", TensorProto.FLOAT, ["N", 10])], init)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = os.path.join(repo, "onnx_conv", "1")
+    os.makedirs(path)
+    with open(os.path.join(path, "model.onnx"), "wb") as f:
+        f.write(model.SerializeToString())
+    with open(os.path.join(repo, "onnx_conv", "config.pbtxt"), "w") as f:
+        f.write('backend: "onnxruntime"\nmax_batch_size: 8\ninstance_group [ { kind: KIND_CPU } ]\n')
+
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(os.path.join(path, "model.onnx"), providers=["CPUExecutionProvider"])
+    return {"name": "onnx_conv", "label": "ONNX Runtime, small conv net, CPU", "input": "INPUT", "output": "OUTPUT",
+            "shape": [3, 64, 64], "outputs": 10, "batches": [1],
+            "direct": lambda x: session.run(["OUTPUT"], {"INPUT": x})[0]}
+
+
+def _SmallCNN() -> Any:  # noqa: N802 - a module class made on demand (torch is imported late)
+    import torch
+
+    class SmallCNN(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 16, 3, padding=1)
+            self.fc = torch.nn.Linear(16, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    return SmallCNN()
+
+
+def _torch_model(repo: str, device: str) -> dict:
+    import torch
+
+    try:
+        import torchvision
+
+        module: Any = torchvision.models.resnet18(weights=None, num_classes=1000)
+        label, shape, classes = "resnet18 (torchvision, random weights)", [3, 224, 224], 1000
+    except ImportError:  # the dev VM has no torchvision for its torch
+        module, label, shape, classes = _SmallCNN(), "small CNN (no torchvision here)", [3, 32, 32], 10
+    scripted = torch.jit.script(module.eval())
+    path = os.path.join(repo, "torch_cnn", "1")
+    os.makedirs(path)
+    torch.jit.save(scripted, os.path.join(path, "model.pt"))
+    kind = "KIND_GPU" if device == "cuda" else "KIND_CPU"
+    with open(os.path.join(repo, "torch_cnn", "config.pbtxt"), "w") as f:
+        f.write(f'backend: "pytorch"\nmax_batch_size: 8\ninstance_group [ {{ kind: {kind} }} ]\n'
+                f'input [ {{ name: "INPUT__0", data_type: TYPE_FP32, dims: [ {", ".join(map(str, shape))} ] }} ]\n'
+                f'output [ {{ name: "OUTPUT__0", data_type: TYPE_FP32, dims: [ {classes} ] }} ]\n')
+    direct_module = torch.jit.load(os.path.join(path, "model.pt"), map_location=device)
+    target = torch.device(device)
+
+    def direct(x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            out = direct_module(torch.from_numpy(x).to(target))
+            return out.cpu().numpy()
+
+    return {"name": "torch_cnn", "label": f"PyTorch, {label}, {'GPU' if device == 'cuda' else 'CPU'}",
+            "input": "INPUT__0", "output": "OUTPUT__0", "shape": shape, "outputs": classes, "batches": [1, 8],
+            "direct": direct}
+
+
+# -- measurements ---------------------------------------------------------------------------------
+
+def _inprocess(repo: str, models: list[dict], seconds: float) -> dict:
+    from kernel.api import Server
+
+    results = {}
+    with Server(model_repository=repo) as server:
+        for m in models:
+            handle = server.model(m["name"])
+            for batch in m["batches"]:
+                buffer = handle.input_buffer(m["input"], [batch, *m["shape"]])
+                buffer[:] = np.random.default_rng(batch).standard_normal(buffer.shape).astype(np.float32)
+                feed = {m["input"]: buffer}
+                results[f"{m['name']}/{batch}"] = _timed(lambda h=handle, f=feed: h.infer(f).release(), seconds)
+    return results
+
+
+def _http_shm(repo: str, models: list[dict], seconds: float, log_dir: str) -> dict:
+    import tritonclient.http as httpclient
+    import tritonclient.utils.shared_memory as shm
+
+    server = ours_server(repo, log_dir)
+    server.start()
+    results = {}
+    client = None
+    try:
+        missing = server.wait_ready([m["name"] for m in models])
+        if missing:
+            raise BenchError(f"models not ready: {missing}\n{server.log_tail()}")
+        client = httpclient.InferenceServerClient(server.url("http"))
+        for m in models:
+            for batch in m["batches"]:
+                x = np.random.default_rng(batch).standard_normal([batch, *m["shape"]]).astype(np.float32)
+                out_bytes = batch * m["outputs"] * 4
+                key = f"/bench_{m['name']}_{batch}_{os.getpid()}"
+                region = shm.create_shared_memory_region(key[1:], key, x.nbytes + out_bytes)
+                try:
+                    shm.set_shared_memory_region(region, [x])
+                    client.register_system_shared_memory(key[1:], key, x.nbytes + out_bytes)
+                    inp = httpclient.InferInput(m["input"], list(x.shape), "FP32")
+                    inp.set_shared_memory(key[1:], x.nbytes)
+                    out = httpclient.InferRequestedOutput(m["output"])
+                    out.set_shared_memory(key[1:], out_bytes, offset=x.nbytes)
+                    results[f"{m['name']}/{batch}"] = _timed(
+                        lambda inp=inp, out=out, name=m["name"]: client.infer(name, [inp], outputs=[out]), seconds)
+                finally:
+                    client.unregister_system_shared_memory(key[1:])
+                    shm.destroy_shared_memory_region(region)
+    finally:
+        if client is not None:
+            client.close()
+        server.stop()
+    return results
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = args.device
+    if device == "auto":
+        try:
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        except ImportError:
+            device = "cpu"
+    with tempfile.TemporaryDirectory(prefix="bench-backends-") as tmp:
+        repo = os.path.join(tmp, "models")
+        os.makedirs(repo)
+        models = [_onnx_model(repo), _torch_model(repo, device)]
+        rows = []
+        direct = {}
+        for m in models:
+            for batch in m["batches"]:
+                x = np.random.default_rng(batch).standard_normal([batch, *m["shape"]]).astype(np.float32)
+                direct[f"{m['name']}/{batch}"] = _timed(lambda x=x, f=m["direct"]: f(x), args.seconds)
+        inprocess = _inprocess(repo, models, args.seconds)
+        http = _http_shm(repo, models, args.seconds, tmp)
+        for m in models:
+            for batch in m["batches"]:
+                key = f"{m['name']}/{batch}"
+                rows.append({"model": m["label"], "batch": batch, "direct": direct[key],
+                             "inprocess": inprocess[key], "http_shm": http[key]})
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
+            "device": device, "seconds": args.seconds, "machine": machine(None), "rows": rows}
+
+
+def render(doc: dict) -> str:
+    m = doc["machine"]
+    lines = [BEGIN, "## Framework backends: serving overhead over the framework called directly", "",
+             f"Generated by `python -m bench.backends` on {doc['date']}; do not edit by hand. Machine: {m['cpu']}, "
+             f"{m['usable_cpus']} usable cores, GPU: {m['gpu']}; {m['os']}; Python {m['python'].split()[0]}; "
+             f"edge-kernel {m['edge_kernel_commit']}. Each path called back to back for {doc['seconds']:g} s "
+             "after a warm-up; latencies in µs. Overhead: p50 minus the direct call's p50 "
+             f"(targets at batch 1: {TARGETS['inprocess']:.0f} µs in process, {TARGETS['http_shm']:.0f} µs over "
+             "HTTP with system shared memory).", "",
+             "| model | batch | direct p50 | in-process p50 (p99) | overhead | HTTP + system shm p50 (p99) | overhead "
+             "| targets |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for row in doc["rows"]:
+        d, i, h = row["direct"]["p50_us"], row["inprocess"], row["http_shm"]
+        over_i, over_h = i["p50_us"] - d, h["p50_us"] - d
+        verdict = "—"
+        if row["batch"] == 1:
+            ok_i, ok_h = over_i <= TARGETS["inprocess"], over_h <= TARGETS["http_shm"]
+            verdict = f"in-process {'**pass**' if ok_i else '**FAIL**'}, HTTP+shm {'**pass**' if ok_h else '**FAIL**'}"
+        lines.append(f"| {row['model']} | {row['batch']} | {d:,.0f} | {i['p50_us']:,.0f} ({i['p99_us']:,.0f}) | "
+                     f"{over_i:,.0f} | {h['p50_us']:,.0f} ({h['p99_us']:,.0f}) | {over_h:,.0f} | {verdict} |")
+    lines += ["", "Direct calls: ONNX Runtime's `session.run` on a numpy input; torch's forward under "
+              "`inference_mode` with the input moved to the device and the output brought back to a numpy array "
+              "(the work the backend must do as well).", END]
+    return "\n".join(lines) + "\n"
+
+
+def write_docs(section: str, path: str = DOCS) -> None:
+    """Put the section into the page, replacing the one there (``bench compare`` keeps it when it rewrites)."""
+    text = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
+    if BEGIN in text and END in text:
+        text = text[:text.index(BEGIN)] + section.rstrip("\n") + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text if text.endswith("\n") else text + "\n")
+
+
+def kept_section(path: str = DOCS) -> str:
+    """The section as the page has it now ("" if none): for ``bench compare``, which rewrites the page."""
+    text = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
+    if BEGIN in text and END in text:
+        return text[text.index(BEGIN):text.index(END) + len(END)] + "\n"
+    return ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.backends", description=__doc__.split("\n\n")[0])
+    p.add_argument("--seconds", type=float, default=3.0, help="measurement per path and batch size (default 3)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the PyTorch model runs")
+    p.add_argument("--out", default=os.path.join(REPO_ROOT, "bench", "results", "tmp"), help="folder for the JSON")
+    p.add_argument("--no-docs", action="store_true", help="leave docs/performance.md as it is")
+    args = p.parse_args(argv)
+    doc = run(args)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "backends.json"), "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=2, default=str)
+    section = render(doc)
+    print(section)
+    if not args.no_docs:
+        write_docs(section)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
