@@ -31,6 +31,11 @@ import numpy as np
 
 from bench.compare import REPO_ROOT, machine, ours_server
 from bench.inputs import BenchError
+from bench.stats import model_stats, server_split
+
+# The direct calls run with the settings the backends give their frameworks (workers.backends.pytorch
+# sets this before torch loads; ONNX Runtime's options come from the backend itself, below).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 DOCS = os.path.join(REPO_ROOT, "docs", "performance.md")
 BEGIN, END = "<!-- bench.backends: begin -->", "<!-- bench.backends: end -->"
@@ -80,10 +85,16 @@ def _onnx_model(repo: str) -> dict:
 
     import onnxruntime as ort
 
-    session = ort.InferenceSession(os.path.join(path, "model.onnx"), providers=["CPUExecutionProvider"])
+    from workers.backend import Model
+    from workers.backends.onnxruntime import _options
+
+    options = _options(Model({"name": "onnx_conv", "config": {"parameters": {}}}))
+    session = ort.InferenceSession(os.path.join(path, "model.onnx"), options, providers=["CPUExecutionProvider"])
+    defaults = ort.InferenceSession(os.path.join(path, "model.onnx"), providers=["CPUExecutionProvider"])
     return {"name": "onnx_conv", "label": "ONNX Runtime, small conv net, CPU", "input": "INPUT", "output": "OUTPUT",
             "shape": [3, 64, 64], "outputs": 10, "batches": [1],
-            "direct": lambda x: session.run(["OUTPUT"], {"INPUT": x})[0]}
+            "direct": lambda x: session.run(["OUTPUT"], {"INPUT": x})[0],
+            "framework_defaults": lambda x: defaults.run(["OUTPUT"], {"INPUT": x})[0]}
 
 
 def _SmallCNN() -> Any:  # noqa: N802 - a module class made on demand (torch is imported late)
@@ -147,7 +158,10 @@ def _inprocess(repo: str, models: list[dict], seconds: float) -> dict:
                 buffer = handle.input_buffer(m["input"], [batch, *m["shape"]])
                 buffer[:] = np.random.default_rng(batch).standard_normal(buffer.shape).astype(np.float32)
                 feed = {m["input"]: buffer}
-                results[f"{m['name']}/{batch}"] = _timed(lambda h=handle, f=feed: h.infer(f).release(), seconds)
+                before = model_stats(server.statistics(), m["name"])
+                result = _timed(lambda h=handle, f=feed: h.infer(f).release(), seconds)
+                result["server"] = server_split(before, model_stats(server.statistics(), m["name"]))
+                results[f"{m['name']}/{batch}"] = result
     return results
 
 
@@ -177,8 +191,12 @@ def _http_shm(repo: str, models: list[dict], seconds: float, log_dir: str) -> di
                     inp.set_shared_memory(key[1:], x.nbytes)
                     out = httpclient.InferRequestedOutput(m["output"])
                     out.set_shared_memory(key[1:], out_bytes, offset=x.nbytes)
-                    results[f"{m['name']}/{batch}"] = _timed(
-                        lambda inp=inp, out=out, name=m["name"]: client.infer(name, [inp], outputs=[out]), seconds)
+                    before = model_stats(client.get_inference_statistics(m["name"]), m["name"])
+                    result = _timed(lambda inp=inp, out=out, name=m["name"]: client.infer(name, [inp], outputs=[out]),
+                                    seconds)
+                    result["server"] = server_split(before, model_stats(client.get_inference_statistics(m["name"]),
+                                                                        m["name"]))
+                    results[f"{m['name']}/{batch}"] = result
                 finally:
                     client.unregister_system_shared_memory(key[1:])
                     shm.destroy_shared_memory_region(region)
@@ -208,6 +226,9 @@ def run(args: argparse.Namespace) -> dict:
             for batch in m["batches"]:
                 x = np.random.default_rng(batch).standard_normal([batch, *m["shape"]]).astype(np.float32)
                 direct[f"{m['name']}/{batch}"] = _timed(lambda x=x, f=m["direct"]: f(x), args.seconds)
+                if "framework_defaults" in m:
+                    direct[f"{m['name']}/{batch}"]["framework_defaults"] = _timed(
+                        lambda x=x, f=m["framework_defaults"]: f(x), args.seconds)
         inprocess = _inprocess(repo, models, args.seconds)
         http = _http_shm(repo, models, args.seconds, tmp)
         for m in models:
@@ -229,7 +250,8 @@ def render(doc: dict) -> str:
              f"(targets at batch 1: {TARGETS['inprocess']:.0f} µs in process, {TARGETS['http_shm']:.0f} µs over "
              "HTTP with system shared memory).", "",
              "| model | batch | direct p50 | in-process p50 (p99) | overhead | HTTP + system shm p50 (p99) | overhead "
-             "| targets |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| targets | server split, in-process / HTTP |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for row in doc["rows"]:
         d, i, h = row["direct"]["p50_us"], row["inprocess"], row["http_shm"]
         over_i, over_h = i["p50_us"] - d, h["p50_us"] - d
@@ -238,11 +260,27 @@ def render(doc: dict) -> str:
             ok_i, ok_h = over_i <= TARGETS["inprocess"], over_h <= TARGETS["http_shm"]
             verdict = f"in-process {'**pass**' if ok_i else '**FAIL**'}, HTTP+shm {'**pass**' if ok_h else '**FAIL**'}"
         lines.append(f"| {row['model']} | {row['batch']} | {d:,.0f} | {i['p50_us']:,.0f} ({i['p99_us']:,.0f}) | "
-                     f"{over_i:,.0f} | {h['p50_us']:,.0f} ({h['p99_us']:,.0f}) | {over_h:,.0f} | {verdict} |")
-    lines += ["", "Direct calls: ONNX Runtime's `session.run` on a numpy input; torch's forward under "
-              "`inference_mode` with the input moved to the device and the output brought back to a numpy array "
-              "(the work the backend must do as well).", END]
+                     f"{over_i:,.0f} | {h['p50_us']:,.0f} ({h['p99_us']:,.0f}) | {over_h:,.0f} | {verdict} | "
+                     f"{_split(i.get('server'))} / {_split(h.get('server'))} |")
+    lines += ["", "Direct calls: ONNX Runtime's `session.run` on a numpy input, with the session options the backend "
+              "uses; torch's forward under `inference_mode` with the input moved to the device and the output brought "
+              "back to a numpy array (the work the backend must do as well), with OMP_WAIT_POLICY=PASSIVE as in the "
+              "backend. Server split: µs per request queued / compute input / compute infer / compute output (the "
+              "statistics extension)."]
+    for row in doc["rows"]:
+        defaults = row["direct"].get("framework_defaults")
+        if defaults:
+            lines.append(f"With its own default options (thread pools spinning), {row['model']} takes "
+                         f"{defaults['p50_us']:,.0f} µs (p50) called directly, batch {row['batch']}.")
+    lines.append(END)
     return "\n".join(lines) + "\n"
+
+
+def _split(server: dict | None) -> str:
+    if not server:
+        return "—"
+    return " / ".join(f"{server.get(k, 0):,.0f}" for k in ("queue_us", "compute_input_us", "compute_infer_us",
+                                                           "compute_output_us"))
 
 
 def write_docs(section: str, path: str = DOCS) -> None:

@@ -4,13 +4,16 @@
 #   scripts/device-bundle                 # here, once: fills .device-bundle/ (git-ignored)
 #   device run, carry [".device-bundle"], command: bash bench/device_run.sh
 #
-# It installs the bundle's wheels into $SITE, unpacks the trimmed reference Triton, checks it, runs
-# `python -m bench compare --client perf_analyzer` on every scenario (short windows: the whole run ends
-# within about 8 minutes), then `python -m bench.floor measure` (protocol stacks alone), and leaves in $OUT:
-# run.log, performance.md (also written to docs/), compare/{results.json,performance.md,ours.log,triton.log,
-# client.log} and floor/floor.json.
-# Env: OUT (required), PYTHON (default python3), SITE (default /tmp/site), COMPARE_ARGS (extra arguments),
-# PERF_ANALYZER (a perf_analyzer binary other than the wheel's), SKIP_FLOOR (non-empty: no bench.floor).
+# It installs the bundle's wheels into $SITE, then runs the steps of $STEPS (default: all, in this order):
+#   gpu       the GPU tests (tests/device: PyTorch on a KIND_GPU instance, DLPack python models)
+#   backends  `python -m bench.backends` (framework models: served vs called directly)
+#   compare   unpacks the trimmed reference Triton, checks it, runs `python -m bench compare --client
+#             perf_analyzer` on every scenario (short windows: about 8 minutes)
+#   floor     `python -m bench.floor measure` (protocol stacks alone)
+# and leaves in $OUT: run.log, performance.md (also written to docs/), gpu.log, backends.json,
+# compare/{results.json,performance.md,ours.log,triton.log,client.log} and floor/floor.json.
+# Env: OUT (required), PYTHON (default python3), SITE (default /tmp/site), STEPS, COMPARE_ARGS (extra
+# arguments), PERF_ANALYZER (a perf_analyzer binary other than the wheel's), SKIP_FLOOR (non-empty: no floor).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?OUT must name the folder that comes back}"
@@ -68,6 +71,24 @@ EOF
 PA_BIN=${PERF_ANALYZER:-$SITE/perf_analyzer/bin/perf_analyzer}
 if ldd "$PA_BIN" 2>&1 | grep -E "not found|GLIBC"; then echo "warning: $PA_BIN may not start here"; fi
 
+STEPS=${STEPS:-gpu backends compare floor}
+[ -n "${SKIP_FLOOR:-}" ] && STEPS=${STEPS//floor/}
+rc=0
+if [[ " $STEPS " == *" gpu "* ]]; then
+  step "GPU tests (tests/device)"
+  EDGE_KERNEL_DEVICE_TESTS=1 timeout -s TERM 300 "$PY" -m pytest -q -p no:cacheprovider tests/device tests/test_dlpack.py \
+    2>&1 | tee "$OUT/gpu.log" | tail -40 || rc=1
+fi
+if [[ " $STEPS " == *" backends "* ]]; then
+  step "bench.backends (framework models: served vs called directly)"
+  timeout -s TERM 300 "$PY" -m bench.backends --seconds ${BACKENDS_SECONDS:-3} --out "$OUT" || rc=1
+fi
+if [[ " $STEPS " != *" compare "* ]]; then
+  cp docs/performance.md "$OUT/performance.md" 2>/dev/null
+  step "done (rc=$rc)"
+  return $rc
+fi
+
 step "reference Triton"
 rm -rf "$REF" && mkdir -p "$REF" && tar -xJf "$BUNDLE/reference-triton.tar.xz" -C "$REF" || exit 1
 export REFERENCE_TRITON_CACHE="$REF/reference-triton"
@@ -76,10 +97,9 @@ export REFERENCE_TRITON_CACHE="$REF/reference-triton"
 step "compare"
 # shellcheck disable=SC2086
 timeout -s TERM 420 "$PY" -m bench compare --client perf_analyzer --scenarios all \
-  --measurement-interval 2000 --max-trials 5 --time-budget 300 --out "$OUT/compare" ${COMPARE_ARGS:-}
-rc=$?
+  --measurement-interval 2000 --max-trials 5 --time-budget 300 --out "$OUT/compare" ${COMPARE_ARGS:-} || rc=$?
 cp docs/performance.md "$OUT/performance.md" 2>/dev/null
-if [ -z "${SKIP_FLOOR:-}" ]; then
+if [[ " $STEPS " == *" floor "* ]]; then
   step "protocol floors (canned answers, no model)"
   timeout -s TERM 150 "$PY" -m bench.floor measure --out "$OUT/floor" --measurement-interval 1500 \
     ${PERF_ANALYZER:+--perf-analyzer "$PERF_ANALYZER"} || echo "warning: bench.floor failed"
