@@ -57,9 +57,24 @@ def _timed(call: Callable[[], Any], seconds: float, warmup: int = 20) -> dict[st
             "calls": len(samples)}
 
 
+async def _timed_async(call: Callable[[], Any], seconds: float, warmup: int = 20) -> dict[str, float]:
+    """_timed for a coroutine function, on the running loop."""
+    for _ in range(warmup):
+        await call()
+    samples = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter_ns()
+        await call()
+        samples.append(time.perf_counter_ns() - t0)
+    samples.sort()
+    return {"p50_us": samples[len(samples) // 2] / 1000,
+            "p99_us": samples[min(len(samples) - 1, int(len(samples) * 0.99))] / 1000, "calls": len(samples)}
+
+
 # -- models ----------------------------------------------------------------------------------------
 
-def _onnx_model(repo: str) -> dict:
+def _onnx_models(repo: str) -> list[dict]:
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -91,10 +106,17 @@ def _onnx_model(repo: str) -> dict:
     options = _options(Model({"name": "onnx_conv", "config": {"parameters": {}}}))
     session = ort.InferenceSession(os.path.join(path, "model.onnx"), options, providers=["CPUExecutionProvider"])
     defaults = ort.InferenceSession(os.path.join(path, "model.onnx"), providers=["CPUExecutionProvider"])
-    return {"name": "onnx_conv", "label": "ONNX Runtime, small conv net, CPU", "input": "INPUT", "output": "OUTPUT",
-            "shape": [3, 64, 64], "outputs": 10, "batches": [1],
-            "direct": lambda x: session.run(["OUTPUT"], {"INPUT": x})[0],
-            "framework_defaults": lambda x: defaults.run(["OUTPUT"], {"INPUT": x})[0]}
+    # The same model with ONNX Runtime's thread pools spinning (its own default; the backend's is off).
+    import shutil
+
+    shutil.copytree(os.path.join(repo, "onnx_conv"), os.path.join(repo, "onnx_conv_spin"))
+    with open(os.path.join(repo, "onnx_conv_spin", "config.pbtxt"), "a") as f:
+        f.write('parameters { key: "session.intra_op.allow_spinning" value: { string_value: "1" } }\n')
+    base = {"input": "INPUT", "output": "OUTPUT", "shape": [3, 64, 64], "outputs": 10, "batches": [1]}
+    return [{**base, "name": "onnx_conv", "label": "ONNX Runtime, small conv net, CPU",
+             "direct": lambda x: session.run(["OUTPUT"], {"INPUT": x})[0]},
+            {**base, "name": "onnx_conv_spin", "label": "ONNX Runtime, small conv net, CPU, thread pools spinning",
+             "direct": lambda x: defaults.run(["OUTPUT"], {"INPUT": x})[0]}]
 
 
 def _SmallCNN() -> Any:  # noqa: N802 - a module class made on demand (torch is imported late)
@@ -147,10 +169,14 @@ def _torch_model(repo: str, device: str) -> dict:
 
 # -- measurements ---------------------------------------------------------------------------------
 
-def _inprocess(repo: str, models: list[dict], seconds: float) -> dict:
+def _inprocess(repo: str, models: list[dict], seconds: float) -> tuple[dict, dict]:
+    """Each model through kernel.api.Server: ``infer()`` from this thread (the server's loop runs in its
+    own), and ``async_infer()`` from a coroutine on the server's loop (no thread hop)."""
+    import asyncio
+
     from kernel.api import Server
 
-    results = {}
+    sync, on_loop = {}, {}
     with Server(model_repository=repo) as server:
         for m in models:
             handle = server.model(m["name"])
@@ -158,11 +184,18 @@ def _inprocess(repo: str, models: list[dict], seconds: float) -> dict:
                 buffer = handle.input_buffer(m["input"], [batch, *m["shape"]])
                 buffer[:] = np.random.default_rng(batch).standard_normal(buffer.shape).astype(np.float32)
                 feed = {m["input"]: buffer}
+                key = f"{m['name']}/{batch}"
                 before = model_stats(server.statistics(), m["name"])
-                result = _timed(lambda h=handle, f=feed: h.infer(f).release(), seconds)
-                result["server"] = server_split(before, model_stats(server.statistics(), m["name"]))
-                results[f"{m['name']}/{batch}"] = result
-    return results
+                sync[key] = _timed(lambda h=handle, f=feed: h.infer(f).release(), seconds)
+                sync[key]["server"] = server_split(before, model_stats(server.statistics(), m["name"]))
+
+                async def call(h: Any = handle, f: dict = feed) -> None:
+                    (await h.async_infer(f)).release()
+
+                before = model_stats(server.statistics(), m["name"])
+                on_loop[key] = asyncio.run_coroutine_threadsafe(_timed_async(call, seconds), server._loop).result()
+                on_loop[key]["server"] = server_split(before, model_stats(server.statistics(), m["name"]))
+    return sync, on_loop
 
 
 def _http_shm(repo: str, models: list[dict], seconds: float, log_dir: str) -> dict:
@@ -219,23 +252,20 @@ def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-backends-") as tmp:
         repo = os.path.join(tmp, "models")
         os.makedirs(repo)
-        models = [_onnx_model(repo), _torch_model(repo, device)]
+        models = [*_onnx_models(repo), _torch_model(repo, device)]
         rows = []
         direct = {}
         for m in models:
             for batch in m["batches"]:
                 x = np.random.default_rng(batch).standard_normal([batch, *m["shape"]]).astype(np.float32)
                 direct[f"{m['name']}/{batch}"] = _timed(lambda x=x, f=m["direct"]: f(x), args.seconds)
-                if "framework_defaults" in m:
-                    direct[f"{m['name']}/{batch}"]["framework_defaults"] = _timed(
-                        lambda x=x, f=m["framework_defaults"]: f(x), args.seconds)
-        inprocess = _inprocess(repo, models, args.seconds)
+        inprocess, on_loop = _inprocess(repo, models, args.seconds)
         http = _http_shm(repo, models, args.seconds, tmp)
         for m in models:
             for batch in m["batches"]:
                 key = f"{m['name']}/{batch}"
                 rows.append({"model": m["label"], "batch": batch, "direct": direct[key],
-                             "inprocess": inprocess[key], "http_shm": http[key]})
+                             "inprocess": inprocess[key], "inprocess_async": on_loop[key], "http_shm": http[key]})
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
             "device": device, "seconds": args.seconds, "machine": machine(None), "rows": rows}
 
@@ -246,34 +276,35 @@ def render(doc: dict) -> str:
              f"Generated by `python -m bench.backends` on {doc['date']}; do not edit by hand. Machine: {m['cpu']}, "
              f"{m['usable_cpus']} usable cores, GPU: {m['gpu']}; {m['os']}; Python {m['python'].split()[0]}; "
              f"edge-kernel {m['edge_kernel_commit']}. Each path called back to back for {doc['seconds']:g} s "
-             "after a warm-up; latencies in µs. Overhead: p50 minus the direct call's p50 "
-             f"(targets at batch 1: {TARGETS['inprocess']:.0f} µs in process, {TARGETS['http_shm']:.0f} µs over "
-             "HTTP with system shared memory).", "",
-             "| model | batch | direct p50 | in-process p50 (p99) | overhead | HTTP + system shm p50 (p99) | overhead "
-             "| targets | server split, in-process / HTTP |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+             "after a warm-up; latencies in µs, p50 (p99); overhead: p50 minus the direct call's p50. Targets at "
+             f"batch 1: {TARGETS['inprocess']:.0f} µs in process, {TARGETS['http_shm']:.0f} µs over HTTP with system "
+             "shared memory.", "",
+             "| model | batch | direct | in process: `infer()` from a thread | overhead | `async_infer()` on the "
+             "server's loop | overhead | HTTP + system shm | overhead | targets (in process: the better of the two) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for row in doc["rows"]:
-        d, i, h = row["direct"]["p50_us"], row["inprocess"], row["http_shm"]
-        over_i, over_h = i["p50_us"] - d, h["p50_us"] - d
+        d, i, a, h = row["direct"]["p50_us"], row["inprocess"], row["inprocess_async"], row["http_shm"]
+        over_i, over_a, over_h = i["p50_us"] - d, a["p50_us"] - d, h["p50_us"] - d
         verdict = "—"
         if row["batch"] == 1:
-            ok_i, ok_h = over_i <= TARGETS["inprocess"], over_h <= TARGETS["http_shm"]
-            verdict = f"in-process {'**pass**' if ok_i else '**FAIL**'}, HTTP+shm {'**pass**' if ok_h else '**FAIL**'}"
-        lines.append(f"| {row['model']} | {row['batch']} | {d:,.0f} | {i['p50_us']:,.0f} ({i['p99_us']:,.0f}) | "
-                     f"{over_i:,.0f} | {h['p50_us']:,.0f} ({h['p99_us']:,.0f}) | {over_h:,.0f} | {verdict} | "
-                     f"{_split(i.get('server'))} / {_split(h.get('server'))} |")
-    lines += ["", "Direct calls: ONNX Runtime's `session.run` on a numpy input, with the session options the backend "
-              "uses; torch's forward under `inference_mode` with the input moved to the device and the output brought "
-              "back to a numpy array (the work the backend must do as well), with OMP_WAIT_POLICY=PASSIVE as in the "
-              "backend. Server split: µs per request queued / compute input / compute infer / compute output (the "
-              "statistics extension)."]
+            ok_i, ok_h = min(over_i, over_a) <= TARGETS["inprocess"], over_h <= TARGETS["http_shm"]
+            verdict = f"in process {'**pass**' if ok_i else '**FAIL**'}, HTTP+shm {'**pass**' if ok_h else '**FAIL**'}"
+        lines.append(f"| {row['model']} | {row['batch']} | {d:,.0f} | {_lat(i)} | {over_i:,.0f} | {_lat(a)} | "
+                     f"{over_a:,.0f} | {_lat(h)} | {over_h:,.0f} | {verdict} |")
+    lines += ["", "Server-side split, µs per request: queued / compute input / compute infer / compute output (the "
+              "statistics extension), for `infer()`, `async_infer()` and HTTP:", ""]
     for row in doc["rows"]:
-        defaults = row["direct"].get("framework_defaults")
-        if defaults:
-            lines.append(f"With its own default options (thread pools spinning), {row['model']} takes "
-                         f"{defaults['p50_us']:,.0f} µs (p50) called directly, batch {row['batch']}.")
-    lines.append(END)
+        lines.append(f"- {row['model']}, batch {row['batch']}: {_split(row['inprocess'].get('server'))}; "
+                     f"{_split(row['inprocess_async'].get('server'))}; {_split(row['http_shm'].get('server'))}")
+    lines += ["", "Direct calls: ONNX Runtime's `session.run` on a numpy input, with the session options the backend "
+              "uses (for the spinning row: ONNX Runtime's defaults); torch's forward under `inference_mode` with the "
+              "input moved to the device and the output brought back to a numpy array (the work the backend must do "
+              "as well), with OMP_WAIT_POLICY=PASSIVE as in the backend.", END]
     return "\n".join(lines) + "\n"
+
+
+def _lat(result: dict) -> str:
+    return f"{result['p50_us']:,.0f} ({result['p99_us']:,.0f})"
 
 
 def _split(server: dict | None) -> str:

@@ -341,6 +341,7 @@ class Worker:
             del self._forgotten[next(iter(self._forgotten))]
         region = self._regions.pop(region_id, None)
         if region is not None:
+            gpu.unpin(region.buf)  # page-locked for a GPU model: undone before the pages go
             region.close()
 
     def input_array(self, loc: list) -> np.ndarray:
@@ -440,6 +441,7 @@ class Worker:
         return loc
 
     def close(self) -> None:
+        gpu.unpin_all()
         self.arena.close()
         for region in self._regions.values():
             region.close()

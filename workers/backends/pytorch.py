@@ -233,10 +233,11 @@ class PyTorchBackend(Backend):
         """An input as forward takes it: a tensor on the instance's device, or a list of str."""
         if dtype is None:  # TYPE_STRING: List[str]
             return [b.decode("utf-8", "replace") if isinstance(b, bytes) else str(b) for b in array.reshape(-1)]
-        if self.device.type == "cpu" and not array.flags.writeable:
+        if self.device.type != "cpu":
+            return gpu.to_device(array, self.device)
+        if not array.flags.writeable:
             array = array.copy()  # a client's region: a model writing into its input must not write there
-        tensor = gpu.host_view(array)
-        return tensor if self.device.type == "cpu" else tensor.to(self.device)
+        return gpu.host_view(array)
 
     @staticmethod
     def _results(result: Any) -> list:
