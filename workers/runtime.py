@@ -510,11 +510,21 @@ def main(argv: list[str] | None = None) -> int:
     if spec.get("verbose"):
         os.environ["EDGE_KERNEL_LOG_VERBOSE"] = "1"
     worker = Worker(spec)
+    profile_dir = os.environ.get("EDGE_KERNEL_WORKER_PROFILE")  # a folder: cProfile of each worker there
+    profiler = None
+    if profile_dir:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     try:
         worker.serve()
     except SystemExit:
         pass
     finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(os.path.join(profile_dir, f"worker-{spec.get('instance', '')}-{os.getpid()}.prof"))
         worker.close()
     return 0
 
