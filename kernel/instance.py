@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import heapq
 import json
 import logging
 import os
@@ -13,7 +12,6 @@ import sys
 import time
 from typing import Any, Protocol
 
-from kernel.alarm import Alarm
 from kernel.errors import ServerError
 from shm.doorbell import Doorbell
 from shm.region import Region, ShmError, owned_objects, unlink
@@ -45,10 +43,8 @@ class Spinner:
     than after the wake-up of a sleeping process (tens of microseconds, more in a VM).
     A batch sent to an instance whose recent batches came back within ``hold_ns`` is
     waited for that long (a quarter more than its usual time) even when that exceeds
-    the window. For slower models (a GPU network: milliseconds) the loop sleeps and an
-    alarm (kernel.alarm) starts the polling shortly before the answer is due: neither a
-    core burnt for the whole inference nor a wake-up when it ends. Other sockets are
-    served meanwhile; an idle server does not spin.
+    the window; slower models are left to wake the loop. Other sockets are served
+    meanwhile; an idle server does not spin.
     """
 
     def __init__(self, window_us: int, hold_us: int = 0) -> None:
@@ -57,46 +53,20 @@ class Spinner:
         self.busy: set[Instance] = set()
         self._until = 0
         self._active = False
-        self._alarm: Alarm | None = None
-        self._due: list[int] = []  # when slow models' answers are expected (a heap)
 
     def kick(self, expect_ns: int = 0) -> None:
         """Poll for the window from now, or for ``expect_ns`` (an answer's usual wait) if longer."""
         if not self.window_ns:
             return
         span = self.window_ns
-        now = time.perf_counter_ns()
         if span < expect_ns <= self.hold_ns:
             span = expect_ns + (expect_ns >> 2)
-        elif expect_ns > span:
-            self._expect(now + expect_ns)
-        until = now + span
+        until = time.perf_counter_ns() + span
         if until > self._until:
             self._until = until
         if not self._active:
             self._active = True
             asyncio.get_running_loop().call_soon(self._turn)
-
-    def _expect(self, due: int) -> None:
-        """Start polling half a window before ``due``."""
-        if self._alarm is None:
-            self._alarm = Alarm(asyncio.get_running_loop(), self._wake)
-        heapq.heappush(self._due, due)
-        self._alarm.arm(due - (self.window_ns >> 1))
-
-    def _wake(self) -> None:
-        soon = time.perf_counter_ns() + self.window_ns
-        while self._due and self._due[0] <= soon:
-            heapq.heappop(self._due)
-        if self._due:
-            self._alarm.arm(self._due[0] - (self.window_ns >> 1))
-        if self.busy:
-            self.kick()
-
-    def close(self) -> None:
-        if self._alarm is not None:
-            self._alarm.close()
-            self._alarm = None
 
     def _turn(self) -> None:
         try:

@@ -109,7 +109,6 @@ class Core:
     async def stop(self) -> None:
         """Unload every model, then remove the shared memory this process made."""
         await asyncio.gather(*(self._unload_versions(m) for m in self.models.values()), return_exceptions=True)
-        self.spinner.close()
         self.shm.close()
         self.regions.close()
         if self.arena is not None:
