@@ -42,34 +42,55 @@ BEGIN, END = "<!-- bench.backends: begin -->", "<!-- bench.backends: end -->"
 TARGETS = {"inprocess": 100.0, "http_shm": 250.0}  # µs of overhead at batch 1
 
 
-def _timed(call: Callable[[], Any], seconds: float, warmup: int = 20) -> dict[str, float]:
-    for _ in range(warmup):
-        call()
+def _samples(call: Callable[[], Any], seconds: float) -> list[int]:
+    """Latencies (ns) of ``call`` made back to back for ``seconds``."""
     samples = []
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         t0 = time.perf_counter_ns()
         call()
         samples.append(time.perf_counter_ns() - t0)
-    samples.sort()
-    return {"p50_us": samples[len(samples) // 2] / 1000, "p99_us": samples[min(len(samples) - 1,
-                                                                                int(len(samples) * 0.99))] / 1000,
-            "calls": len(samples)}
+    return samples
 
 
-async def _timed_async(call: Callable[[], Any], seconds: float, warmup: int = 20) -> dict[str, float]:
-    """_timed for a coroutine function, on the running loop."""
-    for _ in range(warmup):
-        await call()
+async def _samples_async(call: Callable[[], Any], seconds: float) -> list[int]:
+    """_samples for a coroutine function, on the running loop."""
     samples = []
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         t0 = time.perf_counter_ns()
         await call()
         samples.append(time.perf_counter_ns() - t0)
-    samples.sort()
+    return samples
+
+
+def _summary(samples: list[int]) -> dict[str, float]:
+    samples = sorted(samples)
     return {"p50_us": samples[len(samples) // 2] / 1000,
             "p99_us": samples[min(len(samples) - 1, int(len(samples) * 0.99))] / 1000, "calls": len(samples)}
+
+
+class _Phases:
+    """Server-side phase counters summed over the chunks of one path (the statistics extension)."""
+
+    def __init__(self) -> None:
+        self.before: dict = {}
+        self.total: dict[str, list[int]] = {}
+        self.inferences = self.executions = 0
+
+    def start(self, stats: dict) -> None:
+        self.before = stats
+
+    def stop(self, stats: dict) -> None:
+        for phase, entry in (stats.get("inference_stats") or {}).items():
+            old = (self.before.get("inference_stats") or {}).get(phase) or {}
+            acc = self.total.setdefault(phase, [0, 0])
+            acc[0] += int(entry.get("count", 0) or 0) - int(old.get("count", 0) or 0)
+            acc[1] += int(entry.get("ns", 0) or 0) - int(old.get("ns", 0) or 0)
+
+    def split(self) -> dict:
+        stats = {"inference_stats": {k: {"count": c, "ns": n} for k, (c, n) in self.total.items()}}
+        return server_split({}, stats)
 
 
 # -- models ----------------------------------------------------------------------------------------
@@ -169,75 +190,74 @@ def _torch_model(repo: str, device: str) -> dict:
 
 # -- measurements ---------------------------------------------------------------------------------
 
-def _inprocess(repo: str, models: list[dict], seconds: float) -> tuple[dict, dict]:
-    """Each model through kernel.api.Server: ``infer()`` from this thread (the server's loop runs in its
-    own), and ``async_infer()`` from a coroutine on the server's loop (no thread hop)."""
-    import asyncio
-
-    from kernel.api import Server
-
-    sync, on_loop = {}, {}
-    with Server(model_repository=repo) as server:
-        for m in models:
-            handle = server.model(m["name"])
-            for batch in m["batches"]:
-                buffer = handle.input_buffer(m["input"], [batch, *m["shape"]])
-                buffer[:] = np.random.default_rng(batch).standard_normal(buffer.shape).astype(np.float32)
-                feed = {m["input"]: buffer}
-                key = f"{m['name']}/{batch}"
-                before = model_stats(server.statistics(), m["name"])
-                sync[key] = _timed(lambda h=handle, f=feed: h.infer(f).release(), seconds)
-                sync[key]["server"] = server_split(before, model_stats(server.statistics(), m["name"]))
-
-                async def call(h: Any = handle, f: dict = feed) -> None:
-                    (await h.async_infer(f)).release()
-
-                before = model_stats(server.statistics(), m["name"])
-                on_loop[key] = asyncio.run_coroutine_threadsafe(_timed_async(call, seconds), server._loop).result()
-                on_loop[key]["server"] = server_split(before, model_stats(server.statistics(), m["name"]))
-    return sync, on_loop
-
-
-def _http_shm(repo: str, models: list[dict], seconds: float, log_dir: str) -> dict:
+def _http_client(server: Any, m: dict, batch: int, x: np.ndarray) -> tuple[Any, Callable[[], Any], Callable]:
+    """tritonclient.http with the input and the output in one registered system shared-memory region."""
     import tritonclient.http as httpclient
     import tritonclient.utils.shared_memory as shm
 
-    server = ours_server(repo, log_dir)
-    server.start()
-    results = {}
-    client = None
+    client = httpclient.InferenceServerClient(server.url("http"))
+    out_bytes = batch * m["outputs"] * 4
+    key = f"/bench_{m['name']}_{batch}_{os.getpid()}"
+    region = shm.create_shared_memory_region(key[1:], key, x.nbytes + out_bytes)
+    shm.set_shared_memory_region(region, [x])
+    client.register_system_shared_memory(key[1:], key, x.nbytes + out_bytes)
+    inp = httpclient.InferInput(m["input"], list(x.shape), "FP32")
+    inp.set_shared_memory(key[1:], x.nbytes)
+    out = httpclient.InferRequestedOutput(m["output"])
+    out.set_shared_memory(key[1:], out_bytes, offset=x.nbytes)
+
+    def close() -> None:
+        client.unregister_system_shared_memory(key[1:])
+        shm.destroy_shared_memory_region(region)
+        client.close()
+
+    return client, lambda: client.infer(m["name"], [inp], outputs=[out]), close
+
+
+def _measure(m: dict, batch: int, server: Any, http_server: Any, seconds: float, rounds: int) -> dict:
+    """The four paths of one model and batch size, interleaved: ``rounds`` rounds of each in turn, so that
+    a drift of the machine (a GPU's clocks, a neighbour) weighs on all of them alike."""
+    import asyncio
+
+    x = np.random.default_rng(batch).standard_normal([batch, *m["shape"]]).astype(np.float32)
+    handle = server.model(m["name"])
+    buffer = handle.input_buffer(m["input"], [batch, *m["shape"]])
+    buffer[:] = x
+    feed = {m["input"]: buffer}
+
+    async def on_loop() -> None:
+        (await handle.async_infer(feed)).release()
+
+    client, http_call, close = _http_client(http_server, m, batch, x)
+    stats = {"inprocess": lambda: model_stats(server.statistics(), m["name"]),
+             "inprocess_async": lambda: model_stats(server.statistics(), m["name"]),
+             "http_shm": lambda: model_stats(client.get_inference_statistics(m["name"]), m["name"])}
+    calls = {"direct": lambda: m["direct"](x), "inprocess": lambda: handle.infer(feed).release(),
+             "inprocess_async": None, "http_shm": http_call}
+    samples: dict[str, list[int]] = {path: [] for path in calls}
+    phases = {path: _Phases() for path in stats}
+    chunk = seconds / rounds
     try:
-        missing = server.wait_ready([m["name"] for m in models])
-        if missing:
-            raise BenchError(f"models not ready: {missing}\n{server.log_tail()}")
-        client = httpclient.InferenceServerClient(server.url("http"))
-        for m in models:
-            for batch in m["batches"]:
-                x = np.random.default_rng(batch).standard_normal([batch, *m["shape"]]).astype(np.float32)
-                out_bytes = batch * m["outputs"] * 4
-                key = f"/bench_{m['name']}_{batch}_{os.getpid()}"
-                region = shm.create_shared_memory_region(key[1:], key, x.nbytes + out_bytes)
-                try:
-                    shm.set_shared_memory_region(region, [x])
-                    client.register_system_shared_memory(key[1:], key, x.nbytes + out_bytes)
-                    inp = httpclient.InferInput(m["input"], list(x.shape), "FP32")
-                    inp.set_shared_memory(key[1:], x.nbytes)
-                    out = httpclient.InferRequestedOutput(m["output"])
-                    out.set_shared_memory(key[1:], out_bytes, offset=x.nbytes)
-                    before = model_stats(client.get_inference_statistics(m["name"]), m["name"])
-                    result = _timed(lambda inp=inp, out=out, name=m["name"]: client.infer(name, [inp], outputs=[out]),
-                                    seconds)
-                    result["server"] = server_split(before, model_stats(client.get_inference_statistics(m["name"]),
-                                                                        m["name"]))
-                    results[f"{m['name']}/{batch}"] = result
-                finally:
-                    client.unregister_system_shared_memory(key[1:])
-                    shm.destroy_shared_memory_region(region)
+        for call in calls.values():  # warm-up
+            for _ in range(20):
+                asyncio.run_coroutine_threadsafe(on_loop(), server._loop).result() if call is None else call()
+        for _ in range(rounds):
+            for path, call in calls.items():
+                if path in phases:
+                    phases[path].start(stats[path]())
+                if call is None:
+                    samples[path] += asyncio.run_coroutine_threadsafe(_samples_async(on_loop, chunk),
+                                                                      server._loop).result()
+                else:
+                    samples[path] += _samples(call, chunk)
+                if path in phases:
+                    phases[path].stop(stats[path]())
     finally:
-        if client is not None:
-            client.close()
-        server.stop()
-    return results
+        close()
+    result = {path: _summary(values) for path, values in samples.items()}
+    for path, acc in phases.items():
+        result[path]["server"] = acc.split()
+    return result
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -249,25 +269,30 @@ def run(args: argparse.Namespace) -> dict:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         except ImportError:
             device = "cpu"
+    from kernel.api import Server
+
     with tempfile.TemporaryDirectory(prefix="bench-backends-") as tmp:
         repo = os.path.join(tmp, "models")
         os.makedirs(repo)
         models = [*_onnx_models(repo), _torch_model(repo, device)]
         rows = []
-        direct = {}
-        for m in models:
-            for batch in m["batches"]:
-                x = np.random.default_rng(batch).standard_normal([batch, *m["shape"]]).astype(np.float32)
-                direct[f"{m['name']}/{batch}"] = _timed(lambda x=x, f=m["direct"]: f(x), args.seconds)
-        inprocess, on_loop = _inprocess(repo, models, args.seconds)
-        http = _http_shm(repo, models, args.seconds, tmp)
-        for m in models:
-            for batch in m["batches"]:
-                key = f"{m['name']}/{batch}"
-                rows.append({"model": m["label"], "batch": batch, "direct": direct[key],
-                             "inprocess": inprocess[key], "inprocess_async": on_loop[key], "http_shm": http[key]})
+        http_server = ours_server(repo, tmp)
+        http_server.start()
+        try:
+            missing = http_server.wait_ready([m["name"] for m in models])
+            if missing:
+                raise BenchError(f"models not ready: {missing}\n{http_server.log_tail()}")
+            with Server(model_repository=repo) as server:
+                for m in models:
+                    for batch in m["batches"]:
+                        result = _measure(m, batch, server, http_server, args.seconds, args.rounds)
+                        rows.append({"model": m["label"], "batch": batch, **result})
+                        print(f"{m['label']}, batch {batch}: " + ", ".join(
+                            f"{k} {v['p50_us']:,.0f}" for k, v in result.items()), flush=True)
+        finally:
+            http_server.stop()
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
-            "device": device, "seconds": args.seconds, "machine": machine(None), "rows": rows}
+            "device": device, "seconds": args.seconds, "rounds": args.rounds, "machine": machine(None), "rows": rows}
 
 
 def render(doc: dict) -> str:
@@ -275,8 +300,10 @@ def render(doc: dict) -> str:
     lines = [BEGIN, "## Framework backends: serving overhead over the framework called directly", "",
              f"Generated by `python -m bench.backends` on {doc['date']}; do not edit by hand. Machine: {m['cpu']}, "
              f"{m['usable_cpus']} usable cores, GPU: {m['gpu']}; {m['os']}; Python {m['python'].split()[0]}; "
-             f"edge-kernel {m['edge_kernel_commit']}. Each path called back to back for {doc['seconds']:g} s "
-             "after a warm-up; latencies in µs, p50 (p99); overhead: p50 minus the direct call's p50. Targets at "
+             f"edge-kernel {m['edge_kernel_commit']}. Each path called back to back, one call at a time, "
+             f"{doc['seconds']:g} s in all, in {doc['rounds']} rounds taking the paths in turn (a drift of the "
+             "machine weighs on all alike), after a warm-up; latencies in µs, p50 (p99); overhead: p50 minus the "
+             "direct call's p50. Targets at "
              f"batch 1: {TARGETS['inprocess']:.0f} µs in process, {TARGETS['http_shm']:.0f} µs over HTTP with system "
              "shared memory.", "",
              "| model | batch | direct | in process: `infer()` from a thread | overhead | `async_infer()` on the "
@@ -336,6 +363,7 @@ def kept_section(path: str = DOCS) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.backends", description=__doc__.split("\n\n")[0])
     p.add_argument("--seconds", type=float, default=3.0, help="measurement per path and batch size (default 3)")
+    p.add_argument("--rounds", type=int, default=6, help="rounds the measurement is spread over (default 6)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the PyTorch model runs")
     p.add_argument("--out", default=os.path.join(REPO_ROOT, "bench", "results", "tmp"), help="folder for the JSON")
     p.add_argument("--no-docs", action="store_true", help="leave docs/performance.md as it is")

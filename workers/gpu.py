@@ -156,10 +156,12 @@ def host_view(dest: np.ndarray) -> Any:
     """A torch tensor over the host array ``dest`` (no copy; bfloat16 through an int16 view)."""
     import torch
 
+    if dest.dtype == _BF16:
+        return host_view(dest.view(np.int16)).view(torch.bfloat16)
+    if dest.flags.writeable:
+        return torch.from_numpy(dest)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # read-only inputs: torch warns, never writes them
-        if dest.dtype == _BF16:
-            return torch.from_numpy(dest.view(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(dest)
 
 
@@ -169,7 +171,8 @@ def copy_to_host(value: Any, dest: np.ndarray) -> None:
         value.get(out=dest)
         return
     pin(dest)
-    host_view(dest).copy_(_as_torch(value).reshape(dest.shape))
+    tensor = _as_torch(value)
+    host_view(dest).copy_(tensor if tuple(tensor.shape) == dest.shape else tensor.reshape(dest.shape))
 
 
 def as_host_array(value: Any) -> np.ndarray:

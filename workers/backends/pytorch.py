@@ -274,8 +274,10 @@ class PyTorchBackend(Backend):
         if self.batched and value.shape[0] != rows:
             raise BackendError(f"output '{name}' of model '{self.model.name}' has shape {list(value.shape)}: its first "
                                f"dimension should be the batch size {rows}")
-        value = value.detach()
-        return value.contiguous() if value.is_cuda else gpu.as_host_array(value.contiguous())
+        if value.requires_grad:
+            value = value.detach()
+        value = value.contiguous()
+        return value if value.is_cuda else gpu.as_host_array(value)
 
 
 def _dims(t: dict) -> list[int]:
