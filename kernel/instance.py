@@ -157,10 +157,10 @@ class Instance:
         self._loop.add_reader(self._bell.read_fd, self._drain)
         return await self.control(load_msg, timeout)
 
-    async def initialize(self, init_msg: dict, timeout: float = 120.0) -> None:
-        """Initialise the model instance in the worker."""
+    async def initialize(self, init_msg: dict, timeout: float = 120.0) -> str:
+        """Initialise the model instance in the worker; return what its backend says of it (may be "")."""
         self.init_msg = init_msg
-        await self.control(init_msg, timeout)
+        return (await self.control(init_msg, timeout)).get("status") or ""
 
     async def restart(self) -> None:
         """Start a fresh worker after a crash: load and initialise it again."""

@@ -81,6 +81,7 @@ class ModelVersion:
         self.instances: list[Instance] = []
         self.stats = ModelStats()
         self.scheduler: Scheduler | None = None
+        self.status = ""  # what the backend says of its loaded instances (a DLA core, a GPU fallback...)
         self._restarts: set[asyncio.Future] = set()
         self.set_config(config)
 
@@ -161,7 +162,7 @@ class ModelVersion:
         load_msg = dict(load_msg, config=self.config_dict, autocomplete=False)
         await asyncio.gather(*(inst.start(load_msg) for inst in self.instances[1:]))
         model_config_json = json.dumps(self.config_dict)
-        await asyncio.gather(*(inst.initialize({"t": "init", "config": self.config_dict, "args": {
+        statuses = await asyncio.gather(*(inst.initialize({"t": "init", "config": self.config_dict, "args": {
             "model_config": model_config_json,
             "model_instance_kind": inst.kind,
             "model_instance_name": inst.name,
@@ -173,6 +174,7 @@ class ModelVersion:
             "model_instance_secondary_devices": json.dumps(
                 [{"kind": "KIND_NVDLA", "device_id": d.device_id} for d in inst.secondary]),
         }}) for inst in self.instances))
+        self.status = "; ".join(dict.fromkeys(s for s in statuses if s))
         for inst in self.instances:
             inst.on_exit = self._instance_died
             inst.spinner = self.server.spinner

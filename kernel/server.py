@@ -328,7 +328,8 @@ class Core:
             if not model.versions:
                 rows.append((name, "-", f"UNAVAILABLE: {model.error}"))
             for _, mv in sorted(model.versions.items()):
-                status = mv.state if mv.ready else f"{mv.state}: {mv.reason}"
+                status = (f"{mv.state} ({mv.status})" if mv.status else mv.state) if mv.ready \
+                    else f"{mv.state}: {mv.reason}"
                 rows.append((name, mv.version_str, status))
         return rows
 

@@ -199,6 +199,8 @@ class Backend:
 
     #: The model file a model of this backend has when its config names none.
     default_model_filename = ""
+    #: Said of the instance once it is loaded (the start-up table shows it beside READY): where it runs.
+    status = ""
 
     def __init__(self, model: Model) -> None:
         self.model = model
@@ -220,6 +222,10 @@ class Backend:
 
     def finalize(self) -> None:
         """Release what the instance holds; the worker exits afterwards."""
+
+    def forget_mapping(self, buffer: memoryview) -> None:
+        """A shared-memory mapping is about to go (a client's region was unregistered): undo anything
+        registered on its pages (e.g. with CUDA) before they are unmapped."""
 
     def mark(self) -> None:
         """Note the end of a phase of ``execute`` for the statistics: call once when the

@@ -170,7 +170,7 @@ class Worker:
         """Create the backend's instance with the model's final configuration."""
         self.model = self._model(dict(self._load_msg, config=msg["config"], args=msg["args"]))
         self.backend = self.backend_class(self.model)
-        self.send({"t": "ready"})
+        self.send({"t": "ready", "status": self.backend.status})
 
     def _model(self, msg: dict) -> Model:
         if self._artifact:
@@ -342,6 +342,8 @@ class Worker:
         region = self._regions.pop(region_id, None)
         if region is not None:
             gpu.unpin(region.buf)  # page-locked for a GPU model: undone before the pages go
+            if self.backend is not None:
+                self.backend.forget_mapping(region.buf)
             region.close()
 
     def input_array(self, loc: list) -> np.ndarray:

@@ -23,11 +23,14 @@ import sys
 
 from workers.backend import Backend, BackendError
 
-#: Built-in backends: name -> (module, class, the package extra that installs its framework).
+#: Built-in backends: name -> (module, class, how to install its framework).
 BUILTIN = {
     "python": ("workers.backends.python", "PythonBackend", ""),
-    "onnxruntime": ("workers.backends.onnxruntime", "OnnxRuntimeBackend", "onnx"),
-    "pytorch": ("workers.backends.pytorch", "PyTorchBackend", "torch"),
+    "onnxruntime": ("workers.backends.onnxruntime", "OnnxRuntimeBackend", "pip install 'edge-kernel[onnx]'"),
+    "pytorch": ("workers.backends.pytorch", "PyTorchBackend", "pip install 'edge-kernel[torch]'"),
+    "tensorrt": ("workers.backends.tensorrt", "TensorRTBackend",
+                 "TensorRT comes with JetPack (python3-libnvinfer), elsewhere pip install tensorrt; and "
+                 "pip install 'edge-kernel[tensorrt]' for cuda-python"),
 }
 
 
@@ -58,11 +61,11 @@ def resolve(name: str, directories: list[str]) -> tuple[type[Backend], str | Non
 
 
 def _builtin(name: str) -> type[Backend]:
-    module_name, class_name, extra = BUILTIN[name]
+    module_name, class_name, install = BUILTIN[name]
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        hint = f" (pip install 'edge-kernel[{extra}]')" if extra else ""
+        hint = f" ({install})" if install else ""
         raise BackendError(f"unable to load backend '{name}': {e}{hint}", "UNAVAILABLE") from e
     return getattr(module, class_name)
 

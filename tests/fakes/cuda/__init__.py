@@ -1,0 +1,1 @@
+"""TEST DOUBLE of cuda-python (see tests/fakes/README.md)."""
