@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -29,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.compare import REPO_ROOT, machine, ours_server
+from bench.compare import REPO_ROOT, machine, ours_server, triton_server
 from bench.inputs import BenchError
 from bench.stats import model_stats, server_split
 
@@ -190,18 +191,19 @@ def _torch_model(repo: str, device: str) -> dict:
 
 # -- measurements ---------------------------------------------------------------------------------
 
-def _http_client(server: Any, m: dict, batch: int, x: np.ndarray) -> tuple[Any, Callable[[], Any], Callable]:
+def _http_client(server: Any, model: str, m: dict, x: np.ndarray, out_bytes: int) -> tuple[Any, Callable, Callable]:
     """tritonclient.http with the input and the output in one registered system shared-memory region."""
     import tritonclient.http as httpclient
     import tritonclient.utils.shared_memory as shm
 
+    from protocol import dtypes
+
     client = httpclient.InferenceServerClient(server.url("http"))
-    out_bytes = batch * m["outputs"] * 4
-    key = f"/bench_{m['name']}_{batch}_{os.getpid()}"
+    key = f"/bench_{model}_{x.shape[0]}_{os.getpid()}"
     region = shm.create_shared_memory_region(key[1:], key, x.nbytes + out_bytes)
     shm.set_shared_memory_region(region, [x])
     client.register_system_shared_memory(key[1:], key, x.nbytes + out_bytes)
-    inp = httpclient.InferInput(m["input"], list(x.shape), "FP32")
+    inp = httpclient.InferInput(m["input"], list(x.shape), dtypes.from_numpy(x.dtype))
     inp.set_shared_memory(key[1:], x.nbytes)
     out = httpclient.InferRequestedOutput(m["output"])
     out.set_shared_memory(key[1:], out_bytes, offset=x.nbytes)
@@ -211,7 +213,7 @@ def _http_client(server: Any, m: dict, batch: int, x: np.ndarray) -> tuple[Any, 
         shm.destroy_shared_memory_region(region)
         client.close()
 
-    return client, lambda: client.infer(m["name"], [inp], outputs=[out]), close
+    return client, lambda: client.infer(model, [inp], outputs=[out]), close
 
 
 def _measure(m: dict, batch: int, server: Any, http_server: Any, seconds: float, rounds: int) -> dict:
@@ -228,7 +230,7 @@ def _measure(m: dict, batch: int, server: Any, http_server: Any, seconds: float,
     async def on_loop() -> None:
         (await handle.async_infer(feed)).release()
 
-    client, http_call, close = _http_client(http_server, m, batch, x)
+    client, http_call, close = _http_client(http_server, m["name"], m, x, batch * m["outputs"] * 4)
     stats = {"inprocess": lambda: model_stats(server.statistics(), m["name"]),
              "inprocess_async": lambda: model_stats(server.statistics(), m["name"]),
              "http_shm": lambda: model_stats(client.get_inference_statistics(m["name"]), m["name"])}
@@ -260,6 +262,61 @@ def _measure(m: dict, batch: int, server: Any, http_server: Any, seconds: float,
     return result
 
 
+FRAME_CONFIG = ('backend: "python"\ninput [ { name: "FRAME", data_type: TYPE_UINT8, dims: [ 1080, 1920, 3 ] } ]\n'
+                'output [ { name: "MEAN", data_type: TYPE_FP32, dims: [ 3 ] }, '
+                '{ name: "WHERE", data_type: TYPE_STRING, dims: [ 1 ] } ]\n')
+FRAME_MODES = {"frame_mapped": "mapped", "frame_staged": "staged"}
+
+
+def _frame_models(repo: str, triton_repo: str) -> None:
+    """The camera-frame python model (tests/templates/frame_gpu_model.py): ours with GPU inputs, mapped and
+    staged; Triton's with CPU inputs, which the model moves to the GPU itself (Triton has no GPU tensors in
+    python models on JetPack, and its reference build here is CPU-only)."""
+    source = os.path.join(REPO_ROOT, "tests", "templates", "frame_gpu_model.py")
+    for name, mode in FRAME_MODES.items():
+        os.makedirs(os.path.join(repo, name, "1"))
+        shutil.copy(source, os.path.join(repo, name, "1", "model.py"))
+        with open(os.path.join(repo, name, "config.pbtxt"), "w") as f:
+            f.write(FRAME_CONFIG + 'instance_group [ { kind: KIND_GPU, gpus: [ 0 ] } ]\n'
+                    'parameters { key: "FORCE_CPU_ONLY_INPUT_TENSORS" value: { string_value: "no" } }\n'
+                    f'parameters {{ key: "shared_memory_io" value: {{ string_value: "{mode}" }} }}\n')
+    os.makedirs(os.path.join(triton_repo, "frame_gpu", "1"))
+    shutil.copy(source, os.path.join(triton_repo, "frame_gpu", "1", "model.py"))
+    with open(os.path.join(triton_repo, "frame_gpu", "config.pbtxt"), "w") as f:
+        f.write(FRAME_CONFIG + 'instance_group [ { kind: KIND_CPU } ]\n')
+
+
+def _measure_frame(ours: Any, triton: Any | None, seconds: float, rounds: int) -> dict:
+    """A 1080p frame in a client's region to the GPU model and its mean back into the region, over HTTP:
+    ours mapped, ours staged, Triton; and the model's GPU work called directly on a numpy frame."""
+    import torch
+
+    frame = np.random.default_rng(0).integers(0, 256, (1080, 1920, 3), dtype=np.uint8)
+    m = {"input": "FRAME", "output": "MEAN"}
+
+    def direct() -> None:
+        torch.from_numpy(frame).cuda().float().mean(dim=(0, 1)).cpu()
+
+    paths: dict[str, tuple[Any, Callable, Callable]] = {}
+    for name in FRAME_MODES:
+        paths[name] = _http_client(ours, name, m, frame, 12)
+    if triton is not None:
+        paths["triton"] = _http_client(triton, "frame_gpu", m, frame, 12)
+    calls = {"direct": direct, **{name: call for name, (_, call, _) in paths.items()}}
+    samples: dict[str, list[int]] = {path: [] for path in calls}
+    try:
+        for call in calls.values():
+            for _ in range(10):
+                call()
+        for _ in range(rounds):
+            for path, call in calls.items():
+                samples[path] += _samples(call, seconds / rounds)
+    finally:
+        for _, _, close in paths.values():
+            close()
+    return {path: _summary(values) for path, values in samples.items()}
+
+
 def run(args: argparse.Namespace) -> dict:
     device = args.device
     if device == "auto":
@@ -275,11 +332,24 @@ def run(args: argparse.Namespace) -> dict:
         repo = os.path.join(tmp, "models")
         os.makedirs(repo)
         models = [*_onnx_models(repo), _torch_model(repo, device)]
+        frames = device == "cuda"
+        triton = None
+        if frames:
+            triton_repo = os.path.join(tmp, "triton-models")
+            _frame_models(repo, triton_repo)
+            if args.triton:
+                import torch
+
+                os.environ["EDGE_KERNEL_EXTRA_SITE"] = os.path.dirname(os.path.dirname(torch.__file__))
+                triton = triton_server(triton_repo, tmp, [])
         rows = []
+        frame: dict = {}
         http_server = ours_server(repo, tmp)
         http_server.start()
         try:
-            missing = http_server.wait_ready([m["name"] for m in models])
+            if triton is not None:
+                triton.start()
+            missing = http_server.wait_ready([m["name"] for m in models] + (list(FRAME_MODES) if frames else []))
             if missing:
                 raise BenchError(f"models not ready: {missing}\n{http_server.log_tail()}")
             with Server(model_repository=repo) as server:
@@ -289,10 +359,22 @@ def run(args: argparse.Namespace) -> dict:
                         rows.append({"model": m["label"], "batch": batch, **result})
                         print(f"{m['label']}, batch {batch}: " + ", ".join(
                             f"{k} {v['p50_us']:,.0f}" for k, v in result.items()), flush=True)
+            if frames:
+                if triton is not None and triton.wait_ready(["frame_gpu"]):
+                    print(f"reference Triton did not load the frame model:\n{triton.log_tail()}", flush=True)
+                    frame["triton_error"] = triton.log_tail(8)
+                    triton.stop()
+                    triton = None
+                frame.update(_measure_frame(http_server, triton, args.seconds, args.rounds))
+                print("frame: " + ", ".join(f"{k} {v['p50_us']:,.0f}" for k, v in frame.items() if isinstance(v, dict)),
+                      flush=True)
         finally:
             http_server.stop()
+            if triton is not None:
+                triton.stop()
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
-            "device": device, "seconds": args.seconds, "rounds": args.rounds, "machine": machine(None), "rows": rows}
+            "device": device, "seconds": args.seconds, "rounds": args.rounds, "machine": machine(None), "rows": rows,
+            "frame": frame}
 
 
 def render(doc: dict) -> str:
@@ -323,6 +405,25 @@ def render(doc: dict) -> str:
     for row in doc["rows"]:
         lines.append(f"- {row['model']}, batch {row['batch']}: {_split(row['inprocess'].get('server'))}; "
                      f"{_split(row['inprocess_async'].get('server'))}; {_split(row['http_shm'].get('server'))}")
+    frame = doc.get("frame") or {}
+    if frame.get("direct"):
+        d = frame["direct"]["p50_us"]
+        lines += ["", "A 1080p camera frame (6.2 MB, UINT8) from a client's system shared-memory region to a python "
+                  "model that takes its mean colour on the GPU (tests/templates/frame_gpu_model.py), the result "
+                  "back into the region, over HTTP, one at a time:", "",
+                  "| path | p50 (p99) µs | over the direct call |", "| --- | ---: | ---: |",
+                  f"| the model's GPU work called directly on a numpy frame | {_lat(frame['direct'])} | — |"]
+        labels = {"frame_mapped": "ours, mapped: the GPU reads the client's pages in place",
+                  "frame_staged": "ours, staged: a DMA copy from the page-locked region",
+                  "triton": "Triton 2.51 (reference build, CPU inputs; the model copies the frame to the GPU)"}
+        for key, label in labels.items():
+            if key in frame:
+                lines.append(f"| {label} | {_lat(frame[key])} | {frame[key]['p50_us'] - d:+,.0f} |")
+        if "triton" in frame and "frame_mapped" in frame:
+            lines.append(f"\nMapped p50 / Triton's: {frame['frame_mapped']['p50_us'] / frame['triton']['p50_us']:.2f}; "
+                         f"staged / Triton's: {frame['frame_staged']['p50_us'] / frame['triton']['p50_us']:.2f}.")
+        elif frame.get("triton_error"):
+            lines.append(f"\nThe reference Triton could not serve the frame model: `{frame['triton_error'][-300:]}`")
     lines += ["", "Direct calls: ONNX Runtime's `session.run` on a numpy input, with the session options the backend "
               "uses (for the spinning row: ONNX Runtime's defaults); torch's forward under `inference_mode` with the "
               "input moved to the device and the output brought back to a numpy array (the work the backend must do "
@@ -364,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.backends", description=__doc__.split("\n\n")[0])
     p.add_argument("--seconds", type=float, default=3.0, help="measurement per path and batch size (default 3)")
     p.add_argument("--rounds", type=int, default=6, help="rounds the measurement is spread over (default 6)")
+    p.add_argument("--triton", action="store_true", help="also run the frame model on the reference Triton "
+                                                         "(scripts/reference-triton; GPU machines only)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the PyTorch model runs")
     p.add_argument("--out", default=os.path.join(REPO_ROOT, "bench", "results", "tmp"), help="folder for the JSON")
     p.add_argument("--no-docs", action="store_true", help="leave docs/performance.md as it is")

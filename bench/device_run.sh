@@ -5,10 +5,13 @@
 #   device run, carry [".device-bundle"], command: bash bench/device_run.sh
 #
 # It installs the bundle's wheels into $SITE, then runs the steps of $STEPS (default: all, in this order):
-#   gpu       the GPU tests (tests/device: PyTorch on a KIND_GPU instance, DLPack python models)
-#   backends  `python -m bench.backends` (framework models: served vs called directly)
-#   compare   unpacks the trimmed reference Triton, checks it, runs `python -m bench compare --client
-#             perf_analyzer` on every scenario (short windows: about 8 minutes)
+#   gpu       the GPU tests (tests/device: PyTorch on a KIND_GPU instance, DLPack python models, frames
+#             mapped from a client's region)
+#   backends  `python -m bench.backends --triton` (framework models: served vs called directly; the
+#             1080p frame mapped, staged, and on the reference Triton)
+#   compare   `python -m bench compare --client perf_analyzer` on every scenario (short windows: about
+#             8 minutes)
+# (backends and compare first unpack the trimmed reference Triton and check it.)
 #   floor     `python -m bench.floor measure` (protocol stacks alone)
 # and leaves in $OUT: run.log, performance.md (also written to docs/), gpu.log, backends.json,
 # compare/{results.json,performance.md,ours.log,triton.log,client.log} and floor/floor.json.
@@ -74,6 +77,12 @@ if ldd "$PA_BIN" 2>&1 | grep -E "not found|GLIBC"; then echo "warning: $PA_BIN m
 STEPS=${STEPS:-gpu backends compare floor}
 [ -n "${SKIP_FLOOR:-}" ] && STEPS=${STEPS//floor/}
 rc=0
+if [[ " $STEPS " == *" backends "* || " $STEPS " == *" compare "* ]]; then
+  step "reference Triton"
+  rm -rf "$REF" && mkdir -p "$REF" && tar -xJf "$BUNDLE/reference-triton.tar.xz" -C "$REF" || exit 1
+  export REFERENCE_TRITON_CACHE="$REF/reference-triton"
+  "$PY" scripts/reference-triton check || echo "warning: scripts/reference-triton check failed (see above)"
+fi
 if [[ " $STEPS " == *" gpu "* ]]; then
   step "GPU tests (tests/device)"
   EDGE_KERNEL_DEVICE_TESTS=1 timeout -s TERM 300 "$PY" -m pytest -q -p no:cacheprovider tests/device tests/test_dlpack.py \
@@ -81,18 +90,13 @@ if [[ " $STEPS " == *" gpu "* ]]; then
 fi
 if [[ " $STEPS " == *" backends "* ]]; then
   step "bench.backends (framework models: served vs called directly)"
-  timeout -s TERM 300 "$PY" -m bench.backends --seconds ${BACKENDS_SECONDS:-3} --out "$OUT" || rc=1
+  timeout -s TERM 300 "$PY" -m bench.backends --triton --seconds ${BACKENDS_SECONDS:-3} --out "$OUT" || rc=1
 fi
 if [[ " $STEPS " != *" compare "* ]]; then
   cp docs/performance.md "$OUT/performance.md" 2>/dev/null
   step "done (rc=$rc)"
   return $rc
 fi
-
-step "reference Triton"
-rm -rf "$REF" && mkdir -p "$REF" && tar -xJf "$BUNDLE/reference-triton.tar.xz" -C "$REF" || exit 1
-export REFERENCE_TRITON_CACHE="$REF/reference-triton"
-"$PY" scripts/reference-triton check || echo "warning: scripts/reference-triton check failed (see above)"
 
 step "compare"
 # shellcheck disable=SC2086

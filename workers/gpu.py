@@ -124,8 +124,8 @@ def pin(array: np.ndarray) -> bool:
 
     view = np.frombuffer(mapping, np.uint8)
     cudart = torch.cuda.cudart()
-    try:
-        torch.cuda.check_error(cudart.cudaHostRegister(view.ctypes.data, view.nbytes, 0))
+    try:  # portable (every GPU) and mapped (in their address space: see mapped_tensor)
+        torch.cuda.check_error(cudart.cudaHostRegister(view.ctypes.data, view.nbytes, 3))
     except Exception as e:  # e.g. no CUDA device, locked-memory limits
         _pin_failed = True
         sys.stderr.write(f"worker: shared memory stays pageable for the GPU (cudaHostRegister failed: {e})\n")
@@ -193,9 +193,41 @@ def as_host_array(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def to_device(array: np.ndarray, device: Any) -> Any:
-    """A host array as a tensor on ``device`` (a torch device or a GPU number; torch, else cupy), copied
-    from page-locked memory where the array lies in shared memory."""
+class _CudaArray:
+    """Device memory described by ``__cuda_array_interface__``, for torch.as_tensor (no copy)."""
+
+    def __init__(self, pointer: int, array: np.ndarray) -> None:
+        self.__cuda_array_interface__ = {"shape": array.shape, "typestr": array.dtype.str, "strides": None,
+                                         "data": (pointer, not array.flags.writeable), "version": 3}
+        self.owner = array  # the host pages stay mapped while the tensor lives
+
+
+def mapped_tensor(array: np.ndarray, device: Any) -> Any | None:
+    """A GPU tensor that *is* ``array``'s shared-memory pages (mapped into the GPU's address space): no copy.
+
+    On an integrated GPU (Jetson: one memory for CPU and GPU) kernels read those pages at full speed; on
+    a discrete GPU every read crosses PCIe. Under unified virtual addressing (every 64-bit CUDA platform)
+    a registered host page has the same address on the device. None where it cannot be (not shared
+    memory, bfloat16, registration refused).
+    """
+    if array.dtype == _BF16 or not array.flags.c_contiguous or not pin(array):
+        return None
+    import torch
+
+    return torch.as_tensor(_CudaArray(array.ctypes.data, array), device=device)
+
+
+def integrated(device: Any) -> bool:
+    """Whether the GPU shares the CPU's memory (Jetson)."""
+    import torch
+
+    return bool(torch.cuda.get_device_properties(device).is_integrated)
+
+
+def to_device(array: np.ndarray, device: Any, mapped: bool = False) -> Any:
+    """A host array as a tensor on ``device`` (a torch device or a GPU number; torch, else cupy): the shared
+    memory itself when ``mapped`` (see mapped_tensor), else a copy from page-locked memory."""
+    target = f"cuda:{device}" if isinstance(device, int) else device
     try:
         tensor = host_view(array)
     except ImportError:
@@ -203,5 +235,21 @@ def to_device(array: np.ndarray, device: Any) -> Any:
 
         with cupy.cuda.Device(device if isinstance(device, int) else device.index):
             return cupy.asarray(array)
+    if mapped:
+        aliased = mapped_tensor(array, target)
+        if aliased is not None:
+            return aliased
     pinned = pin(array)
-    return tensor.to(f"cuda:{device}" if isinstance(device, int) else device, non_blocking=pinned)
+    return tensor.to(target, non_blocking=pinned)
+
+
+def io_mode(setting: str | None, device: Any, name: str) -> bool:
+    """Whether a GPU instance works on shared memory mapped (True) or on device copies: the config's
+    ``shared_memory_io`` (``auto``: mapped on an integrated GPU), as the TensorRT backend reads it."""
+    mode = setting or "auto"
+    if mode not in ("auto", "mapped", "staged"):
+        from workers.backend import BackendError
+
+        raise BackendError(f"parameter shared_memory_io of model '{name}' must be auto, mapped or staged, not "
+                           f"'{mode}'", "INVALID_ARG")
+    return mode == "mapped" or (mode == "auto" and integrated(device))

@@ -12,8 +12,12 @@ import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
 
 from tests.framework_models import onnx_bytes, write_model
-from tests.support import KernelServer
+from tests.support import ROOT, KernelServer
 from tests.test_dlpack import dlpack_repository, run_dlpack
+
+FRAME_CONFIG = ('backend: "python"\ninput [ { name: "FRAME", data_type: TYPE_UINT8, dims: [ 1080, 1920, 3 ] } ]\n'
+                'output [ { name: "MEAN", data_type: TYPE_FP32, dims: [ 3 ] }, '
+                '{ name: "WHERE", data_type: TYPE_STRING, dims: [ 1 ] } ]\n')
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +39,14 @@ def server(tmp_path_factory):
 
     write_model(repo, "onnx_gpu", "model.onnx", onnx_bytes(add_sub_graph()),
                 'backend: "onnxruntime"\nmax_batch_size: 8\ninstance_group [ { kind: KIND_GPU } ]\n')
+    frame_model = (ROOT / "tests" / "templates" / "frame_gpu_model.py").read_text()
+    for mode in ("mapped", "staged"):
+        (repo / f"frame_{mode}" / "1").mkdir(parents=True)
+        (repo / f"frame_{mode}" / "1" / "model.py").write_text(frame_model)
+        (repo / f"frame_{mode}" / "config.pbtxt").write_text(FRAME_CONFIG + (
+            'instance_group [ { kind: KIND_GPU, gpus: [ 0 ] } ]\n'
+            'parameters { key: "FORCE_CPU_ONLY_INPUT_TENSORS" value: { string_value: "no" } }\n'
+            f'parameters {{ key: "shared_memory_io" value: {{ string_value: "{mode}" }} }}\n'))
     srv = KernelServer(repo, env={"EDGE_KERNEL_GPU_COUNT": str(torch.cuda.device_count())})
     srv.start(tmp_path_factory.mktemp("log") / "server.log", timeout=300)
     srv.resnet = resnet.cuda()
@@ -101,3 +113,70 @@ def test_onnxruntime_without_cuda_runs_a_gpu_instance_on_the_cpu(server):
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         assert "has no CUDA execution provider (install onnxruntime-gpu): it runs on the CPU" in server.log()
     client.close()
+
+
+@pytest.mark.parametrize("mode", ["mapped", "staged"])
+def test_a_frame_in_a_clients_region_reaches_the_gpu_in_place(server, mode):
+    """Mapped: the GPU tensor the model gets *is* the client's region (its address lies in the worker's
+    mapping of /dev/shm/<key>); this fails if the frame is staged through any other buffer. Staged: a
+    device copy. Either way the result lands in the client's output region. (The device machine's H200
+    is a discrete GPU: mapped there means reads across PCIe; on a Jetson it is the default, and free.)"""
+    frame = np.random.default_rng(0).integers(0, 256, (1080, 1920, 3), dtype=np.uint8)
+    key = f"/frame_gpu_{mode}"
+    region = shm.create_shared_memory_region("frame_gpu", key, frame.nbytes + 12)
+    client = httpclient.InferenceServerClient(server.http_url)
+    try:
+        shm.set_shared_memory_region(region, [frame])
+        client.register_system_shared_memory("frame_gpu", key, frame.nbytes + 12)
+        inp = httpclient.InferInput("FRAME", list(frame.shape), "UINT8")
+        inp.set_shared_memory("frame_gpu", frame.nbytes)
+        mean = httpclient.InferRequestedOutput("MEAN")
+        mean.set_shared_memory("frame_gpu", 12, offset=frame.nbytes)
+        result = client.infer(f"frame_{mode}", [inp], outputs=[mean, httpclient.InferRequestedOutput("WHERE")])
+        np.testing.assert_allclose(shm.get_contents_as_numpy(region, np.float32, [3], offset=frame.nbytes),
+                                   frame.reshape(-1, 3).mean(axis=0), rtol=1e-4)
+        where = result.as_numpy("WHERE")[0].decode()
+        if mode == "mapped":
+            assert where == f"/dev/shm{key}", where
+        else:  # device memory (CUDA may reserve its addresses as mappings of /dev/nvidia*)
+            assert not where.startswith("/dev/shm"), where
+    finally:
+        client.unregister_system_shared_memory("frame_gpu")
+        shm.destroy_shared_memory_region(region)
+        client.close()
+
+
+def test_cuda_python_layer_of_the_tensorrt_backend():
+    """workers.cuda against the real CUDA runtime (cuda-python): the TensorRT backend's registrations,
+    mapped device pointers, device buffers and copies (TensorRT itself cannot be installed here)."""
+    from shm.region import Region
+    from workers import cuda
+    from workers.gpu import _CudaArray
+
+    info = cuda.device_info(0)
+    assert info["can_map"] and info["capability"]
+    region = Region("/ek_cuda_layer_test", 1 << 20, create=True)
+    host = cuda.HostMemory()
+    stream = cuda.Stream()
+    buffer = cuda.DeviceBuffer()
+    try:
+        data = np.ndarray((256,), np.float32, buffer=region.buf, offset=4096)
+        data[:] = np.arange(256, dtype=np.float32)
+        pointer = host.device_pointer(data)
+        seen = torch.as_tensor(_CudaArray(pointer, data), device="cuda:0")  # the GPU reads the pages in place
+        np.testing.assert_array_equal(seen.cpu().numpy(), data)
+        device = buffer.reserve(data.nbytes)
+        stream.copy_to_device(device, data.ctypes.data, data.nbytes)
+        back = np.ndarray((256,), np.float32, buffer=region.buf, offset=8192)
+        stream.copy_to_host(back.ctypes.data, device, data.nbytes)
+        stream.synchronize()
+        np.testing.assert_array_equal(back, data)
+        assert host.registered(back)  # one registration for the whole mapping
+        with pytest.raises(cuda.CudaError):
+            cuda.device_info(99)
+    finally:
+        buffer.free()
+        stream.close()
+        host.close()
+        region.close()
+        region.unlink()

@@ -69,6 +69,9 @@ class PyTorchBackend(Backend):
         self.batched = model.max_batch_size > 0
         self._parameters(model)
         self.device = self._device(model)
+        #: A GPU instance reads its inputs' shared memory in place (integrated GPUs), else device copies of it.
+        self.mapped = self.device.type == "cuda" and gpu.io_mode(model.parameter("shared_memory_io"), self.device,
+                                                                 model.name)
         path = model.artifact
         if not os.path.isfile(path):
             raise BackendError(f"unable to find '{path}' for model instance '{model.instance_name}'", "UNAVAILABLE")
@@ -234,7 +237,7 @@ class PyTorchBackend(Backend):
         if dtype is None:  # TYPE_STRING: List[str]
             return [b.decode("utf-8", "replace") if isinstance(b, bytes) else str(b) for b in array.reshape(-1)]
         if self.device.type != "cpu":
-            return gpu.to_device(array, self.device)
+            return gpu.to_device(array, self.device, self.mapped)
         if not array.flags.writeable:
             array = array.copy()  # a client's region: a model writing into its input must not write there
         return gpu.host_view(array)

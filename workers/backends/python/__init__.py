@@ -67,6 +67,9 @@ class PythonBackend(Backend):
         #: Inputs go to the instance's GPU first (Triton on JetPack cannot do this: no GPU tensors there).
         self.gpu_inputs = force_cpu == "no" and model.kind == "GPU"
         self.device_id = model.device_id
+        #: GPU inputs are the shared memory itself (integrated GPUs), else device copies of it.
+        self.mapped = self.gpu_inputs and gpu.io_mode(model.parameter("shared_memory_io"), model.device_id,
+                                                      model.name)
         self.instance = _model_class(model.artifact, model.name)()
         if hasattr(self.instance, "initialize"):
             self.instance.initialize(model.args)
@@ -86,7 +89,7 @@ class PythonBackend(Backend):
 
     def _request(self, request: Request) -> pb.InferenceRequest:
         if self.gpu_inputs:
-            tensors = [pb.Tensor._on_device(name, gpu.to_device(array, self.device_id), self.device_id)
+            tensors = [pb.Tensor._on_device(name, gpu.to_device(array, self.device_id, self.mapped), self.device_id)
                        if array.dtype != object else pb.Tensor(name, array) for name, array in request.inputs.items()]
         else:
             tensors = [pb.Tensor(name, array) for name, array in request.inputs.items()]
