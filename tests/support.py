@@ -182,3 +182,12 @@ class KernelServer:
             self.proc.kill()
             self.proc.wait()
             raise
+
+
+def serving(repository: Path, log_dir: Path, *extra: str, env: dict | None = None, timeout: float = 60.0):
+    """A module's server (for a pytest fixture to yield from): started on ``repository``, stopped
+    afterwards, checked to exit cleanly and to leave no shared memory behind."""
+    srv = KernelServer(repository, *extra, env=env).start(log_dir / "server.log", timeout=timeout)
+    yield srv
+    assert srv.stop() == 0, srv.log()
+    assert not srv.owned_shm(), f"shared memory left behind: {sorted(srv.owned_shm())}"

@@ -18,7 +18,7 @@ from onnx import TensorProto
 from tritonclient.utils import InferenceServerException
 
 from tests.framework_models import add_sub_graph, conv_graph, external_data_model, onnx_bytes, string_graph, write_model
-from tests.support import KernelServer
+from tests.support import serving
 
 ADD_SUB_IO = """
 input [ { name: "A", data_type: TYPE_FP32, dims: [ 4 ] }, { name: "B", data_type: TYPE_FP32, dims: [ 4 ] } ]
@@ -85,17 +85,7 @@ def repo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(repo, tmp_path_factory):
-    srv = KernelServer(repo).start(tmp_path_factory.mktemp("log") / "server.log")
-    yield srv
-    assert srv.stop() == 0, srv.log()
-    assert not srv.owned_shm(), f"shared memory left behind: {sorted(srv.owned_shm())}"
-
-
-@pytest.fixture
-def http(server):
-    client = httpclient.InferenceServerClient(server.http_url)
-    yield client
-    client.close()
+    yield from serving(repo, tmp_path_factory.mktemp("log"), timeout=180)  # conftest's `http` fixture talks to it
 
 
 def direct(repo, name: str, feed: dict) -> dict:

@@ -18,7 +18,7 @@ from tritonclient.utils import InferenceServerException
 
 from tests import torch_modules as tm
 from tests.framework_models import torchscript
-from tests.support import KernelServer
+from tests.support import serving
 
 
 def io(inputs: list[tuple], outputs: list[tuple]) -> str:
@@ -97,17 +97,7 @@ def repo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(repo, tmp_path_factory):
-    srv = KernelServer(repo).start(tmp_path_factory.mktemp("log") / "server.log")
-    yield srv
-    assert srv.stop() == 0, srv.log()
-    assert not srv.owned_shm(), f"shared memory left behind: {sorted(srv.owned_shm())}"
-
-
-@pytest.fixture
-def http(server):
-    client = httpclient.InferenceServerClient(server.http_url)
-    yield client
-    client.close()
+    yield from serving(repo, tmp_path_factory.mktemp("log"), timeout=180)  # conftest's `http` fixture talks to it
 
 
 def direct(repo, name: str, *args):

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from workers.gpu import mapping_of
+
 try:  # cuda-python >= 12.6 (cuda-bindings)
     from cuda.bindings import runtime as cudart
 except ImportError:  # older cuda-python
@@ -105,15 +107,6 @@ class DeviceBuffer:
             self.ptr = self.nbytes = 0
 
 
-def _mapping_of(array: np.ndarray) -> mmap.mmap | None:
-    base = array
-    while isinstance(base, np.ndarray):
-        base = base.base
-    if isinstance(base, memoryview):
-        base = base.obj
-    return base if isinstance(base, mmap.mmap) else None
-
-
 class HostMemory:
     """Shared-memory mappings registered with CUDA: page-locked, and mapped into the GPU's address space.
 
@@ -128,7 +121,7 @@ class HostMemory:
     def device_pointer(self, array: np.ndarray) -> int | None:
         """The device address of ``array``'s first byte, registering its mapping first; None when the array
         is not in a shared-memory mapping."""
-        mapping = _mapping_of(array)
+        mapping = mapping_of(array)
         if mapping is None:
             return None
         entry = self._maps.get(id(mapping))
@@ -143,7 +136,7 @@ class HostMemory:
         return device + (array.ctypes.data - view.ctypes.data)
 
     def registered(self, array: np.ndarray) -> bool:
-        mapping = _mapping_of(array)
+        mapping = mapping_of(array)
         return mapping is not None and id(mapping) in self._maps
 
     def forget(self, buffer: memoryview) -> None:

@@ -98,7 +98,7 @@ _pinned: dict[int, tuple[mmap.mmap, np.ndarray]] = {}
 _pin_failed = False
 
 
-def _mapping_of(array: np.ndarray) -> mmap.mmap | None:
+def mapping_of(array: np.ndarray) -> mmap.mmap | None:
     """The shared-memory mapping an array lies in (its base chain ends in a view of an mmap), if any."""
     base = array
     while isinstance(base, np.ndarray):
@@ -115,7 +115,7 @@ def pin(array: np.ndarray) -> bool:
     pageable, as before; the first refusal is logged).
     """
     global _pin_failed
-    mapping = _mapping_of(array)
+    mapping = mapping_of(array)
     if mapping is None or _pin_failed:
         return False
     if id(mapping) in _pinned:

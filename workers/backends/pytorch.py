@@ -159,19 +159,14 @@ class PyTorchBackend(Backend):
         #: (name, argument position, torch dtype or None for strings, reshape or None), in config order.
         self.inputs = []
         for t in inputs:
-            dtype = t["data_type"]
-            if dtype != "TYPE_STRING" and dtype not in _TORCH:
-                raise BackendError(f"unsupported datatype {dtype} for input '{t['name']}' for model '{name}'")
-            if dtype == "TYPE_STRING" and len(_dims(t)) + self.batched > 1:
-                raise BackendError(f"Triton only supports 1 dimensional List of String as input for '{t['name']}' "
-                                   f"for model '{name}'")
-            self.inputs.append((t["name"], index[t["name"]], _TORCH.get(dtype), _reshape(t)))
+            self._check_type("input", t)
+            self.inputs.append((t["name"], index[t["name"]], _TORCH.get(t["data_type"]), _reshape(t)))
         if not self.dict_input and sorted(i for _, i, _, _ in self.inputs) != list(range(len(self.inputs))):
             raise BackendError(f"the inputs of model '{name}' do not name each of forward's {len(self.inputs)} "
                                f"arguments once ({self.input_naming})", "INVALID_ARG")
 
     def _bind_outputs(self) -> None:
-        name, outputs = self.model.name, self.model.config.get("output") or []
+        outputs = self.model.config.get("output") or []
         if not outputs:
             raise BackendError("model configuration must contain at least one output, none were specified.")
         names = [t["name"] for t in outputs]
@@ -180,14 +175,18 @@ class PyTorchBackend(Backend):
         #: (name, result position, config datatype, reshape dims or None)
         self.outputs = []
         for i, t in enumerate(outputs):
-            dtype = t["data_type"]
-            if dtype != "TYPE_STRING" and dtype not in _TORCH:
-                raise BackendError(f"unsupported datatype {dtype} for output '{t['name']}' for model '{name}'")
-            if dtype == "TYPE_STRING" and len(_dims(t)) + self.batched > 1:
-                raise BackendError(f"Triton only supports 1 dimensional List of String as output for "
-                                   f"'{t['name']}' for model '{name}'")
-            self.outputs.append((t["name"], _index(t["name"]) if named else i, dtype,
+            self._check_type("output", t)
+            self.outputs.append((t["name"], _index(t["name"]) if named else i, t["data_type"],
                                  list(t.get("dims") or []) if "reshape" in t else None))
+
+    def _check_type(self, kind: str, t: dict) -> None:
+        """A datatype torch has, and strings only as one-dimensional lists (Triton's rules)."""
+        dtype, name = t["data_type"], self.model.name
+        if dtype != "TYPE_STRING" and dtype not in _TORCH:
+            raise BackendError(f"unsupported datatype {dtype} for {kind} '{t['name']}' for model '{name}'")
+        if dtype == "TYPE_STRING" and len(_dims(t)) + self.batched > 1:
+            raise BackendError(f"Triton only supports 1 dimensional List of String as {kind} for '{t['name']}' "
+                               f"for model '{name}'")
 
     # -- execution ----------------------------------------------------------------------------
     def execute(self, requests: list[Request]) -> list[Response]:
