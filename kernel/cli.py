@@ -11,6 +11,7 @@ from typing import Any
 
 from kernel import __version__
 from kernel.api import Server
+from kernel.restricted import GRPC_PREFIX, Restrictions
 from kernel.server import default_repository
 
 log = logging.getLogger("kernel")
@@ -89,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--exit-on-error", type=_bool, default=False, metavar="BOOL",
                        help="true: exit if a model fails to load at start (default false: keep serving the "
                             "others, the failed model stays UNAVAILABLE with its reason)")
+    start.add_argument("--http-restricted-api", action="append", default=[], metavar="<API>:<KEY>=<VALUE>",
+                       help="answer the named API categories (comma-separated: health, metadata, inference, "
+                            "shared-memory, model-config, model-repository, statistics, trace, logging) over "
+                            "HTTP only to requests with header KEY: VALUE (repeatable)")
+    start.add_argument("--grpc-restricted-protocol", action="append", default=[], metavar="<API>:<KEY>=<VALUE>",
+                       help="the same for gRPC; the metadata key is triton-grpc-protocol-KEY, as Triton's")
     start.add_argument("--grpc-max-message-size", type=int, default=64 << 20, metavar="BYTES",
                        help="largest gRPC message accepted or sent (default 64 MiB, enough for a 4K RGB frame)")
     return parser
@@ -141,6 +148,12 @@ async def serve(args: Any) -> int:
                     backend_directory=args.backend_directory, exit_timeout=args.exit_timeout_secs,
                     strict_readiness=args.strict_readiness)
     core = server.core
+    try:
+        core.http_restricted = Restrictions.parse(args.http_restricted_api)
+        core.grpc_restricted = Restrictions.parse(args.grpc_restricted_protocol, key_prefix=GRPC_PREFIX)
+    except ValueError as e:
+        log.error("error: %s", e)
+        return 1
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -19,6 +19,7 @@ from kernel.errors import ServerError
 from kernel.instance import Regions, Spinner
 from kernel.model import ModelVersion, Pending
 from kernel.repository import Repository, select_versions
+from kernel.restricted import Restrictions
 from kernel.shm_registry import Registration, SharedMemoryRegistry
 from kernel.types import InferRequest, InferResponse
 from shm.arena import Arena, MiB
@@ -81,6 +82,9 @@ class Core:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._locks: dict[str, asyncio.Lock] = {}
         self.started = False
+        # Set by the CLI (or an embedding application) before the fronts start; the fronts enforce them.
+        self.http_restricted = Restrictions()
+        self.grpc_restricted = Restrictions()
 
     # -- lifetime -------------------------------------------------------
     async def start(self) -> None:
