@@ -197,8 +197,11 @@ class _CudaArray:
     """Device memory described by ``__cuda_array_interface__``, for torch.as_tensor (no copy)."""
 
     def __init__(self, pointer: int, array: np.ndarray) -> None:
+        # The read-only flag stays False even for a request's (read-only) inputs: torch refuses
+        # ``(pointer, True)`` outright ("the read only flag is not supported"). Like Triton's own GPU
+        # input tensors, a model must not write into its inputs.
         self.__cuda_array_interface__ = {"shape": array.shape, "typestr": array.dtype.str, "strides": None,
-                                         "data": (pointer, not array.flags.writeable), "version": 3}
+                                         "data": (pointer, False), "version": 3}
         self.owner = array  # the host pages stay mapped while the tensor lives
 
 
