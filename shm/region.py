@@ -41,7 +41,7 @@ class Region:
     references, so the pages stay mapped until the last view is gone.
     """
 
-    __slots__ = ("name", "size", "owner", "_mmap", "buf", "_fd", "__weakref__")
+    __slots__ = ("name", "size", "owner", "ident", "_mmap", "buf", "_fd", "__weakref__")
 
     def __init__(self, name: str, size: int | None = None, *, create: bool = False, keep_fd: bool = False) -> None:
         """Open ``name`` (or create it with ``size`` bytes, reserved up front).
@@ -66,6 +66,7 @@ class Region:
             else:
                 shm = posix_ipc.SharedMemory(name)
                 size = shm.size
+            st = os.fstat(shm.fd)
         except posix_ipc.ExistentialError as e:
             raise ShmError(f"unable to open shared memory region '{name}': {e}") from e
         except (posix_ipc.PermissionsError, OSError, ValueError) as e:
@@ -80,6 +81,7 @@ class Region:
         self.name = name
         self.size = size
         self.owner = create
+        self.ident = (st.st_dev, st.st_ino)  # the object itself, whatever name (or hard link) opened it
         self.buf = memoryview(self._mmap) if self._mmap is not None else memoryview(b"")
 
     def current_size(self) -> int:
@@ -136,6 +138,29 @@ def remove_stale(shm_dir: str = "/dev/shm") -> list[str]:
         except OSError:
             pass
     return removed
+
+
+def server_objects(shm_dir: str = "/dev/shm") -> set[tuple[int, int]]:
+    """``(st_dev, st_ino)`` of every object of this server family (arenas, rings and their semaphores).
+
+    A client may reach one under another name (a hard link, or ``sem.ek...``, which ``shm_open`` opens
+    too); comparing the objects themselves, not their names, refuses every such alias.
+    """
+    found = set()
+    try:
+        entries = os.scandir(shm_dir)
+    except OSError:
+        return found
+    with entries:
+        for entry in entries:
+            stem = entry.name[4:] if entry.name.startswith("sem.") else entry.name
+            if stem.startswith(PREFIX):
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                found.add((st.st_dev, st.st_ino))
+    return found
 
 
 def owned_objects(pid: int, shm_dir: str = "/dev/shm") -> list[str]:
