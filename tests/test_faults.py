@@ -11,6 +11,7 @@ import time
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
+import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
 from tests.support import ROOT, KernelServer, serving
@@ -29,7 +30,46 @@ def server(tmp_path_factory):
     repo = tmp_path_factory.mktemp("faults_repo")
     shutil.copytree(_CRASHER, repo / "crasher")
     shutil.copytree(ROOT / "examples" / "models" / "add_sub", repo / "add_sub")
+    _sleeper(repo)
     yield from serving(repo, tmp_path_factory.mktemp("faults_log"))
+
+
+def _sleeper(repo) -> None:
+    """A model that sleeps INPUT0[0] seconds, then echoes."""
+    (repo / "sleeper" / "1").mkdir(parents=True)
+    (repo / "sleeper" / "1" / "model.py").write_text(
+        "import time\nimport triton_python_backend_utils as pb_utils\n\n\nclass TritonPythonModel:\n"
+        "    def execute(self, requests):\n        out = []\n        for r in requests:\n"
+        "            x = pb_utils.get_input_tensor_by_name(r, 'INPUT0').as_numpy()\n"
+        "            time.sleep(float(x[0]))\n"
+        "            out.append(pb_utils.InferenceResponse([pb_utils.Tensor('OUTPUT0', x)]))\n"
+        "        return out\n")
+    (repo / "sleeper" / "config.pbtxt").write_text(
+        'backend: "python"\ninput [ { name: "INPUT0", data_type: TYPE_FP32, dims: [ -1 ] } ]\n'
+        'output [ { name: "OUTPUT0", data_type: TYPE_FP32, dims: [ -1 ] } ]\n')
+
+
+def test_unregister_storm_during_a_slow_request_hangs_nothing(server):
+    """1,500 regions unregistered while a worker is busy for 2 s: every model answers afterwards (once this
+    posted one message per region and instance, the rings filled and the backlog waited for an answer that
+    never came: no model answered again, and SIGTERM could not stop the server)."""
+    key = f"/ek_test_storm_{os.getpid()}"
+    handle = shm.create_shared_memory_region(key[1:], key, 4096, create_only=True)
+    client = httpclient.InferenceServerClient(server.http_url, concurrency=2)
+    try:
+        for i in range(1500):
+            client.register_system_shared_memory(f"storm{i}", key, 64)
+        slow = client.async_infer("sleeper", _echo(np.array([2.0], np.float32)))
+        time.sleep(0.3)
+        client.unregister_system_shared_memory()
+        np.testing.assert_array_equal(slow.get_result(timeout=30).as_numpy("OUTPUT0"), [2.0])
+        a = np.array([0.0], np.float32)
+        for model in ("sleeper", "crasher"):
+            np.testing.assert_array_equal(client.infer(model, _echo(a)).as_numpy("OUTPUT0"), a)
+    finally:
+        client.unregister_system_shared_memory()
+        client.close()
+        shm.destroy_shared_memory_region(handle)
 
 
 def test_killed_worker_fails_only_in_flight_answers_503_then_ready_within_2s(server):

@@ -14,7 +14,7 @@ Messages from the front (``t`` is the type):
   shared memory (the front's arena when ``region_id`` is 0, else a client's
   registered region);
 * ``f``     -- free blocks of this worker's output arena;
-* ``u``     -- forget the mapping of a client region (its registration ended);
+* ``u``     -- forget the mappings of client regions (their registrations ended; ``k``: one id or a list);
 * ``stop``  -- finalise and exit.
 """
 
@@ -122,7 +122,8 @@ class Worker:
                 elif kind == "f":
                     self._free(msg["b"])
                 elif kind == "u":
-                    self.forget_region(msg["k"])
+                    for region_id in msg["k"] if isinstance(msg["k"], list) else (msg["k"],):
+                        self.forget_region(region_id)
                 elif kind == "load":
                     self._load(msg)
                 elif kind == "init":
