@@ -11,6 +11,7 @@ import itertools
 import mmap
 import os
 import re
+import time
 import weakref
 
 import posix_ipc
@@ -181,17 +182,29 @@ def remove_stale(shm_dir: str = "/dev/shm") -> list[str]:
     return removed
 
 
+_server_objects_cache: dict[str, tuple[int, set[tuple[int, int]]]] = {}
+
+
 def server_objects(shm_dir: str = "/dev/shm") -> set[tuple[int, int]]:
     """``(st_dev, st_ino)`` of every object of this server family (arenas, rings and their semaphores).
 
     A client may reach one under another name (a hard link, or ``sem.ek...``, which ``shm_open`` opens
     too); comparing the objects themselves, not their names, refuses every such alias.
     """
-    found = set()
+    try:
+        stamp = os.stat(shm_dir).st_mtime_ns  # changes whenever a name is added or removed
+    except OSError:
+        return set()
+    cached = _server_objects_cache.get(shm_dir)
+    # The stamp is coarse (a clock tick): trusted only once it is older than any tick.
+    if cached is not None and cached[0] == stamp and time.time_ns() - stamp > 100_000_000:
+        return cached[1]
+    found: set[tuple[int, int]] = set()
     try:
         entries = os.scandir(shm_dir)
     except OSError:
         return found
+    _server_objects_cache[shm_dir] = (stamp, found)
     with entries:
         for entry in entries:
             stem = entry.name[4:] if entry.name.startswith("sem.") else entry.name
