@@ -52,7 +52,7 @@ step "imports"
 "$PY" - <<'EOF' || { echo "error: a package the run needs is missing or broken (see above)"; exit 1; }
 import importlib, sys
 from importlib.metadata import version
-need = ["numpy", "httptools", "uvloop", "msgpack", "ml_dtypes", "prometheus_client", "grpclib", "posix_ipc",
+need = ["numpy", "httptools", "uvloop", "msgpack", "ml_dtypes", "prometheus_client", "hpack", "hyperframe", "posix_ipc",
         "google.protobuf", "matplotlib", "grpc", "tritonclient.http.aio", "tritonclient.grpc.aio"]
 bad = []
 for mod in need:
@@ -60,7 +60,8 @@ for mod in need:
         importlib.import_module(mod)
     except Exception as e:  # noqa: BLE001
         bad.append(f"{mod}: {e}")
-dists = ["numpy", "httptools", "uvloop", "msgpack", "ml_dtypes", "prometheus_client", "grpclib", "posix_ipc", "protobuf",
+dists = ["numpy", "httptools", "uvloop", "msgpack", "ml_dtypes", "prometheus_client", "hpack", "hyperframe", "grpclib",
+         "posix_ipc", "protobuf",
          "grpcio", "tritonclient", "perf_analyzer", "matplotlib"]
 def ver(dist):
     try:

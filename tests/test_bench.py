@@ -274,7 +274,7 @@ def test_unknown_model_is_a_clear_error(kernel):
     assert proc.returncode == 1 and "unknown input" in proc.stderr
 
 
-@pytest.mark.parametrize("protocol", ["http", "grpc"])
+@pytest.mark.parametrize("protocol", ["http", "grpc", "grpclib", "grpcio"])
 def test_floor_servers_answer_like_add_sub(protocol):
     """bench.floor's canned servers speak enough of the protocol for tritonclient (and perf_analyzer)."""
     import numpy as np
