@@ -169,3 +169,116 @@ def build_invalid(dest: Path) -> None:
     for name, (config, _) in INVALID.items():
         (dest / name / "1").mkdir(parents=True, exist_ok=True)
         (dest / name / "config.pbtxt").write_text('platform: "ensemble"\n' + config)
+
+
+_BLS_SYNC = '''
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for r in requests:
+            x = pb_utils.get_input_tensor_by_name(r, "IN")
+            first = pb_utils.InferenceRequest(model_name="pre", inputs=[pb_utils.Tensor("IN", x.as_numpy())],
+                                              requested_output_names=["OUT"], timeout=1_000_000,
+                                              preferred_memory=pb_utils.PreferredMemory(
+                                                  pb_utils.TRITONSERVER_MEMORY_CPU, 0)).exec()
+            if first.has_error():
+                raise pb_utils.TritonModelException(first.error().message())
+            pre = pb_utils.get_output_tensor_by_name(first, "OUT")
+            second = pb_utils.InferenceRequest(model_name="scale", inputs=[pb_utils.Tensor("IN", pre.as_numpy())],
+                                               requested_output_names=["OUT"]).exec()
+            y = pb_utils.get_output_tensor_by_name(second, "OUT").as_numpy()
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUT", y)]))
+        return responses
+'''
+
+_BLS_ASYNC = '''
+import asyncio
+import time
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    async def execute(self, requests):
+        responses = []
+        for r in requests:
+            x = pb_utils.get_input_tensor_by_name(r, "IN").as_numpy()
+            calls = [pb_utils.InferenceRequest(model_name=m, inputs=[pb_utils.Tensor("IN", x)],
+                                               requested_output_names=["OUT"]).async_exec()
+                     for m in ("slow_a", "slow_b")]
+            started = time.monotonic()
+            a, b = await asyncio.gather(*calls)
+            took = np.array([time.monotonic() - started], dtype=np.float32)
+            y = pb_utils.get_output_tensor_by_name(a, "OUT").as_numpy() + \\
+                pb_utils.get_output_tensor_by_name(b, "OUT").as_numpy()
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUT", y), pb_utils.Tensor("TOOK", took)]))
+        return responses
+'''
+
+_BLS_DECOUPLED = '''
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for r in requests:
+            x = pb_utils.get_input_tensor_by_name(r, "IN").as_numpy()
+            got, errors = [], []
+            for response in pb_utils.InferenceRequest(model_name="repeat", inputs=[pb_utils.Tensor("IN", x)],
+                                                      requested_output_names=["OUT", "IDX"]).exec(decoupled=True):
+                if response.has_error():
+                    errors.append(response.error().message())
+                    continue
+                if not response.output_tensors():
+                    continue  # the final flag alone
+                got.append(int(pb_utils.get_output_tensor_by_name(response, "OUT").as_numpy()[0]))
+            responses.append(pb_utils.InferenceResponse([
+                pb_utils.Tensor("OUT", np.array(got, dtype=np.int32)),
+                pb_utils.Tensor("ERRORS", np.array(errors or [""], dtype=np.object_))]))
+        return responses
+'''
+
+_BLS_ERRORS = '''
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for r in requests:
+            x = pb_utils.get_input_tensor_by_name(r, "IN").as_numpy()
+            messages = []
+            for model in ("no_such_model", "fails"):
+                response = pb_utils.InferenceRequest(model_name=model, inputs=[pb_utils.Tensor("IN", x)],
+                                                     requested_output_names=["OUT"]).exec()
+                messages.append(response.error().message() if response.has_error() else "no error")
+            wrong = pb_utils.InferenceRequest(model_name="pre", inputs=[pb_utils.Tensor("IN", x.astype(np.int32))],
+                                              requested_output_names=["OUT"]).exec()
+            messages.append(wrong.error().message() if wrong.has_error() else "no error")
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("ERRORS", np.array(messages, np.object_))]))
+        return responses
+'''
+
+
+def build_bls(dest: Path) -> None:
+    """Python models that call other models (BLS); the models they call come from :func:`build`."""
+    one = _io([("IN", "FP32", "-1")], [("OUT", "FP32", "-1")])
+    _python(dest, "bls_sync", one, _BLS_SYNC)
+    _python(dest, "bls_async", _io([("IN", "FP32", "-1")], [("OUT", "FP32", "-1"), ("TOOK", "FP32", "1")]),
+            _BLS_ASYNC)
+    arith(dest, "slow_a", "import time; time.sleep(0.4); y = (x * 2).astype(np.float32)")
+    arith(dest, "slow_b", "import time; time.sleep(0.4); y = (x + 5).astype(np.float32)")
+    _python(dest, "bls_decoupled", _io([("IN", "INT32", "-1")], [("OUT", "INT32", "-1"), ("ERRORS", "STRING", "-1")]),
+            _BLS_DECOUPLED)
+    _python(dest, "bls_errors", _io([("IN", "FP32", "-1")], [("ERRORS", "STRING", "-1")]), _BLS_ERRORS)
+    import shutil
+
+    shutil.copytree(Path(__file__).parent / "models" / "repeat", dest / "repeat")
