@@ -122,6 +122,9 @@ class Instance:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inbox: Ring | None = None
         self._outbox: Ring | None = None
+        self._replies: Ring | None = None  # answers to the worker's BLS requests (kernel.bls)
+        self._reply_backlog: collections.deque[dict] = collections.deque()
+        self.on_bls: Any = None  # callback(instance, msg) for a worker's BLS messages
         self._bell: Doorbell | None = None
         self._control: collections.deque[asyncio.Future] = collections.deque()
         self._batches: dict[int, BatchHandler] = {}
@@ -143,8 +146,10 @@ class Instance:
         self._loop = asyncio.get_running_loop()
         self._inbox = Ring.create("in")
         self._outbox = Ring.create("out")
+        self._replies = Ring.create("rep", 128, 4096)
         self._bell = Doorbell()
         spec = {"instance": self.name, "inbox": self._inbox.spec(), "outbox": self._outbox.spec(),
+                "replies": self._replies.spec(),
                 "doorbell_fd": self._bell.write_fd, **self.options}
         env = dict(os.environ, **self.env)
         env["PYTHONPATH"] = _ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -217,11 +222,14 @@ class Instance:
             self._loop.remove_reader(self._bell.read_fd)
             self._bell.close()
             self._bell = None
-        for ring in (self._inbox, self._outbox):
+        for ring in (self._inbox, self._outbox, self._replies):
             if ring is not None:
                 ring.close()
                 ring.unlink()
-        self._inbox = self._outbox = None
+        self._inbox = self._outbox = self._replies = None
+        self._reply_backlog.clear()
+        if self.on_bls is not None:
+            self.on_bls(self, {"t": "gone"})
         if self.pid:
             # The worker unlinks its arena on a clean exit; after a crash we do.
             prefix = f"/ek.{self.pid}."
@@ -292,6 +300,25 @@ class Instance:
         except RingFull:
             self._backlog.append(msg)
 
+    def reply(self, msg: dict | None) -> None:
+        """Answer a BLS request of the worker (on its replies ring; queued while the ring is full)."""
+        replies = self._replies
+        if replies is None:
+            return
+        if msg is not None:
+            self._reply_backlog.append(msg)
+        backlog = self._reply_backlog
+        while backlog:
+            try:
+                replies.send(backlog[0], block=False)
+            except RingFull:
+                return
+            except ValueError as e:  # larger than the ring: the caller gets an error instead
+                first = backlog.popleft()
+                backlog.appendleft({"q": first["q"], "res": {"err": [str(e), "INTERNAL"]}, "final": True})
+                continue
+            backlog.popleft()
+
     def _flush_backlog(self) -> None:
         while self._backlog:
             try:
@@ -336,6 +363,9 @@ class Instance:
                 handler = self._batches.get(msg["id"])
                 if handler is not None:
                     handler.stream(self, msg["i"], msg["res"], msg["final"])
+            elif kind == "b" or kind == "bf":
+                if self.on_bls is not None:
+                    self.on_bls(self, msg)
             elif kind == "error" and msg.get("id") in self._batches:
                 self.inflight -= 1
                 self._batches.pop(msg["id"]).fail(self, ServerError(msg["error"], "INTERNAL"))
@@ -346,6 +376,8 @@ class Instance:
             msg = outbox.try_recv()
         if self._backlog:
             self._flush_backlog()
+        if self._reply_backlog:
+            self.reply(None)
         if self.spinner is not None and not self.inflight:
             self.spinner.busy.discard(self)
 

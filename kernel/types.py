@@ -76,6 +76,9 @@ class OutputTensor:
     byte_size: int = 0
     data: memoryview | None = None
     shm: ShmRef | None = None
+    #: (arena segment, offset) of ``data`` in a worker's arena: lets a pipeline hand the tensor to
+    #: the next model by reference (kernel.ensemble, kernel.bls)
+    ref: tuple[str, int] | None = None
 
     def as_numpy(self) -> np.ndarray:
         """The output as an array (a view on shared memory; BYTES are decoded)."""

@@ -38,7 +38,7 @@ from shm.arena import Arena, MiB
 from shm.doorbell import ring as ring_doorbell
 from shm.region import Region, ShmError
 from shm.ring import Ring
-from workers import gpu
+from workers import bls, gpu
 from workers.backend import Backend, BackendError, Model, Request, Response
 
 #: How many ended registrations a worker remembers (see :meth:`Worker.region`).
@@ -83,6 +83,8 @@ class Worker:
         self.model: Model | None = None
         self._load_msg: dict = {}
         self._artifact = ""  # the model file a third-party python-based backend imposes
+        if spec.get("replies"):  # the front answers BLS requests there (workers.bls)
+            bls.attach(self, spec["replies"])
 
     # -- messages -------------------------------------------------------
     def send(self, msg: dict) -> None:
@@ -235,6 +237,8 @@ class Worker:
             for k, i in enumerate(index):
                 results[i] = _error(problem) if problem else self._result(responses[k], requests[k])
         t3 = time.perf_counter_ns()  # CLOCK_MONOTONIC: the front reads it as its own clock
+        if bls.client is not None:
+            bls.client.execute_returned()  # the outputs are placed: BLS responses may go
         backend._marks = None
         if len(marks) == 2:  # the backend's own split of execute: gathering inputs, inference
             t1, t2 = marks

@@ -1,0 +1,173 @@
+"""Pipelines: ensembles (and BLS, tests/test_bls.py) through the real tritonclient."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+import tritonclient.utils.shared_memory as shm
+from tritonclient.utils import InferenceServerException
+
+from tests.pipeline_models import INVALID, build, build_invalid
+from tests.support import serving
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    repo = build(tmp_path_factory.mktemp("pipelines") / "models")
+    build_invalid(repo)
+    yield from serving(repo, tmp_path_factory.mktemp("log"))
+
+
+@pytest.fixture
+def http(server):
+    client = httpclient.InferenceServerClient(server.http_url)
+    yield client
+    client.close()
+
+
+def _input(module, x: np.ndarray, name: str = "INPUT"):
+    t = module.InferInput(name, list(x.shape), "FP32")
+    t.set_data_from_numpy(x)
+    return t
+
+
+def test_diamond_over_http_and_grpc(server, http):
+    x = np.arange(16, dtype=np.float32)
+    pre = x * 2
+    expected = pre * 10 + (pre + 1)
+    result = http.infer("diamond", [_input(httpclient, x)])
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT"), expected)
+    np.testing.assert_array_equal(result.as_numpy("PRE"), pre)  # an intermediate tensor that is also an output
+    assert result.get_response()["model_name"] == "diamond"
+    grpc = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        out = grpc.infer("diamond", [_input(grpcclient, x)], outputs=[grpcclient.InferRequestedOutput("OUTPUT")])
+        np.testing.assert_array_equal(out.as_numpy("OUTPUT"), expected)
+        assert out.as_numpy("PRE") is None  # only what was asked for
+    finally:
+        grpc.close()
+
+
+def test_ensemble_metadata_config_and_statistics(http):
+    meta = http.get_model_metadata("diamond")
+    assert meta["platform"] == "ensemble"
+    assert [t["name"] for t in meta["inputs"]] == ["INPUT"]
+    config = http.get_model_config("diamond")
+    assert [s["model_name"] for s in config["ensemble_scheduling"]["step"]] == ["pre", "scale", "shift", "combine"]
+    before = {s["name"]: s for s in http.get_inference_statistics()["model_stats"]}
+    x = np.ones(4, dtype=np.float32)
+    for _ in range(3):
+        http.infer("diamond", [_input(httpclient, x)])
+    after = {s["name"]: s for s in http.get_inference_statistics()["model_stats"]}
+    for name in ("diamond", "pre", "scale", "shift", "combine"):
+        grew = after[name]["inference_stats"]["success"]["count"] - before[name]["inference_stats"]["success"]["count"]
+        assert grew == 3, name
+    assert after["diamond"]["inference_count"] - before["diamond"]["inference_count"] == 3
+
+
+@pytest.mark.parametrize("name", sorted(INVALID))
+def test_invalid_ensemble_is_unavailable_with_tritons_reason(http, name):
+    index = {m["name"]: m for m in http.get_model_repository_index()}
+    entry = index[name]
+    assert entry["state"] == "UNAVAILABLE"
+    assert entry["reason"].endswith(INVALID[name][1]), entry["reason"]
+    assert not http.is_model_ready(name)
+
+
+def test_failing_step_fails_the_request_with_its_message(http):
+    with pytest.raises(InferenceServerException, match="step failed on purpose"):
+        http.infer("failing", [_input(httpclient, np.ones(4, dtype=np.float32))])
+    stats = http.get_inference_statistics("failing")["model_stats"][0]
+    assert stats["inference_stats"]["fail"]["count"] >= 1
+    # the server still serves the good pipeline
+    np.testing.assert_array_equal(http.infer("diamond", [_input(httpclient, np.zeros(2, np.float32))])
+                                  .as_numpy("OUTPUT"), np.ones(2, np.float32))
+
+
+def test_wrong_input_is_refused_before_any_step(http):
+    t = httpclient.InferInput("INPUT", [4], "INT32")
+    t.set_data_from_numpy(np.ones(4, dtype=np.int32))
+    with pytest.raises(InferenceServerException, match="data-type is 'INT32', but model 'diamond' expects 'FP32'"):
+        http.infer("diamond", [t])
+
+
+def test_ensemble_outputs_into_client_shm_region(http):
+    x = np.arange(1024, dtype=np.float32)
+    nbytes = x.nbytes
+    handle_in = shm.create_shared_memory_region("pipe_in", "/pipe_in", nbytes)
+    handle_out = shm.create_shared_memory_region("pipe_out", "/pipe_out", nbytes)
+    try:
+        shm.set_shared_memory_region(handle_in, [x])
+        http.register_system_shared_memory("pipe_in", "/pipe_in", nbytes)
+        http.register_system_shared_memory("pipe_out", "/pipe_out", nbytes)
+        t = httpclient.InferInput("INPUT", [1024], "FP32")
+        t.set_shared_memory("pipe_in", nbytes)
+        out = httpclient.InferRequestedOutput("OUTPUT", binary_data=True)
+        out.set_shared_memory("pipe_out", nbytes)
+        result = http.infer("diamond", [t], outputs=[out])
+        output = result.get_output("OUTPUT")
+        assert output == {"name": "OUTPUT", "datatype": "FP32", "shape": [1024]}  # the bytes are in the region
+        got = shm.get_contents_as_numpy(handle_out, np.float32, [1024])
+        np.testing.assert_array_equal(got, x * 2 * 10 + x * 2 + 1)
+    finally:
+        http.unregister_system_shared_memory()
+        shm.destroy_shared_memory_region(handle_in)
+        shm.destroy_shared_memory_region(handle_out)
+
+
+def test_middle_step_batches_dynamically_under_concurrent_requests(server, http):
+    before = http.get_inference_statistics("batched")["model_stats"][0]
+    n = 8
+
+    def one(i: int) -> np.ndarray:
+        client = httpclient.InferenceServerClient(server.http_url)
+        try:
+            x = np.full((1, 3), i, dtype=np.float32)
+            return client.infer("batching", [_input(httpclient, x)]).as_numpy("OUTPUT")
+        finally:
+            client.close()
+
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        results = list(pool.map(one, range(n)))
+    for i, out in enumerate(results):
+        np.testing.assert_array_equal(out, np.full((1, 3), i * 2 * 3 + 1, dtype=np.float32))
+    after = http.get_inference_statistics("batched")["model_stats"][0]
+    executions = after["execution_count"] - before["execution_count"]
+    inferences = after["inference_count"] - before["inference_count"]
+    assert inferences == n
+    assert executions < n, "the middle step never batched"
+    assert any(b["batch_size"] > 1 for b in after["batch_stats"])
+
+
+def test_intermediate_tensors_are_not_copied_through_the_front():
+    """The front's copy counter grows by the ensemble's input only: the 4 MiB tensor between the
+    two steps passes from one worker's arena to the next by reference."""
+    import tempfile
+    from pathlib import Path
+
+    from kernel.api import Server
+
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = build(Path(tmp) / "models")
+        with Server(model_repository=str(repo), model_control_mode="explicit", load_models=["wide"]) as server:
+            assert server.model("pre").ready() is False  # only the ensemble and what it composes
+            core = server.core
+            x = np.arange(256 * 1024, dtype=np.float32)  # 1 MiB; the intermediate is 4 MiB
+            model = server.model("wide")
+            start = core.copied_bytes
+            result = model.infer({"INPUT": x})
+            np.testing.assert_array_equal(result["OUTPUT"], x * 4)
+            result.release()
+            assert core.copied_bytes - start == x.nbytes
+            # through an input buffer in the front's arena, nothing at all is copied
+            buf = model.input_buffer("INPUT", [x.size])
+            buf[:] = x
+            start = core.copied_bytes
+            result = model.infer({"INPUT": buf})
+            np.testing.assert_array_equal(result["OUTPUT"], x * 4)
+            result.release()
+            assert core.copied_bytes - start == 0
