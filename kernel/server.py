@@ -197,13 +197,17 @@ class Core:
                 raise ServerError(f"Request for unknown model: '{name}' version {version} is not found", "NOT_FOUND")
             if not mv.ready:
                 raise ServerError(f"Request for unknown model: '{name}' version {version} is not at ready state",
-                                  "NOT_FOUND")
+                                  "UNAVAILABLE" if mv.restarting else "NOT_FOUND")
             return mv
         best = None
         for mv in model.versions.values():
             if mv.ready and (best is None or mv.version > best.version):
                 best = mv
         if best is None:
+            if any(mv.restarting for mv in model.versions.values()):
+                # Not gone: its workers crashed and are starting again. 404 would read as permanent.
+                raise ServerError(f"Request for model '{name}': its instances are restarting after a crash, "
+                                  "retry shortly", "UNAVAILABLE")
             raise ServerError(f"Request for unknown model: '{name}' has no available versions", "NOT_FOUND")
         return best
 

@@ -254,6 +254,10 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         headers = self._headers
         length = headers.get("content-length")
+        if length is None and "transfer-encoding" not in headers and self.parser.get_http_version() == "1.0" \
+                and self.parser.get_method() in (b"POST", b"PUT"):
+            # HTTP/1.0 has no chunked bodies: one without a length would run to the connection's end.
+            raise HttpError(411, "Length Required: an HTTP/1.0 request body needs a Content-Length")
         if length is not None and length.isdigit():
             size = int(length)
             if size > self.server.max_body:
