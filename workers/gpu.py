@@ -18,6 +18,7 @@ never imports a framework, and a CPU-only worker never pays for one.
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import sys
 import warnings
@@ -94,18 +95,20 @@ def describe(value: Any) -> tuple[np.dtype, tuple[int, ...]]:
 
 
 #: Page-locked mappings: id(mmap) -> (the mmap, a byte view of it whose address was registered).
-_pinned: dict[int, tuple[mmap.mmap, np.ndarray]] = {}
+_pinned: dict[int, tuple[mmap.mmap | ctypes.Array, np.ndarray]] = {}
 _pin_failed = False
 
 
-def mapping_of(array: np.ndarray) -> mmap.mmap | None:
-    """The shared-memory mapping an array lies in (its base chain ends in a view of an mmap), if any."""
+def mapping_of(array: np.ndarray) -> mmap.mmap | ctypes.Array | None:
+    """The shared-memory mapping an array lies in, if any: its base chain ends in a view of the mapping
+    (``shm.region`` maps through libc into a ctypes array, so that no descriptor is kept; a plain
+    ``mmap`` is accepted too)."""
     base = array
     while isinstance(base, np.ndarray):
         base = base.base
     if isinstance(base, memoryview):
         base = base.obj
-    return base if isinstance(base, mmap.mmap) else None
+    return base if isinstance(base, mmap.mmap | ctypes.Array) else None
 
 
 def pin(array: np.ndarray) -> bool:
