@@ -106,7 +106,7 @@ timeout -s TERM 420 "$PY" -m bench compare --client perf_analyzer --scenarios al
 cp docs/performance.md "$OUT/performance.md" 2>/dev/null
 if [[ " $STEPS " == *" floor "* ]]; then
   step "protocol floors (canned answers, no model)"
-  timeout -s TERM 150 "$PY" -m bench.floor measure --out "$OUT/floor" --measurement-interval 1500 \
+  timeout -s TERM 300 "$PY" -m bench.floor measure --out "$OUT/floor" --measurement-interval 1500 \
     ${PERF_ANALYZER:+--perf-analyzer "$PERF_ANALYZER"} || echo "warning: bench.floor failed"
 fi
 step "done (compare rc=$rc)"

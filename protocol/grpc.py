@@ -147,28 +147,33 @@ class InferenceService:
         return reply
 
     async def ModelStreamInfer(self, stream: Call) -> None:
-        """Requests in, responses out, one writer task per stream.
+        """Requests in, responses out, two writer tasks per stream.
 
-        Responses of ordinary models go out in request order (Triton's order);
-        a decoupled model's responses go out as they come (behind any earlier
-        ordinary response still running). A bad request gets an error response
-        and the stream stays open.
+        Responses of ordinary models go out in request order (Triton's order),
+        through one queue whose entries wait for their answers; a decoupled
+        model's responses go out as they come, through the other, so they never
+        wait behind an ordinary request still running. A bad request gets an
+        error response and the stream stays open.
         """
-        queue: asyncio.Queue[bytes | asyncio.Future | None] = asyncio.Queue()
+        ordered: asyncio.Queue[bytes | asyncio.Future | None] = asyncio.Queue()
+        direct: asyncio.Queue[bytes | asyncio.Future | None] = asyncio.Queue()
         inflight: set[asyncio.Future] = set()
-        writer = asyncio.ensure_future(self._write(stream, queue))
+        writers = [asyncio.ensure_future(self._write(stream, ordered)),
+                   asyncio.ensure_future(self._write(stream, direct))]
         try:
             while (decoded := await stream.recv()) is not None:
-                self._stream_request(decoded, queue, inflight)
+                self._stream_request(decoded, ordered, direct, inflight)
             if inflight:
                 await asyncio.wait(list(inflight))
-            queue.put_nowait(None)
-            await writer
+            ordered.put_nowait(None)
+            direct.put_nowait(None)
+            await asyncio.gather(*writers)
         finally:
-            if not writer.done():
-                writer.cancel()
-            elif not writer.cancelled():
-                writer.exception()  # retrieved: the stream's own end is what gets reported
+            for writer in writers:
+                if not writer.done():
+                    writer.cancel()
+                elif not writer.cancelled():
+                    writer.exception()  # retrieved: the stream's own end is what gets reported
 
     @staticmethod
     async def _write(stream: Call, queue: asyncio.Queue) -> None:
@@ -180,8 +185,10 @@ class InferenceService:
                 item = await item
             await stream.send(item)
 
-    def _stream_request(self, decoded: v2grpc.InferMessage, queue: asyncio.Queue, inflight: set) -> None:
-        """Start one streamed request; its responses reach ``queue`` (never raises)."""
+    def _stream_request(self, decoded: v2grpc.InferMessage, queue: asyncio.Queue, direct: asyncio.Queue,
+                        inflight: set) -> None:
+        """Start one streamed request; its responses reach ``queue`` in request order, or ``direct`` as
+        they come (a decoupled model's) (never raises)."""
         rid = decoded.message.id
         try:
             request = v2grpc.parse_request(decoded, self.core.shm)
@@ -191,7 +198,7 @@ class InferenceService:
                 def on_response(response: Any, final: bool) -> None:
                     item = self._stream_item(request, response, final, empty_final)
                     if item is not None:
-                        queue.put_nowait(item)
+                        direct.put_nowait(item)
 
                 done = self.core.stream(request, on_response)
             else:

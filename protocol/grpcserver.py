@@ -224,6 +224,7 @@ class Connection(asyncio.Protocol):
         self.send_window = _DEFAULT_WINDOW
         self.recv_window = WINDOW  # what the peer may still send on the connection
         self.recv_unacked = 0
+        self.buffered = 0  # bytes of messages still being assembled, over all calls
         self.paused = False
         self.blocked: dict[int, Call] = {}  # calls with data waiting for connection credit or resume
         self.going_away = False
@@ -387,7 +388,12 @@ class Connection(asyncio.Protocol):
                 return
         if pos < end:
             self.buf += view[pos:]
-        if self.recv_unacked >= WINDOW >> 2:
+        self.credit_connection()
+
+    def credit_connection(self) -> None:
+        """Give the peer back connection credit for what was processed, unless partial messages already
+        hold ``max_buffered`` bytes: many big messages arriving at once wait instead of filling memory."""
+        if self.recv_unacked >= WINDOW >> 2 and self.buffered <= self.server.max_buffered and not self.closing:
             self.transport.write(_frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", self.recv_unacked)))
             self.recv_window += self.recv_unacked
             self.recv_unacked = 0
@@ -647,10 +653,13 @@ class Connection(asyncio.Protocol):
                         return
                     continue
             take = call.need - len(call.buf)
-            call.buf += payload[:take]
+            piece = payload[:take]
+            call.buf += piece
+            self.buffered += len(piece)
             payload = payload[take:]
             if len(call.buf) == call.need:
                 message = call.buf  # handed over whole: no copy of a big message
+                self.buffered -= len(message)
                 call.buf = bytearray()
                 call.need = -1
                 self._deliver(call, message, call.flag)
@@ -855,6 +864,12 @@ class Connection(asyncio.Protocol):
         if call.drained is not None and not call.drained.done():
             call.drained.cancel()
         call.out.clear()
+        if call.need >= 0 and call.buf:
+            self.buffered -= len(call.buf)
+            call.buf = bytearray()
+            call.need = -1
+            if not self.closing:
+                self.credit_connection()
 
     def _forget(self, call: Call) -> None:
         self.calls.pop(call.sid, None)
@@ -871,17 +886,23 @@ class _ConnError(Exception):
 
 
 class GrpcServer:
-    """Listens and serves ``methods`` (``{"/package.Service/Method": Method}``)."""
+    """Listens and serves ``methods`` (``{"/package.Service/Method": Method}``).
+
+    Memory per connection stays bounded: a message's size is checked at its prefix, a response goes
+    out as the peer's windows allow, and partial request messages hold at most ``max_buffered``
+    bytes (plus one 16 MiB connection window) before the peer is made to wait.
+    """
 
     def __init__(self, methods: dict[str, Method], max_message_size: int = 64 << 20, *,
                  max_concurrent_streams: int = 1000, keepalive_time: float = 7200.0,
-                 keepalive_timeout: float = 20.0, restrictions: Any = None,
+                 keepalive_timeout: float = 20.0, max_buffered: int = 256 << 20, restrictions: Any = None,
                  restricted_message: Callable[[str], str] = str) -> None:
         self.methods = methods
         self.max_message_size = max_message_size
         self.max_concurrent_streams = max_concurrent_streams
         self.keepalive_time = keepalive_time
         self.keepalive_timeout = keepalive_timeout
+        self.max_buffered = max_buffered
         self.restrictions = restrictions
         self.restricted_message = restricted_message
         self.connections: set[Connection] = set()

@@ -943,3 +943,26 @@ def test_restricted_protocol(restricted):
         np.testing.assert_array_equal(c.infer("add_sub", add_sub_inputs(a, a)).as_numpy("OUTPUT0"), 2 * a)
     finally:
         c.close()
+
+
+def test_decoupled_responses_do_not_wait_behind_ordinary_ones(client):
+    """On one stream, a decoupled model's responses go out while an earlier ordinary request still runs."""
+    collect = Collector()
+    client.start_stream(callback=collect)
+    try:
+        t = grpcclient.InferInput("INPUT0", [1], "FP32")
+        t.set_data_from_numpy(np.ones(1, np.float32))
+        start = time.monotonic()
+        client.async_stream_infer("slow_a", [t], request_id="slow")  # 400 ms
+        fast = grpcclient.InferInput("IN", [3], "INT32")  # tests/models/repeat: one response per element
+        fast.set_data_from_numpy(np.array([1, 2, 3], np.int32))
+        client.async_stream_infer("repeat", [fast], request_id="fast")
+        got = []
+        for _ in range(4):
+            result, error = collect.next()
+            assert error is None, error
+            got.append(result.get_response().id)
+        assert got == ["fast", "fast", "fast", "slow"], got
+        assert time.monotonic() - start >= 0.35
+    finally:
+        client.stop_stream()

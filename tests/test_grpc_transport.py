@@ -440,3 +440,43 @@ def test_preface_in_pieces(harness):
     s = c.wait(c.call("/t.T/Echo", b"slowly"))
     assert s.messages() == [(0, b"slowly")]
     c.close()
+
+
+def test_partial_messages_are_bounded_per_connection():
+    """Big messages arriving on many streams at once: past ``max_buffered`` the connection window is
+    not given back, so the client waits instead of the server's memory growing; a reset frees it."""
+    h = Harness(max_buffered=1 << 20)
+    try:
+        c = H2Client(h.port)
+        c.pump(lambda: c.send_window > 65535)  # the server's connection WINDOW_UPDATE
+        sids = [c.headers("/t.T/Echo") for _ in range(3)]
+        for sid in sids:
+            c.frame(DataFrame(sid, struct.pack(">BI", 0, 12 << 20)))
+            c.send_window -= 5
+        sent, chunk = 0, b"\0" * 16384
+        while sent < 33 << 20:
+            if c.send_window < len(chunk):
+                try:
+                    c.pump(lambda: c.send_window >= len(chunk), timeout=0.5)
+                except TimeoutError:
+                    break
+            c.frame(DataFrame(sids[(sent >> 14) % 3], chunk))
+            c.send_window -= len(chunk)
+            sent += len(chunk)
+        assert not c.closed
+        assert sent <= grpcserver.WINDOW + (1 << 20), sent  # held at one window past the bound
+
+        async def buffered() -> int:
+            return sum(conn.buffered for conn in h.server.connections)
+
+        time.sleep(0.2)
+        assert 0 < h.run(buffered()) <= grpcserver.WINDOW + (1 << 20)
+        before = c.send_window
+        for sid in sids:
+            c.reset(sid)
+        c.pump(lambda: c.send_window > before, timeout=5)  # credit returns once the partials are dropped
+        assert h.run(buffered()) == 0
+        c.close()
+        echo_ok(h.port)
+    finally:
+        h.stop()
