@@ -389,9 +389,16 @@ class _Run:
             outputs.append(OutputTensor(name, t.datatype, t.shape, out.byte_size, out.data, out.shm, out.ref))
         response = InferResponse(version.name, version.version_str, pending.request.id, outputs,
                                  _release=self._release)
+        # As Triton reports an ensemble: one execution per request, its compute times the sums of its steps'.
+        ci = cinf = co = 0
+        for step_response in self.responses:
+            if step_response.timings is not None:
+                ci += step_response.timings[0]
+                cinf += step_response.timings[1]
+                co += step_response.timings[2]
         stats = version.stats
-        stats.last_inference = time.time_ns() // 1_000_000
-        stats.success(total, 0, 0, 0, 0, pending.batch_size)
+        stats.execution(pending.batch_size, ci, cinf, co)
+        stats.success(total, 0, ci, cinf, co, pending.batch_size)
         _settle(pending, response)
 
     def _release(self) -> None:

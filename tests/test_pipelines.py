@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import concurrent.futures
+import importlib.util
+import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -12,13 +15,15 @@ import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
 from tests.pipeline_models import INVALID, build, build_invalid
-from tests.support import serving
+from tests.support import ROOT, serving
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     repo = build(tmp_path_factory.mktemp("pipelines") / "models")
     build_invalid(repo)
+    for model in ("camera_pipeline", "camera_preprocess", "camera_detector", "camera_postprocess"):
+        shutil.copytree(ROOT / "examples" / "models" / model, repo / model)
     yield from serving(repo, tmp_path_factory.mktemp("log"))
 
 
@@ -67,6 +72,12 @@ def test_ensemble_metadata_config_and_statistics(http):
         grew = after[name]["inference_stats"]["success"]["count"] - before[name]["inference_stats"]["success"]["count"]
         assert grew == 3, name
     assert after["diamond"]["inference_count"] - before["diamond"]["inference_count"] == 3
+    # Triton's figures for an ensemble: an execution per request, compute times summed over its steps
+    assert after["diamond"]["execution_count"] - before["diamond"]["execution_count"] == 3
+    infer_ns = {n: after[n]["inference_stats"]["compute_infer"]["ns"]
+                - before[n]["inference_stats"]["compute_infer"]["ns"]
+                for n in ("diamond", "pre", "scale", "shift", "combine")}
+    assert infer_ns["diamond"] == sum(infer_ns[n] for n in ("pre", "scale", "shift", "combine")) > 0
 
 
 @pytest.mark.parametrize("name", sorted(INVALID))
@@ -171,3 +182,35 @@ def test_intermediate_tensors_are_not_copied_through_the_front():
             np.testing.assert_array_equal(result["OUTPUT"], x * 4)
             result.release()
             assert core.copied_bytes - start == 0
+
+
+def _example(name: str):
+    """An example model's module, imported with our pb_utils (to compute the expected answer directly)."""
+    from workers.backends.python import triton_python_backend_utils as pb
+
+    sys.modules.setdefault("triton_python_backend_utils", pb)
+    spec = importlib.util.spec_from_file_location(f"example_{name}", ROOT / "examples" / "models" / name / "1" /
+                                                  "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_camera_pipeline_frame_in_client_shm_over_grpc(server):
+    frame = np.random.default_rng(3).integers(0, 256, (1080, 1920, 3), dtype=np.uint8)
+    expected = _example("camera_postprocess").postprocess(_example("camera_detector").detect(
+        _example("camera_preprocess").preprocess(frame)))
+    assert len(expected) > 0
+    handle = shm.create_shared_memory_region("frame", "/pipe_frame", frame.nbytes)
+    grpc = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        shm.set_shared_memory_region(handle, [frame])
+        grpc.register_system_shared_memory("frame", "/pipe_frame", frame.nbytes)
+        t = grpcclient.InferInput("FRAME", list(frame.shape), "UINT8")
+        t.set_shared_memory("frame", frame.nbytes)
+        result = grpc.infer("camera_pipeline", [t])
+        np.testing.assert_allclose(result.as_numpy("DETECTIONS"), expected, rtol=1e-5)
+    finally:
+        grpc.unregister_system_shared_memory()
+        grpc.close()
+        shm.destroy_shared_memory_region(handle)
