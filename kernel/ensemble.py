@@ -157,8 +157,16 @@ class EnsembleVersion(ModelVersion):
     """A loaded ensemble: validated against its composing models, scheduled by :class:`EnsembleScheduler`."""
 
     steps: list[Step]
+    problem = ""  # why it cannot load, as Triton words an ensemble's failure (no version prefix)
 
     async def _load(self, autocomplete: bool, gpu_count: int, regions: Any, options: dict) -> None:
+        try:
+            await self._resolve()
+        except ServerError as e:
+            self.problem = e.message
+            raise
+
+    async def _resolve(self) -> None:
         config = self.config
         check_scheduling(config)
         core = self.server
@@ -405,7 +413,8 @@ class _Run:
     def _fail(self, error: ServerError) -> None:
         if not self.failed:
             self.failed = True
-            self.error = error
+            # Triton names the ensemble in front of the step's message
+            self.error = ServerError(f"in ensemble '{self.version.name}', {error.message}", error.code)
 
     def _maybe_finish(self) -> None:
         if self.outstanding:

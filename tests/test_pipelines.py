@@ -6,6 +6,7 @@ import concurrent.futures
 import importlib.util
 import shutil
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
-from tests.pipeline_models import INVALID, build, build_invalid
+from tests.pipeline_models import INVALID, POLL_FAILURES, build, build_invalid
 from tests.support import ROOT, serving
 
 
@@ -81,17 +82,69 @@ def test_ensemble_metadata_config_and_statistics(http):
 
 
 @pytest.mark.parametrize("name", sorted(INVALID))
-def test_invalid_ensemble_is_unavailable_with_tritons_reason(http, name):
+def test_invalid_ensemble_is_unavailable_with_tritons_reason(server, http, name):
     index = {m["name"]: m for m in http.get_model_repository_index()}
     entry = index[name]
-    assert entry["state"] == "UNAVAILABLE"
-    assert entry["reason"].endswith(INVALID[name][1]), entry["reason"]
     assert not http.is_model_ready(name)
+    if name in POLL_FAILURES:  # as Triton: not loaded at all, the reason in the log
+        assert "state" not in entry
+        assert INVALID[name][1] in server.log()
+    else:
+        assert entry["state"] == "UNAVAILABLE"
+        assert entry["reason"] == "Invalid argument: " + INVALID[name][1]
+
+
+@pytest.fixture(scope="module")
+def explicit(server, tmp_path_factory):
+    """A second server on the same repository, in explicit model control mode, nothing loaded."""
+    repo = next(a for a in server.args if a.endswith("models"))
+    yield from serving(Path(repo), tmp_path_factory.mktemp("log"), "--model-control-mode", "explicit")
+
+
+@pytest.mark.parametrize("name", sorted(INVALID))
+def test_loading_an_invalid_ensemble_answers_tritons_error(explicit, name):
+    client = httpclient.InferenceServerClient(explicit.http_url)
+    try:
+        with pytest.raises(InferenceServerException) as failure:
+            client.load_model(name)
+        if name in POLL_FAILURES:
+            assert failure.value.message() == f"failed to load '{name}', failed to poll from model repository"
+        else:
+            assert failure.value.message() == f"load failed for model '{name}': {INVALID[name][1]}\n"
+            assert failure.value.status() == "400"
+    finally:
+        client.close()
+
+
+def test_explicit_control_loads_and_unloads_composing_models_as_triton(explicit):
+    client = httpclient.InferenceServerClient(explicit.http_url)
+    composing = ["combine", "pre", "scale", "shift"]
+
+    def ready() -> list[str]:
+        return sorted(m["name"] for m in client.get_model_repository_index()
+                      if m.get("state") == "READY" and m["name"] in ("diamond", *composing))
+
+    try:
+        client.load_model("diamond")  # loads what it composes
+        assert ready() == sorted(["diamond", *composing])
+        client.unload_model("diamond")  # they stay
+        assert ready() == composing
+        client.load_model("diamond")
+        client.unload_model("pre")  # the ensemble goes with one of its models
+        assert ready() == ["combine", "scale", "shift"]
+        client.load_model("diamond")
+        assert ready() == sorted(["diamond", *composing])
+        client.unload_model("diamond", unload_dependents=True)
+        assert ready() == []
+    finally:
+        client.close()
 
 
 def test_failing_step_fails_the_request_with_its_message(http):
-    with pytest.raises(InferenceServerException, match="step failed on purpose"):
+    with pytest.raises(InferenceServerException) as failure:
         http.infer("failing", [_input(httpclient, np.ones(4, dtype=np.float32))])
+    assert failure.value.message().startswith("in ensemble 'failing', Failed to process the request(s) for model ")
+    assert "ValueError: step failed on purpose" in failure.value.message()
     stats = http.get_inference_statistics("failing")["model_stats"][0]
     assert stats["inference_stats"]["fail"]["count"] >= 1
     # the server still serves the good pipeline
