@@ -49,6 +49,12 @@ class BlsHandler:
                     response.release()
             return
         qid = msg["q"]
+        model = msg["m"]
+        if not self.core.model_ready(model, msg.get("v") or ""):
+            self._answer(instance, qid, ServerError(
+                f"Model {model} - Error when running inference: Failed for execute the inference request. "
+                f"Model '{model}' is not ready.", "INTERNAL"), True)
+            return
         try:
             request = self._request(instance, msg)
             if msg.get("d"):
@@ -56,8 +62,9 @@ class BlsHandler:
             else:
                 future = self.core.submit(request)
                 future.add_done_callback(lambda f: self._answer(instance, qid, _outcome(f), True))
-        except ServerError as e:
-            self._answer(instance, qid, e, True)
+        except ServerError as e:  # refused before it ran: Triton's BLS names the model first
+            self._answer(instance, qid, ServerError(f"Model {model} - Error when running inference: {e.message}",
+                                                    e.code), True)
         except Exception as e:  # never let a model's odd request take the front down
             log.exception("BLS request of instance %s failed", instance.name)
             self._answer(instance, qid, ServerError(f"{type(e).__name__}: {e}", "INTERNAL"), True)

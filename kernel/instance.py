@@ -267,6 +267,12 @@ class Instance:
             spinner.busy.add(self)
             spinner.kick(self.answer_ns)
 
+    def prewake(self, within_ns: int) -> None:
+        """Tell an idle worker that a batch should come within ``within_ns``: it polls its inbox until
+        then rather than sleeping, so the batch does not wait for its wake-up (a pipeline's next step)."""
+        if self.alive and not self.inflight and not self._backlog:
+            self._post({"t": "w", "ns": within_ns})
+
     def release(self, blocks: list[list]) -> None:
         """Free output blocks ``[segment, offset]`` of this worker's arena.
 

@@ -484,6 +484,7 @@ class Batch:
                 _settle(pending, ServerError(message, code))  # a decoupled stream ends with it too
                 continue
             response = _response(version, instance, pending, result)
+            response.timings = (ci, cinf, co)
             stats.success(total, self.sent - pending.enqueued, ci, cinf, co, pending.batch_size)
             _settle(pending, response)
         if decoupled:

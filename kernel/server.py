@@ -16,7 +16,7 @@ from kernel import __version__
 from kernel import config as cfg
 from kernel.bls import BlsHandler
 from kernel.devices import gpu_count
-from kernel.ensemble import EnsembleVersion, composing_models, find_cycle, is_ensemble
+from kernel.ensemble import EnsembleVersion, check_scheduling, composing_models, find_cycle, is_ensemble
 from kernel.errors import ServerError
 from kernel.instance import Regions, Spinner
 from kernel.model import ModelVersion, Pending
@@ -399,6 +399,8 @@ class Core:
             path = self.repository.locate(name)
             config = cfg.from_json(config_override) if config_override else cfg.load(path)
             cfg.complete(config, path, self.gpus)
+            if is_ensemble(config):
+                check_scheduling(config)  # Triton refuses these when it polls the repository
             numbers = select_versions(config, path)
         except ServerError as e:
             log.error("Poll failed for model directory '%s': %s", name, e.message)
@@ -419,6 +421,8 @@ class Core:
         except ServerError as e:  # a readable but invalid config: each version says why
             for mv in model.versions.values():
                 mv.state, mv.reason = "UNAVAILABLE", e.reason()
+                if isinstance(mv, EnsembleVersion):
+                    mv.problem = e.message
         await asyncio.gather(*(mv.load(not self.strict, self.gpus, self.regions, self.worker_options())
                                for mv in model.versions.values() if mv.state == "LOADING"))
         failed = [mv for mv in model.versions.values() if not mv.ready]
@@ -427,15 +431,13 @@ class Core:
         if old is not None and failed:
             await self._unload_versions(model)  # keep the version that serves
             if any(mv.ready for mv in old.versions.values()):
-                raise ServerError(f"load failed for model '{name}': " + "".join(
-                    f"version {mv.version} is at UNAVAILABLE state: {mv.reason};\n" for mv in failed), "INVALID_ARG")
+                raise _load_failed(name, failed)
         self.models[name] = model  # serve the new version while the old one drains
         model.state = "READY" if not failed else "UNAVAILABLE"
         if old is not None:
             await self._unload_versions(old)
         if failed:
-            raise ServerError(f"load failed for model '{name}': " + "".join(
-                f"version {mv.version} is at UNAVAILABLE state: {mv.reason};\n" for mv in failed), "INVALID_ARG")
+            raise _load_failed(name, failed)
 
     def _is_ensemble(self, name: str) -> bool:
         config = self._repository_config(name)
@@ -500,6 +502,16 @@ class Core:
             for mv in model.versions.values():
                 for instance in mv.instances:
                     instance.forget_region(reg.id)
+
+
+def _load_failed(name: str, failed: list[ModelVersion]) -> ServerError:
+    """Triton's answer to a load that failed: per version, or (an ensemble's dependencies or data flow)
+    the ensemble's own reason."""
+    problem = next((mv.problem for mv in failed if isinstance(mv, EnsembleVersion) and mv.problem), "")
+    if problem:
+        return ServerError(f"load failed for model '{name}': {problem}\n", "INVALID_ARG")
+    return ServerError(f"load failed for model '{name}': " + "".join(
+        f"version {mv.version} is at UNAVAILABLE state: {mv.reason};\n" for mv in failed), "INVALID_ARG")
 
 
 def default_repository() -> str:

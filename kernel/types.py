@@ -103,6 +103,9 @@ class InferResponse:
     error: Any = None  # a ServerError, for streamed/decoupled responses only
     final: bool = True
     _release: Callable[[], None] | None = None
+    #: (compute_input, compute_infer, compute_output) ns of the execution that answered it: an ensemble's
+    #: statistics add up its steps' (kernel.ensemble)
+    timings: tuple[int, int, int] | None = None
 
     def release(self) -> None:
         """Give the output buffers back to the worker (idempotent)."""

@@ -165,6 +165,11 @@ INVALID = {
 }
 
 
+#: The invalid ensembles Triton refuses when it reads the repository ("failed to poll"; the reason goes to its log);
+#: it refuses the others when it checks them against their composing models.
+POLL_FAILURES = {"bad_no_steps", "bad_not_written", "bad_unused_input", "bad_unused_tensor", "bad_twice"}
+
+
 def build_invalid(dest: Path) -> None:
     for name, (config, _) in INVALID.items():
         (dest / name / "1").mkdir(parents=True, exist_ok=True)

@@ -56,10 +56,13 @@ def test_decoupled_exec_iterates_the_responses(http):
 
 def test_errors_come_back_as_error_responses(http):
     errors = [e.decode() for e in _infer(http, "bls_errors", np.ones(2, np.float32)).as_numpy("ERRORS")]
-    assert errors[0] == "Request for unknown model: 'no_such_model' is not found"
-    assert "step failed on purpose" in errors[1]
-    assert errors[2] == "[request id: <id_unknown>] inference input 'IN' data-type is 'INT32', but model 'pre' " \
-                        "expects 'FP32'"
+    # Triton 2.51's texts (the reference answers these very words)
+    assert errors[0] == "Model no_such_model - Error when running inference: Failed for execute the inference " \
+                        "request. Model 'no_such_model' is not ready."
+    assert errors[1].startswith("Failed to process the request(s) for model ")
+    assert "ValueError: step failed on purpose" in errors[1]
+    assert errors[2] == "Model pre - Error when running inference: [request id: <id_unknown>] inference input 'IN' " \
+                        "data-type is 'INT32', but model 'pre' expects 'FP32'"
     # the calling model and the server carry on
     x = np.arange(3, dtype=np.float32)
     np.testing.assert_array_equal(_infer(http, "bls_sync", x).as_numpy("OUT"), x * 20)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import concurrent.futures
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,14 +15,16 @@ import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
-from tests.pipeline_models import INVALID, build, build_invalid
-from tests.support import serving
+from tests.pipeline_models import INVALID, POLL_FAILURES, build, build_invalid
+from tests.support import ROOT, serving
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     repo = build(tmp_path_factory.mktemp("pipelines") / "models")
     build_invalid(repo)
+    for model in ("camera_pipeline", "camera_preprocess", "camera_detector", "camera_postprocess"):
+        shutil.copytree(ROOT / "examples" / "models" / model, repo / model)
     yield from serving(repo, tmp_path_factory.mktemp("log"))
 
 
@@ -67,20 +73,78 @@ def test_ensemble_metadata_config_and_statistics(http):
         grew = after[name]["inference_stats"]["success"]["count"] - before[name]["inference_stats"]["success"]["count"]
         assert grew == 3, name
     assert after["diamond"]["inference_count"] - before["diamond"]["inference_count"] == 3
+    # Triton's figures for an ensemble: an execution per request, compute times summed over its steps
+    assert after["diamond"]["execution_count"] - before["diamond"]["execution_count"] == 3
+    infer_ns = {n: after[n]["inference_stats"]["compute_infer"]["ns"]
+                - before[n]["inference_stats"]["compute_infer"]["ns"]
+                for n in ("diamond", "pre", "scale", "shift", "combine")}
+    assert infer_ns["diamond"] == sum(infer_ns[n] for n in ("pre", "scale", "shift", "combine")) > 0
 
 
 @pytest.mark.parametrize("name", sorted(INVALID))
-def test_invalid_ensemble_is_unavailable_with_tritons_reason(http, name):
+def test_invalid_ensemble_is_unavailable_with_tritons_reason(server, http, name):
     index = {m["name"]: m for m in http.get_model_repository_index()}
     entry = index[name]
-    assert entry["state"] == "UNAVAILABLE"
-    assert entry["reason"].endswith(INVALID[name][1]), entry["reason"]
     assert not http.is_model_ready(name)
+    if name in POLL_FAILURES:  # as Triton: not loaded at all, the reason in the log
+        assert "state" not in entry
+        assert INVALID[name][1] in server.log()
+    else:
+        assert entry["state"] == "UNAVAILABLE"
+        assert entry["reason"] == "Invalid argument: " + INVALID[name][1]
+
+
+@pytest.fixture(scope="module")
+def explicit(server, tmp_path_factory):
+    """A second server on the same repository, in explicit model control mode, nothing loaded."""
+    repo = next(a for a in server.args if a.endswith("models"))
+    yield from serving(Path(repo), tmp_path_factory.mktemp("log"), "--model-control-mode", "explicit")
+
+
+@pytest.mark.parametrize("name", sorted(INVALID))
+def test_loading_an_invalid_ensemble_answers_tritons_error(explicit, name):
+    client = httpclient.InferenceServerClient(explicit.http_url)
+    try:
+        with pytest.raises(InferenceServerException) as failure:
+            client.load_model(name)
+        if name in POLL_FAILURES:
+            assert failure.value.message() == f"failed to load '{name}', failed to poll from model repository"
+        else:
+            assert failure.value.message() == f"load failed for model '{name}': {INVALID[name][1]}\n"
+            assert failure.value.status() == "400"
+    finally:
+        client.close()
+
+
+def test_explicit_control_loads_and_unloads_composing_models_as_triton(explicit):
+    client = httpclient.InferenceServerClient(explicit.http_url)
+    composing = ["combine", "pre", "scale", "shift"]
+
+    def ready() -> list[str]:
+        return sorted(m["name"] for m in client.get_model_repository_index()
+                      if m.get("state") == "READY" and m["name"] in ("diamond", *composing))
+
+    try:
+        client.load_model("diamond")  # loads what it composes
+        assert ready() == sorted(["diamond", *composing])
+        client.unload_model("diamond")  # they stay
+        assert ready() == composing
+        client.load_model("diamond")
+        client.unload_model("pre")  # the ensemble goes with one of its models
+        assert ready() == ["combine", "scale", "shift"]
+        client.load_model("diamond")
+        assert ready() == sorted(["diamond", *composing])
+        client.unload_model("diamond", unload_dependents=True)
+        assert ready() == []
+    finally:
+        client.close()
 
 
 def test_failing_step_fails_the_request_with_its_message(http):
-    with pytest.raises(InferenceServerException, match="step failed on purpose"):
+    with pytest.raises(InferenceServerException) as failure:
         http.infer("failing", [_input(httpclient, np.ones(4, dtype=np.float32))])
+    assert failure.value.message().startswith("in ensemble 'failing', Failed to process the request(s) for model ")
+    assert "ValueError: step failed on purpose" in failure.value.message()
     stats = http.get_inference_statistics("failing")["model_stats"][0]
     assert stats["inference_stats"]["fail"]["count"] >= 1
     # the server still serves the good pipeline
@@ -171,3 +235,35 @@ def test_intermediate_tensors_are_not_copied_through_the_front():
             np.testing.assert_array_equal(result["OUTPUT"], x * 4)
             result.release()
             assert core.copied_bytes - start == 0
+
+
+def _example(name: str):
+    """An example model's module, imported with our pb_utils (to compute the expected answer directly)."""
+    from workers.backends.python import triton_python_backend_utils as pb
+
+    sys.modules.setdefault("triton_python_backend_utils", pb)
+    spec = importlib.util.spec_from_file_location(f"example_{name}", ROOT / "examples" / "models" / name / "1" /
+                                                  "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_camera_pipeline_frame_in_client_shm_over_grpc(server):
+    frame = np.random.default_rng(3).integers(0, 256, (1080, 1920, 3), dtype=np.uint8)
+    expected = _example("camera_postprocess").postprocess(_example("camera_detector").detect(
+        _example("camera_preprocess").preprocess(frame)))
+    assert len(expected) > 0
+    handle = shm.create_shared_memory_region("frame", "/pipe_frame", frame.nbytes)
+    grpc = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        shm.set_shared_memory_region(handle, [frame])
+        grpc.register_system_shared_memory("frame", "/pipe_frame", frame.nbytes)
+        t = grpcclient.InferInput("FRAME", list(frame.shape), "UINT8")
+        t.set_shared_memory("frame", frame.nbytes)
+        result = grpc.infer("camera_pipeline", [t])
+        np.testing.assert_allclose(result.as_numpy("DETECTIONS"), expected, rtol=1e-5)
+    finally:
+        grpc.unregister_system_shared_memory()
+        grpc.close()
+        shm.destroy_shared_memory_region(handle)

@@ -15,6 +15,8 @@ Messages from the front (``t`` is the type):
   registered region);
 * ``f``     -- free blocks of this worker's output arena;
 * ``u``     -- forget the mappings of client regions (their registrations ended; ``k``: one id or a list);
+* ``w``     -- wake hint: a batch should come within ``ns`` nanoseconds (kernel.ensemble sends it to the
+  next step's instance while a step runs), so poll the inbox until then instead of sleeping;
 * ``stop``  -- finalise and exit.
 """
 
@@ -83,6 +85,7 @@ class Worker:
         self.model: Model | None = None
         self._load_msg: dict = {}
         self._artifact = ""  # the model file a third-party python-based backend imposes
+        self._spin_until = 0  # a wake hint's deadline (perf_counter ns): poll the inbox until then
         if spec.get("replies"):  # the front answers BLS requests there (workers.bls)
             bls.attach(self, spec["replies"])
 
@@ -94,10 +97,12 @@ class Worker:
         ring_doorbell(self.doorbell_fd)
 
     def _next(self, spin_ns: int) -> Any:
-        """The next message; polls for ``spin_ns`` before sleeping in sem_wait (1 s at a time)."""
-        if spin_ns:
+        """The next message; polls for ``spin_ns`` (or until a wake hint's deadline) before sleeping in
+        sem_wait (1 s at a time)."""
+        if spin_ns or self._spin_until:
             inbox, clock = self.inbox, time.perf_counter_ns
-            deadline = clock() + spin_ns
+            deadline = max(clock() + spin_ns, self._spin_until)
+            self._spin_until = 0
             while clock() < deadline:
                 msg = inbox.try_recv()
                 if msg is not None:
@@ -123,6 +128,8 @@ class Worker:
                     self.execute(msg)
                 elif kind == "f":
                     self._free(msg["b"])
+                elif kind == "w":  # a batch is on its way (a pipeline's next step): be awake for it
+                    self._spin_until = time.perf_counter_ns() + msg["ns"]
                 elif kind == "u":
                     for region_id in msg["k"] if isinstance(msg["k"], list) else (msg["k"],):
                         self.forget_region(region_id)
