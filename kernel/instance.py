@@ -131,7 +131,7 @@ class Instance:
         self._backlog: collections.deque[dict] = collections.deque()
         self._retry: asyncio.TimerHandle | None = None  # flushes the backlog when no answer comes to do it
         self._frees: list[list] = []
-        self._forgets: list[int] = []  # registrations ended in this turn of the event loop
+        self._forgets: list[int | str] = []  # registrations ended in this turn of the event loop
         self._next_id = 0
         self.on_exit: Any = None  # callback(instance) when the worker dies unexpectedly
         self.load_msg: dict = {}
@@ -291,8 +291,9 @@ class Instance:
             self._post({"t": "f", "b": self._frees})
         self._frees = []
 
-    def forget_region(self, region_id: int) -> None:
-        """Tell the worker that a client region's registration has ended.
+    def forget_region(self, region_id: int | str) -> None:
+        """Tell the worker that a client region's registration has ended (its id), or that a segment of
+        the front's arena is gone (its name): it drops its mapping.
 
         Registrations ended together (an "unregister all" of thousands) go in one message: one each
         would fill the ring and the backlog with messages that get no answer.

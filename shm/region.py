@@ -61,7 +61,16 @@ def _map(fd: int, size: int) -> ctypes.Array:
         raise OSError(err, os.strerror(err))
     array = (ctypes.c_char * size).from_address(addr)
     weakref.finalize(array, _libc.munmap, addr, size).atexit = False  # at exit the kernel unmaps; views may live
+    _mappings[id(array)] = array
     return array
+
+
+_mappings: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # id -> mapping (ctypes arrays: unhashable)
+
+
+def is_mapping(obj: object) -> bool:
+    """True if ``obj`` is a shared-memory mapping made here (what a :class:`Region`'s ``buf`` views)."""
+    return _mappings.get(id(obj)) is obj
 
 
 class Region:

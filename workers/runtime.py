@@ -14,7 +14,8 @@ Messages from the front (``t`` is the type):
   shared memory (the front's arena when ``region_id`` is 0, else a client's
   registered region);
 * ``f``     -- free blocks of this worker's output arena;
-* ``u``     -- forget the mappings of client regions (their registrations ended; ``k``: one id or a list);
+* ``u``     -- forget mappings: of client regions whose registrations ended (ids) and of segments the
+  front's arena gave back (names); ``k``: one id or a list;
 * ``w``     -- wake hint: a batch should come within ``ns`` nanoseconds (kernel.ensemble sends it to the
   next step's instance while a step runs), so poll the inbox until then instead of sleeping;
 * ``stop``  -- finalise and exit.
@@ -131,8 +132,13 @@ class Worker:
                 elif kind == "w":  # a batch is on its way (a pipeline's next step): be awake for it
                     self._spin_until = time.perf_counter_ns() + msg["ns"]
                 elif kind == "u":
-                    for region_id in msg["k"] if isinstance(msg["k"], list) else (msg["k"],):
-                        self.forget_region(region_id)
+                    for key in msg["k"] if isinstance(msg["k"], list) else (msg["k"],):
+                        if isinstance(key, str):  # a segment the front's arena gave back
+                            region = self._regions.pop(key, None)
+                            if region is not None:
+                                self._drop_mapping(region)
+                        else:
+                            self.forget_region(key)
                 elif kind == "load":
                     self._load(msg)
                 elif kind == "init":
