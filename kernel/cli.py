@@ -216,7 +216,7 @@ async def serve(args: Any) -> int:
     finally:
         if grpc_server is not None:
             grpc_server.close()
-            await grpc_server.wait_closed()
+            await grpc_server.wait_closed(args.exit_timeout_secs)
         for http in http_servers:
             await http.close(args.exit_timeout_secs)
         await server.stop_async()

@@ -122,6 +122,9 @@ class Instance:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inbox: Ring | None = None
         self._outbox: Ring | None = None
+        self._replies: Ring | None = None  # answers to the worker's BLS requests (kernel.bls)
+        self._reply_backlog: collections.deque[dict] = collections.deque()
+        self.on_bls: Any = None  # callback(instance, msg) for a worker's BLS messages
         self._bell: Doorbell | None = None
         self._control: collections.deque[asyncio.Future] = collections.deque()
         self._batches: dict[int, BatchHandler] = {}
@@ -145,8 +148,10 @@ class Instance:
         self._loop = asyncio.get_running_loop()
         self._inbox = Ring.create("in")
         self._outbox = Ring.create("out")
+        self._replies = Ring.create("rep", 128, 4096)
         self._bell = Doorbell()
         spec = {"instance": self.name, "inbox": self._inbox.spec(), "outbox": self._outbox.spec(),
+                "replies": self._replies.spec(),
                 "doorbell_fd": self._bell.write_fd, **self.options}
         env = dict(os.environ, **self.env)
         env["PYTHONPATH"] = _ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -223,11 +228,14 @@ class Instance:
             self._loop.remove_reader(self._bell.read_fd)
             self._bell.close()
             self._bell = None
-        for ring in (self._inbox, self._outbox):
+        for ring in (self._inbox, self._outbox, self._replies):
             if ring is not None:
                 ring.close()
                 ring.unlink()
-        self._inbox = self._outbox = None
+        self._inbox = self._outbox = self._replies = None
+        self._reply_backlog.clear()
+        if self.on_bls is not None:
+            self.on_bls(self, {"t": "gone"})
         if self.pid:
             # The worker unlinks its arena on a clean exit; after a crash we do.
             prefix = f"/ek.{self.pid}."
@@ -258,6 +266,12 @@ class Instance:
         if spinner is not None:
             spinner.busy.add(self)
             spinner.kick(self.answer_ns)
+
+    def prewake(self, within_ns: int) -> None:
+        """Tell an idle worker that a batch should come within ``within_ns``: it polls its inbox until
+        then rather than sleeping, so the batch does not wait for its wake-up (a pipeline's next step)."""
+        if self.alive and not self.inflight and not self._backlog:
+            self._post({"t": "w", "ns": within_ns})
 
     def release(self, blocks: list[list]) -> None:
         """Free output blocks ``[segment, offset]`` of this worker's arena.
@@ -324,6 +338,25 @@ class Instance:
         if self.alive:
             self._flush_backlog()
 
+    def reply(self, msg: dict | None) -> None:
+        """Answer a BLS request of the worker (on its replies ring; queued while the ring is full)."""
+        replies = self._replies
+        if replies is None:
+            return
+        if msg is not None:
+            self._reply_backlog.append(msg)
+        backlog = self._reply_backlog
+        while backlog:
+            try:
+                replies.send(backlog[0], block=False)
+            except RingFull:
+                return
+            except ValueError as e:  # larger than the ring: the caller gets an error instead
+                first = backlog.popleft()
+                backlog.appendleft({"q": first["q"], "res": {"err": [str(e), "INTERNAL"]}, "final": True})
+                continue
+            backlog.popleft()
+
     def _flush_backlog(self) -> None:
         while self._backlog:
             try:
@@ -369,6 +402,9 @@ class Instance:
                 handler = self._batches.get(msg["id"])
                 if handler is not None:
                     handler.stream(self, msg["i"], msg["res"], msg["final"])
+            elif kind == "b" or kind == "bf":
+                if self.on_bls is not None:
+                    self.on_bls(self, msg)
             elif kind == "error" and msg.get("id") in self._batches:
                 self.inflight -= 1
                 self._batches.pop(msg["id"]).fail(self, ServerError(msg["error"], "INTERNAL"))
@@ -379,6 +415,8 @@ class Instance:
             msg = outbox.try_recv()
         if self._backlog:
             self._flush_backlog()
+        if self._reply_backlog:
+            self.reply(None)
         if self.spinner is not None and not self.inflight:
             self.spinner.busy.discard(self)
 

@@ -14,7 +14,9 @@ from typing import Any
 
 from kernel import __version__
 from kernel import config as cfg
+from kernel.bls import BlsHandler
 from kernel.devices import gpu_count
+from kernel.ensemble import EnsembleVersion, check_scheduling, composing_models, find_cycle, is_ensemble
 from kernel.errors import ServerError
 from kernel.instance import Regions, Spinner
 from kernel.model import ModelVersion, Pending
@@ -88,6 +90,10 @@ class Core:
         # Set by the CLI (or an embedding application) before the fronts start; the fronts enforce them.
         self.http_restricted = Restrictions()
         self.grpc_restricted = Restrictions()
+        #: Tensor bytes the front has copied into its arena for workers (kernel.model.dispatch): a pipeline's
+        #: intermediate tensors pass by reference and never add to it (tests/test_pipelines.py checks).
+        self.copied_bytes = 0
+        self.bls = BlsHandler(self)  # answers python models' InferenceRequest.exec()
 
     # -- lifetime -------------------------------------------------------
     async def start(self) -> None:
@@ -106,8 +112,12 @@ class Core:
             names = list(found) if "*" in self.startup_models else self.startup_models
         else:
             names = list(found)
-        await asyncio.gather(*(self._load_locked(name) for name in names if name in found),
-                             return_exceptions=True)
+        # Ensembles after the models they compose (Triton's dependency order); an ensemble's own load
+        # loads composing models nobody asked for (explicit mode).
+        ensembles = {name for name in names if name in found and self._is_ensemble(name)}
+        for group in ([n for n in names if n not in ensembles], [n for n in names if n in ensembles]):
+            await asyncio.gather(*(self._load_locked(name) for name in group if name in found),
+                                 return_exceptions=True)
         for name in names:
             if name not in found and name != "*" and name not in self.models:
                 model = self.models[name] = Model(name, "")
@@ -367,15 +377,32 @@ class Core:
         self._check_control()
         await self._load_locked(name, config_override)
 
-    async def unload_model(self, name: str) -> None:
-        """The model repository extension's unload (explicit control mode)."""
+    async def unload_model(self, name: str, unload_dependents: bool = False) -> None:
+        """The model repository extension's unload (explicit control mode).
+
+        As in Triton, ensembles that use the model are unloaded with it; ``unload_dependents``
+        also unloads an ensemble's composing models that no other loaded ensemble uses.
+        """
         self._check_control()
         async with self._lock(name):
             model = self.models.get(name)
-            if model is not None:
-                await self._unload_versions(model)
-                model.state = "UNAVAILABLE"
-                model.unloaded = True
+            if model is None:
+                return
+            composing = [composing_models(mv.config) for mv in model.versions.values() if mv.ready
+                         and isinstance(mv, EnsembleVersion)]
+            await self._unload_versions(model)
+            model.state = "UNAVAILABLE"
+            model.unloaded = True
+        for other in [m.name for m in self.models.values() if m.name != name and any(
+                mv.ready and isinstance(mv, EnsembleVersion) and name in composing_models(mv.config)
+                for mv in m.versions.values())]:
+            await self.unload_model(other)
+        if unload_dependents:
+            used = {dep for m in self.models.values() for mv in m.versions.values()
+                    if mv.ready and isinstance(mv, EnsembleVersion) for dep in composing_models(mv.config)}
+            for dep in dict.fromkeys(d for deps in composing for d in deps):
+                if dep not in used and self.model_ready(dep):
+                    await self.unload_model(dep, True)
 
     def _check_control(self) -> None:
         if self.control_mode != "explicit":
@@ -393,6 +420,8 @@ class Core:
             path = self.repository.locate(name)
             config = cfg.from_json(config_override) if config_override else cfg.load(path)
             cfg.complete(config, path, self.gpus)
+            if is_ensemble(config):
+                check_scheduling(config)  # Triton refuses these when it polls the repository
             numbers = select_versions(config, path)
         except ServerError as e:
             log.error("Poll failed for model directory '%s': %s", name, e.message)
@@ -401,15 +430,20 @@ class Core:
                 self.models[name].error = e.message
             raise poll_error from None
         model = Model(name, path)
+        ensemble = is_ensemble(config)
         for number in numbers:
             copy = type(config)()
             copy.CopyFrom(config)
-            model.versions[number] = ModelVersion(name, number, path, copy, self)
+            model.versions[number] = (EnsembleVersion if ensemble else ModelVersion)(name, number, path, copy, self)
         try:
             cfg.validate(config)
+            if ensemble:
+                await self._load_composing(name, config)
         except ServerError as e:  # a readable but invalid config: each version says why
             for mv in model.versions.values():
                 mv.state, mv.reason = "UNAVAILABLE", e.reason()
+                if isinstance(mv, EnsembleVersion):
+                    mv.problem = e.message
         await asyncio.gather(*(mv.load(not self.strict, self.gpus, self.regions, self.worker_options())
                                for mv in model.versions.values() if mv.state == "LOADING"))
         failed = [mv for mv in model.versions.values() if not mv.ready]
@@ -418,15 +452,61 @@ class Core:
         if old is not None and failed:
             await self._unload_versions(model)  # keep the version that serves
             if any(mv.ready for mv in old.versions.values()):
-                raise ServerError(f"load failed for model '{name}': " + "".join(
-                    f"version {mv.version} is at UNAVAILABLE state: {mv.reason};\n" for mv in failed), "INVALID_ARG")
+                raise _load_failed(name, failed)
         self.models[name] = model  # serve the new version while the old one drains
         model.state = "READY" if not failed else "UNAVAILABLE"
         if old is not None:
             await self._unload_versions(old)
         if failed:
-            raise ServerError(f"load failed for model '{name}': " + "".join(
-                f"version {mv.version} is at UNAVAILABLE state: {mv.reason};\n" for mv in failed), "INVALID_ARG")
+            raise _load_failed(name, failed)
+
+    def _is_ensemble(self, name: str) -> bool:
+        config = self._repository_config(name)
+        return config is not None and is_ensemble(config)
+
+    def _repository_config(self, name: str) -> Any:
+        """A model's configuration as its repository has it (None when it cannot be read)."""
+        try:
+            return cfg.load(self.repository.locate(name))
+        except ServerError:
+            return None
+
+    async def _load_composing(self, name: str, config: Any) -> None:
+        """Before an ensemble loads: refuse a circular dependency, then load the composing models
+        never loaded (or unloaded) so far, as Triton does when an ensemble is loaded."""
+        cycle = find_cycle(name, self._repository_config)
+        if cycle:
+            raise ServerError(cycle, "INVALID_ARG")
+        found, _ = self.repository.scan()
+        for dep in composing_models(config):
+            if dep not in found:
+                continue  # the ensemble's check says it is not available
+            known = self.models.get(dep)
+            if known is not None and not known.unloaded:
+                continue
+            async with self._lock(dep):
+                known = self.models.get(dep)
+                if known is None or known.unloaded:
+                    try:
+                        await self._load(dep, None)
+                    except ServerError:
+                        pass  # the ensemble's own check words it
+
+    def composing_version(self, ensemble: str, name: str, version: str = "") -> ModelVersion:
+        """The ready version an ensemble's step uses, or Triton's reason why the ensemble cannot load."""
+        model = self.models.get(name)
+        if model is None or name not in self.repository.scan()[0]:
+            raise ServerError(f"ensemble {ensemble} contains models that are not available or ambiguous: {name}",
+                              "INVALID_ARG")
+        if not any(mv.ready for mv in model.versions.values()):
+            failed = [mv.reason for mv in model.versions.values() if mv.reason] or [model.error]
+            raise ServerError(f"ensemble '{ensemble}' depends on '{name}' which has no loaded version. Model "
+                              f"'{name}' loading failed with error: {failed[0]}", "INVALID_ARG")
+        try:
+            return self.version(name, version)
+        except ServerError:
+            raise ServerError(f"ensemble '{ensemble}' depends on '{name}' whose required version {version} is not "
+                              "loaded.", "INVALID_ARG") from None
 
     async def _unload_versions(self, model: Model) -> None:
         await asyncio.gather(*(mv.unload() for mv in model.versions.values()), return_exceptions=True)
@@ -443,6 +523,16 @@ class Core:
             for mv in model.versions.values():
                 for instance in mv.instances:
                     instance.forget_region(reg.id)
+
+
+def _load_failed(name: str, failed: list[ModelVersion]) -> ServerError:
+    """Triton's answer to a load that failed: per version, or (an ensemble's dependencies or data flow)
+    the ensemble's own reason."""
+    problem = next((mv.problem for mv in failed if isinstance(mv, EnsembleVersion) and mv.problem), "")
+    if problem:
+        return ServerError(f"load failed for model '{name}': {problem}\n", "INVALID_ARG")
+    return ServerError(f"load failed for model '{name}': " + "".join(
+        f"version {mv.version} is at UNAVAILABLE state: {mv.reason};\n" for mv in failed), "INVALID_ARG")
 
 
 def default_repository() -> str:

@@ -273,8 +273,9 @@ class HttpFront:
         return _ok(_JSON)
 
     async def unload(self, request: Request) -> Response:
-        _read_json(request)
-        await self.core.unload_model(request.match_info["model"])
+        doc = _read_json(request)
+        dependents = (doc.get("parameters") or {}).get("unload_dependents") is True
+        await self.core.unload_model(request.match_info["model"], dependents)
         return _ok(_JSON)
 
     # -- shared memory --------------------------------------------------

@@ -16,6 +16,8 @@ Messages from the front (``t`` is the type):
 * ``f``     -- free blocks of this worker's output arena;
 * ``u``     -- forget mappings: of client regions whose registrations ended (ids) and of segments the
   front's arena gave back (names); ``k``: one id or a list;
+* ``w``     -- wake hint: a batch should come within ``ns`` nanoseconds (kernel.ensemble sends it to the
+  next step's instance while a step runs), so poll the inbox until then instead of sleeping;
 * ``stop``  -- finalise and exit.
 """
 
@@ -39,7 +41,7 @@ from shm.arena import Arena, MiB
 from shm.doorbell import ring as ring_doorbell
 from shm.region import Region, ShmError
 from shm.ring import Ring
-from workers import gpu
+from workers import bls, gpu
 from workers.backend import Backend, BackendError, Model, Request, Response
 
 #: How many ended registrations a worker remembers (see :meth:`Worker.region`).
@@ -84,6 +86,9 @@ class Worker:
         self.model: Model | None = None
         self._load_msg: dict = {}
         self._artifact = ""  # the model file a third-party python-based backend imposes
+        self._spin_until = 0  # a wake hint's deadline (perf_counter ns): poll the inbox until then
+        if spec.get("replies"):  # the front answers BLS requests there (workers.bls)
+            bls.attach(self, spec["replies"])
 
     # -- messages -------------------------------------------------------
     def send(self, msg: dict) -> None:
@@ -93,10 +98,12 @@ class Worker:
         ring_doorbell(self.doorbell_fd)
 
     def _next(self, spin_ns: int) -> Any:
-        """The next message; polls for ``spin_ns`` before sleeping in sem_wait (1 s at a time)."""
-        if spin_ns:
+        """The next message; polls for ``spin_ns`` (or until a wake hint's deadline) before sleeping in
+        sem_wait (1 s at a time)."""
+        if spin_ns or self._spin_until:
             inbox, clock = self.inbox, time.perf_counter_ns
-            deadline = clock() + spin_ns
+            deadline = max(clock() + spin_ns, self._spin_until)
+            self._spin_until = 0
             while clock() < deadline:
                 msg = inbox.try_recv()
                 if msg is not None:
@@ -122,6 +129,8 @@ class Worker:
                     self.execute(msg)
                 elif kind == "f":
                     self._free(msg["b"])
+                elif kind == "w":  # a batch is on its way (a pipeline's next step): be awake for it
+                    self._spin_until = time.perf_counter_ns() + msg["ns"]
                 elif kind == "u":
                     for key in msg["k"] if isinstance(msg["k"], list) else (msg["k"],):
                         if isinstance(key, str):  # a segment the front's arena gave back
@@ -242,6 +251,8 @@ class Worker:
             for k, i in enumerate(index):
                 results[i] = _error(problem) if problem else self._result(responses[k], requests[k])
         t3 = time.perf_counter_ns()  # CLOCK_MONOTONIC: the front reads it as its own clock
+        if bls.client is not None:
+            bls.client.execute_returned()  # the outputs are placed: BLS responses may go
         backend._marks = None
         if len(marks) == 2:  # the backend's own split of execute: gathering inputs, inference
             t1, t2 = marks
