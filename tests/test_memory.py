@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import numpy as np
@@ -39,7 +40,11 @@ def test_arena_trims_segments_empty_for_a_whole_period():
 def server(tmp_path_factory):
     repo = tmp_path_factory.mktemp("memory_repo")
     (repo / "echo" / "1").mkdir(parents=True)
-    (repo / "echo" / "1" / "model.py").write_text((ROOT / "tests" / "templates" / "echo_model.py").read_text())
+    slow_echo = (ROOT / "tests" / "templates" / "echo_model.py").read_text().replace(
+        "    def execute(self, requests):\n",
+        "    def execute(self, requests):\n        __import__('time').sleep(1.0)\n")
+    assert "sleep(1.0)" in slow_echo
+    (repo / "echo" / "1" / "model.py").write_text(slow_echo)
     (repo / "echo" / "config.pbtxt").write_text(
         'backend: "python"\ninput [ { name: "INPUT0", data_type: TYPE_UINT8, dims: [ -1 ] } ]\n'
         'output [ { name: "OUTPUT0", data_type: TYPE_UINT8, dims: [ -1 ] } ]\n')
@@ -62,14 +67,29 @@ def test_front_arena_shrinks_after_a_burst_and_workers_unmap(server):
     x = np.frombuffer(os.urandom(70 << 20), np.uint8)  # larger than the first segment (64 MiB)
     t = httpclient.InferInput("INPUT0", [x.size], "UINT8")
     t.set_data_from_numpy(x)
-    out = client.infer("echo", [t]).as_numpy("OUTPUT0")
-    assert np.array_equal(out, x)
+    result: list = []
+
+    def send() -> None:  # from a thread: the model holds the request a second, its input block in use
+        with httpclient.InferenceServerClient(server.http_url, network_timeout=120) as c:
+            result.append(c.infer("echo", [t]).as_numpy("OUTPUT0"))
+
+    sender = threading.Thread(target=send)
+    sender.start()
+    deadline = time.monotonic() + 30
+    while len(_front_segments(server)) < len(before) + 1:
+        assert time.monotonic() < deadline, _front_segments(server)
+        time.sleep(0.01)
     grown = _front_segments(server)
-    assert len(grown) == len(before) + 1
     extra = next(e for e in grown if e not in before)
-    assert os.stat("/dev/shm/" + extra).st_size >= 70 << 20
+    while os.stat("/dev/shm/" + extra).st_size < 70 << 20:  # seen as it is made: reserved just after
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     worker = server.worker_pids()[0]
-    assert _mapped(worker, extra)
+    while not _mapped(worker, extra):  # the worker reads the input where it lies
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    sender.join(120)
+    assert len(result) == 1 and np.array_equal(result[0], x)
     deadline = time.monotonic() + 10
     while _front_segments(server) != before or _mapped(worker, extra) or _mapped(server.proc.pid, extra):
         assert time.monotonic() < deadline, (_front_segments(server), _mapped(worker, extra))
