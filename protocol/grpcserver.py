@@ -194,11 +194,10 @@ class Call:
             raise asyncio.CancelledError()
         await self.conn.send_message(self, reply)
         if self.out and not self.closed:
-            self.drained = asyncio.get_running_loop().create_future()
-            try:
-                await self.drained
-            finally:
-                self.drained = None
+            # One future for every writer waiting on this stream (ModelStreamInfer has two).
+            if self.drained is None or self.drained.done():
+                self.drained = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self.drained)
 
 
 class Connection(asyncio.Protocol):
