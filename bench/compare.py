@@ -83,6 +83,12 @@ SCENARIOS = [
     Scenario("frame_http_c1", 4, "frame_stats 1080p frame, binary HTTP, c=1", "frame_stats", "http", 1),
     Scenario("frame_shm_c1", 4, "frame_stats 1080p frame, HTTP + system shared memory, c=1", "frame_stats", "http",
              1, "system", targets=[Target("p50", 1 / 3), Target("p50", 2, "direct")]),
+    # Issue 14: a camera pipeline (ensemble: 1080p frame -> resize/normalize -> detector -> NMS), the frame in
+    # the client's system shared memory; the same ensemble on both servers.
+    Scenario("camera_pipeline_shm_http_c1", 6, "camera_pipeline ensemble, 1080p frame in system shm, HTTP, c=1",
+             "camera_pipeline", "http", 1, "system", targets=[Target("p50", 1 / 2)]),
+    Scenario("camera_pipeline_shm_grpc_c1", 6, "camera_pipeline ensemble, 1080p frame in system shm, gRPC, c=1",
+             "camera_pipeline", "grpc", 1, "system", targets=[Target("p50", 1 / 2)]),
     Scenario("inprocess_add_sub", 5, "add_sub: ours in-process c=1 vs Triton HTTP c=1", "add_sub", "inprocess", 1),
     # The target compares throughputs: an application embedding the server keeps a few requests in flight.
     Scenario("inprocess_add_sub_c8", 5, "add_sub: ours in-process c=8 vs Triton HTTP c=1", "add_sub", "inprocess", 8,
@@ -92,7 +98,7 @@ OUTPUT_SHM_SIZE = 102400
 
 
 def select(spec: str) -> list[Scenario]:
-    """``all``, or a comma-separated list of scenario names and issue scenario numbers (1-5)."""
+    """``all``, or a comma-separated list of scenario names and issue scenario numbers (1-6)."""
     if spec.strip() in ("", "all"):
         return list(SCENARIOS)
     chosen: list[Scenario] = []
@@ -100,7 +106,7 @@ def select(spec: str) -> list[Scenario]:
         matches = [s for s in SCENARIOS if s.name == item or (item.isdigit() and s.group == int(item))]
         if not matches:
             names = ", ".join(s.name for s in SCENARIOS)
-            raise BenchError(f"unknown scenario '{item}'; known: all, 1-5, {names}")
+            raise BenchError(f"unknown scenario '{item}'; known: all, 1-6, {names}")
         chosen += [s for s in matches if s not in chosen]
     return chosen
 
@@ -574,7 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client", choices=("perf_analyzer", "bench"), default="perf_analyzer",
                    help="load generator for both servers (default perf_analyzer; scenario 5's in-process side "
                         "always uses bench)")
-    p.add_argument("--scenarios", default="all", help="all (default), or names / issue numbers 1-5, comma-separated")
+    p.add_argument("--scenarios", default="all", help="all (default), or names / issue numbers 1-6, comma-separated")
     p.add_argument("--out", default=os.path.join(REPO_ROOT, "bench", "results", "tmp", "compare"),
                    help="directory for results.json, logs and a copy of the page (default bench/results/tmp/compare, "
                         "git-ignored)")

@@ -122,11 +122,16 @@ class Instance:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inbox: Ring | None = None
         self._outbox: Ring | None = None
+        self._replies: Ring | None = None  # answers to the worker's BLS requests (kernel.bls)
+        self._reply_backlog: collections.deque[dict] = collections.deque()
+        self.on_bls: Any = None  # callback(instance, msg) for a worker's BLS messages
         self._bell: Doorbell | None = None
         self._control: collections.deque[asyncio.Future] = collections.deque()
         self._batches: dict[int, BatchHandler] = {}
         self._backlog: collections.deque[dict] = collections.deque()
+        self._retry: asyncio.TimerHandle | None = None  # flushes the backlog when no answer comes to do it
         self._frees: list[list] = []
+        self._forgets: list[int | str] = []  # registrations ended in this turn of the event loop
         self._next_id = 0
         self.on_exit: Any = None  # callback(instance) when the worker dies unexpectedly
         self.load_msg: dict = {}
@@ -143,8 +148,10 @@ class Instance:
         self._loop = asyncio.get_running_loop()
         self._inbox = Ring.create("in")
         self._outbox = Ring.create("out")
+        self._replies = Ring.create("rep", 128, 4096)
         self._bell = Doorbell()
         spec = {"instance": self.name, "inbox": self._inbox.spec(), "outbox": self._outbox.spec(),
+                "replies": self._replies.spec(),
                 "doorbell_fd": self._bell.write_fd, **self.options}
         env = dict(os.environ, **self.env)
         env["PYTHONPATH"] = _ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -205,7 +212,11 @@ class Instance:
     def _teardown(self) -> None:
         self.alive = False
         self._frees = []
+        self._forgets = []
         self._backlog.clear()
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
         if self._batches:  # still in flight when the worker went away: they fail, nothing hangs
             error = ServerError(f"Failed to process the request(s) for model instance '{self.name}', "
                                 "message: the instance stopped", "INTERNAL")
@@ -217,11 +228,14 @@ class Instance:
             self._loop.remove_reader(self._bell.read_fd)
             self._bell.close()
             self._bell = None
-        for ring in (self._inbox, self._outbox):
+        for ring in (self._inbox, self._outbox, self._replies):
             if ring is not None:
                 ring.close()
                 ring.unlink()
-        self._inbox = self._outbox = None
+        self._inbox = self._outbox = self._replies = None
+        self._reply_backlog.clear()
+        if self.on_bls is not None:
+            self.on_bls(self, {"t": "gone"})
         if self.pid:
             # The worker unlinks its arena on a clean exit; after a crash we do.
             prefix = f"/ek.{self.pid}."
@@ -253,6 +267,12 @@ class Instance:
             spinner.busy.add(self)
             spinner.kick(self.answer_ns)
 
+    def prewake(self, within_ns: int) -> None:
+        """Tell an idle worker that a batch should come within ``within_ns``: it polls its inbox until
+        then rather than sleeping, so the batch does not wait for its wake-up (a pipeline's next step)."""
+        if self.alive and not self.inflight and not self._backlog:
+            self._post({"t": "w", "ns": within_ns})
+
     def release(self, blocks: list[list]) -> None:
         """Free output blocks ``[segment, offset]`` of this worker's arena.
 
@@ -271,10 +291,24 @@ class Instance:
             self._post({"t": "f", "b": self._frees})
         self._frees = []
 
-    def forget_region(self, region_id: int) -> None:
-        """Tell the worker that a client region's registration has ended."""
-        if self.alive:
-            self._post({"t": "u", "k": region_id})
+    def forget_region(self, region_id: int | str) -> None:
+        """Tell the worker that a client region's registration has ended (its id), or that a segment of
+        the front's arena is gone (its name): it drops its mapping.
+
+        Registrations ended together (an "unregister all" of thousands) go in one message: one each
+        would fill the ring and the backlog with messages that get no answer.
+        """
+        if not self.alive:
+            return
+        if not self._forgets:
+            self._loop.call_soon(self._flush_forgets)
+        self._forgets.append(region_id)
+
+    def _flush_forgets(self) -> None:
+        forgets, self._forgets = self._forgets, []
+        for i in range(0, len(forgets), 1024):  # each message well inside a ring slot
+            if self.alive:
+                self._post({"t": "u", "k": forgets[i : i + 1024]})
 
     def buffer(self, name: str) -> memoryview:
         """A mapped worker-arena segment (or a registered client region)."""
@@ -291,12 +325,44 @@ class Instance:
             self._inbox.send(msg, block=False)
         except RingFull:
             self._backlog.append(msg)
+            self._schedule_retry()
+
+    def _schedule_retry(self) -> None:
+        """Flush the backlog again soon: answers flush it too, but some messages (frees, forgets) get none,
+        and a backlog that waited for an answer would hold a later "stop" or batch for ever."""
+        if self._retry is None and self._loop is not None:
+            self._retry = self._loop.call_later(0.002, self._retry_flush)
+
+    def _retry_flush(self) -> None:
+        self._retry = None
+        if self.alive:
+            self._flush_backlog()
+
+    def reply(self, msg: dict | None) -> None:
+        """Answer a BLS request of the worker (on its replies ring; queued while the ring is full)."""
+        replies = self._replies
+        if replies is None:
+            return
+        if msg is not None:
+            self._reply_backlog.append(msg)
+        backlog = self._reply_backlog
+        while backlog:
+            try:
+                replies.send(backlog[0], block=False)
+            except RingFull:
+                return
+            except ValueError as e:  # larger than the ring: the caller gets an error instead
+                first = backlog.popleft()
+                backlog.appendleft({"q": first["q"], "res": {"err": [str(e), "INTERNAL"]}, "final": True})
+                continue
+            backlog.popleft()
 
     def _flush_backlog(self) -> None:
         while self._backlog:
             try:
                 self._inbox.send(self._backlog[0], block=False)
             except RingFull:
+                self._schedule_retry()
                 return
             self._backlog.popleft()
 
@@ -336,6 +402,9 @@ class Instance:
                 handler = self._batches.get(msg["id"])
                 if handler is not None:
                     handler.stream(self, msg["i"], msg["res"], msg["final"])
+            elif kind == "b" or kind == "bf":
+                if self.on_bls is not None:
+                    self.on_bls(self, msg)
             elif kind == "error" and msg.get("id") in self._batches:
                 self.inflight -= 1
                 self._batches.pop(msg["id"]).fail(self, ServerError(msg["error"], "INTERNAL"))
@@ -346,6 +415,8 @@ class Instance:
             msg = outbox.try_recv()
         if self._backlog:
             self._flush_backlog()
+        if self._reply_backlog:
+            self.reply(None)
         if self.spinner is not None and not self.inflight:
             self.spinner.busy.discard(self)
 

@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("kernel")
 
 #: Request parameters the server consumes; the rest reach the model.
+#: A crash within this many seconds of the previous one counts as "in a row" for the restart back-off.
+CRASH_WINDOW = 10.0
+MAX_BACKOFF = 5.0
+
 RESERVED_PARAMETERS = frozenset({
     "sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "binary_data_output",
     "headers", "triton_enable_empty_final_response",
@@ -83,6 +87,8 @@ class ModelVersion:
         self.scheduler: Scheduler | None = None
         self.status = ""  # what the backend says of its loaded instances (a DLA core, a GPU fallback...)
         self._restarts: set[asyncio.Future] = set()
+        self.restarting = False  # every instance crashed and is being restarted: UNAVAILABLE, not gone
+        self._crashes: dict[str, tuple[int, float]] = {}  # instance name -> (crashes in a row, last one)
         self.set_config(config)
 
     def set_config(self, config: ModelConfig) -> None:
@@ -120,8 +126,6 @@ class ModelVersion:
 
     async def _load(self, autocomplete: bool, gpu_count: int, regions: Regions, options: dict) -> None:
         config = self.config
-        if config.platform == "ensemble":
-            raise ServerError("ensemble models are not supported by this server yet", "UNSUPPORTED")
         version_dir = os.path.join(self.model_dir, self.version_str)
         model_file = os.path.join(version_dir, config.default_model_filename) if config.default_model_filename \
             else version_dir
@@ -178,6 +182,7 @@ class ModelVersion:
         for inst in self.instances:
             inst.on_exit = self._instance_died
             inst.spinner = self.server.spinner
+            inst.on_bls = self.server.bls.handle
         self.scheduler = make_scheduler(self)
 
     def _instance_died(self, instance: Instance) -> None:
@@ -186,25 +191,41 @@ class ModelVersion:
             return
         if not any(i.alive for i in self.instances):
             self.state = "UNAVAILABLE"
+            self.restarting = True
             self.reason = f"Internal: every instance of model '{self.name}' stopped; restarting"
         self._restarts.add(asyncio.ensure_future(self._restart(instance)))
+
+    def _backoff(self, instance: Instance) -> float:
+        """Seconds to wait before restarting ``instance``: none after a first crash (back within 2 s, the
+        usual case), then doubling from 0.1 s up to 5 s while it keeps crashing soon after each start, so a
+        model that dies on every request does not keep a core busy with restarts."""
+        now = time.monotonic()
+        count, last = self._crashes.get(instance.name, (0, 0.0))
+        count = count + 1 if now - last < CRASH_WINDOW else 1
+        self._crashes[instance.name] = (count, now)
+        return 0.0 if count == 1 else min(0.1 * 2 ** (count - 2), MAX_BACKOFF)
 
     async def _restart(self, instance: Instance) -> None:
         task = asyncio.current_task()
         try:
-            log.warning("restarting instance %s of model '%s'", instance.name, self.name)
+            delay = self._backoff(instance)
+            log.warning("restarting instance %s of model '%s'%s", instance.name, self.name,
+                        f" in {delay:g} s" if delay else "")
+            if delay:
+                await asyncio.sleep(delay)
             await instance.restart()
         except ServerError as e:
             log.error("instance %s of model '%s' could not restart: %s", instance.name, self.name, e.message)
             await instance.stop()
             if not any(i.alive for i in self.instances):
+                self.restarting = False
                 self._fail_queued(ServerError(f"Request for unknown model: '{self.name}' has no available versions",
                                               "NOT_FOUND"))
             return
         finally:
             self._restarts.discard(task)
         if self.state == "UNAVAILABLE" and any(i.alive for i in self.instances):
-            self.state, self.reason = "READY", ""
+            self.state, self.reason, self.restarting = "READY", "", False
         if self.scheduler is not None:
             self.scheduler.on_free(instance)
 
@@ -213,6 +234,7 @@ class ModelVersion:
         what is still in flight then fails."""
         for task in list(self._restarts):
             task.cancel()
+        self.restarting = False
         if self.state == "READY":
             self.state = "UNLOADING"
             for _ in range(600):
@@ -378,10 +400,12 @@ class ModelVersion:
     def dispatch(self, instance: Instance, batch: list[Pending]) -> None:
         """Write a batch's inputs to shared memory and send it to ``instance``."""
         arena: Arena = self.server.arena
-        blocks: list[tuple[str, int]] = []
+        blocks: list[tuple[str, int, int]] = []
         reqs = []
         try:
             placed = _place_inputs([pending.request.inputs for pending in batch], arena, blocks)
+            if blocks:  # bytes the front copied (a pipeline's test checks no intermediate tensor is among them)
+                self.server.copied_bytes += blocks[0][2]
             for pending, locs in zip(batch, placed):
                 request = pending.request
                 spec: dict[str, Any] = {"in": locs}
@@ -399,7 +423,7 @@ class ModelVersion:
                 reqs.append(spec)
         except Exception as e:  # e.g. /dev/shm full: fail these requests, keep serving
             for block in blocks:
-                arena.free(*block)
+                arena.free(*block[:2])
             error = e if isinstance(e, ServerError) else ServerError(
                 f"unable to place the inputs of model '{self.name}' in shared memory: {e}", "INTERNAL")
             now = time.perf_counter_ns()
@@ -436,7 +460,7 @@ class Batch:
         arena = self.version.server.arena
         if arena is not None:
             for block in self.blocks:
-                arena.free(*block)
+                arena.free(*block[:2])
         self.blocks = []
 
     def done(self, instance: Instance, results: list, timings: list, decoupled: bool) -> None:
@@ -460,6 +484,7 @@ class Batch:
                 _settle(pending, ServerError(message, code))  # a decoupled stream ends with it too
                 continue
             response = _response(version, instance, pending, result)
+            response.timings = (ci, cinf, co)
             stats.success(total, self.sent - pending.enqueued, ci, cinf, co, pending.batch_size)
             _settle(pending, response)
         if decoupled:
@@ -535,7 +560,8 @@ def _response(version: ModelVersion, instance: Instance, pending: Pending, resul
         if region_id:
             outputs.append(OutputTensor(name, datatype, shape, nbytes, shm=refs.get(name)))
         elif nbytes:
-            outputs.append(OutputTensor(name, datatype, shape, nbytes, instance.buffer(key)[offset : offset + nbytes]))
+            outputs.append(OutputTensor(name, datatype, shape, nbytes, instance.buffer(key)[offset : offset + nbytes],
+                                        ref=(key, offset)))
             frees.append([key, offset])
         else:
             outputs.append(OutputTensor(name, datatype, shape, 0, memoryview(b"")))
@@ -583,7 +609,7 @@ def _place_inputs(batch: list[list], arena: Arena, blocks: list) -> list[list[li
             total = round_up(total)  # each stacked input starts aligned, as arena blocks do
             total += sum(nbytes for _, _, nbytes in rows)
         key, start = arena.alloc(total)
-        blocks.append((key, start))
+        blocks.append((key, start, sum(nbytes for rows in stacks.values() for _, _, nbytes in rows)))
         buf = arena.buffer(key)
         for rows in stacks.values():
             start = round_up(start)

@@ -14,7 +14,9 @@ from typing import Any
 
 from kernel import __version__
 from kernel import config as cfg
+from kernel.bls import BlsHandler
 from kernel.devices import gpu_count
+from kernel.ensemble import EnsembleVersion, check_scheduling, composing_models, find_cycle, is_ensemble
 from kernel.errors import ServerError
 from kernel.instance import Regions, Spinner
 from kernel.model import ModelVersion, Pending
@@ -37,6 +39,8 @@ EXTENSIONS = [
 #: Defaults of ``--backend-config python,worker-spin-us=``, ``python,front-poll-us=`` and
 #: ``python,front-hold-us=`` (see worker_options and kernel.instance.Spinner).
 DEFAULT_WORKER_SPIN_US = 500
+#: Seconds between looks for idle segments of the front's arena: one empty for a whole period goes back.
+ARENA_TRIM_PERIOD = float(os.environ.get("EDGE_KERNEL_ARENA_TRIM_S", "10"))
 DEFAULT_FRONT_POLL_US = 300
 DEFAULT_FRONT_HOLD_US = 1000
 
@@ -74,6 +78,7 @@ class Core:
         self.regions = Regions()
         self.shm = SharedMemoryRegistry(self._forget_region)
         self.arena: Arena | None = None
+        self._trimmer: asyncio.TimerHandle | None = None
         self._arena_size = arena_size
         self.gpus = gpu_count()
         python = self.backend_config.get("python", {})
@@ -85,6 +90,10 @@ class Core:
         # Set by the CLI (or an embedding application) before the fronts start; the fronts enforce them.
         self.http_restricted = Restrictions()
         self.grpc_restricted = Restrictions()
+        #: Tensor bytes the front has copied into its arena for workers (kernel.model.dispatch): a pipeline's
+        #: intermediate tensors pass by reference and never add to it (tests/test_pipelines.py checks).
+        self.copied_bytes = 0
+        self.bls = BlsHandler(self)  # answers python models' InferenceRequest.exec()
 
     # -- lifetime -------------------------------------------------------
     async def start(self) -> None:
@@ -94,6 +103,7 @@ class Core:
             log.info("removed stale shared memory object %s", entry)
         self.repository.check()
         self.arena = Arena("front", self._arena_size)
+        self._trimmer = self._loop.call_later(ARENA_TRIM_PERIOD, self._trim_arena)
         found, errors = self.repository.scan()
         for name, error in errors.items():
             model = self.models[name] = Model(name, "")
@@ -102,16 +112,37 @@ class Core:
             names = list(found) if "*" in self.startup_models else self.startup_models
         else:
             names = list(found)
-        await asyncio.gather(*(self._load_locked(name) for name in names if name in found),
-                             return_exceptions=True)
+        # Ensembles after the models they compose (Triton's dependency order); an ensemble's own load
+        # loads composing models nobody asked for (explicit mode).
+        ensembles = {name for name in names if name in found and self._is_ensemble(name)}
+        for group in ([n for n in names if n not in ensembles], [n for n in names if n in ensembles]):
+            await asyncio.gather(*(self._load_locked(name) for name in group if name in found),
+                                 return_exceptions=True)
         for name in names:
             if name not in found and name != "*" and name not in self.models:
                 model = self.models[name] = Model(name, "")
                 model.error = f"failed to load '{name}', failed to poll from model repository"
         self.started = True
 
+    def _trim_arena(self) -> None:
+        """Give back arena segments that stayed empty for a whole period; workers drop their mappings."""
+        if self.arena is None:
+            return
+        removed = self.arena.trim()
+        if removed:
+            log.info("gave back %d idle shared memory segment(s) of the front's arena", len(removed))
+            for model in self.models.values():
+                for mv in model.versions.values():
+                    for instance in mv.instances:
+                        for name in removed:
+                            instance.forget_region(name)
+        self._trimmer = self._loop.call_later(ARENA_TRIM_PERIOD, self._trim_arena)
+
     async def stop(self) -> None:
         """Unload every model, then remove the shared memory this process made."""
+        if self._trimmer is not None:
+            self._trimmer.cancel()
+            self._trimmer = None
         await asyncio.gather(*(self._unload_versions(m) for m in self.models.values()), return_exceptions=True)
         self.shm.close()
         self.regions.close()
@@ -187,13 +218,17 @@ class Core:
                 raise ServerError(f"Request for unknown model: '{name}' version {version} is not found", "NOT_FOUND")
             if not mv.ready:
                 raise ServerError(f"Request for unknown model: '{name}' version {version} is not at ready state",
-                                  "NOT_FOUND")
+                                  "UNAVAILABLE" if mv.restarting else "NOT_FOUND")
             return mv
         best = None
         for mv in model.versions.values():
             if mv.ready and (best is None or mv.version > best.version):
                 best = mv
         if best is None:
+            if any(mv.restarting for mv in model.versions.values()):
+                # Not gone: its workers crashed and are starting again. 404 would read as permanent.
+                raise ServerError(f"Request for model '{name}': its instances are restarting after a crash, "
+                                  "retry shortly", "UNAVAILABLE")
             raise ServerError(f"Request for unknown model: '{name}' has no available versions", "NOT_FOUND")
         return best
 
@@ -342,15 +377,32 @@ class Core:
         self._check_control()
         await self._load_locked(name, config_override)
 
-    async def unload_model(self, name: str) -> None:
-        """The model repository extension's unload (explicit control mode)."""
+    async def unload_model(self, name: str, unload_dependents: bool = False) -> None:
+        """The model repository extension's unload (explicit control mode).
+
+        As in Triton, ensembles that use the model are unloaded with it; ``unload_dependents``
+        also unloads an ensemble's composing models that no other loaded ensemble uses.
+        """
         self._check_control()
         async with self._lock(name):
             model = self.models.get(name)
-            if model is not None:
-                await self._unload_versions(model)
-                model.state = "UNAVAILABLE"
-                model.unloaded = True
+            if model is None:
+                return
+            composing = [composing_models(mv.config) for mv in model.versions.values() if mv.ready
+                         and isinstance(mv, EnsembleVersion)]
+            await self._unload_versions(model)
+            model.state = "UNAVAILABLE"
+            model.unloaded = True
+        for other in [m.name for m in self.models.values() if m.name != name and any(
+                mv.ready and isinstance(mv, EnsembleVersion) and name in composing_models(mv.config)
+                for mv in m.versions.values())]:
+            await self.unload_model(other)
+        if unload_dependents:
+            used = {dep for m in self.models.values() for mv in m.versions.values()
+                    if mv.ready and isinstance(mv, EnsembleVersion) for dep in composing_models(mv.config)}
+            for dep in dict.fromkeys(d for deps in composing for d in deps):
+                if dep not in used and self.model_ready(dep):
+                    await self.unload_model(dep, True)
 
     def _check_control(self) -> None:
         if self.control_mode != "explicit":
@@ -368,6 +420,8 @@ class Core:
             path = self.repository.locate(name)
             config = cfg.from_json(config_override) if config_override else cfg.load(path)
             cfg.complete(config, path, self.gpus)
+            if is_ensemble(config):
+                check_scheduling(config)  # Triton refuses these when it polls the repository
             numbers = select_versions(config, path)
         except ServerError as e:
             log.error("Poll failed for model directory '%s': %s", name, e.message)
@@ -376,15 +430,20 @@ class Core:
                 self.models[name].error = e.message
             raise poll_error from None
         model = Model(name, path)
+        ensemble = is_ensemble(config)
         for number in numbers:
             copy = type(config)()
             copy.CopyFrom(config)
-            model.versions[number] = ModelVersion(name, number, path, copy, self)
+            model.versions[number] = (EnsembleVersion if ensemble else ModelVersion)(name, number, path, copy, self)
         try:
             cfg.validate(config)
+            if ensemble:
+                await self._load_composing(name, config)
         except ServerError as e:  # a readable but invalid config: each version says why
             for mv in model.versions.values():
                 mv.state, mv.reason = "UNAVAILABLE", e.reason()
+                if isinstance(mv, EnsembleVersion):
+                    mv.problem = e.message
         await asyncio.gather(*(mv.load(not self.strict, self.gpus, self.regions, self.worker_options())
                                for mv in model.versions.values() if mv.state == "LOADING"))
         failed = [mv for mv in model.versions.values() if not mv.ready]
@@ -393,15 +452,61 @@ class Core:
         if old is not None and failed:
             await self._unload_versions(model)  # keep the version that serves
             if any(mv.ready for mv in old.versions.values()):
-                raise ServerError(f"load failed for model '{name}': " + "".join(
-                    f"version {mv.version} is at UNAVAILABLE state: {mv.reason};\n" for mv in failed), "INVALID_ARG")
+                raise _load_failed(name, failed)
         self.models[name] = model  # serve the new version while the old one drains
         model.state = "READY" if not failed else "UNAVAILABLE"
         if old is not None:
             await self._unload_versions(old)
         if failed:
-            raise ServerError(f"load failed for model '{name}': " + "".join(
-                f"version {mv.version} is at UNAVAILABLE state: {mv.reason};\n" for mv in failed), "INVALID_ARG")
+            raise _load_failed(name, failed)
+
+    def _is_ensemble(self, name: str) -> bool:
+        config = self._repository_config(name)
+        return config is not None and is_ensemble(config)
+
+    def _repository_config(self, name: str) -> Any:
+        """A model's configuration as its repository has it (None when it cannot be read)."""
+        try:
+            return cfg.load(self.repository.locate(name))
+        except ServerError:
+            return None
+
+    async def _load_composing(self, name: str, config: Any) -> None:
+        """Before an ensemble loads: refuse a circular dependency, then load the composing models
+        never loaded (or unloaded) so far, as Triton does when an ensemble is loaded."""
+        cycle = find_cycle(name, self._repository_config)
+        if cycle:
+            raise ServerError(cycle, "INVALID_ARG")
+        found, _ = self.repository.scan()
+        for dep in composing_models(config):
+            if dep not in found:
+                continue  # the ensemble's check says it is not available
+            known = self.models.get(dep)
+            if known is not None and not known.unloaded:
+                continue
+            async with self._lock(dep):
+                known = self.models.get(dep)
+                if known is None or known.unloaded:
+                    try:
+                        await self._load(dep, None)
+                    except ServerError:
+                        pass  # the ensemble's own check words it
+
+    def composing_version(self, ensemble: str, name: str, version: str = "") -> ModelVersion:
+        """The ready version an ensemble's step uses, or Triton's reason why the ensemble cannot load."""
+        model = self.models.get(name)
+        if model is None or name not in self.repository.scan()[0]:
+            raise ServerError(f"ensemble {ensemble} contains models that are not available or ambiguous: {name}",
+                              "INVALID_ARG")
+        if not any(mv.ready for mv in model.versions.values()):
+            failed = [mv.reason for mv in model.versions.values() if mv.reason] or [model.error]
+            raise ServerError(f"ensemble '{ensemble}' depends on '{name}' which has no loaded version. Model "
+                              f"'{name}' loading failed with error: {failed[0]}", "INVALID_ARG")
+        try:
+            return self.version(name, version)
+        except ServerError:
+            raise ServerError(f"ensemble '{ensemble}' depends on '{name}' whose required version {version} is not "
+                              "loaded.", "INVALID_ARG") from None
 
     async def _unload_versions(self, model: Model) -> None:
         await asyncio.gather(*(mv.unload() for mv in model.versions.values()), return_exceptions=True)
@@ -418,6 +523,16 @@ class Core:
             for mv in model.versions.values():
                 for instance in mv.instances:
                     instance.forget_region(reg.id)
+
+
+def _load_failed(name: str, failed: list[ModelVersion]) -> ServerError:
+    """Triton's answer to a load that failed: per version, or (an ensemble's dependencies or data flow)
+    the ensemble's own reason."""
+    problem = next((mv.problem for mv in failed if isinstance(mv, EnsembleVersion) and mv.problem), "")
+    if problem:
+        return ServerError(f"load failed for model '{name}': {problem}\n", "INVALID_ARG")
+    return ServerError(f"load failed for model '{name}': " + "".join(
+        f"version {mv.version} is at UNAVAILABLE state: {mv.reason};\n" for mv in failed), "INVALID_ARG")
 
 
 def default_repository() -> str:

@@ -76,6 +76,9 @@ class OutputTensor:
     byte_size: int = 0
     data: memoryview | None = None
     shm: ShmRef | None = None
+    #: (arena segment, offset) of ``data`` in a worker's arena: lets a pipeline hand the tensor to
+    #: the next model by reference (kernel.ensemble, kernel.bls)
+    ref: tuple[str, int] | None = None
 
     def as_numpy(self) -> np.ndarray:
         """The output as an array (a view on shared memory; BYTES are decoded)."""
@@ -100,6 +103,9 @@ class InferResponse:
     error: Any = None  # a ServerError, for streamed/decoupled responses only
     final: bool = True
     _release: Callable[[], None] | None = None
+    #: (compute_input, compute_infer, compute_output) ns of the execution that answered it: an ensemble's
+    #: statistics add up its steps' (kernel.ensemble)
+    timings: tuple[int, int, int] | None = None
 
     def release(self) -> None:
         """Give the output buffers back to the worker (idempotent)."""

@@ -279,7 +279,7 @@ class InferenceService:
         value = request.parameters.get("unload_dependents")
         if value is not None and value.WhichOneof("parameter_choice") != "bool_param":
             raise invalid("invalid value type for 'unload_dependents' parameter, expected bool_param.")
-        await self.core.unload_model(request.model_name)
+        await self.core.unload_model(request.model_name, value is not None and value.bool_param)
         return pb.RepositoryModelUnloadResponse()
 
     # -- shared memory --------------------------------------------------

@@ -10,7 +10,9 @@ back through DLPack (docs/backends.md).
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
+import inspect
 import os
 import sys
 from typing import Any
@@ -70,6 +72,7 @@ class PythonBackend(Backend):
         #: GPU inputs are the shared memory itself (integrated GPUs), else device copies of it.
         self.mapped = self.gpu_inputs and gpu.io_mode(model.parameter("shared_memory_io"), model.device_id,
                                                       model.name)
+        self._loop: asyncio.AbstractEventLoop | None = None  # runs an ``async def execute``
         self.instance = _model_class(model.artifact, model.name)()
         if hasattr(self.instance, "initialize"):
             self.instance.initialize(model.args)
@@ -77,10 +80,16 @@ class PythonBackend(Backend):
     def finalize(self) -> None:
         if hasattr(self.instance, "finalize"):
             self.instance.finalize()
+        if self._loop is not None:
+            self._loop.close()
 
     def execute(self, requests: list[Request]) -> list[Response] | None:
         batch = [self._request(r) for r in requests]
         responses = self.instance.execute(batch)
+        if inspect.iscoroutine(responses):  # ``async def execute`` (BLS fan-out with asyncio.gather)
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+            responses = self._loop.run_until_complete(responses)
         if self.decoupled:
             return None
         if not isinstance(responses, (list, tuple)):

@@ -254,17 +254,32 @@ class InferenceResponseSender:
         return False
 
 
-class InferenceRequest:
-    """A request handed to ``execute``.
+TRITONSERVER_MEMORY_CPU = 0
+TRITONSERVER_MEMORY_CPU_PINNED = 1
+TRITONSERVER_MEMORY_GPU = 2
 
-    Models may also build one themselves for business-logic scripting (BLS);
-    calling ``exec()`` on it answers a clear error: BLS is not supported yet.
-    """
+
+class PreferredMemory:
+    """Where a BLS caller would like the response's tensors (accepted; outputs arrive in shared memory,
+    which is CPU memory, as on Jetson)."""
+
+    def __init__(self, preferred_memory_type: int = TRITONSERVER_MEMORY_CPU, preferred_device_id: int = 0) -> None:
+        self.preferred_memory_type = preferred_memory_type
+        self.preferred_device_id = preferred_device_id
+
+
+class InferenceRequest:
+    """A request handed to ``execute``, or one a model builds to call another model (BLS:
+    ``exec()``, ``async_exec()``, ``exec(decoupled=True)``; workers.bls sends it)."""
 
     def __init__(self, model_name: str = "", inputs: list | None = None,
                  requested_output_names: list | None = None, request_id: str = "",
                  correlation_id: int | str = 0, flags: int = 0, parameters: dict | str | None = None,
-                 **_: Any) -> None:
+                 model_version: int = -1, timeout: int = 0, preferred_memory: PreferredMemory | None = None,
+                 trace: Any = None, **_: Any) -> None:
+        self._model_version = int(model_version)
+        self._timeout = timeout  # microseconds, as Triton's request timeout
+        self._preferred_memory = preferred_memory or PreferredMemory()
         self._model_name = model_name
         self._inputs = inputs or []
         self._requested = list(requested_output_names or [])
@@ -309,12 +324,24 @@ class InferenceRequest:
         if flags != TRITONSERVER_REQUEST_RELEASE_ALL:
             raise TritonModelException("request rescheduling is not supported")
 
-    def exec(self, *args: Any, **kwargs: Any) -> InferenceResponse:
-        message = "business logic scripting (InferenceRequest.exec) is not supported by this server"
-        return InferenceResponse(error=TritonError(message, TritonError.UNSUPPORTED))
+    def timeout(self) -> int:
+        return self._timeout
 
-    async def async_exec(self, *args: Any, **kwargs: Any) -> InferenceResponse:
-        return self.exec()
+    def exec(self, decoupled: bool = False) -> Any:
+        """Run this request on its model and wait: its response (decoupled: an iterator of responses)."""
+        from workers import bls
+
+        if bls.client is None:
+            raise TritonModelException("business logic scripting is only available inside a model's worker")
+        return bls.client.exec(self, decoupled)
+
+    async def async_exec(self, decoupled: bool = False) -> Any:
+        """:meth:`exec` as an awaitable: many may be in flight at once (``asyncio.gather``)."""
+        from workers import bls
+
+        if bls.client is None:
+            raise TritonModelException("business logic scripting is only available inside a model's worker")
+        return await bls.client.async_exec(self, decoupled)
 
 
 class ModelConfig:

@@ -1,0 +1,465 @@
+"""Ensembles: models whose ``ensemble_scheduling`` chains other models (Triton's ``platform: "ensemble"``).
+
+An ensemble has no worker of its own. Each request runs its steps as a DAG on the front's event
+loop: a step is submitted, through its composing model's own scheduler (so dynamic batching and
+instances apply), as soon as every ensemble tensor it reads exists. Tensors never pass through the
+front's heap: a step's outputs stay in the producing worker's arena and the next step's worker maps
+them by segment name and offset (:class:`~kernel.types.ArenaRef`); an ensemble output the client
+asked for in its shared-memory region is written there directly by the worker of the step that
+produces it. The step responses are released (their arena blocks freed) with the ensemble's response.
+
+Load-time validation follows Triton's model_config_utils (ValidateEnsembleSchedulingConfig) and
+ensemble_utils (ValidateEnsembleConfig); the messages are Triton's.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from kernel import config as cfg
+from kernel.errors import ServerError, invalid
+from kernel.model import ModelVersion, Pending, _settle
+from kernel.types import ArenaRef, InferRequest, InferResponse, InputTensor, OutputTensor, RequestedOutput, ShmRef
+
+if TYPE_CHECKING:
+    from protocol.model_config_pb2 import ModelConfig
+
+ENSEMBLE = "ensemble"
+#: Wake hints (see _Run._prewake): sent for steps answering within PREWAKE_MAX_NS; the worker polls for
+#: their usual answer time plus a quarter plus PREWAKE_MARGIN_NS (PREWAKE_DEFAULT_NS when still unknown).
+PREWAKE_MAX_NS = 3_000_000
+PREWAKE_MARGIN_NS = 200_000
+PREWAKE_DEFAULT_NS = 1_000_000
+
+
+def is_ensemble(config: ModelConfig) -> bool:
+    return config.platform == ENSEMBLE or config.HasField("ensemble_scheduling")
+
+
+def composing_models(config: ModelConfig) -> list[str]:
+    """The models an ensemble's steps name, each once, in step order."""
+    return list(dict.fromkeys(s.model_name for s in config.ensemble_scheduling.step if s.model_name))
+
+
+def check_scheduling(config: ModelConfig) -> None:
+    """What Triton checks of an ensemble's own configuration (before looking at its composing models)."""
+    name = config.name
+    if config.platform != ENSEMBLE:
+        raise invalid(f"ensemble scheduling cannot be set for model '{name}' whose platform is not ensemble")
+    if len(config.instance_group):
+        raise invalid(f"instance group should not be specified for ensemble '{name}'")
+    if len(config.model_warmup):
+        raise invalid(f"model_warmup can not be specified for ensemble '{name}'")
+    steps = config.ensemble_scheduling.step
+    if not steps:
+        raise invalid(f"must specify 'step' for ensemble '{name}'")
+    produced: dict[str, bool] = {}  # ensemble tensor -> produced by a step
+    consumers: dict[str, list[int]] = {}
+    producers: dict[str, int] = {}
+    for index, step in enumerate(steps):
+        if not step.model_name:
+            raise invalid(f"must specify 'model_name' in step {index} of ensemble '{name}'")
+        if not step.input_map:
+            raise invalid(f"must specify 'input_map' in step {index} of ensemble '{name}'")
+        if not step.output_map:
+            raise invalid(f"must specify 'output_map' in step {index} of ensemble '{name}'")
+        for tensor in step.output_map.values():
+            if produced.get(tensor):
+                raise invalid(f"ensemble tensor '{tensor}' can appear in an output map only once for ensemble "
+                              f"'{name}' step {index}")
+            produced[tensor] = True
+            producers[tensor] = index
+        for tensor in step.input_map.values():
+            produced.setdefault(tensor, False)
+            consumers.setdefault(tensor, []).append(index)
+    # Data flow: which tensors become available from the ensemble's inputs.
+    ready: set[str] = set()
+    queue = []
+    for t in config.input:
+        if t.name not in produced:
+            raise invalid(f"ensemble input '{t.name}' for ensemble {name}' is not used")
+        ready.add(t.name)
+        queue.append(t.name)
+    done_steps: set[int] = set()
+    while queue:
+        tensor = queue.pop(0)
+        for index in consumers.get(tensor, ()):
+            if index in done_steps or not all(v in ready for v in steps[index].input_map.values()):
+                continue
+            done_steps.add(index)
+            for out in steps[index].output_map.values():
+                if out not in ready:
+                    ready.add(out)
+                    queue.append(out)
+    outputs = set()
+    for t in config.output:
+        if t.name not in produced:
+            raise invalid(f"ensemble output '{t.name}' for ensemble {name}' is not used")
+        if t.name not in ready:
+            raise invalid(f"output '{t.name}' for ensemble '{name}' is not written")
+        outputs.add(t.name)
+    for tensor in produced:
+        if tensor in outputs:
+            continue
+        if tensor not in ready or not consumers.get(tensor):
+            raise invalid(f"ensemble tensor '{tensor}' is unused in ensemble '{name}'")
+
+
+def find_cycle(name: str, configs: Any) -> str | None:
+    """Triton's message for an ensemble that depends on itself through its steps, if it does.
+
+    ``configs(model)`` is the configuration of a model of the repository (None if unknown).
+    """
+    def walk(current: str, seen: set[str]) -> str | None:
+        config = configs(current)
+        if config is None or not is_ensemble(config):
+            return None
+        for upstream in composing_models(config):
+            if upstream == name:
+                return f"circular dependency between ensembles: {name} -> ... -> {current} -> {name}"
+            if upstream not in seen:
+                seen.add(upstream)
+                found = walk(upstream, seen)
+                if found:
+                    return found
+        return None
+
+    return walk(name, set())
+
+
+class _Tensor:
+    """An ensemble tensor of one request."""
+
+    __slots__ = ("datatype", "shape", "data", "output")
+
+    def __init__(self, datatype: str, shape: list[int], data: Any, output: OutputTensor | None = None) -> None:
+        self.datatype = datatype
+        self.shape = shape
+        self.data = data
+        self.output = output  # the step output it is (None for an ensemble input)
+
+
+class Step:
+    """One step, resolved at load: its model and its mappings as (model tensor, ensemble tensor) pairs."""
+
+    __slots__ = ("index", "model", "version", "inputs", "outputs")
+
+    def __init__(self, index: int, step: Any) -> None:
+        self.index = index
+        self.model = step.model_name
+        self.version = str(step.model_version) if step.model_version > 0 else ""
+        self.inputs = sorted(step.input_map.items())
+        self.outputs = sorted(step.output_map.items())
+
+
+class EnsembleVersion(ModelVersion):
+    """A loaded ensemble: validated against its composing models, scheduled by :class:`EnsembleScheduler`."""
+
+    steps: list[Step]
+    problem = ""  # why it cannot load, as Triton words an ensemble's failure (no version prefix)
+
+    async def _load(self, autocomplete: bool, gpu_count: int, regions: Any, options: dict) -> None:
+        try:
+            await self._resolve()
+        except ServerError as e:
+            self.problem = e.message
+            raise
+
+    async def _resolve(self) -> None:
+        config = self.config
+        check_scheduling(config)
+        core = self.server
+        steps = [Step(i, s) for i, s in enumerate(config.ensemble_scheduling.step)]
+        ensemble_tensors: dict[str, tuple[str, list[int], list[int], str]] = {}
+        batching = config.max_batch_size > 0
+        for t in config.input:
+            dims = list(t.reshape.shape) if t.HasField("reshape") else list(t.dims)
+            ensemble_tensors[t.name] = _node(self.name, batching, cfg.datatype(t.data_type), dims)
+        for t in config.output:
+            dims = list(t.reshape.shape) if t.HasField("reshape") else list(t.dims)
+            ensemble_tensors[t.name] = _node(self.name, batching, cfg.datatype(t.data_type), dims)
+        for step in steps:
+            mv = core.composing_version(self.name, step.model, step.version)
+            mbs = mv.max_batch_size
+            if mbs != 0 and mbs < config.max_batch_size:
+                raise invalid(f"ensemble {self.name} allows maximum batch size {config.max_batch_size}, but it "
+                              f"contains model {step.model} which only allows maximum batch size to be {mbs}")
+            if mv.decoupled:
+                raise ServerError(f"in ensemble {self.name}, step of model '{step.model}' is decoupled: decoupled "
+                                  "composing models are not supported by this server yet", "UNSUPPORTED")
+            _check_mapping(self.name, step, mv, ensemble_tensors)
+        self.steps = steps
+        # Which steps read each ensemble tensor; how many tensors each step waits for.
+        self.readers: dict[str, list[Step]] = {}
+        for step in steps:
+            for _, tensor in step.inputs:
+                self.readers.setdefault(tensor, []).append(step)
+        # The steps that read a step's outputs, with how many of their inputs come from it (see _prewake).
+        self.followers: dict[int, list[tuple[Step, int]]] = {}
+        for step in steps:
+            produced = {tensor for _, tensor in step.outputs}
+            self.followers[step.index] = [(other, n) for other in steps
+                                          if (n := sum(t in produced for _, t in other.inputs))]
+        self.scheduler = EnsembleScheduler(self)  # type: ignore[assignment]
+
+    async def unload(self) -> None:
+        if self.state == "READY":
+            self.state = "UNLOADING"
+            scheduler = self.scheduler
+            for _ in range(600):
+                if not (scheduler and scheduler.queued()):
+                    break
+                await _sleep(0.05)
+        self.state = "UNAVAILABLE"
+        self.reason = "unloaded"
+
+
+async def _sleep(seconds: float) -> None:
+    import asyncio
+
+    await asyncio.sleep(seconds)
+
+
+def _node(model: str, batching: bool, datatype: str, dims: list[int]) -> tuple:
+    return (model, datatype, dims, ([-1] if batching else []) + dims)
+
+
+def _dims(dims: list[int]) -> str:
+    return "[" + ",".join(str(d) for d in dims) + "]"
+
+
+def _compatible(a: list[int], b: list[int]) -> bool:
+    return len(a) == len(b) and all(x == y or x == -1 or y == -1 for x, y in zip(a, b))
+
+
+def _consistent(known: tuple, new: tuple, prefix: str) -> None:
+    model_a, type_a, dims_a, full_a = known
+    model_b, type_b, dims_b, full_b = new
+    if type_a != type_b:
+        raise invalid(f"{prefix}inconsistent data type: TYPE_{_pbtype(type_a)} is inferred from model {model_a} "
+                      f"while TYPE_{_pbtype(type_b)} is inferred from model {model_b}")
+    if not _compatible(dims_a, dims_b) and not _compatible(full_a, full_b):
+        raise invalid(f"{prefix}inconsistent shape: {_dims(full_a)} is inferred from model {model_a} while "
+                      f"{_dims(full_b)} is inferred from model {model_b}")
+
+
+def _pbtype(datatype: str) -> str:
+    return {"BYTES": "STRING", "BOOL": "BOOL"}.get(datatype, datatype)
+
+
+def _check_mapping(ensemble: str, step: Step, mv: ModelVersion, tensors: dict) -> None:
+    """Triton's ValidateTensorMapping for one step."""
+    model = step.model
+    batching = mv.max_batch_size > 0
+    for model_input, tensor in step.inputs:
+        if model_input not in mv.inputs:
+            raise invalid(f"in ensemble {ensemble}, ensemble tensor {tensor} is mapping to non-existing input "
+                          f"{model_input} in model {model}")
+    mapped = dict(step.inputs)
+    for name, spec in mv.inputs.items():
+        tensor = mapped.get(name)
+        if tensor is None:
+            if spec.optional:
+                continue
+            raise invalid(f"in ensemble {ensemble}, input {name} in model {model} is not mapped to any ensemble "
+                          "tensors")
+        node = _node(model, batching and not spec.shape_tensor, spec.datatype, spec.dims)
+        if tensor in tensors:
+            _consistent(tensors[tensor], node, f"in ensemble {ensemble}, ensemble tensor {tensor}: ")
+        else:
+            tensors[tensor] = node
+    for model_output, tensor in step.outputs:
+        spec = mv.outputs.get(model_output)
+        if spec is None:
+            raise invalid(f"in ensemble {ensemble}, ensemble tensor {tensor} is mapped from non-existing output "
+                          f"{model_output} in model {model}")
+        node = _node(model, batching and not spec.shape_tensor, spec.datatype, spec.dims)
+        if tensor in tensors:
+            _consistent(tensors[tensor], node, f"in ensemble {ensemble}, ensemble tensor {tensor}: ")
+        else:
+            tensors[tensor] = node
+
+
+class EnsembleScheduler:
+    """Runs each request's steps as their inputs become available (no worker, no queue of its own)."""
+
+    def __init__(self, version: EnsembleVersion) -> None:
+        self.version = version
+        self.running = 0
+
+    def submit(self, pending: Pending) -> None:
+        _Run(self, pending).start()
+
+    def on_free(self, instance: Any) -> None:
+        pass
+
+    def queued(self) -> int:
+        return self.running
+
+    def drain(self) -> list[Pending]:
+        return []
+
+
+class _Run:
+    """One ensemble request in flight."""
+
+    __slots__ = ("scheduler", "version", "pending", "tensors", "waiting", "responses", "outstanding", "failed",
+                 "error", "dests", "wanted")
+
+    def __init__(self, scheduler: EnsembleScheduler, pending: Pending) -> None:
+        self.scheduler = scheduler
+        self.version = scheduler.version
+        self.pending = pending
+        self.tensors: dict[str, _Tensor] = {}
+        self.waiting = {step.index: len(step.inputs) for step in self.version.steps}
+        self.responses: list[InferResponse] = []
+        self.outstanding = 0
+        self.failed = False
+        self.error: ServerError | None = None  # the first step's error
+        request = pending.request
+        self.wanted = [o.name for o in request.outputs] if request.outputs else list(self.version.outputs)
+        #: ensemble outputs the client wants written into its shared-memory region
+        self.dests = {o.name: o.shm for o in request.outputs or () if o.shm is not None}
+
+    def start(self) -> None:
+        self.scheduler.running += 1
+        ready = []
+        for t in self.pending.request.inputs:
+            ready.append(t.name)
+            self.tensors[t.name] = _Tensor(t.datatype, t.shape, t.data)
+        self._arrived(ready)
+        self._maybe_finish()
+
+    def _arrived(self, names: list[str]) -> None:
+        readers = self.version.readers
+        for name in names:
+            for step in readers.get(name, ()):
+                self.waiting[step.index] -= 1
+                if self.waiting[step.index] == 0 and not self.failed:
+                    self._launch(step)
+
+    def _launch(self, step: Step) -> None:
+        request = self.pending.request
+        tensors = self.tensors
+        inputs = []
+        for model_input, name in step.inputs:
+            t = tensors[name]
+            inputs.append(InputTensor(model_input, t.datatype, t.shape, t.data))
+        outputs = [RequestedOutput(model_output, shm=self.dests.get(name)) for model_output, name in step.outputs]
+        sub = InferRequest(step.model, step.version, request.id, inputs, outputs, request.parameters)
+        core = self.version.server
+        try:
+            future = core.submit(sub)
+        except ServerError as e:
+            self._fail(e)
+            return
+        self.outstanding += 1
+        future.add_done_callback(lambda f, step=step: self._step_done(step, f))
+        self._prewake(step)
+
+    def _prewake(self, step: Step) -> None:
+        """While ``step`` runs, wake the worker of each step it alone still holds back, so that worker
+        polls for its batch instead of sleeping when the batch comes (a wake-up costs hundreds of
+        microseconds per step on a busy machine). Only for steps that answer within PREWAKE_MAX_NS."""
+        followers = self.version.followers[step.index]
+        if not followers:
+            return
+        core = self.version.server
+        try:
+            running = core.version(step.model, step.version)
+        except ServerError:
+            return
+        expect = max((i.answer_ns for i in running.instances), default=0) or PREWAKE_DEFAULT_NS
+        if expect > PREWAKE_MAX_NS:
+            return
+        for follower, count in followers:
+            if self.waiting[follower.index] != count:
+                continue  # it waits for other steps too
+            try:
+                target = core.version(follower.model, follower.version)
+            except ServerError:
+                continue
+            for instance in target.instances:
+                if instance.alive and not instance.inflight:
+                    instance.prewake(expect + (expect >> 2) + PREWAKE_MARGIN_NS)
+                    break
+
+    def _step_done(self, step: Step, future: Any) -> None:
+        self.outstanding -= 1
+        if future.cancelled():
+            self._fail(ServerError(f"the step of model '{step.model}' was cancelled", "INTERNAL"))
+        else:
+            error = future.exception()
+            if error is not None:
+                self._fail(error if isinstance(error, ServerError) else ServerError(str(error), "INTERNAL"))
+            else:
+                response: InferResponse = future.result()
+                if self.failed:
+                    response.release()
+                else:
+                    self.responses.append(response)
+                    by_name = {o.name: o for o in response.outputs}
+                    arrived = []
+                    for model_output, name in step.outputs:
+                        out = by_name.get(model_output)
+                        if out is None:
+                            continue
+                        self.tensors[name] = _Tensor(out.datatype, out.shape, _reference(out), out)
+                        arrived.append(name)
+                    self._arrived(arrived)
+        self._maybe_finish()
+
+    def _fail(self, error: ServerError) -> None:
+        if not self.failed:
+            self.failed = True
+            # Triton names the ensemble in front of the step's message
+            self.error = ServerError(f"in ensemble '{self.version.name}', {error.message}", error.code)
+
+    def _maybe_finish(self) -> None:
+        if self.outstanding:
+            return
+        version = self.version
+        pending = self.pending
+        self.scheduler.running -= 1
+        total = time.perf_counter_ns() - pending.enqueued
+        if not self.failed and any(self.waiting.values()):
+            self._fail(ServerError("ensemble request ended with steps not run", "INTERNAL"))  # not reachable
+        if self.failed:
+            self._release()
+            version.stats.failure(total)
+            _settle(pending, self.error)
+            return
+        outputs = []
+        for name in self.wanted:
+            t = self.tensors[name]
+            out = t.output
+            outputs.append(OutputTensor(name, t.datatype, t.shape, out.byte_size, out.data, out.shm, out.ref))
+        response = InferResponse(version.name, version.version_str, pending.request.id, outputs,
+                                 _release=self._release)
+        # As Triton reports an ensemble: one execution per request, its compute times the sums of its steps'.
+        ci = cinf = co = 0
+        for step_response in self.responses:
+            if step_response.timings is not None:
+                ci += step_response.timings[0]
+                cinf += step_response.timings[1]
+                co += step_response.timings[2]
+        stats = version.stats
+        stats.execution(pending.batch_size, ci, cinf, co)
+        stats.success(total, 0, ci, cinf, co, pending.batch_size)
+        _settle(pending, response)
+
+    def _release(self) -> None:
+        responses, self.responses = self.responses, []
+        for response in responses:
+            response.release()
+
+
+def _reference(out: OutputTensor) -> Any:
+    """A step output as the next step's input data, without copying its bytes."""
+    if out.shm is not None:
+        return ShmRef(out.shm.region, out.shm.offset, out.byte_size)
+    if out.ref is not None:
+        # ``owner``: the bytes themselves, which validation reads for BYTES element counts
+        return ArenaRef(out.ref[0], out.ref[1], out.byte_size, out.data)
+    return out.data if out.data is not None else memoryview(b"")

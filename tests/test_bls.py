@@ -1,0 +1,83 @@
+"""Business logic scripting: python models calling other models, through the real tritonclient."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+
+from tests.pipeline_models import build, build_bls
+from tests.support import serving
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    repo = build(tmp_path_factory.mktemp("bls") / "models")
+    build_bls(repo)
+    yield from serving(repo, tmp_path_factory.mktemp("log"))
+
+
+@pytest.fixture
+def http(server):
+    client = httpclient.InferenceServerClient(server.http_url, network_timeout=60)
+    yield client
+    client.close()
+
+
+def _infer(http, model: str, x: np.ndarray, datatype: str = "FP32"):
+    t = httpclient.InferInput("IN", list(x.shape), datatype)
+    t.set_data_from_numpy(x)
+    return http.infer(model, [t])
+
+
+def test_sync_exec_chains_two_models(http):
+    x = np.arange(8, dtype=np.float32)
+    np.testing.assert_array_equal(_infer(http, "bls_sync", x).as_numpy("OUT"), x * 2 * 10)
+    stats = {s["name"]: s for s in http.get_inference_statistics()["model_stats"]}
+    assert stats["pre"]["inference_stats"]["success"]["count"] >= 1  # the called models count their requests
+    assert stats["scale"]["inference_stats"]["success"]["count"] >= 1
+
+
+def test_async_execute_fans_out_to_two_models_at_once(http):
+    x = np.arange(4, dtype=np.float32)
+    result = _infer(http, "bls_async", x)
+    np.testing.assert_array_equal(result.as_numpy("OUT"), x * 2 + x + 5)
+    took = float(result.as_numpy("TOOK")[0])
+    assert took < 0.7, f"the two 0.4 s calls ran one after the other ({took:.2f} s)"
+
+
+def test_decoupled_exec_iterates_the_responses(http):
+    result = _infer(http, "bls_decoupled", np.array([3, 1, 4, -1, 5], dtype=np.int32), "INT32")
+    np.testing.assert_array_equal(result.as_numpy("OUT"), [3, 1, 4, 5])
+    assert [e.decode() for e in result.as_numpy("ERRORS")] == ["negative value at 3"]
+    empty = _infer(http, "bls_decoupled", np.zeros(0, dtype=np.int32), "INT32")
+    assert empty.as_numpy("OUT").size == 0
+
+
+def test_errors_come_back_as_error_responses(http):
+    errors = [e.decode() for e in _infer(http, "bls_errors", np.ones(2, np.float32)).as_numpy("ERRORS")]
+    # Triton 2.51's texts (the reference answers these very words)
+    assert errors[0] == "Model no_such_model - Error when running inference: Failed for execute the inference " \
+                        "request. Model 'no_such_model' is not ready."
+    assert errors[1].startswith("Failed to process the request(s) for model ")
+    assert "ValueError: step failed on purpose" in errors[1]
+    assert errors[2] == "Model pre - Error when running inference: [request id: <id_unknown>] inference input 'IN' " \
+                        "data-type is 'INT32', but model 'pre' expects 'FP32'"
+    # the calling model and the server carry on
+    x = np.arange(3, dtype=np.float32)
+    np.testing.assert_array_equal(_infer(http, "bls_sync", x).as_numpy("OUT"), x * 20)
+
+
+def test_many_concurrent_bls_requests(server):
+    import concurrent.futures
+
+    def one(i: int) -> None:
+        client = httpclient.InferenceServerClient(server.http_url)
+        try:
+            x = np.full(16, i, dtype=np.float32)
+            np.testing.assert_array_equal(_infer(client, "bls_sync", x).as_numpy("OUT"), x * 20)
+        finally:
+            client.close()
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(one, range(64)))

@@ -1,0 +1,196 @@
+"""Business logic scripting (BLS), the worker's side: ``pb_utils.InferenceRequest.exec()``.
+
+A request goes to the front as a ``b`` message on this worker's outbox (kernel.bls has the
+protocol); its inputs are placed in this worker's arena and passed by reference, so the target
+model's worker reads them where they are. Answers come back on the third ring, ``replies``, read
+by one thread that hands each to its waiter: a blocking ``exec()``, an awaiting ``async_exec()``
+(any number in flight at once, e.g. ``asyncio.gather``), or the iterator of a decoupled call.
+Response tensors are read-only numpy views on the answering worker's arena; they stay valid
+until the calling model's ``execute`` returns (the front then frees them), as in Triton, where
+BLS outputs are meant to be used within the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import queue
+import threading
+from typing import TYPE_CHECKING, Any
+
+import posix_ipc
+
+from shm.ring import Ring
+
+if TYPE_CHECKING:
+    from workers.runtime import Worker
+
+#: The BLS client of this worker process (None until the runtime attaches one).
+client: BlsClient | None = None
+
+_CODES = ("UNKNOWN", "INTERNAL", "NOT_FOUND", "INVALID_ARG", "UNAVAILABLE", "UNSUPPORTED", "ALREADY_EXISTS",
+          "CANCELLED")
+
+
+def attach(worker: Worker, spec: list) -> None:
+    global client
+    client = BlsClient(worker, Ring(*spec))
+
+
+class _Call:
+    """One BLS request in flight: where its answers go, and the input blocks to free at the end."""
+
+    __slots__ = ("future", "stream", "blocks")
+
+    def __init__(self, decoupled: bool, blocks: list) -> None:
+        self.future: concurrent.futures.Future | None = None if decoupled else concurrent.futures.Future()
+        self.stream: queue.SimpleQueue | None = queue.SimpleQueue() if decoupled else None
+        self.blocks = blocks
+
+
+class BlsClient:
+    """Sends a worker's BLS requests and dispatches the front's answers."""
+
+    def __init__(self, worker: Worker, replies: Ring) -> None:
+        self.worker = worker
+        self.replies = replies
+        self._lock = threading.Lock()
+        self._calls: dict[int, _Call] = {}
+        self._next = 0
+        self._answered: list[int] = []  # ids whose responses the model may still read
+        self._reader: threading.Thread | None = None
+
+    # -- requests -------------------------------------------------------
+    def start(self, request: Any, decoupled: bool) -> _Call:
+        """Send ``request`` (a pb_utils.InferenceRequest); return its call."""
+        worker = self.worker
+        locs = []
+        try:
+            for tensor in request.inputs():
+                locs.append(worker.output_loc(tensor.name(), tensor._data, None))
+        except Exception:
+            worker._free_locs(locs)
+            raise
+        call = _Call(decoupled, locs)
+        with self._lock:
+            self._next += 1
+            qid = self._next
+            self._calls[qid] = call
+            if self._reader is None:
+                self._reader = threading.Thread(target=self._read, name="bls-replies", daemon=True)
+                self._reader.start()
+        msg = {"t": "b", "q": qid, "m": request.model_name(), "in": locs, "out": request.requested_output_names(),
+               "rid": request.request_id(), "d": decoupled}
+        if request._model_version > 0:
+            msg["v"] = str(request._model_version)
+        if request.parameters() not in ("", "{}"):
+            msg["p"] = request.parameters()
+        if request._timeout:
+            msg["to"] = int(request._timeout)
+        worker.send(msg)
+        return call
+
+    def exec(self, request: Any, decoupled: bool = False) -> Any:
+        call = self.start(request, decoupled)
+        if decoupled:
+            return _Responses(self, call)
+        return call.future.result()
+
+    async def async_exec(self, request: Any, decoupled: bool = False) -> Any:
+        call = self.start(request, decoupled)
+        if decoupled:
+            return _Responses(self, call)
+        return await asyncio.wrap_future(call.future)
+
+    def execute_returned(self) -> None:
+        """The calling model's execute has returned: the front may free the responses it answered."""
+        with self._lock:
+            done, self._answered = self._answered, []
+        if done:
+            self.worker.send({"t": "bf", "q": done})
+
+    # -- answers --------------------------------------------------------
+    def _read(self) -> None:
+        while True:
+            try:
+                msg = self.replies.recv(timeout=1.0)
+            except posix_ipc.BusyError:
+                continue
+            except (posix_ipc.SignalError, ValueError):
+                continue
+            except Exception:  # the ring is gone: the worker is stopping
+                return
+            self._dispatch(msg)
+
+    def _dispatch(self, msg: dict) -> None:
+        qid = msg["q"]
+        final = msg["final"]
+        with self._lock:
+            call = self._calls.pop(qid, None) if final else self._calls.get(qid)
+            if msg["res"] is not None and "out" in msg["res"]:
+                self._answered.append(qid)
+        if call is None:
+            return
+        try:
+            response = self._response(msg["res"])
+        except Exception as e:  # an output that cannot be mapped: the caller gets an error response
+            response = _error_response(f"unable to read the BLS response: {e}", "INTERNAL")
+        if final:
+            self.worker._free_locs(call.blocks)  # the callee has finished reading the inputs
+        if call.future is not None:
+            call.future.set_result(response)
+        else:
+            call.stream.put((response, final))
+
+    def _response(self, result: dict | None) -> Any:
+        from workers.backends.python import triton_python_backend_utils as pb
+
+        if result is None:
+            return pb.InferenceResponse([])
+        if "err" in result:
+            message, code = result["err"]
+            return _error_response(message, code)
+        tensors = []
+        for loc in result["out"]:
+            array = self.worker.input_array(loc)
+            if array.dtype != object:
+                array.flags.writeable = False  # another worker's output: read, never written
+            tensors.append(pb.Tensor(loc[0], array))
+        return pb.InferenceResponse(tensors, parameters=result.get("p") or None)
+
+
+class _Responses:
+    """The responses of a decoupled BLS call, as they arrive (the last one may be empty)."""
+
+    def __init__(self, client: BlsClient, call: _Call) -> None:
+        self._call = call
+        self._done = False
+
+    def __iter__(self) -> _Responses:
+        return self
+
+    def __next__(self) -> Any:
+        if self._done:
+            raise StopIteration
+        response, final = self._call.stream.get()
+        if final:
+            self._done = True
+        return response
+
+    def __aiter__(self) -> _Responses:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._done:
+            raise StopAsyncIteration
+        response, final = await asyncio.get_running_loop().run_in_executor(None, self._call.stream.get)
+        if final:
+            self._done = True
+        return response
+
+
+def _error_response(message: str, code: str) -> Any:
+    from workers.backends.python import triton_python_backend_utils as pb
+
+    number = _CODES.index(code) if code in _CODES else 0
+    return pb.InferenceResponse(error=pb.TritonError(message, number))
