@@ -3,6 +3,7 @@ and the ensembles' invalid variants, each written into a repository by :func:`bu
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 #: python models: name -> (config body, execute's per-request expression of ``x`` -> outputs dict)
@@ -102,6 +103,11 @@ class TritonPythonModel:
     arith(dest, "narrow", "y = x.reshape(-1, 4).sum(axis=1).astype(np.float32)")
     _ensemble(dest, "wide", one, [("widen", {"IN": "INPUT"}, {"OUT": "W"}),
                                    ("narrow", {"IN": "W"}, {"OUT": "OUTPUT"})])
+    # a decoupled step: one response of `repeat` per element of IN, each doubled by the next step
+    shutil.copytree(Path(__file__).parent / "models" / "repeat", dest / "repeat")
+    arith(dest, "twice", "y = (x * 2).astype(np.int32)", dt_in="INT32", dt_out="INT32")
+    _ensemble(dest, "fanout", _io([("IN", "INT32", "-1")], [("OUTPUT", "INT32", "-1"), ("IDX", "UINT32", "1")]),
+              [("repeat", {"IN": "IN"}, {"OUT": "X", "IDX": "IDX"}), ("twice", {"IN": "X"}, {"OUT": "OUTPUT"})])
     return dest
 
 
@@ -284,6 +290,3 @@ def build_bls(dest: Path) -> None:
     _python(dest, "bls_decoupled", _io([("IN", "INT32", "-1")], [("OUT", "INT32", "-1"), ("ERRORS", "STRING", "-1")]),
             _BLS_DECOUPLED)
     _python(dest, "bls_errors", _io([("IN", "FP32", "-1")], [("ERRORS", "STRING", "-1")]), _BLS_ERRORS)
-    import shutil
-
-    shutil.copytree(Path(__file__).parent / "models" / "repeat", dest / "repeat")

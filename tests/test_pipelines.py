@@ -267,3 +267,33 @@ def test_camera_pipeline_frame_in_client_shm_over_grpc(server):
         grpc.unregister_system_shared_memory()
         grpc.close()
         shm.destroy_shared_memory_region(handle)
+
+
+def test_decoupled_step_makes_a_decoupled_ensemble(server, http):
+    """Each response of the decoupled step runs the steps after it once more; the ensemble streams."""
+    import queue
+
+    assert http.get_model_config("fanout")["model_transaction_policy"]["decoupled"] is True
+    x = np.array([3, 1, 4], dtype=np.int32)
+    t = httpclient.InferInput("IN", [3], "INT32")
+    t.set_data_from_numpy(x)
+    with pytest.raises(InferenceServerException, match="doesn't support models with decoupled transaction policy"):
+        http.infer("fanout", [t])
+    got: queue.Queue = queue.Queue()
+    grpc = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        grpc.start_stream(callback=lambda result, error: got.put((result, error)))
+        g = grpcclient.InferInput("IN", [3], "INT32")
+        g.set_data_from_numpy(x)
+        grpc.async_stream_infer("fanout", [g], enable_empty_final_response=True)
+        answers = {}
+        while True:
+            result, error = got.get(timeout=30)
+            assert error is None, error
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                break
+            answers[int(result.as_numpy("IDX")[0])] = int(result.as_numpy("OUTPUT")[0])
+        assert answers == {0: 6, 1: 2, 2: 8}
+    finally:
+        grpc.stop_stream()
+        grpc.close()
