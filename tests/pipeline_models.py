@@ -185,6 +185,7 @@ def build_invalid(dest: Path) -> None:
 _BLS_SYNC = '''
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from workers import bls  # edge-kernel's BLS client, to count what it copies
 
 
 class TritonPythonModel:
@@ -202,7 +203,11 @@ class TritonPythonModel:
             second = pb_utils.InferenceRequest(model_name="scale", inputs=[pb_utils.Tensor("IN", pre.as_numpy())],
                                                requested_output_names=["OUT"]).exec()
             y = pb_utils.get_output_tensor_by_name(second, "OUT").as_numpy()
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUT", y)]))
+            copied = bls.client.copied_bytes
+            pb_utils.InferenceRequest(model_name="scale", inputs=[pb_utils.Tensor("IN", y + 0)],
+                                      requested_output_names=["OUT"]).exec()  # a new array: copied once
+            copies = np.array([copied, bls.client.copied_bytes - copied], dtype=np.int64)
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUT", y), pb_utils.Tensor("COPIES", copies)]))
         return responses
 '''
 
@@ -281,8 +286,8 @@ class TritonPythonModel:
 
 def build_bls(dest: Path) -> None:
     """Python models that call other models (BLS); the models they call come from :func:`build`."""
-    one = _io([("IN", "FP32", "-1")], [("OUT", "FP32", "-1")])
-    _python(dest, "bls_sync", one, _BLS_SYNC)
+    _python(dest, "bls_sync", _io([("IN", "FP32", "-1")], [("OUT", "FP32", "-1"), ("COPIES", "INT64", "2")]),
+            _BLS_SYNC)
     _python(dest, "bls_async", _io([("IN", "FP32", "-1")], [("OUT", "FP32", "-1"), ("TOOK", "FP32", "1")]),
             _BLS_ASYNC)
     arith(dest, "slow_a", "import time; time.sleep(0.4); y = (x * 2).astype(np.float32)")

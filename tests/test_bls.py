@@ -32,7 +32,10 @@ def _infer(http, model: str, x: np.ndarray, datatype: str = "FP32"):
 
 def test_sync_exec_chains_two_models(http):
     x = np.arange(8, dtype=np.float32)
-    np.testing.assert_array_equal(_infer(http, "bls_sync", x).as_numpy("OUT"), x * 2 * 10)
+    result = _infer(http, "bls_sync", x)
+    np.testing.assert_array_equal(result.as_numpy("OUT"), x * 2 * 10)
+    # the request's own input and the first answer went on by reference; a new array was copied once
+    assert result.as_numpy("COPIES").tolist() == [0, x.nbytes]
     stats = {s["name"]: s for s in http.get_inference_statistics()["model_stats"]}
     assert stats["pre"]["inference_stats"]["success"]["count"] >= 1  # the called models count their requests
     assert stats["scale"]["inference_stats"]["success"]["count"] >= 1
