@@ -204,6 +204,8 @@ class EnsembleVersion(ModelVersion):
         if self.decoupled_steps:  # as Triton: an ensemble with a decoupled step is decoupled
             config.model_transaction_policy.decoupled = True
             self.set_config(config)
+        #: ``--backend-config ensemble,prewake=0`` turns the wake hints off (a machine with no core to spare)
+        self.prewake = core.backend_settings("ensemble").get("prewake", "1").lower() not in ("0", "false", "no")
         self.scheduler = EnsembleScheduler(self)  # type: ignore[assignment]
 
     async def unload(self) -> None:
@@ -395,7 +397,7 @@ class _Run:
         polls for its batch instead of sleeping when the batch comes (a wake-up costs hundreds of
         microseconds per step on a busy machine). Only for steps that answer within PREWAKE_MAX_NS."""
         followers = self.version.followers[step.index]
-        if not followers:
+        if not followers or not self.version.prewake:
             return
         core = self.version.server
         try:
