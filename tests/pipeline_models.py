@@ -103,6 +103,10 @@ class TritonPythonModel:
     arith(dest, "narrow", "y = x.reshape(-1, 4).sum(axis=1).astype(np.float32)")
     _ensemble(dest, "wide", one, [("widen", {"IN": "INPUT"}, {"OUT": "W"}),
                                    ("narrow", {"IN": "W"}, {"OUT": "OUTPUT"})])
+    # a step whose worker dies on a negative input (restarted by the server)
+    shutil.copytree(Path(__file__).parent / "models" / "crasher", dest / "crasher")
+    _ensemble(dest, "crashing", one, [("pre", {"IN": "INPUT"}, {"OUT": "PRE"}),
+                                       ("crasher", {"INPUT0": "PRE"}, {"OUTPUT0": "OUTPUT"})])
     # a decoupled step: one response of `repeat` per element of IN, each doubled by the next step
     shutil.copytree(Path(__file__).parent / "models" / "repeat", dest / "repeat")
     arith(dest, "twice", "y = (x * 2).astype(np.int32)", dt_in="INT32", dt_out="INT32")
@@ -272,9 +276,10 @@ class TritonPythonModel:
         for r in requests:
             x = pb_utils.get_input_tensor_by_name(r, "IN").as_numpy()
             messages = []
-            for model in ("no_such_model", "fails"):
-                response = pb_utils.InferenceRequest(model_name=model, inputs=[pb_utils.Tensor("IN", x)],
-                                                     requested_output_names=["OUT"]).exec()
+            for model in ("no_such_model", "fails", "crasher"):
+                name = "INPUT0" if model == "crasher" else "IN"
+                response = pb_utils.InferenceRequest(model_name=model, inputs=[pb_utils.Tensor(name, -x)],
+                                                     requested_output_names=[]).exec()
                 messages.append(response.error().message() if response.has_error() else "no error")
             wrong = pb_utils.InferenceRequest(model_name="pre", inputs=[pb_utils.Tensor("IN", x.astype(np.int32))],
                                               requested_output_names=["OUT"]).exec()

@@ -6,6 +6,7 @@ import concurrent.futures
 import importlib.util
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +151,19 @@ def test_failing_step_fails_the_request_with_its_message(http):
     # the server still serves the good pipeline
     np.testing.assert_array_equal(http.infer("diamond", [_input(httpclient, np.zeros(2, np.float32))])
                                   .as_numpy("OUTPUT"), np.ones(2, np.float32))
+
+
+def test_a_step_whose_worker_dies_fails_the_request_and_the_server_carries_on(http):
+    with pytest.raises(InferenceServerException) as failure:
+        http.infer("crashing", [_input(httpclient, -np.ones(4, dtype=np.float32))])
+    assert failure.value.message().startswith("in ensemble 'crashing', Failed to process the request(s) for model "
+                                              "instance 'crasher_0_0', message: Stub process")
+    for _ in range(100):  # the worker is restarted
+        if http.is_model_ready("crasher"):
+            break
+        time.sleep(0.1)
+    x = np.arange(4, dtype=np.float32)
+    np.testing.assert_array_equal(http.infer("crashing", [_input(httpclient, x)]).as_numpy("OUTPUT"), x * 2)
 
 
 def test_wrong_input_is_refused_before_any_step(http):
