@@ -1,5 +1,6 @@
 """``python -m bench`` (also ``kernel bench``): perf_analyzer's core options against any KServe v2 server,
-and ``python -m bench compare``: ours against the reference Triton."""
+``python -m bench compare``: ours against the reference Triton, and ``python -m bench soak``: a mixed load
+with workers killed, watching for leaks."""
 
 from __future__ import annotations
 
@@ -108,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         from bench.compare import main as compare_main
 
         return compare_main(argv[1:])
+    if argv and argv[0] == "soak":
+        from bench.soak import main as soak_main
+
+        return soak_main(argv[1:])
     args = build_parser().parse_args(argv)
     from bench.profiler import Settings, run
     from bench.report import emit

@@ -69,6 +69,7 @@ class Scenario:
     concurrency: int = 1
     shared_memory: str = "none"
     targets: list[Target] = field(default_factory=list)
+    streaming: bool = False  # gRPC ModelStreamInfer (perf_analyzer --streaming)
 
 
 SCENARIOS = [
@@ -76,6 +77,8 @@ SCENARIOS = [
     Scenario("add_sub_http_c16", 1, "add_sub, HTTP, c=16", "add_sub", "http", 16, targets=[Target("throughput", 1)]),
     Scenario("add_sub_grpc_c1", 2, "add_sub, gRPC, c=1", "add_sub", "grpc", 1, targets=[Target("p50", 1)]),
     Scenario("add_sub_grpc_c16", 2, "add_sub, gRPC, c=16", "add_sub", "grpc", 16, targets=[Target("throughput", 1)]),
+    Scenario("add_sub_grpc_stream_c16", 2, "add_sub, gRPC streaming, c=16", "add_sub", "grpc", 16,
+             targets=[Target("throughput", 1)], streaming=True),
     Scenario("identity_http_c16", 3, "identity (dynamic batching), HTTP, c=16", "identity", "http", 16,
              targets=[Target("throughput", 1.2)]),
     Scenario("identity_grpc_c16", 3, "identity (dynamic batching), gRPC, c=16", "identity", "grpc", 16,
@@ -83,6 +86,8 @@ SCENARIOS = [
     Scenario("frame_http_c1", 4, "frame_stats 1080p frame, binary HTTP, c=1", "frame_stats", "http", 1),
     Scenario("frame_shm_c1", 4, "frame_stats 1080p frame, HTTP + system shared memory, c=1", "frame_stats", "http",
              1, "system", targets=[Target("p50", 1 / 3), Target("p50", 2, "direct")]),
+    Scenario("frame_shm_grpc_c1", 4, "frame_stats 1080p frame, gRPC + system shared memory, c=1", "frame_stats",
+             "grpc", 1, "system", targets=[Target("p50", 1 / 3)]),
     # Issue 14: a camera pipeline (ensemble: 1080p frame -> resize/normalize -> detector -> NMS), the frame in
     # the client's system shared memory; the same ensemble on both servers.
     Scenario("camera_pipeline_shm_http_c1", 6, "camera_pipeline ensemble, 1080p frame in system shm, HTTP, c=1",
@@ -293,7 +298,7 @@ class Runner:
                 model=scenario.model, url=server.url(protocol), protocol=protocol,
                 concurrency=scenario.concurrency, shared_memory=scenario.shared_memory,
                 output_shm_size=OUTPUT_SHM_SIZE, measurement_interval_ms=interval_ms, max_trials=self.o.max_trials,
-                stability_percentage=self.o.stability_percentage)
+                stability_percentage=self.o.stability_percentage, extra=["--streaming"] if scenario.streaming else [])
             result = pa.run(spec, self.o.perf_analyzer, self.client_log)
             result["client"] = "perf_analyzer"
             return result
@@ -301,6 +306,8 @@ class Runner:
 
     def _bench(self, scenario: Scenario, server: ManagedServer | None, protocol: str,
                interval_ms: int) -> dict[str, Any]:
+        if scenario.streaming:
+            raise BenchError("the bench client sends no streams: measure this scenario with --client perf_analyzer")
         with tempfile.TemporaryDirectory(prefix="bench-compare-") as tmp:
             json_path = os.path.join(tmp, "result.json")
             argv = [sys.executable, "-m", "bench", "-m", scenario.model, "-i", protocol,

@@ -52,7 +52,7 @@ step "imports"
 "$PY" - <<'EOF' || { echo "error: a package the run needs is missing or broken (see above)"; exit 1; }
 import importlib, sys
 from importlib.metadata import version
-need = ["numpy", "httptools", "uvloop", "msgpack", "ml_dtypes", "prometheus_client", "grpclib", "posix_ipc",
+need = ["numpy", "httptools", "uvloop", "msgpack", "ml_dtypes", "prometheus_client", "hpack", "hyperframe", "posix_ipc",
         "google.protobuf", "matplotlib", "grpc", "tritonclient.http.aio", "tritonclient.grpc.aio"]
 bad = []
 for mod in need:
@@ -60,7 +60,8 @@ for mod in need:
         importlib.import_module(mod)
     except Exception as e:  # noqa: BLE001
         bad.append(f"{mod}: {e}")
-dists = ["numpy", "httptools", "uvloop", "msgpack", "ml_dtypes", "prometheus_client", "grpclib", "posix_ipc", "protobuf",
+dists = ["numpy", "httptools", "uvloop", "msgpack", "ml_dtypes", "prometheus_client", "hpack", "hyperframe", "grpclib",
+         "posix_ipc", "protobuf",
          "grpcio", "tritonclient", "perf_analyzer", "matplotlib"]
 def ver(dist):
     try:
@@ -105,7 +106,7 @@ timeout -s TERM 420 "$PY" -m bench compare --client perf_analyzer --scenarios al
 cp docs/performance.md "$OUT/performance.md" 2>/dev/null
 if [[ " $STEPS " == *" floor "* ]]; then
   step "protocol floors (canned answers, no model)"
-  timeout -s TERM 150 "$PY" -m bench.floor measure --out "$OUT/floor" --measurement-interval 1500 \
+  timeout -s TERM 300 "$PY" -m bench.floor measure --out "$OUT/floor" --measurement-interval 1500 \
     ${PERF_ANALYZER:+--perf-analyzer "$PERF_ANALYZER"} || echo "warning: bench.floor failed"
 fi
 step "done (compare rc=$rc)"

@@ -133,8 +133,26 @@ def print_table(rows: list[tuple[str, str, str]]) -> None:
     print("\n".join(out), flush=True)
 
 
+def raise_fd_limit() -> None:
+    """Take the hard limit on open files as the soft one (workers inherit it).
+
+    systemd starts services with a soft limit of 1,024; a worker keeps one descriptor per client region it
+    used (to see whether its owner shrank it), so a thousand registrations would otherwise exhaust it.
+    """
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        if soft != resource.RLIM_INFINITY and target > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ImportError, ValueError, OSError) as e:  # pragma: no cover - kept as it is
+        log.warning("could not raise the open files limit: %s", e)
+
+
 async def serve(args: Any) -> int:
     """Run the server until SIGINT/SIGTERM, then shut down cleanly."""
+    raise_fd_limit()
     from protocol.http import HttpFront
     from protocol.httpserver import HttpServer, Response, Router
 
@@ -198,7 +216,7 @@ async def serve(args: Any) -> int:
     finally:
         if grpc_server is not None:
             grpc_server.close()
-            await grpc_server.wait_closed()
+            await grpc_server.wait_closed(args.exit_timeout_secs)
         for http in http_servers:
             await http.close(args.exit_timeout_secs)
         await server.stop_async()

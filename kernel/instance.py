@@ -129,7 +129,9 @@ class Instance:
         self._control: collections.deque[asyncio.Future] = collections.deque()
         self._batches: dict[int, BatchHandler] = {}
         self._backlog: collections.deque[dict] = collections.deque()
+        self._retry: asyncio.TimerHandle | None = None  # flushes the backlog when no answer comes to do it
         self._frees: list[list] = []
+        self._forgets: list[int | str] = []  # registrations ended in this turn of the event loop
         self._next_id = 0
         self.on_exit: Any = None  # callback(instance) when the worker dies unexpectedly
         self.load_msg: dict = {}
@@ -210,7 +212,11 @@ class Instance:
     def _teardown(self) -> None:
         self.alive = False
         self._frees = []
+        self._forgets = []
         self._backlog.clear()
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
         if self._batches:  # still in flight when the worker went away: they fail, nothing hangs
             error = ServerError(f"Failed to process the request(s) for model instance '{self.name}', "
                                 "message: the instance stopped", "INTERNAL")
@@ -285,10 +291,24 @@ class Instance:
             self._post({"t": "f", "b": self._frees})
         self._frees = []
 
-    def forget_region(self, region_id: int) -> None:
-        """Tell the worker that a client region's registration has ended."""
-        if self.alive:
-            self._post({"t": "u", "k": region_id})
+    def forget_region(self, region_id: int | str) -> None:
+        """Tell the worker that a client region's registration has ended (its id), or that a segment of
+        the front's arena is gone (its name): it drops its mapping.
+
+        Registrations ended together (an "unregister all" of thousands) go in one message: one each
+        would fill the ring and the backlog with messages that get no answer.
+        """
+        if not self.alive:
+            return
+        if not self._forgets:
+            self._loop.call_soon(self._flush_forgets)
+        self._forgets.append(region_id)
+
+    def _flush_forgets(self) -> None:
+        forgets, self._forgets = self._forgets, []
+        for i in range(0, len(forgets), 1024):  # each message well inside a ring slot
+            if self.alive:
+                self._post({"t": "u", "k": forgets[i : i + 1024]})
 
     def buffer(self, name: str) -> memoryview:
         """A mapped worker-arena segment (or a registered client region)."""
@@ -305,6 +325,18 @@ class Instance:
             self._inbox.send(msg, block=False)
         except RingFull:
             self._backlog.append(msg)
+            self._schedule_retry()
+
+    def _schedule_retry(self) -> None:
+        """Flush the backlog again soon: answers flush it too, but some messages (frees, forgets) get none,
+        and a backlog that waited for an answer would hold a later "stop" or batch for ever."""
+        if self._retry is None and self._loop is not None:
+            self._retry = self._loop.call_later(0.002, self._retry_flush)
+
+    def _retry_flush(self) -> None:
+        self._retry = None
+        if self.alive:
+            self._flush_backlog()
 
     def reply(self, msg: dict | None) -> None:
         """Answer a BLS request of the worker (on its replies ring; queued while the ring is full)."""
@@ -330,6 +362,7 @@ class Instance:
             try:
                 self._inbox.send(self._backlog[0], block=False)
             except RingFull:
+                self._schedule_retry()
                 return
             self._backlog.popleft()
 

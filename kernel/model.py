@@ -28,6 +28,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("kernel")
 
 #: Request parameters the server consumes; the rest reach the model.
+#: A crash within this many seconds of the previous one counts as "in a row" for the restart back-off.
+CRASH_WINDOW = 10.0
+MAX_BACKOFF = 5.0
+
 RESERVED_PARAMETERS = frozenset({
     "sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "binary_data_output",
     "headers", "triton_enable_empty_final_response",
@@ -83,6 +87,8 @@ class ModelVersion:
         self.scheduler: Scheduler | None = None
         self.status = ""  # what the backend says of its loaded instances (a DLA core, a GPU fallback...)
         self._restarts: set[asyncio.Future] = set()
+        self.restarting = False  # every instance crashed and is being restarted: UNAVAILABLE, not gone
+        self._crashes: dict[str, tuple[int, float]] = {}  # instance name -> (crashes in a row, last one)
         self.set_config(config)
 
     def set_config(self, config: ModelConfig) -> None:
@@ -185,25 +191,41 @@ class ModelVersion:
             return
         if not any(i.alive for i in self.instances):
             self.state = "UNAVAILABLE"
+            self.restarting = True
             self.reason = f"Internal: every instance of model '{self.name}' stopped; restarting"
         self._restarts.add(asyncio.ensure_future(self._restart(instance)))
+
+    def _backoff(self, instance: Instance) -> float:
+        """Seconds to wait before restarting ``instance``: none after a first crash (back within 2 s, the
+        usual case), then doubling from 0.1 s up to 5 s while it keeps crashing soon after each start, so a
+        model that dies on every request does not keep a core busy with restarts."""
+        now = time.monotonic()
+        count, last = self._crashes.get(instance.name, (0, 0.0))
+        count = count + 1 if now - last < CRASH_WINDOW else 1
+        self._crashes[instance.name] = (count, now)
+        return 0.0 if count == 1 else min(0.1 * 2 ** (count - 2), MAX_BACKOFF)
 
     async def _restart(self, instance: Instance) -> None:
         task = asyncio.current_task()
         try:
-            log.warning("restarting instance %s of model '%s'", instance.name, self.name)
+            delay = self._backoff(instance)
+            log.warning("restarting instance %s of model '%s'%s", instance.name, self.name,
+                        f" in {delay:g} s" if delay else "")
+            if delay:
+                await asyncio.sleep(delay)
             await instance.restart()
         except ServerError as e:
             log.error("instance %s of model '%s' could not restart: %s", instance.name, self.name, e.message)
             await instance.stop()
             if not any(i.alive for i in self.instances):
+                self.restarting = False
                 self._fail_queued(ServerError(f"Request for unknown model: '{self.name}' has no available versions",
                                               "NOT_FOUND"))
             return
         finally:
             self._restarts.discard(task)
         if self.state == "UNAVAILABLE" and any(i.alive for i in self.instances):
-            self.state, self.reason = "READY", ""
+            self.state, self.reason, self.restarting = "READY", "", False
         if self.scheduler is not None:
             self.scheduler.on_free(instance)
 
@@ -212,6 +234,7 @@ class ModelVersion:
         what is still in flight then fails."""
         for task in list(self._restarts):
             task.cancel()
+        self.restarting = False
         if self.state == "READY":
             self.state = "UNLOADING"
             for _ in range(600):

@@ -39,6 +39,8 @@ EXTENSIONS = [
 #: Defaults of ``--backend-config python,worker-spin-us=``, ``python,front-poll-us=`` and
 #: ``python,front-hold-us=`` (see worker_options and kernel.instance.Spinner).
 DEFAULT_WORKER_SPIN_US = 500
+#: Seconds between looks for idle segments of the front's arena: one empty for a whole period goes back.
+ARENA_TRIM_PERIOD = float(os.environ.get("EDGE_KERNEL_ARENA_TRIM_S", "10"))
 DEFAULT_FRONT_POLL_US = 300
 DEFAULT_FRONT_HOLD_US = 1000
 
@@ -76,6 +78,7 @@ class Core:
         self.regions = Regions()
         self.shm = SharedMemoryRegistry(self._forget_region)
         self.arena: Arena | None = None
+        self._trimmer: asyncio.TimerHandle | None = None
         self._arena_size = arena_size
         self.gpus = gpu_count()
         python = self.backend_config.get("python", {})
@@ -100,6 +103,7 @@ class Core:
             log.info("removed stale shared memory object %s", entry)
         self.repository.check()
         self.arena = Arena("front", self._arena_size)
+        self._trimmer = self._loop.call_later(ARENA_TRIM_PERIOD, self._trim_arena)
         found, errors = self.repository.scan()
         for name, error in errors.items():
             model = self.models[name] = Model(name, "")
@@ -120,8 +124,25 @@ class Core:
                 model.error = f"failed to load '{name}', failed to poll from model repository"
         self.started = True
 
+    def _trim_arena(self) -> None:
+        """Give back arena segments that stayed empty for a whole period; workers drop their mappings."""
+        if self.arena is None:
+            return
+        removed = self.arena.trim()
+        if removed:
+            log.info("gave back %d idle shared memory segment(s) of the front's arena", len(removed))
+            for model in self.models.values():
+                for mv in model.versions.values():
+                    for instance in mv.instances:
+                        for name in removed:
+                            instance.forget_region(name)
+        self._trimmer = self._loop.call_later(ARENA_TRIM_PERIOD, self._trim_arena)
+
     async def stop(self) -> None:
         """Unload every model, then remove the shared memory this process made."""
+        if self._trimmer is not None:
+            self._trimmer.cancel()
+            self._trimmer = None
         await asyncio.gather(*(self._unload_versions(m) for m in self.models.values()), return_exceptions=True)
         self.shm.close()
         self.regions.close()
@@ -197,13 +218,17 @@ class Core:
                 raise ServerError(f"Request for unknown model: '{name}' version {version} is not found", "NOT_FOUND")
             if not mv.ready:
                 raise ServerError(f"Request for unknown model: '{name}' version {version} is not at ready state",
-                                  "NOT_FOUND")
+                                  "UNAVAILABLE" if mv.restarting else "NOT_FOUND")
             return mv
         best = None
         for mv in model.versions.values():
             if mv.ready and (best is None or mv.version > best.version):
                 best = mv
         if best is None:
+            if any(mv.restarting for mv in model.versions.values()):
+                # Not gone: its workers crashed and are starting again. 404 would read as permanent.
+                raise ServerError(f"Request for model '{name}': its instances are restarting after a crash, "
+                                  "retry shortly", "UNAVAILABLE")
             raise ServerError(f"Request for unknown model: '{name}' has no available versions", "NOT_FOUND")
         return best
 

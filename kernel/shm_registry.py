@@ -19,9 +19,13 @@ from collections.abc import Callable
 
 from kernel.errors import ServerError
 from kernel.types import InferRequest, ShmRef
-from shm.region import PREFIX, Region, ShmError, valid_key
+from shm.region import PREFIX, Region, ShmError, server_objects, valid_key
 
 _ids = itertools.count(1)
+
+#: Regions registered at once. Each costs a mapping in the front and in every worker that uses it;
+#: a bound keeps a client from exhausting the processes' mappings and descriptors.
+MAX_REGIONS = 4096
 
 
 class Registration:
@@ -56,7 +60,8 @@ class Registration:
 
 
 def _open_error(key: str) -> ServerError:
-    return ServerError(f"Unable to open shared memory region: '{key}'", "INTERNAL")
+    """Triton's words and gRPC code; over HTTP a 400, not Triton's 500: the key is the client's mistake."""
+    return ServerError(f"Unable to open shared memory region: '{key}'", "INTERNAL", http_status=400)
 
 
 class SharedMemoryRegistry:
@@ -70,11 +75,15 @@ class SharedMemoryRegistry:
     def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
         """Map a client's POSIX shm object ``key`` (``/name``; like shm_open, the slash may be left out).
 
-        Keys are POSIX shm names only, never file paths, and never name this
-        server's own objects (``/ek.<pid>...``: its arenas and message rings).
+        Keys are POSIX shm names only, never file paths, and never reach this
+        server's own objects (its arenas, message rings and their semaphores) under
+        any name: the object opened is compared with them, not just its name.
         """
         if name in self._regions:
             raise ServerError(f"shared memory region '{name}' already in manager", "ALREADY_EXISTS")
+        if len(self._regions) >= MAX_REGIONS:
+            raise ServerError(f"failed to register shared memory region '{name}': the server holds "
+                              f"{MAX_REGIONS} regions already, unregister some first", "INVALID_ARG")
         posix_name = key if key.startswith("/") else "/" + key
         if not valid_key(posix_name) or posix_name.startswith("/" + PREFIX):
             raise _open_error(key)
@@ -82,6 +91,9 @@ class SharedMemoryRegistry:
             region = Region(posix_name)
         except ShmError:
             raise _open_error(key) from None
+        if region.ident in server_objects():
+            region.close()
+            raise _open_error(key)
         if offset < 0 or byte_size < 0 or offset + byte_size > region.size:
             region.close()
             raise ServerError(f"failed to register shared memory region '{name}': invalid args", "INVALID_ARG")

@@ -1,45 +1,63 @@
-"""Triton's ``inference.GRPCInferenceService`` and ``grpc.health.v1.Health`` on grpclib.
+"""Triton's ``inference.GRPCInferenceService`` and ``grpc.health.v1.Health`` on :mod:`protocol.grpcserver`.
 
 A thin layer over :class:`kernel.server.Core`, like the HTTP endpoint, on the
 same event loop. Errors carry Triton's message text and status code; a bug in
-a handler costs one call (INTERNAL), never the server.
+a handler costs one call (INTERNAL), never the server. Each RPC belongs to one
+of Triton's restricted-protocol categories (``--grpc-restricted-protocol``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import binascii
 import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from google.protobuf import json_format
-from grpclib.config import Configuration
-from grpclib.const import Status
-from grpclib.exceptions import GRPCError, StreamTerminatedError
-from grpclib.server import Server, Stream
 
 from kernel.errors import CUDA_SHM_UNSUPPORTED, ServerError, invalid
+from kernel.restricted import grpc_message
 from kernel.server import Core
 from kernel.types import InferRequest, InferResponse
 from protocol import grpc_service_pb2 as pb
 from protocol import health_pb2, v2grpc
-from protocol.grpc_service_grpc import GRPCInferenceServiceBase
-from protocol.health_grpc import HealthBase
+from protocol.grpcserver import UNIMPLEMENTED, Call, GrpcError, GrpcServer, Method
 
 log = logging.getLogger("kernel.grpc")
 
-#: HTTP/2 flow-control windows: large enough that a 4K frame crosses in a few round trips.
-_WINDOW = 16 << 20
+_SERVICE = "/inference.GRPCInferenceService/"
+#: RPC -> (request type, Triton's restricted category), as Triton's gRPC server registers them.
+RPCS: dict[str, tuple[Any, str]] = {
+    "ServerLive": (pb.ServerLiveRequest, "health"),
+    "ServerReady": (pb.ServerReadyRequest, "health"),
+    "ModelReady": (pb.ModelReadyRequest, "health"),
+    "ServerMetadata": (pb.ServerMetadataRequest, "metadata"),
+    "ModelMetadata": (pb.ModelMetadataRequest, "metadata"),
+    "ModelInfer": (pb.ModelInferRequest, "inference"),
+    "ModelStreamInfer": (pb.ModelInferRequest, "inference"),
+    "ModelConfig": (pb.ModelConfigRequest, "model-config"),
+    "ModelStatistics": (pb.ModelStatisticsRequest, "statistics"),
+    "RepositoryIndex": (pb.RepositoryIndexRequest, "model-repository"),
+    "RepositoryModelLoad": (pb.RepositoryModelLoadRequest, "model-repository"),
+    "RepositoryModelUnload": (pb.RepositoryModelUnloadRequest, "model-repository"),
+    "SystemSharedMemoryStatus": (pb.SystemSharedMemoryStatusRequest, "shared-memory"),
+    "SystemSharedMemoryRegister": (pb.SystemSharedMemoryRegisterRequest, "shared-memory"),
+    "SystemSharedMemoryUnregister": (pb.SystemSharedMemoryUnregisterRequest, "shared-memory"),
+    "CudaSharedMemoryStatus": (pb.CudaSharedMemoryStatusRequest, "shared-memory"),
+    "CudaSharedMemoryRegister": (pb.CudaSharedMemoryRegisterRequest, "shared-memory"),
+    "CudaSharedMemoryUnregister": (pb.CudaSharedMemoryUnregisterRequest, "shared-memory"),
+    "TraceSetting": (pb.TraceSettingRequest, "trace"),
+    "LogSettings": (pb.LogSettingsRequest, "logging"),
+}
 
 
 def _no_repository_name() -> ServerError:
     return ServerError("'repository_name' specification is not supported", "UNSUPPORTED")
 
 
-def _grpc_error(error: ServerError) -> GRPCError:
-    return GRPCError(Status(error.grpc_status), error.message)
+def _grpc_error(error: ServerError) -> GrpcError:
+    return GrpcError(error.grpc_status, error.message)
 
 
 def _internal(e: Exception, what: str) -> ServerError:
@@ -47,40 +65,27 @@ def _internal(e: Exception, what: str) -> ServerError:
     return ServerError(f"internal error: {type(e).__name__}: {e}", "INTERNAL")
 
 
-async def _recv(stream: Stream, required: bool = True) -> Any:
-    """The next message; at the end of the stream None, or an error where one is ``required``."""
-    try:
-        message = await stream.recv_message()
-    except NotImplementedError as e:  # grpclib reads no compressed message
-        raise GRPCError(Status.UNIMPLEMENTED, f"compressed gRPC messages are not supported: {e}") from None
-    if message is None and required:
-        raise GRPCError(Status.INTERNAL, "the call ended without its request message")
-    return message
-
-
 Unary = Callable[[Any, Any], Awaitable[Any]]
 
 
-def _unary(fn: Unary) -> Callable[[Any, Stream], Awaitable[None]]:
-    """Wrap ``fn(self, request) -> reply`` as a grpclib handler with Triton's error mapping."""
+def _unary(fn: Unary) -> Callable[[Any, Any, Call], Awaitable[Any]]:
+    """Wrap ``fn(self, request) -> reply`` as a unary handler with Triton's error mapping."""
 
     @functools.wraps(fn)
-    async def handler(self: Any, stream: Stream) -> None:
-        request = await _recv(stream)
+    async def handler(self: Any, request: Any, call: Call) -> Any:
         try:
-            reply = await fn(self, request)
+            return await fn(self, request)
         except ServerError as e:
             raise _grpc_error(e) from None
-        except (GRPCError, StreamTerminatedError):
+        except (GrpcError, asyncio.CancelledError):
             raise
         except Exception as e:  # a bug must cost one call, not the server
             raise _grpc_error(_internal(e, fn.__name__)) from None
-        await stream.send_message(reply)
 
     return handler
 
 
-class InferenceService(GRPCInferenceServiceBase):
+class InferenceService:
     """The RPCs of Triton's ``grpc_service.proto``."""
 
     def __init__(self, core: Core) -> None:
@@ -125,8 +130,7 @@ class InferenceService(GRPCInferenceServiceBase):
                                      pb.ModelStatisticsResponse(), ignore_unknown_fields=True)
 
     # -- inference ------------------------------------------------------
-    async def ModelInfer(self, stream: Stream) -> None:
-        decoded: v2grpc.InferMessage = await _recv(stream)
+    async def ModelInfer(self, decoded: v2grpc.InferMessage, call: Call) -> bytes:
         try:
             request = v2grpc.parse_request(decoded, self.core.shm)
             response = await self.core.infer(request)
@@ -136,48 +140,55 @@ class InferenceService(GRPCInferenceServiceBase):
                 response.release()
         except ServerError as e:
             raise _grpc_error(e) from None
-        except (GRPCError, StreamTerminatedError):
+        except (GrpcError, asyncio.CancelledError):
             raise
         except Exception as e:
             raise _grpc_error(_internal(e, "ModelInfer")) from None
-        await stream.send_message(reply)
+        return reply
 
-    async def ModelStreamInfer(self, stream: Stream) -> None:
-        """Requests in, responses out, one writer task per stream.
+    async def ModelStreamInfer(self, stream: Call) -> None:
+        """Requests in, responses out, two writer tasks per stream.
 
-        Responses of ordinary models go out in request order (Triton's order);
-        a decoupled model's responses go out as they come (behind any earlier
-        ordinary response still running). A bad request gets an error response
-        and the stream stays open.
+        Responses of ordinary models go out in request order (Triton's order),
+        through one queue whose entries wait for their answers; a decoupled
+        model's responses go out as they come, through the other, so they never
+        wait behind an ordinary request still running. A bad request gets an
+        error response and the stream stays open.
         """
-        queue: asyncio.Queue[bytes | asyncio.Future | None] = asyncio.Queue()
+        ordered: asyncio.Queue[bytes | asyncio.Future | None] = asyncio.Queue()
+        direct: asyncio.Queue[bytes | asyncio.Future | None] = asyncio.Queue()
         inflight: set[asyncio.Future] = set()
-        writer = asyncio.ensure_future(self._write(stream, queue))
+        writers = [asyncio.ensure_future(self._write(stream, ordered)),
+                   asyncio.ensure_future(self._write(stream, direct))]
         try:
-            while (decoded := await _recv(stream, required=False)) is not None:
-                self._stream_request(decoded, queue, inflight)
+            while (decoded := await stream.recv()) is not None:
+                self._stream_request(decoded, ordered, direct, inflight)
             if inflight:
                 await asyncio.wait(list(inflight))
-            queue.put_nowait(None)
-            await writer
+            ordered.put_nowait(None)
+            direct.put_nowait(None)
+            await asyncio.gather(*writers)
         finally:
-            if not writer.done():
-                writer.cancel()
-            elif not writer.cancelled():
-                writer.exception()  # retrieved: the stream's own end is what gets reported
+            for writer in writers:
+                if not writer.done():
+                    writer.cancel()
+                elif not writer.cancelled():
+                    writer.exception()  # retrieved: the stream's own end is what gets reported
 
     @staticmethod
-    async def _write(stream: Stream, queue: asyncio.Queue) -> None:
+    async def _write(stream: Call, queue: asyncio.Queue) -> None:
         while True:
             item = await queue.get()
             if item is None:
                 return
             if isinstance(item, asyncio.Future):
                 item = await item
-            await stream.send_message(item)
+            await stream.send(item)
 
-    def _stream_request(self, decoded: v2grpc.InferMessage, queue: asyncio.Queue, inflight: set) -> None:
-        """Start one streamed request; its responses reach ``queue`` (never raises)."""
+    def _stream_request(self, decoded: v2grpc.InferMessage, queue: asyncio.Queue, direct: asyncio.Queue,
+                        inflight: set) -> None:
+        """Start one streamed request; its responses reach ``queue`` in request order, or ``direct`` as
+        they come (a decoupled model's) (never raises)."""
         rid = decoded.message.id
         try:
             request = v2grpc.parse_request(decoded, self.core.shm)
@@ -187,7 +198,7 @@ class InferenceService(GRPCInferenceServiceBase):
                 def on_response(response: Any, final: bool) -> None:
                     item = self._stream_item(request, response, final, empty_final)
                     if item is not None:
-                        queue.put_nowait(item)
+                        direct.put_nowait(item)
 
                 done = self.core.stream(request, on_response)
             else:
@@ -349,107 +360,47 @@ class InferenceService(GRPCInferenceServiceBase):
         return reply
 
 
-class HealthService(HealthBase):
-    """grpc.health.v1: SERVING when the server is ready, as Triton answers."""
+class HealthService:
+    """grpc.health.v1: SERVING when the server is ready, as Triton answers (Check only, like Triton)."""
 
     def __init__(self, core: Core) -> None:
         self.core = core
 
-    async def Check(self, stream: Stream) -> None:
-        await stream.recv_message()
+    async def Check(self, request: health_pb2.HealthCheckRequest, call: Call) -> health_pb2.HealthCheckResponse:
         status = health_pb2.HealthCheckResponse.SERVING if self.core.ready() \
             else health_pb2.HealthCheckResponse.NOT_SERVING
-        await stream.send_message(health_pb2.HealthCheckResponse(status=status))
-
-    async def Watch(self, stream: Stream) -> None:
-        raise GRPCError(Status.UNIMPLEMENTED, "Method not found")  # Triton serves Check only
+        return health_pb2.HealthCheckResponse(status=status)
 
 
-# -- transport ----------------------------------------------------------------------------------------------
-class _CoalescingTransport:
-    """A transport whose writes of one event-loop iteration leave in one ``writelines`` (one syscall).
+def methods(core: Core) -> dict[str, Method]:
+    """Every RPC this server answers, by HTTP/2 path."""
+    service = InferenceService(core)
+    table: dict[str, Method] = {}
+    for name, (request_type, category) in RPCS.items():
+        decode = v2grpc.decode_infer_request if request_type is pb.ModelInferRequest else request_type.FromString
+        table[_SERVICE + name] = Method(decode, getattr(service, name), stream=name == "ModelStreamInfer",
+                                        category=category)
+    health = HealthService(core)
+    table["/grpc.health.v1.Health/Check"] = Method(health_pb2.HealthCheckRequest.FromString, health.Check,
+                                                   category="health")
 
-    grpclib writes a unary reply as three writes (headers, data, trailers) and
-    every WINDOW_UPDATE on its own; coalesced, a ModelInfer answer costs one
-    system call. Everything but writing is the real transport's.
-    """
+    async def watch(call: Call) -> None:
+        raise GrpcError(UNIMPLEMENTED, "Method not found")  # Triton serves Check only
 
-    def __init__(self, transport: asyncio.Transport) -> None:
-        self._transport = transport
-        self._pending: list = []
-        self._loop = asyncio.get_running_loop()
-
-    def write(self, data: bytes) -> None:
-        if data:
-            if not self._pending:
-                self._loop.call_soon(self._flush)
-            self._pending.append(data)
-
-    def _flush(self) -> None:
-        pending, self._pending = self._pending, []
-        if pending and not self._transport.is_closing():
-            self._transport.writelines(pending)
-
-    def close(self) -> None:
-        self._flush()
-        self._transport.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
-
-class _Protocol(asyncio.Protocol):
-    """grpclib's HTTP/2 protocol, given a :class:`_CoalescingTransport`."""
-
-    def __init__(self, inner: asyncio.Protocol) -> None:
-        self._inner = inner
-        self.data_received = inner.data_received
-        self.eof_received = inner.eof_received
-        self.pause_writing = inner.pause_writing
-        self.resume_writing = inner.resume_writing
-        self.connection_lost = inner.connection_lost
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._inner.connection_made(_CoalescingTransport(transport))
-
-
-class _Server(Server):
-    def _protocol_factory(self) -> Any:  # grpclib 0.4's hook for a connection's protocol
-        return _Protocol(super()._protocol_factory())
-
-
-def _cheap_frame_repr() -> None:
-    """Make hyperframe's frame repr O(1): h2 builds ``repr(frame)`` of every frame received for a
-    no-op trace log, and the repr hexlifies the whole payload (about 20 ms of CPU per 25 MB)
-    to show its first 10 bytes. The replacement returns the same string."""
-    try:
-        from hyperframe import frame
-    except ImportError:  # pragma: no cover
-        return
-    if getattr(frame._raw_data_repr, "__module__", "") == __name__:
-        return
-
-    def _raw_data_repr(data: bytes | None) -> str:
-        if not data:
-            return "None"
-        r = binascii.hexlify(data[:11]).decode("ascii")
-        if len(r) > 20:
-            r = r[:20] + "..."
-        return "<hex:" + r + ">"
-
-    frame._raw_data_repr = _raw_data_repr
+    table["/grpc.health.v1.Health/Watch"] = Method(health_pb2.HealthCheckRequest.FromString, watch, stream=True)
+    return table
 
 
 class GrpcFront:
     """The gRPC endpoint over a :class:`Core`."""
 
-    def __init__(self, core: Core, max_message_size: int = 64 << 20) -> None:
+    def __init__(self, core: Core, max_message_size: int = 64 << 20, **options: Any) -> None:
         self.core = core
         self.max_message_size = max_message_size
+        self.options = options
 
-    def server(self) -> Server:
-        """A grpclib server (call ``start(host, port)`` on the running loop)."""
-        _cheap_frame_repr()
-        config = Configuration(http2_connection_window_size=_WINDOW, http2_stream_window_size=_WINDOW)
-        return _Server([InferenceService(self.core), HealthService(self.core)],
-                       codec=v2grpc.Codec(self.max_message_size), config=config)
+    def server(self) -> GrpcServer:
+        """A server to ``await start(host, port)`` on the running loop; ``close()`` then ``wait_closed()``."""
+        return GrpcServer(methods(self.core), self.max_message_size,
+                          restrictions=getattr(self.core, "grpc_restricted", None),
+                          restricted_message=grpc_message, **self.options)

@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 
 from kernel.errors import CUDA_SHM_UNSUPPORTED, ServerError, invalid
+from kernel.restricted import http_message
 from kernel.server import Core
 from protocol import v2json
 from protocol.httpserver import Deferred, HttpError, HttpServer, Request, Response, Router, error_body
@@ -79,20 +80,20 @@ def _on_error(request: Request, error: BaseException) -> Response:
 
 def _check_uint(value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ServerError("attempt to access JSON non-unsigned-integer as unsigned-integer", "INTERNAL")
+        raise invalid("attempt to access JSON non-unsigned-integer as unsigned-integer")
 
 
 def _read_json(request: Request) -> dict:
+    """A control route's JSON body; unreadable JSON is the client's mistake: 400 (Triton: 500)."""
     body = request.body
     if not body:
         return {}
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as e:
-        raise ServerError(f"failed to parse the request JSON buffer: {e}", "INTERNAL") from None
+        raise invalid(f"failed to parse the request JSON buffer: {e}") from None
     if not isinstance(doc, dict):
-        raise ServerError("failed to parse the request JSON buffer: The document root must be an object.",
-                          "INTERNAL")
+        raise invalid("failed to parse the request JSON buffer: The document root must be an object.")
     return doc
 
 
@@ -101,38 +102,59 @@ class HttpFront:
 
     def __init__(self, core: Core, max_body: int = 1 << 30) -> None:
         self.core = core
-        self.router = r = Router()
+        self.router = Router()
         self.max_body = max_body
         self.body_bytes = 0  # of request bodies in the arena now (see _body_buffer)
+        self._infer_routes: set[Any] = set()
+        add = self._add
         for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version:[0-9]+}"):
-            r.add("POST", base + "/infer", self.infer)  # first: the hot route matches at once
-        r.add("GET", "/v2/health/live", self.live)
-        r.add("GET", "/v2/health/ready", self.ready)
-        r.add("GET", "/v2", self.server_metadata)
-        r.add("GET", "/v2/models/stats", self.stats)
+            add("POST", base + "/infer", self.infer, "inference")  # first: the hot route matches at once
+        add("GET", "/v2/health/live", self.live, "health")
+        add("GET", "/v2/health/ready", self.ready, "health")
+        add("GET", "/v2", self.server_metadata, "metadata")
+        add("GET", "/v2/models/stats", self.stats, "statistics")
         for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version:[0-9]+}"):
-            r.add("GET", base, self.model_metadata)
-            r.add("GET", base + "/ready", self.model_ready)
-            r.add("GET", base + "/config", self.model_config)
-            r.add("GET", base + "/stats", self.stats)
-            r.add("POST", base + "/generate", self.unsupported)
-            r.add("POST", base + "/generate_stream", self.unsupported)
-        r.add("POST", "/v2/repository/index", self.repository_index)
-        r.add("POST", "/v2/repository/models/{model}/load", self.load)
-        r.add("POST", "/v2/repository/models/{model}/unload", self.unload)
-        r.add("GET", "/v2/systemsharedmemory/status", self.shm_status)
-        r.add("GET", "/v2/systemsharedmemory/region/{name}/status", self.shm_status)
-        r.add("POST", "/v2/systemsharedmemory/region/{name}/register", self.shm_register)
-        r.add("POST", "/v2/systemsharedmemory/unregister", self.shm_unregister)
-        r.add("POST", "/v2/systemsharedmemory/region/{name}/unregister", self.shm_unregister)
-        r.add("GET", "/v2/cudasharedmemory/status", self.cuda_shm_status)
-        r.add("GET", "/v2/cudasharedmemory/region/{name}/status", self.cuda_shm_status)
-        r.add("POST", "/v2/cudasharedmemory/region/{name}/register", self.cuda_shm_register)
-        r.add("POST", "/v2/cudasharedmemory/unregister", self.cuda_shm_unregister)
-        r.add("POST", "/v2/cudasharedmemory/region/{name}/unregister", self.cuda_shm_unregister)
-        r.add("*", "/v2/trace/setting", self.trace)
-        r.add("*", "/v2/models/{model}/trace/setting", self.trace)
-        r.add("*", "/v2/logging", self.logging)
+            add("GET", base, self.model_metadata, "metadata")
+            add("GET", base + "/ready", self.model_ready, "health")
+            add("GET", base + "/config", self.model_config, "model-config")
+            add("GET", base + "/stats", self.stats, "statistics")
+            add("POST", base + "/generate", self.unsupported, "inference")
+            add("POST", base + "/generate_stream", self.unsupported, "inference")
+        add("POST", "/v2/repository/index", self.repository_index, "model-repository")
+        add("POST", "/v2/repository/models/{model}/load", self.load, "model-repository")
+        add("POST", "/v2/repository/models/{model}/unload", self.unload, "model-repository")
+        for kind, status, register, unregister in (
+                ("system", self.shm_status, self.shm_register, self.shm_unregister),
+                ("cuda", self.cuda_shm_status, self.cuda_shm_register, self.cuda_shm_unregister)):
+            add("GET", f"/v2/{kind}sharedmemory/status", status, "shared-memory")
+            add("GET", f"/v2/{kind}sharedmemory/region/{{name}}/status", status, "shared-memory")
+            add("POST", f"/v2/{kind}sharedmemory/region/{{name}}/register", register, "shared-memory")
+            add("POST", f"/v2/{kind}sharedmemory/unregister", unregister, "shared-memory")
+            add("POST", f"/v2/{kind}sharedmemory/region/{{name}}/unregister", unregister, "shared-memory")
+        add("*", "/v2/trace/setting", self.trace, "trace")
+        add("*", "/v2/models/{model}/trace/setting", self.trace, "trace")
+        add("*", "/v2/logging", self.logging, "logging")
+
+    def _add(self, method: str, path: str, handler: Any, category: str) -> None:
+        """Route ``path`` to ``handler`` behind Triton's check of its restricted-API category.
+
+        Like Triton, the check comes first: a restricted request learns nothing else (not even
+        whether the model exists) and its body is not parsed.
+        """
+        core = self.core
+
+        def guarded(request: Request) -> Any:
+            restrictions = core.http_restricted
+            if restrictions:
+                key = restrictions.refusal(category, request.headers.get)
+                if key is not None:
+                    return Response(error_body(http_message(key)), 403, _JSON)
+            return handler(request)
+
+        guarded.category = category  # type: ignore[attr-defined]
+        if handler == self.infer:
+            self._infer_routes.add(guarded)
+        self.router.add(method, path, guarded)
 
     def server(self) -> HttpServer:
         """An :class:`HttpServer` for these routes (``await server.start(host, port)``)."""
@@ -149,7 +171,7 @@ class HttpFront:
         if not header.isdigit() or not 0 < int(header) < size:
             return None
         try:
-            if self.router.resolve(method, url.partition("?")[0])[0] != self.infer:
+            if self.router.resolve(method, url.partition("?")[0])[0] not in self._infer_routes:
                 return None
         except HttpError:  # no such route: answered without reading the body
             return None
@@ -267,7 +289,7 @@ class HttpFront:
             raise invalid("Shared memory register request has no 'key' field")
         key = doc["key"]
         if not isinstance(key, str):
-            raise ServerError("attempt to access JSON non-string as string", "INTERNAL")
+            raise invalid("attempt to access JSON non-string as string")
         offset = doc.get("offset", 0)
         _check_uint(offset)
         if "byte_size" not in doc:

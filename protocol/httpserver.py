@@ -33,6 +33,7 @@ _REASONS[405] = b"Not Allowed"  # Triton's reason phrase
 _INFLATE = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 MAX_HEAD = 64 * 1024  # request line plus headers, bytes (llhttp itself has no limit)
 MAX_HEADERS = 128
+INFLATE_INLINE = 1 << 20  # bytes a compressed body may inflate to on the event loop; the rest in a thread
 
 
 class HttpError(Exception):
@@ -146,6 +147,36 @@ class Router:
 _CLOSING = Request("GET", "", {}, b"", keep_alive=False)  # answers an unparsable request, then closes
 
 
+class _Inflating:
+    """A request whose compressed body is being inflated off the event loop (``body``: its future)."""
+
+    __slots__ = ("request", "body")
+
+    def __init__(self, request: Request, body: asyncio.Future) -> None:
+        self.request = request
+        self.body = body
+
+
+def _inflate_rest(inflater: Any, head: bytes, limit: int) -> bytes:
+    """Finish inflating (in a thread: zlib lets go of the GIL) without ever holding more than ``limit``."""
+    parts = [head]
+    total = len(head)
+    tail = inflater.unconsumed_tail
+    try:
+        while not inflater.eof:
+            piece = inflater.decompress(tail, min(16 << 20, limit + 1 - total))
+            tail = inflater.unconsumed_tail
+            total += len(piece)
+            if total > limit:
+                raise HttpError(413, f"request body exceeds the limit of {limit} bytes")
+            if not piece and not tail:
+                raise HttpError(400, "failed to decompress the request body: incomplete or truncated stream")
+            parts.append(piece)
+    except zlib.error as e:
+        raise HttpError(400, f"failed to decompress the request body: {e}") from None
+    return b"".join(parts)
+
+
 class _Connection(asyncio.Protocol):
     """One client connection: parse, answer in order, write.
 
@@ -158,7 +189,7 @@ class _Connection(asyncio.Protocol):
         self.server = server
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
-        self.queue: deque[Request | HttpError] = deque()
+        self.queue: deque[Request | _Inflating | HttpError] = deque()
         self.busy = False
         self.paused = False
         self.failed = False  # a request did not parse: nothing after it is read
@@ -254,6 +285,10 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         headers = self._headers
         length = headers.get("content-length")
+        if length is None and "transfer-encoding" not in headers and self.parser.get_http_version() == "1.0" \
+                and self.parser.get_method() in (b"POST", b"PUT"):
+            # HTTP/1.0 has no chunked bodies: one without a length would run to the connection's end.
+            raise HttpError(411, "Length Required: an HTTP/1.0 request body needs a Content-Length")
         if length is not None and length.isdigit():
             size = int(length)
             if size > self.server.max_body:
@@ -298,28 +333,38 @@ class _Connection(asyncio.Protocol):
                 body = self._inflate(body, encoding)
         url = self._url.decode("utf-8", "surrogateescape")
         q = url.find("?")
-        self.queue.append(Request(self.parser.get_method().decode("ascii"), url if q < 0 else url[:q],
-                                  self._headers, body, self.parser.should_keep_alive(), sink))
+        request = Request(self.parser.get_method().decode("ascii"), url if q < 0 else url[:q],
+                          self._headers, b"", self.parser.should_keep_alive(), sink)
+        if isinstance(body, asyncio.Future):
+            self.queue.append(_Inflating(request, body))
+        else:
+            request.body = body
+            self.queue.append(request)
         if len(self.queue) > 32 and not self.paused and self.transport is not None:
             self.paused = True
             self.transport.pause_reading()
         self._next()
 
-    def _inflate(self, body: bytes, encoding: str) -> bytes:
+    def _inflate(self, body: bytes, encoding: str) -> bytes | asyncio.Future:
+        """The decompressed body, bounded by the body limit (no decompression bomb): at once when it
+        inflates to at most ``INFLATE_INLINE`` bytes, else a future for the rest, inflated in the loop's
+        executor so that a body inflating to a gigabyte stalls no other client."""
         wbits = _INFLATE.get(encoding.lower())
         if wbits is None:
             raise HttpError(415, f"unsupported content encoding '{encoding}'")
-        limit = self.server.max_body
         inflater = zlib.decompressobj(wbits)
+        limit = self.server.max_body
         try:
-            out = inflater.decompress(body, limit + 1)  # bounded: no decompression bomb
+            out = inflater.decompress(body, min(INFLATE_INLINE, limit + 1))
         except zlib.error as e:
             raise HttpError(400, f"failed to decompress the request body: {e}") from None
-        if len(out) > limit or inflater.unconsumed_tail:
+        if inflater.eof:
+            return out
+        if len(out) > limit:
             raise HttpError(413, f"request body exceeds the limit of {limit} bytes")
-        if not inflater.eof:
+        if not inflater.unconsumed_tail and len(out) < INFLATE_INLINE:
             raise HttpError(400, "failed to decompress the request body: incomplete or truncated stream")
-        return out
+        return asyncio.get_running_loop().run_in_executor(None, _inflate_rest, inflater, out, limit)
 
     def _drop_sink(self) -> None:
         """Give back the buffer of a body that will not be completed."""
@@ -353,6 +398,22 @@ class _Connection(asyncio.Protocol):
                 if isinstance(item, HttpError):
                     self._respond(_CLOSING, Response(error_body(item.reason), item.status))
                     return
+                if isinstance(item, _Inflating):
+                    if not item.body.done():  # its body is still being inflated: answered in order, later
+                        self.queue.appendleft(item)
+                        self.busy = True
+                        item.body.add_done_callback(self._inflated)
+                        return
+                    error = item.body.exception()
+                    if error is not None:  # as for a body refused while it came: answered, then closed
+                        status, reason = (error.status, error.reason) if isinstance(error, HttpError) \
+                            else (400, f"failed to decompress the request body: {error}")
+                        self.failed = True
+                        self.queue.clear()
+                        self._respond(_CLOSING, Response(error_body(reason), status))
+                        return
+                    item.request.body = item.body.result()
+                    item = item.request
                 self._dispatch(item)
             transport = self.transport
             if transport is None or self.busy:
@@ -368,6 +429,12 @@ class _Connection(asyncio.Protocol):
                 transport.close()
         finally:
             self._draining = False
+
+    def _inflated(self, future: asyncio.Future) -> None:
+        self.busy = False
+        if self.transport is None:
+            return
+        self._next()
 
     def _dispatch(self, request: Request) -> None:
         self.busy = True

@@ -7,8 +7,7 @@ Tensor bytes skip protobuf both ways:
   core copies them once, into the worker's arena.
 - Responses are serialised by hand around protobuf (:func:`encode_infer_response`):
   the small header is a protobuf message and each ``raw_output_contents`` entry
-  is joined straight from the worker's shared memory (one copy; grpclib's
-  framing makes one more).
+  is joined straight from the worker's shared memory (one copy).
 """
 
 from __future__ import annotations
@@ -19,9 +18,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from google.protobuf.message import DecodeError
-from grpclib.const import Status
-from grpclib.encoding.proto import ProtoCodec
-from grpclib.exceptions import GRPCError
 
 from kernel.errors import ServerError, invalid
 from kernel.shm_registry import SharedMemoryRegistry
@@ -62,37 +58,6 @@ class InferMessage(NamedTuple):
 
     message: pb.ModelInferRequest
     raw: list[memoryview]
-
-
-# -- codec ------------------------------------------------------------------------------------------------
-class Codec(ProtoCodec):
-    """grpclib's protobuf codec with a message size limit and zero-copy ModelInfer handling.
-
-    grpclib 0.4.9 has no message size option of its own: the limit is enforced
-    here, on every message received and sent, with grpc-core's status and text.
-    """
-
-    def __init__(self, max_message_size: int) -> None:
-        self.max_message_size = max_message_size
-
-    def encode(self, message: Any, message_type: Any) -> bytes:
-        # bytes are messages serialised by the encode_* functions below
-        data = message if type(message) is bytes else super().encode(message, message_type)
-        if len(data) > self.max_message_size:
-            raise GRPCError(Status.RESOURCE_EXHAUSTED,
-                            f"Sent message larger than max ({len(data)} vs. {self.max_message_size})")
-        return data
-
-    def decode(self, data: bytes, message_type: Any) -> Any:
-        if len(data) > self.max_message_size:
-            raise GRPCError(Status.RESOURCE_EXHAUSTED,
-                            f"Received message larger than max ({len(data)} vs. {self.max_message_size})")
-        try:
-            if message_type is pb.ModelInferRequest:
-                return decode_infer_request(data)
-            return message_type.FromString(data)
-        except (DecodeError, IndexError, ValueError) as e:
-            raise GRPCError(Status.INTERNAL, f"Failed to parse request: {e or type(e).__name__}") from None
 
 
 def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:

@@ -14,8 +14,9 @@ from protocol import dtypes
 
 
 def _parse_error(message: str) -> ServerError:
-    """JSON that cannot be read as a request: Triton answers 500."""
-    return ServerError(message, "INTERNAL")
+    """JSON that cannot be read as a request: Triton's words, but 400, not its 500 (a client's mistake;
+    a 5xx would tell load balancers and KServe that the server failed)."""
+    return ServerError(message, "INVALID_ARG")
 
 
 def parse_request(model: str, version: str, body: bytes | memoryview, header_length: int | None,

@@ -3,7 +3,8 @@
 The owner allocates and frees; other processes only map the segments (by name)
 and read or write the blocks they are told about. Blocks are 64-byte aligned so
 numpy views on them are aligned for every datatype and for SIMD loads. When a
-segment is full a larger one is added; segments live until :meth:`close`.
+segment is full a larger one is added; :meth:`trim` gives back the added segments
+once they have stayed empty (a burst of large frames must not pin /dev/shm for ever).
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ def round_up(n: int) -> int:
 class _Segment:
     """One shared-memory segment with a first-fit free list."""
 
-    __slots__ = ("region", "free_offsets", "free_sizes", "used")
+    __slots__ = ("region", "free_offsets", "free_sizes", "used", "idle")
 
     def __init__(self, region: Region) -> None:
         self.region = region
         self.free_offsets: list[int] = [0]  # sorted
         self.free_sizes: list[int] = [region.size]
         self.used: dict[int, int] = {}
+        self.idle = False  # empty at the last trim(), and not allocated from since
 
     def alloc(self, size: int) -> int | None:
         sizes = self.free_sizes
@@ -82,6 +84,7 @@ class Arena:
         for seg in self._order:
             offset = seg.alloc(size)
             if offset is not None:
+                seg.idle = False
                 return seg.region.name, offset
         if not grow and (self._order or size > self._initial):
             return None
@@ -109,6 +112,32 @@ class Arena:
     def names(self) -> list[str]:
         return [s.region.name for s in self._order]
 
+    def trim(self) -> list[str]:
+        """Give back the segments that were empty at the last call and still are, but one of the
+        initial size (what a quiet server keeps).
+
+        Called periodically: a segment must stay empty for a whole period before it goes, so a
+        steady load does not map and unmap segments over and over. Returns the names removed:
+        processes that mapped them must drop their mappings too, or the pages stay in use.
+        """
+        removed = []
+        kept = next((seg for seg in self._order if seg.region.size == self._initial), None)
+        for seg in self._order:
+            if seg is kept:
+                continue
+            if seg.used:
+                seg.idle = False
+            elif not seg.idle:
+                seg.idle = True
+            else:
+                removed.append(seg)
+        for seg in removed:
+            self._order.remove(seg)
+            del self._segments[seg.region.name]
+            seg.region.unlink()
+            seg.region.close()
+        return [seg.region.name for seg in removed]
+
     def close(self) -> None:
         """Unlink and unmap every segment."""
         for seg in self._order:
@@ -118,7 +147,7 @@ class Arena:
         self._order.clear()
 
     def _grow(self, size: int) -> _Segment:
-        last = self._order[-1].region.size if self._order else 0
+        last = max((seg.region.size for seg in self._order), default=0)
         seg_size = max(self._initial, 2 * last)
         while seg_size < size:
             seg_size *= 2

@@ -6,10 +6,12 @@ start can remove what a killed server left behind (:func:`remove_stale`).
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import mmap
 import os
 import re
+import weakref
 
 import posix_ipc
 
@@ -33,20 +35,59 @@ def new_name(tag: str) -> str:
     return f"/{PREFIX}{os.getpid()}.{tag}.{next(_counter)}"
 
 
+def _libc_mmap() -> tuple[ctypes.CDLL, int]:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+    libc.munmap.restype = ctypes.c_int
+    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    return libc, ctypes.c_void_p(-1).value
+
+
+_libc, _MAP_FAILED = _libc_mmap()
+
+
+def _map(fd: int, size: int) -> ctypes.Array:
+    """Map ``size`` bytes of ``fd`` shared and writable, keeping no descriptor.
+
+    Python's ``mmap`` keeps a duplicate of the descriptor for as long as the mapping lives: one
+    per registered region in the front and in every worker, so ~1,000 registrations exhausted
+    systemd's default limit of 1,024 and every request failed. The pages are unmapped when the
+    returned array is collected, i.e. once the last view on it (numpy arrays, memoryviews) is gone.
+    """
+    addr = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+    if addr is None or addr == _MAP_FAILED:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    array = (ctypes.c_char * size).from_address(addr)
+    weakref.finalize(array, _libc.munmap, addr, size).atexit = False  # at exit the kernel unmaps; views may live
+    _mappings[id(array)] = array
+    return array
+
+
+_mappings: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # id -> mapping (ctypes arrays: unhashable)
+
+
+def is_mapping(obj: object) -> bool:
+    """True if ``obj`` is a shared-memory mapping made here (what a :class:`Region`'s ``buf`` views)."""
+    return _mappings.get(id(obj)) is obj
+
+
 class Region:
-    """A POSIX shared-memory object mapped into this process.
+    """A POSIX shared-memory object mapped into this process (no descriptor kept unless asked).
 
     ``buf`` is a writable memoryview over the whole mapping. Numpy arrays made
     over ``buf`` keep the mapping alive; :meth:`close` only drops this object's
     references, so the pages stay mapped until the last view is gone.
     """
 
-    __slots__ = ("name", "size", "owner", "_mmap", "buf", "_fd", "__weakref__")
+    __slots__ = ("name", "size", "owner", "ident", "_array", "buf", "_fd", "__weakref__")
 
     def __init__(self, name: str, size: int | None = None, *, create: bool = False, keep_fd: bool = False) -> None:
         """Open ``name`` (or create it with ``size`` bytes, reserved up front).
 
-        ``keep_fd`` keeps the descriptor for :meth:`current_size` (regions a client may shrink).
+        ``keep_fd`` keeps the descriptor for :meth:`current_size` (regions a client may shrink, even
+        after unlinking them: only the descriptor still leads to the object then).
         """
         if not valid_key(name):
             raise ShmError(f"invalid shared memory key '{name}'")
@@ -71,16 +112,18 @@ class Region:
         except (posix_ipc.PermissionsError, OSError, ValueError) as e:
             raise ShmError(f"unable to open shared memory region '{name}': {e}") from e
         try:
-            self._mmap = mmap.mmap(shm.fd, size) if size else None
-        except (OSError, ValueError) as e:
-            shm.close_fd()
+            st = os.fstat(shm.fd)
+            self._array = _map(shm.fd, size) if size else None
+            self._fd = os.dup(shm.fd) if keep_fd else -1
+        except (OSError, ValueError, OverflowError) as e:
             raise ShmError(f"unable to map shared memory region '{name}': {e}") from e
-        self._fd = os.dup(shm.fd) if keep_fd else -1
-        shm.close_fd()
+        finally:
+            shm.close_fd()
         self.name = name
         self.size = size
         self.owner = create
-        self.buf = memoryview(self._mmap) if self._mmap is not None else memoryview(b"")
+        self.ident = (st.st_dev, st.st_ino)  # the object itself, whatever name (or hard link) opened it
+        self.buf = memoryview(self._array).cast("B") if self._array is not None else memoryview(b"")
 
     def current_size(self) -> int:
         """The object's size now (its owner may have shrunk it since it was mapped)."""
@@ -91,14 +134,14 @@ class Region:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        if self._mmap is None:
+        if self._array is None:
             return
         try:
             self.buf.release()
-            self._mmap.close()
         except BufferError:
             pass  # numpy views still use the pages; they unmap when the last goes
-        self._mmap = None
+        self.buf = memoryview(b"")
+        self._array = None
 
     def unlink(self) -> None:
         """Remove the name from the system (mappings stay valid)."""
@@ -136,6 +179,29 @@ def remove_stale(shm_dir: str = "/dev/shm") -> list[str]:
         except OSError:
             pass
     return removed
+
+
+def server_objects(shm_dir: str = "/dev/shm") -> set[tuple[int, int]]:
+    """``(st_dev, st_ino)`` of every object of this server family (arenas, rings and their semaphores).
+
+    A client may reach one under another name (a hard link, or ``sem.ek...``, which ``shm_open`` opens
+    too); comparing the objects themselves, not their names, refuses every such alias.
+    """
+    found = set()
+    try:
+        entries = os.scandir(shm_dir)
+    except OSError:
+        return found
+    with entries:
+        for entry in entries:
+            stem = entry.name[4:] if entry.name.startswith("sem.") else entry.name
+            if stem.startswith(PREFIX):
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                found.add((st.st_dev, st.st_ino))
+    return found
 
 
 def owned_objects(pid: int, shm_dir: str = "/dev/shm") -> list[str]:

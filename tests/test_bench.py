@@ -274,7 +274,7 @@ def test_unknown_model_is_a_clear_error(kernel):
     assert proc.returncode == 1 and "unknown input" in proc.stderr
 
 
-@pytest.mark.parametrize("protocol", ["http", "grpc"])
+@pytest.mark.parametrize("protocol", ["http", "grpc", "grpclib", "grpcio"])
 def test_floor_servers_answer_like_add_sub(protocol):
     """bench.floor's canned servers speak enough of the protocol for tritonclient (and perf_analyzer)."""
     import numpy as np
@@ -303,3 +303,27 @@ def test_floor_servers_answer_like_add_sub(protocol):
         proc.send_signal(subprocess.signal.SIGTERM)
         tail = proc.communicate(timeout=30)[0]
     assert "requests=3 " in tail
+
+
+# --------------------------------------------------------------------------- bench.backends page
+def _backends_doc(with_pa: bool) -> dict:
+    def lat(p50: float) -> dict:
+        return {"p50_us": p50, "p99_us": p50 * 2, "server": None}
+
+    row = {"model": "conv", "batch": 1, "direct": lat(100), "inprocess": lat(260), "inprocess_async": lat(190),
+           "http_shm": lat(500)}
+    if with_pa:
+        row["http_shm_pa"] = {**lat(320), "direct_p50_us": 110, "stable": True}
+    return {"date": "today", "seconds": 3, "rounds": 6, "rows": [row], "frame": {},
+            "machine": {"cpu": "cpu", "usable_cpus": 2, "gpu": "none", "os": "linux", "python": "3.11 x",
+                        "edge_kernel_commit": "abc"}}
+
+
+def test_backends_page_judges_http_on_perf_analyzer_when_it_ran():
+    from bench.backends import render
+
+    page = render(_backends_doc(with_pa=False))
+    assert "in process **pass**, HTTP+shm **FAIL**" in page  # 90 µs in process; 400 µs with the Python client
+    page = render(_backends_doc(with_pa=True))
+    assert "in process **pass**, HTTP+shm **pass**" in page  # perf_analyzer: 320 - 110 = 210 µs
+    assert "| conv | 1 | 110 | 320 (640) | 210 |" in page

@@ -8,6 +8,7 @@ import os
 import queue
 import shutil
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -572,12 +573,17 @@ def test_stream_cancelled_by_client(client, server):
     assert_serving(client)
 
 
-def test_compressed_request_is_refused_cleanly(client):
-    a = np.arange(16, dtype=np.int32)
-    with pytest.raises(InferenceServerException) as e:
-        client.infer("add_sub", add_sub_inputs(a, a), compression_algorithm="gzip")
-    assert e.value.status() == "StatusCode.UNIMPLEMENTED"
-    assert "compressed gRPC messages are not supported" in e.value.message()
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_requests(client, algorithm):
+    """tritonclient's compression_algorithm: the request is decompressed, the answer compressed alike."""
+    a = np.arange(4096, dtype=np.int32)
+    t0 = grpcclient.InferInput("INPUT0", [a.size], "INT32")
+    t0.set_data_from_numpy(a)
+    result = client.infer("echo_int32", [t0], compression_algorithm=algorithm)
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a)
+    b = np.arange(16, dtype=np.int32)
+    result = client.infer("add_sub", add_sub_inputs(b, b), compression_algorithm=algorithm)
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), 2 * b)
     assert_serving(client)
 
 
@@ -849,3 +855,114 @@ def test_concurrent_http_and_grpc(server):
         for c in clients:
             c.close()
     assert len(answers) == 2 * count and all(answers)
+
+
+# -- deadlines, cancellation, restricted protocol ---------------------------------------------------------
+def test_deadlines_are_answered_cleanly(client, server):
+    """A deadline that passes (or is already over on arrival) is DEADLINE_EXCEEDED, never an error log."""
+    t = grpcclient.InferInput("INPUT0", [1], "FP32")
+    t.set_data_from_numpy(np.ones(1, np.float32))
+    with pytest.raises(InferenceServerException) as e:
+        client.infer("slow_a", [t], client_timeout=0.05)
+    assert e.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+    from tests.h2client import H2Client
+
+    request = service_pb2.ModelInferRequest(model_name="add_sub")
+    c = H2Client(int(server.grpc_url.rsplit(":", 1)[1]))
+    try:
+        s = c.wait(c.call("/inference.GRPCInferenceService/ModelInfer", request.SerializeToString(),
+                          [("grpc-timeout", "0n")]))
+        assert s.status == grpc.StatusCode.DEADLINE_EXCEEDED.value[0] and s.message == "Deadline Exceeded"
+    finally:
+        c.close()
+    assert_serving(client)
+    assert "Traceback" not in server.log() and "unhandled error" not in server.log()
+
+
+def test_cancelled_call_costs_nothing(client, server):
+    """RST_STREAM from the client (grpc's cancel) reaches the request: the server goes on, nothing leaks."""
+    t = grpcclient.InferInput("INPUT0", [1], "FP32")
+    t.set_data_from_numpy(np.ones(1, np.float32))
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
+                                    request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        request = service_pb2.ModelInferRequest(model_name="slow_b")
+        tensor = request.inputs.add(name="INPUT0", datatype="FP32", shape=[1])
+        request.raw_input_contents.append(np.ones(1, np.float32).tobytes())
+        del tensor
+        futures = [infer.future(request.SerializeToString()) for _ in range(3)]
+        time.sleep(0.1)
+        for f in futures:
+            f.cancel()
+        for f in futures:
+            assert f.cancelled()
+    assert_serving(client)
+    assert "Traceback" not in server.log()
+
+
+@pytest.fixture(scope="module")
+def restricted(tmp_path_factory):
+    srv = KernelServer(ROOT / "examples" / "models",
+                       "--grpc-restricted-protocol", "shared-memory,model-repository,statistics:admin-key=secret",
+                       "--grpc-restricted-protocol", "trace,logging,model-config:ops=yes")
+    srv.start(tmp_path_factory.mktemp("restricted") / "server.log")
+    yield srv
+    assert srv.stop() == 0
+
+
+def test_restricted_protocol(restricted):
+    """--grpc-restricted-protocol: Triton's categories, its metadata key prefix and UNAVAILABLE text."""
+    c = grpcclient.InferenceServerClient(restricted.grpc_url)
+    admin = {"triton-grpc-protocol-admin-key": "secret"}
+    ops = {"triton-grpc-protocol-ops": "yes"}
+    try:
+        refused = [
+            (lambda h: c.get_system_shared_memory_status(headers=h), admin),
+            (lambda h: c.get_cuda_shared_memory_status(headers=h), admin),
+            (lambda h: c.unregister_system_shared_memory(headers=h), admin),
+            (lambda h: c.get_model_repository_index(headers=h), admin),
+            (lambda h: c.get_inference_statistics("add_sub", headers=h), admin),
+            (lambda h: c.get_trace_settings(headers=h), ops),
+            (lambda h: c.get_log_settings(headers=h), ops),
+            (lambda h: c.get_model_config("add_sub", headers=h), ops),
+        ]
+        for call, headers in refused:
+            key = next(iter(headers))
+            for wrong in (None, {key: "wrong"}):
+                with pytest.raises(InferenceServerException) as e:
+                    call(wrong)
+                assert e.value.status() == "StatusCode.UNAVAILABLE"
+                assert e.value.message() == f"This protocol is restricted, expecting header '{key}'"
+            call(headers)  # the right value: answered
+        with pytest.raises(InferenceServerException):
+            c.get_model_config("add_sub", headers=admin)  # a key opens only its own categories
+        # Categories not restricted stay open.
+        assert c.is_server_live() and c.is_model_ready("add_sub")
+        assert c.get_model_metadata("add_sub").name == "add_sub"
+        a = np.arange(16, dtype=np.int32)
+        np.testing.assert_array_equal(c.infer("add_sub", add_sub_inputs(a, a)).as_numpy("OUTPUT0"), 2 * a)
+    finally:
+        c.close()
+
+
+def test_decoupled_responses_do_not_wait_behind_ordinary_ones(client):
+    """On one stream, a decoupled model's responses go out while an earlier ordinary request still runs."""
+    collect = Collector()
+    client.start_stream(callback=collect)
+    try:
+        t = grpcclient.InferInput("INPUT0", [1], "FP32")
+        t.set_data_from_numpy(np.ones(1, np.float32))
+        start = time.monotonic()
+        client.async_stream_infer("slow_a", [t], request_id="slow")  # 400 ms
+        fast = grpcclient.InferInput("IN", [3], "INT32")  # tests/models/repeat: one response per element
+        fast.set_data_from_numpy(np.array([1, 2, 3], np.int32))
+        client.async_stream_infer("repeat", [fast], request_id="fast")
+        got = []
+        for _ in range(4):
+            result, error = collect.next()
+            assert error is None, error
+            got.append(result.get_response().id)
+        assert got == ["fast", "fast", "fast", "slow"], got
+        assert time.monotonic() - start >= 0.35
+    finally:
+        client.stop_stream()

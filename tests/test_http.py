@@ -270,11 +270,11 @@ def _binary_body(header: dict, *blobs: bytes) -> tuple[bytes, dict]:
 
 def test_malformed_json(server, http):
     status, body = raw_post(server, "/v2/models/add_sub/infer", b'{"inputs": [', {"Content-Type": "application/json"})
-    assert status == 500  # as Triton answers JSON it cannot parse
+    assert status == 400  # Triton answers 500; a client mistake is a 4xx here
     assert json.loads(body)["error"].startswith("failed to parse the request JSON buffer")
     status, body = raw_post(server, "/v2/models/add_sub/infer", b'{"id": "x"}')
     assert (status, json.loads(body)["error"]) == (
-        500, "Unable to parse 'inputs': attempt to access non-existing object member 'inputs'")
+        400, "Unable to parse 'inputs': attempt to access non-existing object member 'inputs'")
     assert_serving(http)
 
 
@@ -320,11 +320,11 @@ def test_json_element_count_mismatch(server, http):
                       {"name": "INPUT1", "shape": [16], "datatype": "INT32", "data": list(range(16))}]}
     status, reply = raw_post(server, "/v2/models/add_sub/infer", json.dumps(doc).encode())
     assert (status, json.loads(reply)["error"]) == (
-        500, "Unable to parse 'data': Shape does not match true shape of 'data' field")
+        400, "Unable to parse 'data': Shape does not match true shape of 'data' field")
     doc["inputs"][0]["data"] = [1.5] * 16
     status, reply = raw_post(server, "/v2/models/add_sub/infer", json.dumps(doc).encode())
     assert (status, json.loads(reply)["error"]) == (
-        500, "Unable to parse 'data': attempt to access JSON non-signed-integer as signed-integer")
+        400, "Unable to parse 'data': attempt to access JSON non-signed-integer as signed-integer")
     del doc["inputs"][0]["data"]
     status, reply = raw_post(server, "/v2/models/add_sub/infer", json.dumps(doc).encode())
     assert status == 400

@@ -165,7 +165,7 @@ def test_register_errors(http, server, regions):
     regions.register("dup", key, 128)
     expect_http_error(lambda: regions.register("dup", key, 64), "400", "shared memory region 'dup' already in manager")
     missing = f"/ek_test_missing_{uuid.uuid4().hex[:8]}"
-    expect_http_error(lambda: regions.register("r1", missing, 64), "500",
+    expect_http_error(lambda: regions.register("r1", missing, 64), "400",
                       f"Unable to open shared memory region: '{missing}'")
     for size, offset in ((129, 0), (128, 1), (64, 65), (1, 128), (1, 4096)):
         expect_http_error(lambda s=size, o=offset: regions.register("r2", key, s, o), "400",
@@ -184,19 +184,19 @@ def test_register_errors(http, server, regions):
     assert post({"byte_size": 64}) == (400, "Shared memory register request has no 'key' field")
     assert post({"key": key}) == (400, "Shared memory register request has no 'byte_size' field")
     assert post({"key": key, "offset": -1, "byte_size": 64}) == (
-        500, "attempt to access JSON non-unsigned-integer as unsigned-integer")
+        400, "attempt to access JSON non-unsigned-integer as unsigned-integer")
     assert post({"key": key, "offset": "0", "byte_size": 64}) == (
-        500, "attempt to access JSON non-unsigned-integer as unsigned-integer")
-    assert post({"key": 5, "byte_size": 64}) == (500, "attempt to access JSON non-string as string")
+        400, "attempt to access JSON non-unsigned-integer as unsigned-integer")
+    assert post({"key": 5, "byte_size": 64}) == (400, "attempt to access JSON non-string as string")
     status, message = post(b"{not json")
-    assert status == 500 and message.startswith("failed to parse the request JSON buffer")
+    assert status == 400 and message.startswith("failed to parse the request JSON buffer")
     assert_serving(http)
 
 
 @pytest.mark.parametrize("key", ["/etc/passwd", "/../../etc/passwd", "../../etc/passwd", "/dev/shm/x", "/a/b",
                                  "/..", "/.", "", "/", "ek_test/../../etc/hostname"])
 def test_keys_are_shm_names_never_paths(http, regions, key):
-    expect_http_error(lambda: regions.register("path_key", key, 8), "500",
+    expect_http_error(lambda: regions.register("path_key", key, 8), "400",
                       f"Unable to open shared memory region: '{key}'")
     assert http.get_system_shared_memory_status() == []
 
@@ -206,7 +206,7 @@ def test_server_objects_cannot_be_registered(http, server, regions):
     own = sorted(e for e in os.listdir("/dev/shm") if e.startswith(f"ek.{server.proc.pid}."))
     assert own
     for entry in own[:3]:
-        expect_http_error(lambda e=entry: regions.register("own", "/" + e, 8), "500",
+        expect_http_error(lambda e=entry: regions.register("own", "/" + e, 8), "400",
                           f"Unable to open shared memory region: '/{entry}'")
 
 
@@ -398,10 +398,10 @@ def test_inference_errors(http, server, regions):
                          ("shared_memory_byte_size", 64.0)):
         params = {"shared_memory_region": "err_in", "shared_memory_byte_size": 64, field: value}
         assert raw_infer(server, "add_sub", doc(params)) == (
-            500, json_ct, {"error": f"Unable to parse '{field}': attempt to access JSON non-unsigned-integer as "
+            400, json_ct, {"error": f"Unable to parse '{field}': attempt to access JSON non-unsigned-integer as "
                                     "unsigned-integer"})
     assert raw_infer(server, "add_sub", doc({"shared_memory_region": 5, "shared_memory_byte_size": 64})) == (
-        500, json_ct, {"error": "Unable to parse 'shared_memory_region': attempt to access JSON non-string as string"})
+        400, json_ct, {"error": "Unable to parse 'shared_memory_region': attempt to access JSON non-string as string"})
     assert_serving(http)
 
 

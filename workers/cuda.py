@@ -19,7 +19,6 @@ A registration is made once per mapping and undone when the mapping goes (:class
 
 from __future__ import annotations
 
-import mmap
 from typing import Any
 
 import numpy as np
@@ -116,7 +115,7 @@ class HostMemory:
     """
 
     def __init__(self) -> None:
-        self._maps: dict[int, tuple[mmap.mmap, np.ndarray, int]] = {}  # id(mmap) -> (mmap, byte view, device base)
+        self._maps: dict[int, tuple[Any, np.ndarray, int]] = {}  # id(mapping) -> (mapping, byte view, device base)
 
     def device_pointer(self, array: np.ndarray) -> int | None:
         """The device address of ``array``'s first byte, registering its mapping first; None when the array

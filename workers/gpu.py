@@ -18,7 +18,6 @@ never imports a framework, and a CPU-only worker never pays for one.
 
 from __future__ import annotations
 
-import mmap
 import sys
 import warnings
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from protocol import dtypes
+from shm.region import is_mapping
 
 _KDL_CPU, _KDL_CUDA_HOST = 1, 3  # DLPack device types whose memory the CPU can read
 _BF16 = dtypes.NUMPY["BF16"]
@@ -93,19 +93,19 @@ def describe(value: Any) -> tuple[np.dtype, tuple[int, ...]]:
     return dtype, tuple(tensor.shape)
 
 
-#: Page-locked mappings: id(mmap) -> (the mmap, a byte view of it whose address was registered).
-_pinned: dict[int, tuple[mmap.mmap, np.ndarray]] = {}
+#: Page-locked mappings: id(mapping) -> (the mapping, a byte view of it whose address was registered).
+_pinned: dict[int, tuple[Any, np.ndarray]] = {}
 _pin_failed = False
 
 
-def mapping_of(array: np.ndarray) -> mmap.mmap | None:
-    """The shared-memory mapping an array lies in (its base chain ends in a view of an mmap), if any."""
+def mapping_of(array: np.ndarray) -> Any | None:
+    """The shared-memory mapping an array lies in (its base chain ends in a view of a Region's mapping), if any."""
     base = array
     while isinstance(base, np.ndarray):
         base = base.base
     if isinstance(base, memoryview):
         base = base.obj
-    return base if isinstance(base, mmap.mmap) else None
+    return base if is_mapping(base) else None
 
 
 def pin(array: np.ndarray) -> bool:

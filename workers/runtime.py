@@ -14,7 +14,8 @@ Messages from the front (``t`` is the type):
   shared memory (the front's arena when ``region_id`` is 0, else a client's
   registered region);
 * ``f``     -- free blocks of this worker's output arena;
-* ``u``     -- forget the mapping of a client region (its registration ended);
+* ``u``     -- forget mappings: of client regions whose registrations ended (ids) and of segments the
+  front's arena gave back (names); ``k``: one id or a list;
 * ``w``     -- wake hint: a batch should come within ``ns`` nanoseconds (kernel.ensemble sends it to the
   next step's instance while a step runs), so poll the inbox until then instead of sleeping;
 * ``stop``  -- finalise and exit.
@@ -131,7 +132,13 @@ class Worker:
                 elif kind == "w":  # a batch is on its way (a pipeline's next step): be awake for it
                     self._spin_until = time.perf_counter_ns() + msg["ns"]
                 elif kind == "u":
-                    self.forget_region(msg["k"])
+                    for key in msg["k"] if isinstance(msg["k"], list) else (msg["k"],):
+                        if isinstance(key, str):  # a segment the front's arena gave back
+                            region = self._regions.pop(key, None)
+                            if region is not None:
+                                self._drop_mapping(region)
+                        else:
+                            self.forget_region(key)
                 elif kind == "load":
                     self._load(msg)
                 elif kind == "init":
@@ -319,18 +326,23 @@ class Worker:
                 self.arena.free(loc[3], loc[4])
 
     # -- tensors --------------------------------------------------------
-    def region(self, key: str, region_id: int) -> Region:
+    def region(self, key: str, region_id: int, need: int = 0) -> Region:
         """The mapping of ``key``: an arena segment (``region_id`` 0) or a client region.
 
         Mappings are cached: arena segments by key, client regions per
         registration (a re-registration of the same key is a new ``region_id``,
         so it is mapped afresh and never served from an older mapping). A
         registration that already ended is mapped for the request at hand only.
+        A client region mapped while its owner had shrunk it is mapped again once
+        a request needs ``need`` bytes of it: the shrink was not for good.
         """
         cache_key = region_id or key
         region = self._regions.get(cache_key)
         if region is not None:
-            return region
+            if region.size >= need or not region_id:
+                return region
+            del self._regions[cache_key]
+            self._drop_mapping(region)
         try:
             region = Region(key, keep_fd=bool(region_id))
         except ShmError as e:
@@ -352,10 +364,13 @@ class Worker:
             del self._forgotten[next(iter(self._forgotten))]
         region = self._regions.pop(region_id, None)
         if region is not None:
-            gpu.unpin(region.buf)  # page-locked for a GPU model: undone before the pages go
-            if self.backend is not None:
-                self.backend.forget_mapping(region.buf)
-            region.close()
+            self._drop_mapping(region)
+
+    def _drop_mapping(self, region: Region) -> None:
+        gpu.unpin(region.buf)  # page-locked for a GPU model: undone before the pages go
+        if self.backend is not None:
+            self.backend.forget_mapping(region.buf)
+        region.close()
 
     def input_array(self, loc: list) -> np.ndarray:
         """A numpy view (copy for BYTES) of an input ``loc``."""
@@ -367,9 +382,9 @@ class Worker:
         if not key:
             mapping = buf = memoryview(b"")
         else:
-            region = self.region(key, region_id)
+            region = self.region(key, region_id, offset + nbytes)
             # A client may have shrunk its object since: touching pages past its end would SIGBUS.
-            if offset + nbytes > (region.current_size() if region_id else region.size):
+            if offset + nbytes > min(region.size, region.current_size() if region_id else region.size):
                 raise TensorError(f"shared memory region '{key}' is smaller than the tensor it should hold")
             mapping = region.buf
             buf = mapping[offset : offset + nbytes]
@@ -394,8 +409,8 @@ class Worker:
                 raise TensorError(
                     f"shared memory size specified with the request for output '{name}' ({capacity} bytes) "
                     f"should be at least {nbytes} bytes to hold the results", "INTERNAL")
-            region = self.region(key, region_id)
-            if offset + nbytes > region.current_size():  # a client may have shrunk its object since
+            region = self.region(key, region_id, offset + nbytes)
+            if offset + nbytes > min(region.size, region.current_size()):  # a client may have shrunk it since
                 raise TensorError(f"shared memory region '{key}' is smaller than the output '{name}' it should "
                                   "hold", "INTERNAL")
             return region.buf, [name, datatype, None, key, offset, nbytes, region_id]

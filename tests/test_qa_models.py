@@ -1,0 +1,182 @@
+"""Triton's qa/L0_parameters, L0_optional_input, L0_nan_inf, L0_string_io and L0_logging checks, ported to this
+project's own python models and run through tritonclient (HTTP and gRPC)."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from tests.support import ROOT, serving
+
+_PARAMS = textwrap.dedent('''
+    import json
+    import numpy as np
+    import triton_python_backend_utils as pb_utils
+
+
+    class TritonPythonModel:
+        def execute(self, requests):
+            out = []
+            for r in requests:
+                params = r.parameters()
+                json.loads(params)  # what the model gets is JSON text, as in Triton
+                out.append(pb_utils.InferenceResponse([
+                    pb_utils.Tensor("OUTPUT0", pb_utils.get_input_tensor_by_name(r, "INPUT0").as_numpy()),
+                    pb_utils.Tensor("PARAMS", np.array([params.encode()], dtype=np.object_))]))
+            return out
+''')
+
+_OPTIONAL = textwrap.dedent('''
+    import numpy as np
+    import triton_python_backend_utils as pb_utils
+
+
+    class TritonPythonModel:
+        def execute(self, requests):
+            out = []
+            for r in requests:
+                a = pb_utils.get_input_tensor_by_name(r, "INPUT0")
+                b = pb_utils.get_input_tensor_by_name(r, "INPUT1")
+                present = np.array([int(a is not None), int(b is not None)], np.int32)
+                total = sum(t.as_numpy() for t in (a, b) if t is not None)
+                out.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", np.asarray(total, np.float32)),
+                                                       pb_utils.Tensor("PRESENT", present)]))
+            return out
+''')
+
+
+def _model(repo, name: str, code: str, config: str) -> None:
+    (repo / name / "1").mkdir(parents=True)
+    (repo / name / "1" / "model.py").write_text(code)
+    (repo / name / "config.pbtxt").write_text('backend: "python"\n' + config)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("qa_models")
+    _model(repo, "params", _PARAMS,
+           'input [ { name: "INPUT0", data_type: TYPE_FP32, dims: [ -1 ] } ]\n'
+           'output [ { name: "OUTPUT0", data_type: TYPE_FP32, dims: [ -1 ] },\n'
+           '         { name: "PARAMS", data_type: TYPE_STRING, dims: [ 1 ] } ]\n')
+    _model(repo, "optional", _OPTIONAL,
+           'input [ { name: "INPUT0", data_type: TYPE_FP32, dims: [ 4 ], optional: true },\n'
+           '        { name: "INPUT1", data_type: TYPE_FP32, dims: [ 4 ], optional: true } ]\n'
+           'output [ { name: "OUTPUT0", data_type: TYPE_FP32, dims: [ 4 ] },\n'
+           '         { name: "PRESENT", data_type: TYPE_INT32, dims: [ 2 ] } ]\n')
+    echo = (ROOT / "tests" / "templates" / "echo_model.py").read_text()
+    for name, dtype in (("echo_fp32", "TYPE_FP32"), ("echo_fp16", "TYPE_FP16"), ("echo_fp64", "TYPE_FP64"),
+                        ("echo_bytes", "TYPE_STRING")):
+        _model(repo, name, echo, f'input [ {{ name: "INPUT0", data_type: {dtype}, dims: [ -1 ] }} ]\n'
+                                 f'output [ {{ name: "OUTPUT0", data_type: {dtype}, dims: [ -1 ] }} ]\n')
+    yield from serving(repo, tmp_path_factory.mktemp("qa_models_log"))
+
+
+@pytest.fixture(params=["http", "grpc"])
+def client(request, server):
+    module = httpclient if request.param == "http" else grpcclient
+    c = module.InferenceServerClient(server.http_url if request.param == "http" else server.grpc_url)
+    c.module = module
+    yield c
+    c.close()
+
+
+def _input(client, name, array, datatype, binary=True):
+    t = client.module.InferInput(name, list(array.shape), datatype)
+    if client.module is httpclient:
+        t.set_data_from_numpy(array, binary_data=binary)
+    else:
+        t.set_data_from_numpy(array)
+    return t
+
+
+# -- L0_parameters ---------------------------------------------------------------------------------------------
+def test_request_parameters_reach_the_model(client):
+    """String, integer and boolean parameters arrive as the model's ``request.parameters()`` JSON, unchanged."""
+    sent = {"key_str": "value", "key_int": 42, "key_bool": True, "empty": ""}
+    x = np.arange(3, dtype=np.float32)
+    result = client.infer("params", [_input(client, "INPUT0", x, "FP32")], parameters=sent)
+    got = json.loads(result.as_numpy("PARAMS")[0])
+    assert got == sent
+    result = client.infer("params", [_input(client, "INPUT0", x, "FP32")])
+    assert json.loads(result.as_numpy("PARAMS")[0]) == {}
+
+
+def test_reserved_parameters_are_not_model_parameters(server):
+    """Parameters the server itself consumes (``binary_data_output``, priority, timeout) are left out."""
+    c = httpclient.InferenceServerClient(server.http_url)
+    x = np.arange(3, dtype=np.float32)
+    t = httpclient.InferInput("INPUT0", [3], "FP32")
+    t.set_data_from_numpy(x)
+    result = c.infer("params", [t], parameters={"mine": 1}, priority=0, timeout=10_000_000)
+    assert json.loads(result.as_numpy("PARAMS")[0]) == {"mine": 1}
+    c.close()
+
+
+# -- L0_optional_input -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("given", [("INPUT0",), ("INPUT1",), ("INPUT0", "INPUT1")])
+def test_optional_inputs_may_be_left_out(client, given):
+    arrays = {"INPUT0": np.full(4, 1.0, np.float32), "INPUT1": np.full(4, 10.0, np.float32)}
+    result = client.infer("optional", [_input(client, n, arrays[n], "FP32") for n in given])
+    np.testing.assert_array_equal(result.as_numpy("PRESENT"), [int("INPUT0" in given), int("INPUT1" in given)])
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), sum(arrays[n] for n in given))
+
+
+def test_unknown_input_is_still_an_error_with_optional_inputs(client):
+    with pytest.raises(InferenceServerException) as e:
+        client.infer("optional", [_input(client, "BOGUS", np.zeros(4, np.float32), "FP32")])
+    assert "unexpected inference input 'BOGUS'" in e.value.message()
+
+
+# -- L0_nan_inf ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model, datatype, dtype", [("echo_fp32", "FP32", np.float32),
+                                                     ("echo_fp16", "FP16", np.float16),
+                                                     ("echo_fp64", "FP64", np.float64)])
+def test_nan_and_inf_pass_through_binary_tensors(client, model, datatype, dtype):
+    x = np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 1.5], dtype=dtype)
+    out = client.infer(model, [_input(client, "INPUT0", x, datatype)]).as_numpy("OUTPUT0")
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(out, x)  # NaN == NaN for assert_array_equal
+    assert np.signbit(out[4])
+
+
+# -- L0_string_io ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["http binary", "http json", "grpc"])
+def test_strings_empty_nul_and_non_utf8_round_trip(server, mode):
+    items = [b"", b"plain", b"with\x00nul", "ünïcödé".encode(), b"x" * 5000]
+    if mode != "http json":
+        items.append(b"\xff\xfe not utf-8")  # only binary tensors can carry these (JSON data is text)
+    x = np.array(items, dtype=np.object_)
+    if mode == "grpc":
+        c = grpcclient.InferenceServerClient(server.grpc_url)
+        t = grpcclient.InferInput("INPUT0", [len(items)], "BYTES")
+        t.set_data_from_numpy(x)
+        got = c.infer("echo_bytes", [t]).as_numpy("OUTPUT0")
+    else:
+        binary = mode == "http binary"
+        c = httpclient.InferenceServerClient(server.http_url)
+        t = httpclient.InferInput("INPUT0", [len(items)], "BYTES")
+        t.set_data_from_numpy(x, binary_data=binary)
+        got = c.infer("echo_bytes", [t], outputs=[httpclient.InferRequestedOutput("OUTPUT0", binary_data=binary)]) \
+            .as_numpy("OUTPUT0")
+    c.close()
+    assert [g if isinstance(g, bytes) else g.encode() for g in got] == items
+
+
+# -- L0_logging ------------------------------------------------------------------------------------------------
+def test_log_settings_read_and_update(server):
+    c = httpclient.InferenceServerClient(server.http_url)
+    settings = c.get_log_settings()
+    assert {"log_file", "log_info", "log_warning", "log_error", "log_verbose_level", "log_format"} <= set(settings)
+    assert c.update_log_settings({"log_verbose_level": 1})["log_verbose_level"] == 1
+    assert c.get_log_settings()["log_verbose_level"] == 1
+    with pytest.raises(InferenceServerException) as e:
+        c.update_log_settings({"log_verbose_level": "loud"})
+    assert e.value.status() == "400"
+    assert c.update_log_settings({"log_verbose_level": 0})["log_verbose_level"] == 0
+    c.close()
