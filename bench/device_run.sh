@@ -16,7 +16,8 @@
 # and leaves in $OUT: run.log, performance.md (also written to docs/), gpu.log, backends.json,
 # compare/{results.json,performance.md,ours.log,triton.log,client.log} and floor/floor.json.
 # Env: OUT (required), PYTHON (default python3), SITE (default /tmp/site), STEPS, COMPARE_ARGS (extra
-# arguments), PERF_ANALYZER (a perf_analyzer binary other than the wheel's), SKIP_FLOOR (non-empty: no floor).
+# arguments), COMPARE_TIMEOUT and COMPARE_BUDGET (seconds: the step's limit, default 420, and bench
+# compare's --time-budget, default 300), PERF_ANALYZER (a perf_analyzer binary other than the wheel's), SKIP_FLOOR (non-empty: no floor).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?OUT must name the folder that comes back}"
@@ -101,8 +102,8 @@ fi
 
 step "compare"
 # shellcheck disable=SC2086
-timeout -s TERM 420 "$PY" -m bench compare --client perf_analyzer --scenarios all \
-  --measurement-interval 2000 --max-trials 5 --time-budget 300 --out "$OUT/compare" ${COMPARE_ARGS:-} || rc=$?
+timeout -s TERM ${COMPARE_TIMEOUT:-420} "$PY" -m bench compare --client perf_analyzer --scenarios all \
+  --measurement-interval 2000 --max-trials 5 --time-budget ${COMPARE_BUDGET:-300} --out "$OUT/compare" ${COMPARE_ARGS:-} || rc=$?
 cp docs/performance.md "$OUT/performance.md" 2>/dev/null
 if [[ " $STEPS " == *" floor "* ]]; then
   step "protocol floors (canned answers, no model)"

@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the same for gRPC; the metadata key is triton-grpc-protocol-KEY, as Triton's")
     start.add_argument("--grpc-max-message-size", type=int, default=64 << 20, metavar="BYTES",
                        help="largest gRPC message accepted or sent (default 64 MiB, enough for a 4K RGB frame)")
+    start.add_argument("--grpc-keepalive-time", type=int, default=7200000, metavar="MS",
+                       help="ping each gRPC connection this often (default 7200000, as Triton)")
+    start.add_argument("--grpc-keepalive-timeout", type=int, default=20000, metavar="MS",
+                       help="close a connection whose ping is not answered within this long (default 20000)")
     return parser
 
 
@@ -192,7 +196,9 @@ async def serve(args: Any) -> int:
         if args.grpc_port >= 0:
             from protocol.grpc import GrpcFront
 
-            grpc_server = GrpcFront(core, max_message_size=args.grpc_max_message_size).server()
+            grpc_server = GrpcFront(core, max_message_size=args.grpc_max_message_size,
+                                    keepalive_time=args.grpc_keepalive_time / 1000,
+                                    keepalive_timeout=args.grpc_keepalive_timeout / 1000).server()
             await grpc_server.start(args.host, args.grpc_port, reuse_address=True)
             log.info("Started GRPCInferenceService at %s:%d", args.host, args.grpc_port)
         if args.metrics_port >= 0:

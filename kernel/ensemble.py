@@ -171,6 +171,7 @@ class EnsembleVersion(ModelVersion):
         check_scheduling(config)
         core = self.server
         steps = [Step(i, s) for i, s in enumerate(config.ensemble_scheduling.step)]
+        self.decoupled_steps: set[int] = set()
         ensemble_tensors: dict[str, tuple[str, list[int], list[int], str]] = {}
         batching = config.max_batch_size > 0
         for t in config.input:
@@ -186,8 +187,7 @@ class EnsembleVersion(ModelVersion):
                 raise invalid(f"ensemble {self.name} allows maximum batch size {config.max_batch_size}, but it "
                               f"contains model {step.model} which only allows maximum batch size to be {mbs}")
             if mv.decoupled:
-                raise ServerError(f"in ensemble {self.name}, step of model '{step.model}' is decoupled: decoupled "
-                                  "composing models are not supported by this server yet", "UNSUPPORTED")
+                self.decoupled_steps.add(step.index)
             _check_mapping(self.name, step, mv, ensemble_tensors)
         self.steps = steps
         # Which steps read each ensemble tensor; how many tensors each step waits for.
@@ -201,6 +201,11 @@ class EnsembleVersion(ModelVersion):
             produced = {tensor for _, tensor in step.outputs}
             self.followers[step.index] = [(other, n) for other in steps
                                           if (n := sum(t in produced for _, t in other.inputs))]
+        if self.decoupled_steps:  # as Triton: an ensemble with a decoupled step is decoupled
+            config.model_transaction_policy.decoupled = True
+            self.set_config(config)
+        #: ``--backend-config ensemble,prewake=0`` turns the wake hints off (a machine with no core to spare)
+        self.prewake = core.backend_settings("ensemble").get("prewake", "1").lower() not in ("0", "false", "no")
         self.scheduler = EnsembleScheduler(self)  # type: ignore[assignment]
 
     async def unload(self) -> None:
@@ -301,18 +306,33 @@ class EnsembleScheduler:
         return []
 
 
+class _Branch:
+    """The ensemble tensors of one line of a request's execution, and what each step still waits for.
+
+    A request has one; each response of a decoupled step starts another (a copy), in which the steps
+    after it run once more, as in Triton."""
+
+    __slots__ = ("tensors", "waiting")
+
+    def __init__(self, tensors: dict[str, _Tensor], waiting: dict[int, int]) -> None:
+        self.tensors = tensors
+        self.waiting = waiting
+
+    def fork(self) -> _Branch:
+        return _Branch(dict(self.tensors), dict(self.waiting))
+
+
 class _Run:
     """One ensemble request in flight."""
 
-    __slots__ = ("scheduler", "version", "pending", "tensors", "waiting", "responses", "outstanding", "failed",
-                 "error", "dests", "wanted")
+    __slots__ = ("scheduler", "version", "pending", "root", "responses", "outstanding", "failed", "error", "dests",
+                 "wanted", "holds", "emitted")
 
     def __init__(self, scheduler: EnsembleScheduler, pending: Pending) -> None:
         self.scheduler = scheduler
         self.version = scheduler.version
         self.pending = pending
-        self.tensors: dict[str, _Tensor] = {}
-        self.waiting = {step.index: len(step.inputs) for step in self.version.steps}
+        self.root = _Branch({}, {step.index: len(step.inputs) for step in self.version.steps})
         self.responses: list[InferResponse] = []
         self.outstanding = 0
         self.failed = False
@@ -321,27 +341,33 @@ class _Run:
         self.wanted = [o.name for o in request.outputs] if request.outputs else list(self.version.outputs)
         #: ensemble outputs the client wants written into its shared-memory region
         self.dests = {o.name: o.shm for o in request.outputs or () if o.shm is not None}
+        self.holds = 1  # decoupled: the run itself, and each response sent and not yet released
+        self.emitted = 0
 
     def start(self) -> None:
         self.scheduler.running += 1
         ready = []
         for t in self.pending.request.inputs:
             ready.append(t.name)
-            self.tensors[t.name] = _Tensor(t.datatype, t.shape, t.data)
-        self._arrived(ready)
+            self.root.tensors[t.name] = _Tensor(t.datatype, t.shape, t.data)
+        self._arrived(self.root, ready)
         self._maybe_finish()
 
-    def _arrived(self, names: list[str]) -> None:
+    def _arrived(self, branch: _Branch, names: list[str]) -> None:
         readers = self.version.readers
+        waiting = branch.waiting
         for name in names:
             for step in readers.get(name, ()):
-                self.waiting[step.index] -= 1
-                if self.waiting[step.index] == 0 and not self.failed:
-                    self._launch(step)
+                waiting[step.index] -= 1
+                if waiting[step.index] == 0 and not self.failed:
+                    self._launch(branch, step)
+        if self.version.decoupled and not self.failed and any(n in self.wanted for n in names) \
+                and all(n in branch.tensors for n in self.wanted):
+            self._emit(branch)
 
-    def _launch(self, step: Step) -> None:
+    def _launch(self, branch: _Branch, step: Step) -> None:
         request = self.pending.request
-        tensors = self.tensors
+        tensors = branch.tensors
         inputs = []
         for model_input, name in step.inputs:
             t = tensors[name]
@@ -350,20 +376,28 @@ class _Run:
         sub = InferRequest(step.model, step.version, request.id, inputs, outputs, request.parameters)
         core = self.version.server
         try:
+            if step.index in self.version.decoupled_steps:
+                self.outstanding += 1
+                try:
+                    core.stream(sub, lambda r, final, step=step: self._streamed(branch, step, r, final))
+                except BaseException:
+                    self.outstanding -= 1
+                    raise
+                return
             future = core.submit(sub)
         except ServerError as e:
             self._fail(e)
             return
         self.outstanding += 1
-        future.add_done_callback(lambda f, step=step: self._step_done(step, f))
-        self._prewake(step)
+        future.add_done_callback(lambda f, step=step: self._step_done(branch, step, f))
+        self._prewake(branch, step)
 
-    def _prewake(self, step: Step) -> None:
+    def _prewake(self, branch: _Branch, step: Step) -> None:
         """While ``step`` runs, wake the worker of each step it alone still holds back, so that worker
         polls for its batch instead of sleeping when the batch comes (a wake-up costs hundreds of
         microseconds per step on a busy machine). Only for steps that answer within PREWAKE_MAX_NS."""
         followers = self.version.followers[step.index]
-        if not followers:
+        if not followers or not self.version.prewake:
             return
         core = self.version.server
         try:
@@ -374,7 +408,7 @@ class _Run:
         if expect > PREWAKE_MAX_NS:
             return
         for follower, count in followers:
-            if self.waiting[follower.index] != count:
+            if branch.waiting[follower.index] != count:
                 continue  # it waits for other steps too
             try:
                 target = core.version(follower.model, follower.version)
@@ -385,7 +419,7 @@ class _Run:
                     instance.prewake(expect + (expect >> 2) + PREWAKE_MARGIN_NS)
                     break
 
-    def _step_done(self, step: Step, future: Any) -> None:
+    def _step_done(self, branch: _Branch, step: Step, future: Any) -> None:
         self.outstanding -= 1
         if future.cancelled():
             self._fail(ServerError(f"the step of model '{step.model}' was cancelled", "INTERNAL"))
@@ -394,27 +428,67 @@ class _Run:
             if error is not None:
                 self._fail(error if isinstance(error, ServerError) else ServerError(str(error), "INTERNAL"))
             else:
-                response: InferResponse = future.result()
-                if self.failed:
-                    response.release()
-                else:
-                    self.responses.append(response)
-                    by_name = {o.name: o for o in response.outputs}
-                    arrived = []
-                    for model_output, name in step.outputs:
-                        out = by_name.get(model_output)
-                        if out is None:
-                            continue
-                        self.tensors[name] = _Tensor(out.datatype, out.shape, _reference(out), out)
-                        arrived.append(name)
-                    self._arrived(arrived)
+                self._outputs(branch, step, future.result())
         self._maybe_finish()
+
+    def _streamed(self, branch: _Branch, step: Step, response: Any, final: bool) -> None:
+        """A response (or the end) of a decoupled step: the steps after it run on its outputs, in a branch
+        of their own."""
+        if isinstance(response, InferResponse):
+            if response.error is not None:
+                response.release()
+                self._fail(response.error)
+            else:
+                self._outputs(branch.fork(), step, response)
+        elif isinstance(response, BaseException):
+            self._fail(response if isinstance(response, ServerError) else ServerError(str(response), "INTERNAL"))
+        if final:
+            self.outstanding -= 1
+            self._maybe_finish()
+
+    def _outputs(self, branch: _Branch, step: Step, response: InferResponse) -> None:
+        if self.failed:
+            response.release()
+            return
+        self.responses.append(response)
+        by_name = {o.name: o for o in response.outputs}
+        arrived = []
+        for model_output, name in step.outputs:
+            out = by_name.get(model_output)
+            if out is None:
+                continue
+            branch.tensors[name] = _Tensor(out.datatype, out.shape, _reference(out), out)
+            arrived.append(name)
+        self._arrived(branch, arrived)
 
     def _fail(self, error: ServerError) -> None:
         if not self.failed:
             self.failed = True
             # Triton names the ensemble in front of the step's message
             self.error = ServerError(f"in ensemble '{self.version.name}', {error.message}", error.code)
+
+    def _response(self, branch: _Branch, release: Any) -> InferResponse:
+        outputs = []
+        for name in self.wanted:
+            t = branch.tensors[name]
+            out = t.output
+            outputs.append(OutputTensor(name, t.datatype, t.shape, out.byte_size, out.data, out.shm, out.ref))
+        version = self.version
+        return InferResponse(version.name, version.version_str, self.pending.request.id, outputs, _release=release)
+
+    def _emit(self, branch: _Branch) -> None:
+        """A decoupled ensemble's response: sent as soon as a branch has every output."""
+        callback = self.pending.stream
+        if callback is None:
+            return
+        self.holds += 1
+        self.emitted += 1
+        callback(self._response(branch, _Once(self._drop)), False)
+
+    def _drop(self) -> None:
+        self.holds -= 1
+        if not self.holds:
+            self._release()
 
     def _maybe_finish(self) -> None:
         if self.outstanding:
@@ -423,20 +497,13 @@ class _Run:
         pending = self.pending
         self.scheduler.running -= 1
         total = time.perf_counter_ns() - pending.enqueued
-        if not self.failed and any(self.waiting.values()):
+        if not self.failed and not version.decoupled and any(self.root.waiting.values()):
             self._fail(ServerError("ensemble request ended with steps not run", "INTERNAL"))  # not reachable
         if self.failed:
-            self._release()
+            self._drop()
             version.stats.failure(total)
             _settle(pending, self.error)
             return
-        outputs = []
-        for name in self.wanted:
-            t = self.tensors[name]
-            out = t.output
-            outputs.append(OutputTensor(name, t.datatype, t.shape, out.byte_size, out.data, out.shm, out.ref))
-        response = InferResponse(version.name, version.version_str, pending.request.id, outputs,
-                                 _release=self._release)
         # As Triton reports an ensemble: one execution per request, its compute times the sums of its steps'.
         ci = cinf = co = 0
         for step_response in self.responses:
@@ -447,12 +514,34 @@ class _Run:
         stats = version.stats
         stats.execution(pending.batch_size, ci, cinf, co)
         stats.success(total, 0, ci, cinf, co, pending.batch_size)
-        _settle(pending, response)
+        if version.decoupled:
+            callback, pending.stream = pending.stream, None
+            self._drop()
+            if callback is not None:
+                callback(None, True)
+            if not pending.future.done():
+                pending.future.set_result(None)
+            return
+        _settle(pending, self._response(self.root, self._release))
 
     def _release(self) -> None:
         responses, self.responses = self.responses, []
         for response in responses:
             response.release()
+
+
+class _Once:
+    """Calls ``fn`` the first time it is called (a response's release may be called more than once)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+
+    def __call__(self) -> None:
+        fn, self.fn = self.fn, None
+        if fn is not None:
+            fn()
 
 
 def _reference(out: OutputTensor) -> Any:

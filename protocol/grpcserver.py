@@ -194,11 +194,10 @@ class Call:
             raise asyncio.CancelledError()
         await self.conn.send_message(self, reply)
         if self.out and not self.closed:
-            self.drained = asyncio.get_running_loop().create_future()
-            try:
-                await self.drained
-            finally:
-                self.drained = None
+            # One future for every writer waiting on this stream (ModelStreamInfer has two).
+            if self.drained is None or self.drained.done():
+                self.drained = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self.drained)
 
 
 class Connection(asyncio.Protocol):
@@ -488,15 +487,30 @@ class Connection(asyncio.Protocol):
             self.partial = None
             self._headers_complete(bytes(block), hflags, sid)
 
-    def _decode_block(self, block: bytes) -> list:
-        """The header list of ``block``, decoded once per distinct block while the hpack table stands."""
-        headers = self.block_cache.get(block)
-        if headers is not None:
-            return headers
+    def _decode_block(self, block: bytes) -> tuple:
+        """``(headers, path, method, content-type, grpc-encoding, grpc-timeout)`` of ``block``, decoded
+        once per distinct block while the hpack table stands."""
+        entry = self.block_cache.get(block)
+        if entry is not None:
+            return entry
         try:
             headers = self.decoder.decode(block)
         except HPACKError as e:
             raise _ConnError(COMPRESSION_ERROR, str(e).encode()[:200]) from None
+        path = method = content_type = timeout = None
+        encoding = "identity"
+        for k, v in headers:
+            if k == ":path":
+                path = v
+            elif k == ":method":
+                method = v
+            elif k == "content-type":
+                content_type = v
+            elif k == "grpc-encoding":
+                encoding = v
+            elif k == "grpc-timeout":
+                timeout = v
+        entry = (headers, path, method, content_type, encoding, timeout)
         table = self.decoder.header_table
         entries = table.dynamic_entries
         sig = (len(entries), id(entries[0]) if entries else None, table.maxsize)
@@ -504,11 +518,13 @@ class Connection(asyncio.Protocol):
             self.table_sig = sig
             self.block_cache.clear()
         elif len(self.block_cache) < 64:
-            self.block_cache[block] = headers
-        return headers
+            self.block_cache[block] = entry
+        return entry
 
     def _headers_complete(self, block: bytes, flags: int, sid: int) -> None:
-        headers = self._decode_block(block)  # always decoded: the hpack state must follow the peer's
+        # Always decoded (or found in the cache), even for a stream refused below: the hpack state must
+        # follow the peer's.
+        headers, path, method, content_type, encoding, timeout = self._decode_block(block)
         if not sid or not sid & 1:
             raise _ConnError(PROTOCOL_ERROR, b"HEADERS on an invalid stream id")
         call = self.calls.get(sid)
@@ -527,20 +543,6 @@ class Connection(asyncio.Protocol):
         if len(self.calls) >= self.server.max_concurrent_streams:
             self.transport.write(_frame(RST_STREAM, 0, sid, struct.pack(">I", REFUSED_STREAM)))
             return
-        path = method = content_type = None
-        encoding = "identity"
-        timeout = None
-        for k, v in headers:
-            if k == ":path":
-                path = v
-            elif k == ":method":
-                method = v
-            elif k == "content-type":
-                content_type = v
-            elif k == "grpc-encoding":
-                encoding = v
-            elif k == "grpc-timeout":
-                timeout = v
         call = Call(self, sid, None, headers, "identity")
         self.calls[sid] = call
         if flags & END_STREAM:
@@ -700,10 +702,20 @@ class Connection(asyncio.Protocol):
 
     async def _run_unary(self, call: Call, message: bytes | bytearray, flag: int) -> None:
         try:
-            request = await self.decode(call, message, flag)
+            if flag:
+                request = await self.decode(call, message, flag)
+            else:  # no coroutine for the common case
+                try:
+                    request = call.method.decode(message)
+                except Exception as e:
+                    raise GrpcError(INTERNAL, f"Failed to parse request: {e or type(e).__name__}") from None
             reply = await call.method.handler(request, call)
             if not call.closed:
-                await self.send_message(call, reply, end=True)
+                if call.encoding == "identity":
+                    self.send_data(call, reply if isinstance(reply, (bytes, bytearray)) else reply.SerializeToString(),
+                                   0, True)
+                else:
+                    await self.send_message(call, reply, end=True)
         except GrpcError as e:
             self.finish(call, e.status, e.message)
         except asyncio.CancelledError:
@@ -744,7 +756,13 @@ class Connection(asyncio.Protocol):
                 data = _deflate(data, call.encoding)
             if call.closed:
                 return
-            n = len(data)
+        self.send_data(call, data, flag, end)
+
+    def send_data(self, call: Call, data: Any, flag: int, end: bool) -> None:
+        """Queue one serialised (and maybe compressed) message; the hot path writes it all at once."""
+        n = len(data)
+        if n > self.max_message and not flag:
+            raise GrpcError(RESOURCE_EXHAUSTED, f"Sent message larger than max ({n} vs. {self.max_message})")
         sid = call.sid
         size = n + 5
         if (not call.started and end and not call.out and not self.paused and size <= self.peer_max_frame

@@ -3,6 +3,7 @@ and the ensembles' invalid variants, each written into a repository by :func:`bu
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 #: python models: name -> (config body, execute's per-request expression of ``x`` -> outputs dict)
@@ -102,6 +103,15 @@ class TritonPythonModel:
     arith(dest, "narrow", "y = x.reshape(-1, 4).sum(axis=1).astype(np.float32)")
     _ensemble(dest, "wide", one, [("widen", {"IN": "INPUT"}, {"OUT": "W"}),
                                    ("narrow", {"IN": "W"}, {"OUT": "OUTPUT"})])
+    # a step whose worker dies on a negative input (restarted by the server)
+    shutil.copytree(Path(__file__).parent / "models" / "crasher", dest / "crasher")
+    _ensemble(dest, "crashing", one, [("pre", {"IN": "INPUT"}, {"OUT": "PRE"}),
+                                       ("crasher", {"INPUT0": "PRE"}, {"OUTPUT0": "OUTPUT"})])
+    # a decoupled step: one response of `repeat` per element of IN, each doubled by the next step
+    shutil.copytree(Path(__file__).parent / "models" / "repeat", dest / "repeat")
+    arith(dest, "twice", "y = (x * 2).astype(np.int32)", dt_in="INT32", dt_out="INT32")
+    _ensemble(dest, "fanout", _io([("IN", "INT32", "-1")], [("OUTPUT", "INT32", "-1"), ("IDX", "UINT32", "1")]),
+              [("repeat", {"IN": "IN"}, {"OUT": "X", "IDX": "IDX"}), ("twice", {"IN": "X"}, {"OUT": "OUTPUT"})])
     return dest
 
 
@@ -179,6 +189,7 @@ def build_invalid(dest: Path) -> None:
 _BLS_SYNC = '''
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from workers import bls  # edge-kernel's BLS client, to count what it copies
 
 
 class TritonPythonModel:
@@ -196,7 +207,11 @@ class TritonPythonModel:
             second = pb_utils.InferenceRequest(model_name="scale", inputs=[pb_utils.Tensor("IN", pre.as_numpy())],
                                                requested_output_names=["OUT"]).exec()
             y = pb_utils.get_output_tensor_by_name(second, "OUT").as_numpy()
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUT", y)]))
+            copied = bls.client.copied_bytes
+            pb_utils.InferenceRequest(model_name="scale", inputs=[pb_utils.Tensor("IN", y + 0)],
+                                      requested_output_names=["OUT"]).exec()  # a new array: copied once
+            copies = np.array([copied, bls.client.copied_bytes - copied], dtype=np.int64)
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUT", y), pb_utils.Tensor("COPIES", copies)]))
         return responses
 '''
 
@@ -261,9 +276,10 @@ class TritonPythonModel:
         for r in requests:
             x = pb_utils.get_input_tensor_by_name(r, "IN").as_numpy()
             messages = []
-            for model in ("no_such_model", "fails"):
-                response = pb_utils.InferenceRequest(model_name=model, inputs=[pb_utils.Tensor("IN", x)],
-                                                     requested_output_names=["OUT"]).exec()
+            for model in ("no_such_model", "fails", "crasher"):
+                name = "INPUT0" if model == "crasher" else "IN"
+                response = pb_utils.InferenceRequest(model_name=model, inputs=[pb_utils.Tensor(name, -x)],
+                                                     requested_output_names=[]).exec()
                 messages.append(response.error().message() if response.has_error() else "no error")
             wrong = pb_utils.InferenceRequest(model_name="pre", inputs=[pb_utils.Tensor("IN", x.astype(np.int32))],
                                               requested_output_names=["OUT"]).exec()
@@ -275,8 +291,8 @@ class TritonPythonModel:
 
 def build_bls(dest: Path) -> None:
     """Python models that call other models (BLS); the models they call come from :func:`build`."""
-    one = _io([("IN", "FP32", "-1")], [("OUT", "FP32", "-1")])
-    _python(dest, "bls_sync", one, _BLS_SYNC)
+    _python(dest, "bls_sync", _io([("IN", "FP32", "-1")], [("OUT", "FP32", "-1"), ("COPIES", "INT64", "2")]),
+            _BLS_SYNC)
     _python(dest, "bls_async", _io([("IN", "FP32", "-1")], [("OUT", "FP32", "-1"), ("TOOK", "FP32", "1")]),
             _BLS_ASYNC)
     arith(dest, "slow_a", "import time; time.sleep(0.4); y = (x * 2).astype(np.float32)")
@@ -284,6 +300,3 @@ def build_bls(dest: Path) -> None:
     _python(dest, "bls_decoupled", _io([("IN", "INT32", "-1")], [("OUT", "INT32", "-1"), ("ERRORS", "STRING", "-1")]),
             _BLS_DECOUPLED)
     _python(dest, "bls_errors", _io([("IN", "FP32", "-1")], [("ERRORS", "STRING", "-1")]), _BLS_ERRORS)
-    import shutil
-
-    shutil.copytree(Path(__file__).parent / "models" / "repeat", dest / "repeat")

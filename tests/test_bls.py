@@ -32,7 +32,10 @@ def _infer(http, model: str, x: np.ndarray, datatype: str = "FP32"):
 
 def test_sync_exec_chains_two_models(http):
     x = np.arange(8, dtype=np.float32)
-    np.testing.assert_array_equal(_infer(http, "bls_sync", x).as_numpy("OUT"), x * 2 * 10)
+    result = _infer(http, "bls_sync", x)
+    np.testing.assert_array_equal(result.as_numpy("OUT"), x * 2 * 10)
+    # the request's own input and the first answer went on by reference; a new array was copied once
+    assert result.as_numpy("COPIES").tolist() == [0, x.nbytes]
     stats = {s["name"]: s for s in http.get_inference_statistics()["model_stats"]}
     assert stats["pre"]["inference_stats"]["success"]["count"] >= 1  # the called models count their requests
     assert stats["scale"]["inference_stats"]["success"]["count"] >= 1
@@ -61,7 +64,8 @@ def test_errors_come_back_as_error_responses(http):
                         "request. Model 'no_such_model' is not ready."
     assert errors[1].startswith("Failed to process the request(s) for model ")
     assert "ValueError: step failed on purpose" in errors[1]
-    assert errors[2] == "Model pre - Error when running inference: [request id: <id_unknown>] inference input 'IN' " \
+    assert "is not healthy" in errors[2]  # the called model's worker died: an error response, not a hang
+    assert errors[3] == "Model pre - Error when running inference: [request id: <id_unknown>] inference input 'IN' " \
                         "data-type is 'INT32', but model 'pre' expects 'FP32'"
     # the calling model and the server carry on
     x = np.arange(3, dtype=np.float32)

@@ -80,7 +80,18 @@ class Harness:
             while (message := await call.recv()) is not None:
                 await call.send(message)
 
-        return {"/t.T/Echo": Method(bytes, echo), "/t.T/Big": Method(bytes, big), "/t.T/Slow": Method(bytes, slow),
+        async def two_writers(call) -> None:
+            """Two tasks sending on one stream at once, as ModelStreamInfer's writers do."""
+            await call.recv()
+
+            async def writer(tag: bytes) -> None:
+                for i in range(3):
+                    await call.send(tag * 40000 + b"%d" % i)
+
+            await asyncio.gather(writer(b"a"), writer(b"b"))
+
+        return {"/t.T/Two": Method(bytes, two_writers, stream=True),
+                "/t.T/Echo": Method(bytes, echo), "/t.T/Big": Method(bytes, big), "/t.T/Slow": Method(bytes, slow),
                 "/t.T/Fail": Method(bytes, fail), "/t.T/Bug": Method(bytes, bug),
                 "/t.T/Stream": Method(bytes, stream, stream=True)}
 
@@ -480,3 +491,20 @@ def test_partial_messages_are_bounded_per_connection():
         echo_ok(h.port)
     finally:
         h.stop()
+
+
+def test_two_writers_waiting_on_one_stream_window(harness):
+    """Both writers blocked by the client's flow control resume when it reads (none is forgotten)."""
+    c = H2Client(harness.port)
+    sid = c.headers("/t.T/Two")
+    c.window_hold.add(sid)
+    c.data(sid, struct.pack(">BI", 0, 1) + b"x")
+    c.pump(lambda: len(c.streams[sid].data) >= 65535, timeout=10)
+    time.sleep(0.2)
+    c.release(sid)
+    c.frame(WindowUpdateFrame(sid, 1 << 24))
+    s = c.wait(sid, timeout=10)
+    assert s.status == 0
+    bodies = sorted(body for _, body in s.messages())
+    assert len(bodies) == 6 and bodies[0] == b"a" * 40000 + b"0" and bodies[-1] == b"b" * 40000 + b"2"
+    c.close()

@@ -6,6 +6,7 @@ import concurrent.futures
 import importlib.util
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -152,6 +153,19 @@ def test_failing_step_fails_the_request_with_its_message(http):
                                   .as_numpy("OUTPUT"), np.ones(2, np.float32))
 
 
+def test_a_step_whose_worker_dies_fails_the_request_and_the_server_carries_on(http):
+    with pytest.raises(InferenceServerException) as failure:
+        http.infer("crashing", [_input(httpclient, -np.ones(4, dtype=np.float32))])
+    assert failure.value.message().startswith("in ensemble 'crashing', Failed to process the request(s) for model "
+                                              "instance 'crasher_0_0', message: Stub process")
+    for _ in range(100):  # the worker is restarted
+        if http.is_model_ready("crasher"):
+            break
+        time.sleep(0.1)
+    x = np.arange(4, dtype=np.float32)
+    np.testing.assert_array_equal(http.infer("crashing", [_input(httpclient, x)]).as_numpy("OUTPUT"), x * 2)
+
+
 def test_wrong_input_is_refused_before_any_step(http):
     t = httpclient.InferInput("INPUT", [4], "INT32")
     t.set_data_from_numpy(np.ones(4, dtype=np.int32))
@@ -267,3 +281,33 @@ def test_camera_pipeline_frame_in_client_shm_over_grpc(server):
         grpc.unregister_system_shared_memory()
         grpc.close()
         shm.destroy_shared_memory_region(handle)
+
+
+def test_decoupled_step_makes_a_decoupled_ensemble(server, http):
+    """Each response of the decoupled step runs the steps after it once more; the ensemble streams."""
+    import queue
+
+    assert http.get_model_config("fanout")["model_transaction_policy"]["decoupled"] is True
+    x = np.array([3, 1, 4], dtype=np.int32)
+    t = httpclient.InferInput("IN", [3], "INT32")
+    t.set_data_from_numpy(x)
+    with pytest.raises(InferenceServerException, match="doesn't support models with decoupled transaction policy"):
+        http.infer("fanout", [t])
+    got: queue.Queue = queue.Queue()
+    grpc = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        grpc.start_stream(callback=lambda result, error: got.put((result, error)))
+        g = grpcclient.InferInput("IN", [3], "INT32")
+        g.set_data_from_numpy(x)
+        grpc.async_stream_infer("fanout", [g], enable_empty_final_response=True)
+        answers = {}
+        while True:
+            result, error = got.get(timeout=30)
+            assert error is None, error
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                break
+            answers[int(result.as_numpy("IDX")[0])] = int(result.as_numpy("OUTPUT")[0])
+        assert answers == {0: 6, 1: 2, 2: 8}
+    finally:
+        grpc.stop_stream()
+        grpc.close()
