@@ -59,3 +59,10 @@ class SmallCNN(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+class FrameMean(torch.nn.Module):
+    """A camera frame's mean colour (the device test of the PyTorch backend's mapped inputs)."""
+
+    def forward(self, FRAME: torch.Tensor) -> torch.Tensor:  # noqa: N803
+        return FRAME.reshape(-1, 3).float().mean(dim=0)

@@ -180,3 +180,43 @@ def test_cuda_python_layer_of_the_tensorrt_backend():
         host.close()
         region.close()
         region.unlink()
+
+
+@pytest.mark.parametrize("mode", ["mapped", "staged"])
+def test_pytorch_backend_reads_a_clients_frame_in_place(tmp_path, mode):
+    """The PyTorch backend's input path on a KIND_GPU instance: mapped, the CUDA tensor handed to forward
+    *is* the shared-memory region (its address lies inside the mapping; fails if the frame is staged
+    through any other buffer); staged, it is a device copy. TorchScript cannot report an address, so
+    this drives the backend in process; the end-to-end proof over HTTP is the python model's above."""
+    from shm.region import Region
+    from tests.torch_modules import FrameMean
+    from workers.backend import Model
+    from workers.backends.pytorch import PyTorchBackend
+
+    path = tmp_path / "model.pt"
+    torch.jit.save(torch.jit.script(FrameMean()), str(path))
+    config = {"name": "frame_torch", "backend": "pytorch", "max_batch_size": 0,
+              "input": [{"name": "FRAME", "data_type": "TYPE_UINT8", "dims": ["1080", "1920", "3"]}],
+              "output": [{"name": "OUTPUT__0", "data_type": "TYPE_FP32", "dims": ["3"]}],
+              "instance_group": [{"kind": "KIND_GPU", "gpus": [0]}],
+              "parameters": {"shared_memory_io": {"string_value": mode}}}
+    backend = PyTorchBackend(Model({"name": "frame_torch", "config": config, "model_file": str(path),
+                                    "args": {"model_instance_kind": "GPU", "model_instance_device_id": "0"}}))
+    region = Region(f"/ek_test_frame_torch_{mode}", 1080 * 1920 * 3, create=True)
+    try:
+        frame = np.frombuffer(region.buf, np.uint8).reshape(1080, 1920, 3)
+        frame[:] = np.random.default_rng(1).integers(0, 256, frame.shape, dtype=np.uint8)
+        view = frame.view()
+        view.flags.writeable = False  # as a request's input arrives
+        tensor = backend._tensor(view, torch.uint8)
+        assert tensor.is_cuda
+        start = frame.ctypes.data
+        inside = start <= tensor.data_ptr() < start + frame.nbytes
+        assert inside if mode == "mapped" else not inside
+        np.testing.assert_allclose(backend.module(tensor).cpu().numpy(), frame.reshape(-1, 3).mean(axis=0),
+                                   rtol=1e-4)
+        del tensor, view, frame
+    finally:
+        backend.finalize()
+        region.close()
+        region.unlink()
