@@ -10,8 +10,11 @@ serves and no shared memory is left behind (the fixture checks at shutdown).
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import queue
+import socket
+import struct
 import threading
 import time
 import urllib.request
@@ -243,3 +246,54 @@ def test_uncancelled_requests_never_see_is_cancelled(srv, repo):
         client.close()
     seen = executions(repo, "cancel_probe")
     assert all(seen[f"u-{i}"]["cancelled"] is False for i in range(20))
+
+
+def test_an_http_connection_reset_cancels_its_request(srv, repo):
+    """Newer Triton's http_cancellation_test: a client gone cancels its inference. Here a reset
+    connection does; a plain close (FIN) reads as HTTP/1.1's half-close, which still gets its answer."""
+    conn = http.client.HTTPConnection("127.0.0.1", srv.http_port, timeout=10)
+    body = json.dumps({"id": "h-gone", "inputs": [{"name": "INPUT0", "shape": [1], "datatype": "INT32",
+                                                   "data": [20000]}]})
+    conn.request("POST", "/v2/models/cancel_probe/infer", body=body, headers={"Content-Type": "application/json"})
+    time.sleep(0.5)
+    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close sends RST
+    conn.close()
+    record = wait_for(repo, "cancel_probe", "h-gone")
+    assert record["cancelled"] is True and record["ms"] < 5000, record
+    served_after(srv, "cancel_probe")
+
+
+# -- the in-process API -------------------------------------------------------------------------------------
+def test_in_process_callers_cancelling_their_task_cancel_the_request(repo):
+    """``Model.async_infer`` from a task on the server's loop and from another thread's loop:
+    cancelling the caller's task reaches the model."""
+    from kernel.api import Server
+
+    with Server(model_repository=repo) as server:
+        model = server.model("cancel_probe")
+        x = {"INPUT0": np.array([20000], np.int32)}
+
+        async def from_another_loop():
+            task = asyncio.ensure_future(model.async_infer(x, request_id="api-thread"))
+            await asyncio.sleep(0.5)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        asyncio.run(from_another_loop())
+        record = wait_for(repo, "cancel_probe", "api-thread")
+        assert record["cancelled"] is True and record["ms"] < 5000, record
+        assert model.infer({"INPUT0": np.array([0], np.int32)})["OUTPUT0"].tolist() == [0]
+
+    async def on_the_loop():
+        async with Server(model_repository=repo) as server:
+            model = server.model("cancel_probe")
+            task = asyncio.ensure_future(model.async_infer(x, request_id="api-loop"))
+            await asyncio.sleep(0.5)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            record = await asyncio.to_thread(wait_for, repo, "cancel_probe", "api-loop")
+            assert record["cancelled"] is True and record["ms"] < 5000, record
+
+    asyncio.run(on_the_loop())
