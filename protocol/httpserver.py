@@ -467,6 +467,9 @@ class _Connection(asyncio.Protocol):
     def _finish(self, request: Request, finish: Callable[[asyncio.Future], Response], future: asyncio.Future) -> None:
         self.server.pending -= 1
         self.waiting = None
+        if self.transport is None and future.cancelled():  # cancelled because the client went: nothing to say
+            request.release_body()
+            return
         try:
             response = finish(future)
         except BaseException as e:  # noqa: BLE001 - cancellation included: the client still gets an answer
