@@ -46,6 +46,11 @@ def repo(tmp_path_factory) -> Path:
         (dest / name / "1").mkdir(parents=True)
         (dest / name / "1" / "model.py").write_text(template)
         (dest / name / "config.pbtxt").write_text('backend: "python"\n' + config + _IO)
+    (dest / "cancel_ensemble" / "1").mkdir(parents=True)
+    (dest / "cancel_ensemble" / "config.pbtxt").write_text('platform: "ensemble"\n' + _IO + """
+ensemble_scheduling { step [ { model_name: "cancel_probe" model_version: -1
+  input_map { key: "INPUT0" value: "INPUT0" } output_map { key: "OUTPUT0" value: "OUTPUT0" } } ] }
+""")
     return dest
 
 
@@ -177,6 +182,19 @@ def test_an_executing_request_sees_is_cancelled_after_its_deadline(srv, repo):
     assert record["ms"] < 5000, record  # it stopped early, long before its 20 s
     assert time.monotonic() - started < 8
     served_after(srv, "cancel_probe")
+
+
+def test_an_ensemble_request_cancelled_cancels_its_running_step(srv, repo):
+    """Triton's test_ensemble_scheduler_request_cancellation: the step's model sees the cancellation."""
+    before = canceled_failures(srv, "cancel_ensemble")
+    deadline_exceeded(srv, "cancel_ensemble", "e-run", 20000, 0.5)
+    record = wait_for(repo, "cancel_probe", "e-run")
+    assert record["cancelled"] is True and record["ms"] < 5000, record
+    deadline = time.monotonic() + 5
+    while canceled_failures(srv, "cancel_ensemble") != before + 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert canceled_failures(srv, "cancel_ensemble") == before + 1
+    served_after(srv, "cancel_ensemble")
 
 
 def test_an_aio_task_cancelled_cancels_the_request_in_the_model(srv, repo):
