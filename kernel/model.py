@@ -62,12 +62,15 @@ class RequestFuture(asyncio.Future):
     it, ``asyncio.wait_for``, a transport abandoning its call) already ends in ``cancel()``.
     """
 
-    pending: Pending | None = None  # cleared once the request has its outcome (no cycle left behind)
+    __slots__ = ("pending",)  # no per-future dict: as cheap to make as loop.create_future()'s
+
+    pending: Pending | None  # set once queued; cleared once the request has its outcome (no cycle left)
 
     def cancel(self, msg: Any = None) -> bool:
         if not super().cancel(msg):
             return False
-        pending, self.pending = self.pending, None
+        pending = getattr(self, "pending", None)
+        self.pending = None
         if pending is not None and pending.version is not None:
             pending.version.cancel(pending)
         return True
