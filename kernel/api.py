@@ -488,9 +488,12 @@ class Server:
 
         def run() -> None:
             try:
-                fn(self._core).add_done_callback(settle)
+                inner = fn(self._core)
             except BaseException as e:
                 future.set_exception(e)
+                return
+            inner.add_done_callback(settle)
+            future.add_done_callback(lambda f: f.cancelled() and _soon_threadsafe(loop, inner.cancel))
 
         loop.call_soon_threadsafe(run)
         return future
@@ -533,3 +536,11 @@ class Server:
 
         weakref.finalize(block, free)
         return array
+
+
+def _soon_threadsafe(loop: asyncio.AbstractEventLoop, fn: Callable[[], Any]) -> None:
+    """``fn`` on ``loop`` from any thread (dropped once the loop is closed)."""
+    try:
+        loop.call_soon_threadsafe(fn)
+    except RuntimeError:
+        pass

@@ -14,6 +14,7 @@ ensemble_utils (ValidateEnsembleConfig); the messages are Triton's.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -292,9 +293,19 @@ class EnsembleScheduler:
     def __init__(self, version: EnsembleVersion) -> None:
         self.version = version
         self.running = 0
+        self.runs: dict[Pending, _Run] = {}  # in flight, for cancellation
 
     def submit(self, pending: Pending) -> None:
-        _Run(self, pending).start()
+        run = self.runs[pending] = _Run(self, pending)
+        run.start()
+
+    def remove(self, pending: Pending) -> bool:
+        """An ensemble request was cancelled: no queue to leave, but its running steps are cancelled
+        (they leave their models' queues or see ``is_cancelled()``); it ends CANCELLED once they end."""
+        run = self.runs.get(pending)
+        if run is not None:
+            run.cancel()
+        return False
 
     def on_free(self, instance: Any) -> None:
         pass
@@ -326,7 +337,7 @@ class _Run:
     """One ensemble request in flight."""
 
     __slots__ = ("scheduler", "version", "pending", "root", "responses", "outstanding", "failed", "error", "dests",
-                 "wanted", "holds", "emitted")
+                 "wanted", "holds", "emitted", "steps")
 
     def __init__(self, scheduler: EnsembleScheduler, pending: Pending) -> None:
         self.scheduler = scheduler
@@ -343,6 +354,7 @@ class _Run:
         self.dests = {o.name: o.shm for o in request.outputs or () if o.shm is not None}
         self.holds = 1  # decoupled: the run itself, and each response sent and not yet released
         self.emitted = 0
+        self.steps: set[asyncio.Future] = set()  # the futures of the steps in flight (to cancel them)
 
     def start(self) -> None:
         self.scheduler.running += 1
@@ -379,16 +391,19 @@ class _Run:
             if step.index in self.version.decoupled_steps:
                 self.outstanding += 1
                 try:
-                    core.stream(sub, lambda r, final, step=step: self._streamed(branch, step, r, final))
+                    ends = core.stream(sub, lambda r, final, step=step: self._streamed(branch, step, r, final))
                 except BaseException:
                     self.outstanding -= 1
                     raise
+                self.steps.add(ends)
+                ends.add_done_callback(self.steps.discard)
                 return
             future = core.submit(sub)
         except ServerError as e:
             self._fail(e)
             return
         self.outstanding += 1
+        self.steps.add(future)
         future.add_done_callback(lambda f, step=step: self._step_done(branch, step, f))
         self._prewake(branch, step)
 
@@ -421,6 +436,7 @@ class _Run:
 
     def _step_done(self, branch: _Branch, step: Step, future: Any) -> None:
         self.outstanding -= 1
+        self.steps.discard(future)
         if future.cancelled():
             self._fail(ServerError(f"the step of model '{step.model}' was cancelled", "INTERNAL"))
         else:
@@ -461,6 +477,12 @@ class _Run:
             arrived.append(name)
         self._arrived(branch, arrived)
 
+    def cancel(self) -> None:
+        """The client gave up: no further step starts, those running are cancelled."""
+        self._fail(ServerError("Request was cancelled", "CANCELLED"))
+        for future in list(self.steps):
+            future.cancel()
+
     def _fail(self, error: ServerError) -> None:
         if not self.failed:
             self.failed = True
@@ -496,12 +518,13 @@ class _Run:
         version = self.version
         pending = self.pending
         self.scheduler.running -= 1
+        self.scheduler.runs.pop(pending, None)
         total = time.perf_counter_ns() - pending.enqueued
         if not self.failed and not version.decoupled and any(self.root.waiting.values()):
             self._fail(ServerError("ensemble request ended with steps not run", "INTERNAL"))  # not reachable
         if self.failed:
             self._drop()
-            version.stats.failure(total)
+            version.stats.failure(total, "CANCELED" if self.error.code == "CANCELLED" else "BACKEND")
             _settle(pending, self.error)
             return
         # As Triton reports an ensemble: one execution per request, its compute times the sums of its steps'.

@@ -14,10 +14,13 @@ from typing import Any, Protocol
 
 from kernel.errors import ServerError
 from shm.doorbell import Doorbell
-from shm.region import Region, ShmError, owned_objects, unlink
+from shm.region import Region, ShmError, new_name, owned_objects, unlink
 from shm.ring import Ring, RingFull
 
 log = logging.getLogger("kernel")
+#: Requests one instance can have in flight with a cancellation flag (one byte each on its cancel board);
+#: beyond that a request still runs, its model just never sees it cancelled.
+BOARD_SLOTS = 4096
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -139,6 +142,10 @@ class Instance:
         self.spinner: Spinner | None = None
         self.answer_ns = 0
         self._arena_prefix = "/"
+        # The cancel board: one byte per executing request, raised by the front when its caller gives up;
+        # the worker, busy in execute() and not reading its ring, reads it without a message.
+        self._board: Region | None = None
+        self._flags: list[int] = []
 
     # -- lifetime -------------------------------------------------------
     async def start(self, load_msg: dict, timeout: float = 120.0) -> dict:
@@ -150,8 +157,11 @@ class Instance:
         self._outbox = Ring.create("out")
         self._replies = Ring.create("rep", 128, 4096)
         self._bell = Doorbell()
+        if self._board is None:
+            self._board = Region(new_name("cx"), BOARD_SLOTS, create=True)
+            self._flags = list(range(BOARD_SLOTS - 1, -1, -1))
         spec = {"instance": self.name, "inbox": self._inbox.spec(), "outbox": self._outbox.spec(),
-                "replies": self._replies.spec(),
+                "cancel": self._board.name, "replies": self._replies.spec(),
                 "doorbell_fd": self._bell.write_fd, **self.options}
         env = dict(os.environ, **self.env)
         env["PYTHONPATH"] = _ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -208,6 +218,11 @@ class Instance:
                 proc.kill()
                 proc.wait()
         self._teardown()
+        if self._board is not None:
+            self._board.close()
+            self._board.unlink()
+            self._board = None
+            self._flags = []
 
     def _teardown(self) -> None:
         self.alive = False
@@ -266,6 +281,25 @@ class Instance:
         if spinner is not None:
             spinner.busy.add(self)
             spinner.kick(self.answer_ns)
+
+    def take_flag(self) -> int:
+        """A lowered cancellation flag for a request about to be sent (-1: none left)."""
+        flags = self._flags
+        if not flags:
+            return -1
+        flag = flags.pop()
+        self._board.buf[flag] = 0
+        return flag
+
+    def put_flag(self, flag: int) -> None:
+        """A request is over: its flag can serve another."""
+        if self._board is not None:
+            self._flags.append(flag)
+
+    def raise_flag(self, flag: int) -> None:
+        """The request with this flag was cancelled: the model sees it at its next ``is_cancelled()``."""
+        if self._board is not None:
+            self._board.buf[flag] = 1
 
     def prewake(self, within_ns: int) -> None:
         """Tell an idle worker that a batch should come within ``within_ns``: it polls its inbox until

@@ -53,11 +53,34 @@ class TensorSpec:
         self.shape_tensor = bool(t.is_shape_tensor)
 
 
+class RequestFuture(asyncio.Future):
+    """A request's future: cancelling it (the client reset its stream, a deadline passed, the caller's
+    task was cancelled) cancels the request too.
+
+    An override of ``cancel`` rather than a done callback: ordinary requests pay nothing (a callback
+    costs an event-loop turn per request), and every path that gives up on a request (a task awaiting
+    it, ``asyncio.wait_for``, a transport abandoning its call) already ends in ``cancel()``.
+    """
+
+    __slots__ = ("pending",)  # no per-future dict: as cheap to make as loop.create_future()'s
+
+    pending: Pending | None  # set once queued; cleared once the request has its outcome (no cycle left)
+
+    def cancel(self, msg: Any = None) -> bool:
+        if not super().cancel(msg):
+            return False
+        pending = getattr(self, "pending", None)
+        self.pending = None
+        if pending is not None and pending.version is not None:
+            pending.version.cancel(pending)
+        return True
+
+
 class Pending:
     """A request waiting for (or in) execution."""
 
     __slots__ = ("request", "future", "batch_size", "enqueued", "deadline", "stream", "shape_key", "orderer",
-                 "outcome")
+                 "outcome", "version", "instance", "flag")
 
     def __init__(self, request: InferRequest, future: asyncio.Future, batch_size: int) -> None:
         self.request = request
@@ -69,6 +92,9 @@ class Pending:
         self.shape_key: Any = None  # requests with equal keys may share a batch
         self.orderer: Any = None  # set with preserve_ordering
         self.outcome: Any = None  # held by the orderer until earlier requests are answered
+        self.version: ModelVersion | None = None  # set once queued: cancelling the future reaches it
+        self.instance: Instance | None = None  # executing there, with its cancellation flag:
+        self.flag = -1  # its byte on the instance's cancel board (-1: none)
 
 
 class ModelVersion:
@@ -251,6 +277,18 @@ class ModelVersion:
             for pending in self.scheduler.drain():
                 _settle(pending, error)
 
+    def cancel(self, pending: Pending) -> None:
+        """The request's caller gave up. Still queued: it leaves the queue and is never executed
+        (answered CANCELLED, counted as Triton's "CANCELED" failure). Executing: its flag on the
+        instance's cancel board is raised for the model to see (``request.is_cancelled()``)."""
+        if pending.flag >= 0:
+            pending.instance.raise_flag(pending.flag)
+            return
+        if self.scheduler is not None and self.scheduler.remove(pending):
+            self.stats.failure(time.perf_counter_ns() - pending.enqueued, "CANCELED")
+            _settle(pending, ServerError(f"[request id: {pending.request.id or '<id_unknown>'}] "
+                                         "Request was cancelled", "CANCELLED"))
+
     def reject(self, pending: Pending, error: ServerError) -> None:
         """A queued request the queue policy rejects (its timeout expired)."""
         self.stats.failure(time.perf_counter_ns() - pending.enqueued, "REJECTED")
@@ -431,6 +469,10 @@ class ModelVersion:
                 self.stats.failure(now - pending.enqueued, "OTHER")
                 _settle(pending, error)
             return
+        for pending, spec in zip(batch, reqs):  # where the model reads whether its caller gave up
+            flag = spec["c"] = pending.flag = instance.take_flag()
+            if flag >= 0:
+                pending.instance = instance
         instance.execute({"t": "x", "reqs": reqs}, Batch(self, batch, blocks))
 
     def _finished(self, instance: Instance) -> None:
@@ -456,12 +498,17 @@ class Batch:
         self.batch_id = 0  # set by Instance.execute
         self.returned = False
 
-    def _free_inputs(self) -> None:
+    def _free_inputs(self, instance: Instance) -> None:
+        """The batch is over: its input blocks and its requests' cancellation flags go back."""
         arena = self.version.server.arena
         if arena is not None:
             for block in self.blocks:
                 arena.free(*block[:2])
         self.blocks = []
+        for pending in self.pendings:
+            if pending.flag >= 0:
+                instance.put_flag(pending.flag)
+                pending.flag = -1
 
     def done(self, instance: Instance, results: list, timings: list, decoupled: bool) -> None:
         version = self.version
@@ -470,7 +517,7 @@ class Batch:
         ci, cinf, co = timings
         stats.execution(sum(p.batch_size for p in self.pendings), ci, cinf, co)
         if not decoupled:
-            self._free_inputs()
+            self._free_inputs(instance)
         for pending, result in zip(self.pendings, results):
             total = now - pending.enqueued
             if result is None:
@@ -478,7 +525,7 @@ class Batch:
             if "err" in result:
                 message, code = result["err"]
                 if result.get("fail"):
-                    stats.failure(total)
+                    stats.failure(total, "CANCELED" if code == "CANCELLED" else "BACKEND")
                 else:  # an error response the model chose to send: Triton counts it a success
                     stats.success(total, self.sent - pending.enqueued, ci, cinf, co, pending.batch_size)
                 _settle(pending, ServerError(message, code))  # a decoupled stream ends with it too
@@ -513,12 +560,12 @@ class Batch:
 
     def _finish_decoupled(self, instance: Instance) -> None:
         if self.returned and all(p.stream is None for p in self.pendings):
-            self._free_inputs()
+            self._free_inputs(instance)
             instance.batch_finished(self.batch_id)
             self.version._finished(instance)
 
     def fail(self, instance: Instance, error: ServerError) -> None:
-        self._free_inputs()
+        self._free_inputs(instance)
         now = time.perf_counter_ns()
         for pending in self.pendings:
             self.version.stats.failure(now - pending.enqueued)
@@ -541,6 +588,8 @@ def _deliver(pending: Pending, outcome: Any) -> None:
         callback, pending.stream = pending.stream, None  # a decoupled request ends with the error
         callback(outcome, True)
     future = pending.future
+    if type(future) is RequestFuture:
+        future.pending = None
     if future.done():
         if isinstance(outcome, InferResponse):
             outcome.release()  # nobody is waiting any more (client went away)

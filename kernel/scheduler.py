@@ -66,6 +66,14 @@ class Scheduler:
     def queued(self) -> int:
         return len(self.queue)
 
+    def remove(self, pending: Pending) -> bool:
+        """Take a cancelled request out of the queue (False: not queued, already dispatched)."""
+        try:
+            self.queue.remove(pending)
+        except ValueError:
+            return False
+        return True
+
     def drain(self) -> list[Pending]:
         """Take every queued request out (for unloading)."""
         pending = list(self.queue)
@@ -153,6 +161,17 @@ class DynamicBatcher(Scheduler):
 
     def queued(self) -> int:
         return self.count
+
+    def remove(self, pending: Pending) -> bool:
+        for level in self.order:
+            for queue in (level.queue, level.delayed):
+                try:
+                    queue.remove(pending)
+                except ValueError:
+                    continue
+                self.count -= 1
+                return True
+        return False
 
     # -- batching -------------------------------------------------------
     def _pump(self) -> None:

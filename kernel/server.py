@@ -19,7 +19,7 @@ from kernel.devices import gpu_count
 from kernel.ensemble import EnsembleVersion, check_scheduling, composing_models, find_cycle, is_ensemble
 from kernel.errors import ServerError
 from kernel.instance import Regions, Spinner
-from kernel.model import ModelVersion, Pending
+from kernel.model import ModelVersion, Pending, RequestFuture
 from kernel.repository import Repository, select_versions
 from kernel.restricted import Restrictions
 from kernel.shm_registry import Registration, SharedMemoryRegistry
@@ -271,8 +271,10 @@ class Core:
         if mv.decoupled:
             raise ServerError("ModelInfer RPC doesn't support models with decoupled transaction policy",
                               "UNSUPPORTED")
-        pending = Pending(request, self._loop.create_future(), mv.validate(request))
+        pending = Pending(request, RequestFuture(loop=self._loop), mv.validate(request))
         self.shm.hold(request, pending.future)  # client regions stay mapped until it ends
+        pending.future.pending = pending  # cancelling the future cancels the request
+        pending.version = mv
         try:
             mv.scheduler.submit(pending)
         except BaseException:
@@ -289,14 +291,16 @@ class Core:
         """
         mv = self.version(request.model_name, request.model_version)
         batch = mv.validate(request)
-        pending = Pending(request, self._loop.create_future(), batch)
+        pending = Pending(request, RequestFuture(loop=self._loop), batch)
         if mv.decoupled:
-            done = self._loop.create_future()
+            done = RequestFuture(loop=self._loop)
 
             def wrapped(response: Any, final: bool) -> None:
                 callback(response, final)
-                if final and not done.done():
-                    done.set_result(None)
+                if final:
+                    done.pending = None
+                    if not done.done():
+                        done.set_result(None)
 
             pending.stream = wrapped
             pending.future.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -311,6 +315,8 @@ class Core:
             pending.future.add_done_callback(finish)
             ends = pending.future
         self.shm.hold(request, ends)
+        ends.pending = pending  # cancelling what the caller holds cancels the request
+        pending.version = mv
         try:
             mv.scheduler.submit(pending)
         except BaseException:

@@ -169,6 +169,8 @@ class InferenceService:
             direct.put_nowait(None)
             await asyncio.gather(*writers)
         finally:
+            for done in list(inflight):  # the client cancelled the stream: so are its requests
+                done.cancel()
             for writer in writers:
                 if not writer.done():
                     writer.cancel()

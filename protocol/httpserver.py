@@ -191,6 +191,9 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.queue: deque[Request | _Inflating | HttpError] = deque()
         self.busy = False
+        # A Deferred's future being worked on (an inference): cancelled if the client goes. Coroutine routes
+        # (model control) are left to finish: stopping a load half-way would help nobody.
+        self.waiting: asyncio.Future | None = None
         self.paused = False
         self.failed = False  # a request did not parse: nothing after it is read
         self.eof = False  # the client half-closed: answer what is queued, then close
@@ -217,6 +220,9 @@ class _Connection(asyncio.Protocol):
         self.server.connections.discard(self)
         self.transport = None
         self._drop_sink()
+        waiting, self.waiting = self.waiting, None
+        if waiting is not None:  # the client is gone (not half-closed: that one still reads): so is its request
+            waiting.cancel()
         for item in self.queue:  # never answered: their body buffers go back now
             if isinstance(item, Request):
                 item.release_body()
@@ -447,6 +453,7 @@ class _Connection(asyncio.Protocol):
             self._respond(request, answer)
         elif isinstance(answer, Deferred):
             self.server.pending += 1
+            self.waiting = answer.future
             answer.future.add_done_callback(lambda f: self._finish(request, answer.finish, f))
         else:
             try:
@@ -459,6 +466,10 @@ class _Connection(asyncio.Protocol):
 
     def _finish(self, request: Request, finish: Callable[[asyncio.Future], Response], future: asyncio.Future) -> None:
         self.server.pending -= 1
+        self.waiting = None
+        if self.transport is None and future.cancelled():  # cancelled because the client went: nothing to say
+            request.release_body()
+            return
         try:
             response = finish(future)
         except BaseException as e:  # noqa: BLE001 - cancellation included: the client still gets an answer

@@ -134,7 +134,7 @@ class Request:
     """
 
     __slots__ = ("inputs", "requested_outputs", "id", "correlation_id", "flags", "_parameters", "_spans",
-                 "_dests", "_place", "_placed", "_send")
+                 "_dests", "_place", "_placed", "_send", "_board", "_flag")
 
     def __init__(self, inputs: dict[str, np.ndarray], requested_outputs: list[str], request_id: str = "",
                  correlation_id: int | str = 0, flags: int = 0, parameters: str = "") -> None:
@@ -149,6 +149,8 @@ class Request:
         self._place: Callable[[Request, str, str, list[int]], np.ndarray] | None = None
         self._placed: dict[str, tuple[np.ndarray, list]] = {}
         self._send: Callable[[Response | None, bool], None] | None = None
+        self._board: memoryview | None = None  # the front's cancel board, and this request's byte on it
+        self._flag = -1
 
     @property
     def parameters(self) -> dict:
@@ -167,6 +169,12 @@ class Request:
         if self._place is None:
             raise BackendError("output buffers are only available while the request executes")
         return self._place(self, name, datatype, list(shape))
+
+    def is_cancelled(self) -> bool:
+        """True once the request's caller has given up (reset its stream, passed its deadline):
+        a long execute() may stop early. One byte of shared memory the front raises: no message."""
+        board = self._board
+        return board is not None and self._flag >= 0 and board[self._flag] != 0
 
     def send(self, response: Response | None = None, final: bool = False) -> None:
         """Send a response of a decoupled model (``final`` ends the request; the last may be None)."""

@@ -87,6 +87,9 @@ class Worker:
         self._load_msg: dict = {}
         self._artifact = ""  # the model file a third-party python-based backend imposes
         self._spin_until = 0  # a wake hint's deadline (perf_counter ns): poll the inbox until then
+        # The front's cancel board: a byte per executing request, raised when its caller gives up.
+        self._board_region = Region(spec["cancel"]) if spec.get("cancel") else None
+        self.board = self._board_region.buf if self._board_region is not None else None
         if spec.get("replies"):  # the front answers BLS requests there (workers.bls)
             bls.attach(self, spec["replies"])
 
@@ -200,10 +203,11 @@ class Worker:
     def execute(self, msg: dict) -> None:
         """Run one batch through the backend and answer the front.
 
-        Requests whose inputs cannot be read fail alone; the others run. The answer has one
-        result per request: ``{"out": [loc, ...], "p": params}`` or ``{"err": [message, code]}``
-        (``"fail"`` when it counts as a failed inference); None for a decoupled model, whose
-        responses go out one by one as ``s`` messages.
+        Requests whose inputs cannot be read fail alone, and those whose caller gave up while they
+        waited in the ring (the cancel board) are answered CANCELLED without reaching the model;
+        the others run. The answer has one result per request: ``{"out": [loc, ...], "p": params}``
+        or ``{"err": [message, code]}`` (``"fail"`` when it counts as a failed inference); None for
+        a decoupled model, whose responses go out one by one as ``s`` messages.
         """
         t0 = time.perf_counter_ns()
         backend, model = self.backend, self.model
@@ -213,7 +217,13 @@ class Worker:
         requests: list[Request] = []
         index: list[int] = []
         place = self._output_buffer
+        board = self.board
         for i, spec in enumerate(specs):
+            flag = spec.get("c", -1)
+            if flag >= 0 and board is not None and board[flag]:  # its caller gave up while it waited
+                results[i] = _error(f"[request id: {spec.get('rid') or '<id_unknown>'}] Request was cancelled",
+                                    "CANCELLED")
+                continue
             try:
                 inputs, spans = self._inputs(spec["in"])
             except BytesCountError as e:
@@ -227,6 +237,8 @@ class Worker:
             request._spans = spans
             request._dests = spec.get("shm") or {}
             request._place = place
+            request._board = board
+            request._flag = flag
             if decoupled:
                 request._send = partial(self._stream, msg["id"], i, request)
             requests.append(request)
@@ -473,6 +485,9 @@ class Worker:
         self.arena.close()
         for region in self._regions.values():
             region.close()
+        if self._board_region is not None:
+            self.board = None
+            self._board_region.close()
         self.inbox.close()
         self.outbox.close()
 

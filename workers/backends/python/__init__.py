@@ -106,10 +106,12 @@ class PythonBackend(Backend):
             model_name=self.name, inputs=tensors, requested_output_names=request.requested_outputs,
             request_id=request.id, correlation_id=request.correlation_id, flags=request.flags,
             parameters=request._parameters or "{}")
+        inference._is_cancelled = request.is_cancelled
         if self.decoupled:
             inference._sender = pb.InferenceResponseSender(
                 lambda response, flags: request.send(None if response is None else _response(response),
-                                                     bool(flags & pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)))
+                                                     bool(flags & pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)),
+                request.is_cancelled)
         return inference
 
 

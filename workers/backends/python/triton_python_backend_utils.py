@@ -235,9 +235,11 @@ class InferenceResponse:
 class InferenceResponseSender:
     """Sends the responses of a decoupled model's request, one or many."""
 
-    def __init__(self, send: Callable[[InferenceResponse | None, int], None]) -> None:
+    def __init__(self, send: Callable[[InferenceResponse | None, int], None],
+                 is_cancelled: Callable[[], bool] | None = None) -> None:
         self._send = send
         self._closed = False
+        self._is_cancelled = is_cancelled
 
     def send(self, response: InferenceResponse | None = None, flags: int = 0) -> None:
         if self._closed:
@@ -251,7 +253,8 @@ class InferenceResponseSender:
         self._send(response, flags)
 
     def is_cancelled(self) -> bool:
-        return False
+        """True once the request's caller has given up (the client cancelled the stream)."""
+        return self._is_cancelled is not None and self._is_cancelled()
 
 
 TRITONSERVER_MEMORY_CPU = 0
@@ -290,6 +293,7 @@ class InferenceRequest:
             parameters = json.dumps(parameters)
         self._parameters = parameters or "{}"
         self._sender: InferenceResponseSender | None = None
+        self._is_cancelled: Callable[[], bool] | None = None  # set on a request handed to execute()
 
     def inputs(self) -> list:
         return self._inputs
@@ -318,7 +322,9 @@ class InferenceRequest:
         return self._sender
 
     def is_cancelled(self) -> bool:
-        return False
+        """True once the client has given up on this request (reset its stream, passed its deadline,
+        cancelled its task): a long execute() may stop early and answer CANCELLED."""
+        return self._is_cancelled is not None and self._is_cancelled()
 
     def set_release_flags(self, flags: int) -> None:
         if flags != TRITONSERVER_REQUEST_RELEASE_ALL:
