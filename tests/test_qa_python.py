@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import queue
 import textwrap
+import threading
 import time
 from functools import partial
 
@@ -19,7 +20,7 @@ import tritonclient.http as httpclient
 from google.protobuf import json_format
 from tritonclient.utils import InferenceServerException
 
-from tests.support import ROOT, serving
+from tests.support import _PROBE_IO, ROOT, serving
 
 _SURFACE = textwrap.dedent('''
     import json
@@ -103,6 +104,42 @@ _CLOSED = textwrap.dedent('''
 ''')
 
 
+#: L0_model_queue's policies (the probe sleeps its INPUT0 in ms).
+_QUEUES = {
+    "q_override": "default_queue_policy { timeout_action: REJECT default_timeout_microseconds: 10000000 "
+                  "allow_timeout_override: true }",
+    "q_no_override": "default_queue_policy { timeout_action: REJECT default_timeout_microseconds: 10000000 }",
+    "q_per_level": "priority_levels: 2 default_priority_level: 2 "
+                   "priority_queue_policy { key: 1 value: { max_queue_size: 1 } }",
+}
+
+_IO = ('input [ { name: "INPUT0", data_type: TYPE_FP32, dims: [ 2 ] } ]\n'
+       'output [ { name: "OUTPUT0", data_type: TYPE_FP32, dims: [ 2 ] } ]\n')
+
+#: L0_model_config's noautofill cases that apply to a python model: name -> config (the expected message is
+#: Triton's, with the model's name, in test_invalid_configs_are_refused_with_tritons_message).
+_BAD_CONFIGS = {
+    "negative_max_batch_size": "max_batch_size: -1\n" + _IO,
+    "missing_datatype": 'max_batch_size: 4\ninput [ { name: "INPUT0", dims: [ 2 ] } ]\n'
+                        'output [ { name: "OUTPUT0", data_type: TYPE_FP32, dims: [ 2 ] } ]\n',
+    "default_priority_level0": "max_batch_size: 4\ndynamic_batching { priority_levels: 3 }\n" + _IO,
+    "default_priority_level1": "max_batch_size: 4\ndynamic_batching { priority_levels: 3 "
+                               "default_priority_level: 4 }\n" + _IO,
+    "priority_level0": "max_batch_size: 4\ndynamic_batching { priority_levels: 3 default_priority_level: 2 "
+                       "priority_queue_policy { key: 0 value: { } } }\n" + _IO,
+    "priority_level1": "max_batch_size: 4\ndynamic_batching { priority_levels: 3 default_priority_level: 2 "
+                       "priority_queue_policy { key: 4 value: { } } }\n" + _IO,
+    "preserve_ordering0": "max_batch_size: 4\ndynamic_batching { preserve_ordering: true priority_levels: 3 "
+                          "default_priority_level: 2 }\n" + _IO,
+    "preserve_ordering1": "max_batch_size: 4\ndynamic_batching { preserve_ordering: true default_queue_policy "
+                          "{ timeout_action: DELAY default_timeout_microseconds: 100 } }\n" + _IO,
+    "preserve_ordering2": "max_batch_size: 4\ndynamic_batching { preserve_ordering: true priority_levels: 1 "
+                          "default_priority_level: 1 priority_queue_policy { key: 1 value: { timeout_action: "
+                          "DELAY default_timeout_microseconds: 100 } } }\n" + _IO,
+    "invalid_cpu": "max_batch_size: 4\ninstance_group [ { kind: KIND_CPU, gpus: [ 0 ] } ]\n" + _IO,
+}
+
+
 def _model(repo, name: str, code: str, config: str) -> None:
     (repo / name / "1").mkdir(parents=True)
     (repo / name / "1" / "model.py").write_text(code)
@@ -127,6 +164,12 @@ def server(tmp_path_factory):
     src = ROOT / "tests" / "models" / "repeat"
     _model(repo, "repeat", (src / "1" / "model.py").read_text(),
            (src / "config.pbtxt").read_text().replace('backend: "python"\n', ""))
+    probe = (ROOT / "tests" / "templates" / "probe_model.py").read_text()
+    sleepy = 'parameters { key: "sleep_from_input" value: { string_value: "true" } }\n' + _PROBE_IO
+    for name, batching in _QUEUES.items():
+        _model(repo, name, probe, f"max_batch_size: 1\ndynamic_batching {{ {batching} }}\n" + sleepy)
+    for name, config in _BAD_CONFIGS.items():
+        _model(repo, name, _AUTO, config)
     yield from serving(repo, tmp_path_factory.mktemp("qa_python_log"))
 
 
@@ -283,3 +326,88 @@ def test_decoupled_stream_survives_many_requests(server):
     assert all(error is None for _, error in items)
     data = [r for r, _ in items if r.as_numpy("OUT") is not None]
     assert len(data) == sum(i % 5 for i in range(50))
+
+
+# -- L0_model_queue --------------------------------------------------------------------------------------------
+def _probe_input(ms: float):
+    t = httpclient.InferInput("INPUT0", [1, 1], "FP32")
+    t.set_data_from_numpy(np.full((1, 1), ms, np.float32))
+    return [t]
+
+
+def _infer_in_thread(server, model, ms, results, key, **kwargs):
+    def run():
+        c = httpclient.InferenceServerClient(server.http_url, network_timeout=30)
+        try:
+            results[key] = c.infer(model, _probe_input(ms), **kwargs)
+        except InferenceServerException as e:
+            results[key] = e
+        finally:
+            c.close()
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("model, overridden", [("q_override", True), ("q_no_override", False)])
+def test_request_timeout_overrides_the_policy_only_when_allowed(server, model, overridden):
+    """L0_model_queue's timeout-override cases: a request's own timeout replaces the policy's 10 s only with
+    ``allow_timeout_override``; otherwise it is ignored and the request waits its turn."""
+    results: dict = {}
+    threads = [_infer_in_thread(server, model, 400, results, "busy")]
+    time.sleep(0.15)  # the first request executes; the next one queues (as L0_model_queue does)
+    threads.append(_infer_in_thread(server, model, 1, results, "short", timeout=50_000))
+    threads.append(_infer_in_thread(server, model, 1, results, "default"))
+    for t in threads:
+        t.join(30)
+    assert not isinstance(results["busy"], Exception)
+    assert not isinstance(results["default"], Exception)
+    if overridden:
+        assert isinstance(results["short"], InferenceServerException)
+        assert results["short"].message() == "Request timeout expired"
+    else:
+        assert not isinstance(results["short"], Exception), results["short"]
+
+
+def test_max_queue_size_is_per_priority_level(server):
+    """L0_model_queue's per-priority policies: level 1 holds one queued request, level 2 is unbounded."""
+    results: dict = {}
+    threads = [_infer_in_thread(server, "q_per_level", 500, results, "busy")]
+    time.sleep(0.15)
+    threads.append(_infer_in_thread(server, "q_per_level", 1, results, "p1", priority=1))
+    threads += [_infer_in_thread(server, "q_per_level", 1, results, f"p2-{i}", priority=2) for i in range(3)]
+    time.sleep(0.15)
+    c = httpclient.InferenceServerClient(server.http_url)
+    with pytest.raises(InferenceServerException) as e:
+        c.infer("q_per_level", _probe_input(1), priority=1, request_id="over")
+    assert e.value.message() == "[request id: over] Exceeds maximum queue size"
+    assert e.value.status() == "503"
+    c.infer("q_per_level", _probe_input(1), priority=2)  # level 2 still takes requests
+    c.close()
+    for t in threads:
+        t.join(30)
+    assert not any(isinstance(r, Exception) for r in results.values()), results
+
+
+# -- L0_model_config (noautofill cases that apply to python models) --------------------------------------------
+_EXPECTED = {
+    "negative_max_batch_size": "'max_batch_size' must be non-negative value for negative_max_batch_size",
+    "missing_datatype": "model input 'INPUT0' must specify 'data_type'",
+    "default_priority_level0": "default priority level must be in range [1, 3] for default_priority_level0",
+    "default_priority_level1": "default priority level must be in range [1, 3] for default_priority_level1",
+    "priority_level0": "priority queue policy must have priority level in range [1, 3] for priority_level0",
+    "priority_level1": "priority queue policy must have priority level in range [1, 3] for priority_level1",
+    "preserve_ordering0": "Only one priority level is allowed when 'preserve_ordering' is true for "
+                          "preserve_ordering0",
+    "preserve_ordering1": "Queue policy can not have DELAY as timeout action when 'preserve_ordering' is true "
+                          "for preserve_ordering1",
+    "preserve_ordering2": "Queue policy can not have DELAY as timeout action when 'preserve_ordering' is true "
+                          "for preserve_ordering2",
+    "invalid_cpu": "instance group invalid_cpu_0 of model invalid_cpu has kind KIND_CPU but specifies one or "
+                   "more GPU",
+}
+
+
+@pytest.mark.parametrize("name", sorted(_BAD_CONFIGS))
+def test_invalid_configs_are_refused_with_tritons_message(http, name):
+    assert _EXPECTED[name] in _reason(http, name)
