@@ -50,6 +50,43 @@ _SURFACE = textwrap.dedent('''
             return responses
 ''')
 
+_ERROR_CODE = textwrap.dedent('''
+    import triton_python_backend_utils as pb_utils
+
+    CODES = {name: getattr(pb_utils.TritonError, name) for name in (
+        "UNKNOWN", "INTERNAL", "NOT_FOUND", "INVALID_ARG", "UNAVAILABLE", "UNSUPPORTED", "ALREADY_EXISTS",
+        "CANCELLED")}
+
+
+    class TritonPythonModel:
+        def execute(self, requests):
+            responses = []
+            for r in requests:
+                name = pb_utils.get_input_tensor_by_name(r, "ERROR_CODE").as_numpy()[0].decode()
+                error = (pb_utils.TritonError("error code: " + name, CODES[name]) if name in CODES
+                         else pb_utils.TritonError("unrecognized error code: " + name))
+                responses.append(pb_utils.InferenceResponse(error=error))
+            return responses
+''')
+
+_BAD_RETURN = textwrap.dedent('''
+    import numpy as np
+    import triton_python_backend_utils as pb_utils
+
+
+    class TritonPythonModel:
+        """INPUT0[0] picks the mistake: 0 returns None, 1 a list of None, 2 one response too many."""
+
+        def execute(self, requests):
+            kind = int(pb_utils.get_input_tensor_by_name(requests[0], "INPUT0").as_numpy()[0])
+            if kind == 0:
+                return None
+            if kind == 1:
+                return [None for _ in requests]
+            ok = pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", np.zeros(2, np.float32))])
+            return [ok for _ in range(len(requests) + 1)]
+''')
+
 _AUTO = textwrap.dedent('''
     import numpy as np
     import triton_python_backend_utils as pb_utils
@@ -153,6 +190,9 @@ def server(tmp_path_factory):
            'input [ { name: "INPUT0", data_type: TYPE_FP32, dims: [ -1 ] } ]\n'
            'output [ { name: "OUTPUT0", data_type: TYPE_FP64, dims: [ -1 ] },\n'
            '         { name: "INFO", data_type: TYPE_STRING, dims: [ 1 ] } ]\n')
+    _model(repo, "error_code", _ERROR_CODE, 'input [ { name: "ERROR_CODE", data_type: TYPE_STRING, dims: [ 1 ] } ]\n'
+                                            'output [ { name: "OUT", data_type: TYPE_STRING, dims: [ 1 ] } ]\n')
+    _model(repo, "execute_return_error", _BAD_RETURN, _IO)
     _model(repo, "auto", _AUTO, "")
     _model(repo, "auto_bad_mbs", _AUTO_BAD_MBS, "max_batch_size: 8\n")
     _model(repo, "auto_missing_dims", _AUTO_MISSING_DIMS, "")
@@ -208,6 +248,54 @@ def test_initialize_args_config_helpers_and_request_accessors(server, http):
     only = http.infer("surface", [t], outputs=[httpclient.InferRequestedOutput("OUTPUT0")])
     assert only.as_numpy("INFO") is None
     assert "QA-LOG-MARK" in server.log()  # pb_utils.Logger reaches the server's log
+
+
+@pytest.mark.parametrize("name, grpc_code, http_status", [
+    ("UNKNOWN", "StatusCode.UNKNOWN", "500"), ("INTERNAL", "StatusCode.INTERNAL", "500"),
+    ("NOT_FOUND", "StatusCode.NOT_FOUND", "404"), ("INVALID_ARG", "StatusCode.INVALID_ARGUMENT", "400"),
+    ("UNAVAILABLE", "StatusCode.UNAVAILABLE", "503"), ("UNSUPPORTED", "StatusCode.UNIMPLEMENTED", "400"),
+    ("ALREADY_EXISTS", "StatusCode.ALREADY_EXISTS", "400"), ("CANCELLED", "StatusCode.CANCELLED", "500"),
+    ("(default)", "StatusCode.INTERNAL", "500"),
+])
+def test_triton_error_codes_reach_the_client(server, name, grpc_code, http_status):
+    """lifecycle_test.test_error_code: each pb_utils.TritonError code is the call's status, the message intact
+    (HTTP statuses as kernel/errors.py records Triton 2.51's)."""
+    x = np.array([name.encode()], np.object_)
+    c = grpcclient.InferenceServerClient(server.grpc_url)
+    t = grpcclient.InferInput("ERROR_CODE", [1], "BYTES")
+    t.set_data_from_numpy(x)
+    with pytest.raises(InferenceServerException) as e:
+        c.infer("error_code", [t])
+    c.close()
+    prefix = "unrecognized " if name == "(default)" else ""
+    assert str(e.value) == f"[{grpc_code}] {prefix}error code: {name}"
+    h = httpclient.InferenceServerClient(server.http_url)
+    t = httpclient.InferInput("ERROR_CODE", [1], "BYTES")
+    t.set_data_from_numpy(x)
+    with pytest.raises(InferenceServerException) as e:
+        h.infer("error_code", [t])
+    h.close()
+    assert e.value.message() == f"{prefix}error code: {name}"
+    assert e.value.status() == http_status
+
+
+@pytest.mark.parametrize("kind, message", [
+    (0, "Failed to process the request(s) for model instance 'execute_return_error_0_0', message: Expected a "
+        "list in the execute return, found type '<class 'NoneType'>'."),
+    (1, "Failed to process the request(s) for model instance 'execute_return_error_0_0', message: Expected an "
+        "'InferenceResponse' object in the execute function return list, found type '<class 'NoneType'>'."),
+    (2, "Number of InferenceResponse objects do not match number of InferenceRequest objects. "
+        "InferenceRequest(s) size is:1, and InferenceResponse(s) size is:2"),
+])
+def test_wrong_execute_returns_are_clear_errors(http, kind, message):
+    """lifecycle_test.test_incorrect_execute_return: the model's mistake is the request's error, and the
+    model keeps serving."""
+    t = httpclient.InferInput("INPUT0", [2], "FP32")
+    t.set_data_from_numpy(np.full(2, kind, np.float32))
+    with pytest.raises(InferenceServerException) as e:
+        http.infer("execute_return_error", [t])
+    assert message in e.value.message()
+    assert http.is_model_ready("execute_return_error")
 
 
 # -- L0_backend_python: auto_complete_config (python_models/auto_complete*) -------------------------------------
