@@ -113,6 +113,25 @@ _AUTO_DECOUPLED = _AUTO.replace("config.set_dynamic_batching()",
 _AUTO_BAD_POLICY = _AUTO.replace("config.set_dynamic_batching()",
                                  'config.set_model_transaction_policy({"decoupled": True, "other": 1})')
 
+_DECOUPLED_RETURNS = textwrap.dedent('''
+    import numpy as np
+    import triton_python_backend_utils as pb_utils
+
+
+    class TritonPythonModel:
+        """Returns a response from execute although decoupled; IN[0] == 1 first sends one with the final flag."""
+
+        def execute(self, requests):
+            out = []
+            for r in requests:
+                if int(pb_utils.get_input_tensor_by_name(r, "IN").as_numpy()[0]) == 1:
+                    r.get_response_sender().send(
+                        pb_utils.InferenceResponse([pb_utils.Tensor("OUT", np.array([b"sent"], np.object_))]),
+                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                out.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUT", np.array([b"returned"], np.object_))]))
+            return out
+''')
+
 _CLOSED = textwrap.dedent('''
     import numpy as np
     import triton_python_backend_utils as pb_utils
@@ -198,6 +217,10 @@ def server(tmp_path_factory):
     _model(repo, "auto_missing_dims", _AUTO_MISSING_DIMS, "")
     _model(repo, "auto_decoupled", _AUTO_DECOUPLED, "")
     _model(repo, "auto_bad_policy", _AUTO_BAD_POLICY, "")
+    _model(repo, "decoupled_returns", _DECOUPLED_RETURNS,
+           'model_transaction_policy { decoupled: true }\n'
+           'input [ { name: "IN", data_type: TYPE_INT32, dims: [ 1 ] } ]\n'
+           'output [ { name: "OUT", data_type: TYPE_STRING, dims: [ 1 ] } ]\n')
     _model(repo, "closed", _CLOSED, 'model_transaction_policy { decoupled: true }\n'
                                     'input [ { name: "IN", data_type: TYPE_INT32, dims: [ 1 ] } ]\n'
                                     'output [ { name: "OUT", data_type: TYPE_STRING, dims: [ 1 ] } ]\n')
@@ -396,6 +419,27 @@ def test_sending_after_the_final_flag_raises_in_the_model(server):
     assert [r.as_numpy("OUT")[0] for r, _ in first] == [b""]  # exactly one response, no late one
     second = _stream(server, [("closed", "2", np.array([0], np.int32))], expect_finals=1)
     assert second[0][0].as_numpy("OUT")[0] == b"Unable to send response. Response sender has been closed."
+
+
+def test_a_decoupled_execute_returning_responses_is_an_error(server):
+    """response_sender tests (test_decoupled_one_response_on_return / _pre_and_on_return): what execute returns
+    is not sent; a request still open gets Triton's error, one the model already finished gets nothing more."""
+    c = grpcclient.InferenceServerClient(server.grpc_url)
+    got: queue.Queue = queue.Queue()
+    c.start_stream(callback=partial(lambda q, result, error: q.put((result, error)), got))
+    for rid, value in (("open", 0), ("done", 1)):
+        t = grpcclient.InferInput("IN", [1], "INT32")
+        t.set_data_from_numpy(np.array([value], np.int32))
+        c.async_stream_infer("decoupled_returns", [t], request_id=rid)
+    first, second = got.get(timeout=20), got.get(timeout=20)
+    c.stop_stream()  # waits for the stream to end: nothing else came
+    c.close()
+    assert got.empty()
+    errors = [e for _, e in (first, second) if e is not None]
+    results = [r for r, _ in (first, second) if r is not None]
+    assert len(errors) == 1 and "is using the decoupled mode and the execute function must return None" in str(
+        errors[0])
+    assert [r.as_numpy("OUT")[0] for r in results] == [b"sent"]
 
 
 def test_decoupled_model_is_refused_on_http_infer(http):

@@ -92,6 +92,13 @@ class PythonBackend(Backend):
                 self._loop = asyncio.new_event_loop()
             responses = self._loop.run_until_complete(responses)
         if self.decoupled:
+            if responses is not None:  # Triton answers every request still open with this error
+                error = pb.InferenceResponse(error=pb.TritonError(
+                    f"Python model '{self.instance_name}' is using the decoupled mode and the execute function "
+                    "must return None."))
+                for request in batch:
+                    if not request._sender._closed:
+                        request._sender.send(error, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             return None
         if not isinstance(responses, (list, tuple)):
             raise BackendError(self._failed(f"Expected a list in the execute return, found type "
