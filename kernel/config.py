@@ -72,10 +72,6 @@ def complete(config: ModelConfig, model_dir: str, gpu_count: int = 0) -> None:
     if not config.HasField("optimization"):
         config.optimization.input_pinned_memory.enable = True
         config.optimization.output_pinned_memory.enable = True
-    if config.HasField("dynamic_batching"):
-        db = config.dynamic_batching
-        if db.priority_levels and not db.default_priority_level:
-            db.default_priority_level = (db.priority_levels + 1) // 2
     if config.platform == "ensemble":
         return
     if not config.instance_group:
@@ -142,6 +138,33 @@ def validate(config: ModelConfig) -> None:
     for size in config.dynamic_batching.preferred_batch_size:
         if size < 1 or size > config.max_batch_size:
             raise ServerError(f"dynamic batching preferred size must be <= max batch size for {model}", "INVALID_ARG")
+    for group in config.instance_group:
+        if group.kind == ModelInstanceGroup.KIND_CPU and group.gpus:
+            raise ServerError(f"instance group {group.name} of model {model} has kind KIND_CPU but specifies one or "
+                              "more GPUs", "INVALID_ARG")
+    _validate_queue_policies(config)
+
+
+def _validate_queue_policies(config: ModelConfig) -> None:
+    """Triton's checks of priority levels and of what ``preserve_ordering`` excludes: a DELAY policy would let
+    a later request overtake, and several priority levels reorder by design."""
+    batching, model = config.dynamic_batching, config.name
+    levels = batching.priority_levels
+    if levels:
+        if not 1 <= batching.default_priority_level <= levels:
+            raise ServerError(f"default priority level must be in range [1, {levels}] for {model}", "INVALID_ARG")
+        for level in batching.priority_queue_policy:
+            if not 1 <= level <= levels:
+                raise ServerError(f"priority queue policy must have priority level in range [1, {levels}] for "
+                                  f"{model}", "INVALID_ARG")
+    if batching.preserve_ordering:
+        if levels > 1:
+            raise ServerError(f"Only one priority level is allowed when 'preserve_ordering' is true for {model}",
+                              "INVALID_ARG")
+        for policy in (batching.default_queue_policy, *batching.priority_queue_policy.values()):
+            if policy.default_timeout_microseconds and policy.timeout_action == policy.DELAY:
+                raise ServerError("Queue policy can not have DELAY as timeout action when 'preserve_ordering' is "
+                                  f"true for {model}", "INVALID_ARG")
 
 
 def datatype(enum_value: int) -> str:
@@ -158,7 +181,7 @@ def to_dict(message: Any) -> dict:
             continue
         if field.message_type is not None and field.message_type.GetOptions().map_entry:
             val_field = field.message_type.fields_by_name["value"]
-            out[field.name] = {k: _value(val_field, v) for k, v in value.items()}
+            out[field.name] = {str(k): _value(val_field, v) for k, v in value.items()}
         elif field.is_repeated:
             out[field.name] = [_value(field, v) for v in value]
         elif field.message_type is not None:

@@ -62,6 +62,7 @@ class PythonBackend(Backend):
     def __init__(self, model: Model) -> None:
         super().__init__(model)
         self.name = model.name
+        self.instance_name = model.instance_name
         self.decoupled = model.decoupled
         force_cpu = model.parameter("FORCE_CPU_ONLY_INPUT_TENSORS", "yes")
         if force_cpu not in ("yes", "no"):
@@ -91,10 +92,26 @@ class PythonBackend(Backend):
                 self._loop = asyncio.new_event_loop()
             responses = self._loop.run_until_complete(responses)
         if self.decoupled:
+            if responses is not None:  # Triton answers every request still open with this error
+                error = pb.InferenceResponse(error=pb.TritonError(
+                    f"Python model '{self.instance_name}' is using the decoupled mode and the execute function "
+                    "must return None."))
+                for request in batch:
+                    if not request._sender._closed:
+                        request._sender.send(error, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             return None
         if not isinstance(responses, (list, tuple)):
-            return responses  # the runtime words the problem
+            raise BackendError(self._failed(f"Expected a list in the execute return, found type "
+                                            f"'{type(responses)}'."))
+        for r in responses:
+            if not isinstance(r, pb.InferenceResponse):
+                raise BackendError(self._failed(f"Expected an 'InferenceResponse' object in the execute function "
+                                                f"return list, found type '{type(r)}'."))
         return [_response(r) for r in responses]
+
+    def _failed(self, message: str) -> str:
+        """Triton's python backend words a model's wrong return so (lifecycle_test.test_incorrect_execute_return)."""
+        return f"Failed to process the request(s) for model instance '{self.instance_name}', message: {message}"
 
     def _request(self, request: Request) -> pb.InferenceRequest:
         if self.gpu_inputs:
