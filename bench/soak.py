@@ -2,8 +2,8 @@
 
 Starts ``kernel start`` on a repository of its own (the examples plus a decoupled model) and drives it from
 threads with the official clients: binary and JSON HTTP, gRPC (whatever transport serves it), system shared
-memory (inputs and outputs in registered regions, plus register/unregister churn), and gRPC streaming of a
-decoupled model. Every ``--kill-every`` seconds one worker is killed with SIGKILL and the time until its model
+memory (inputs and outputs in registered regions, plus register/unregister churn), gRPC streaming of a
+decoupled model, and an ensemble over gRPC (two add_sub steps). Every ``--kill-every`` seconds one worker is killed with SIGKILL and the time until its model
 is READY again is taken. Every ``--sample-every`` seconds the RSS and open descriptors of the front and of
 every worker, and the server's objects in /dev/shm, are sampled; the report compares the first sample after
 warm-up with the last one.
@@ -36,6 +36,25 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESTART_GRACE = 3.0  # seconds after a kill during which the killed model's errors are expected
 
 
+# Two add_sub steps, the second fed by the first's outputs: (a + b) + (a - b) = 2a, (a + b) - (a - b) = 2b.
+# Its intermediate tensors pass between the workers by reference, and a kill of add_sub's worker lands
+# in the middle of pipelines too.
+PIPELINE_CONFIG = """name: "soak_pipeline"
+platform: "ensemble"
+max_batch_size: 0
+input [ { name: "A", data_type: TYPE_INT32, dims: [ 16 ] }, { name: "B", data_type: TYPE_INT32, dims: [ 16 ] } ]
+output [ { name: "TWICE_A", data_type: TYPE_INT32, dims: [ 16 ] },
+         { name: "TWICE_B", data_type: TYPE_INT32, dims: [ 16 ] } ]
+ensemble_scheduling { step [
+  { model_name: "add_sub", model_version: -1, input_map { key: "INPUT0", value: "A" },
+    input_map { key: "INPUT1", value: "B" }, output_map { key: "OUTPUT0", value: "S" },
+    output_map { key: "OUTPUT1", value: "D" } },
+  { model_name: "add_sub", model_version: -1, input_map { key: "INPUT0", value: "S" },
+    input_map { key: "INPUT1", value: "D" }, output_map { key: "OUTPUT0", value: "TWICE_A" },
+    output_map { key: "OUTPUT1", value: "TWICE_B" } } ] }
+"""
+
+
 @dataclass
 class Tally:
     """Requests and errors of one kind of load."""
@@ -66,6 +85,9 @@ class Soak:
         for name in ("add_sub", "identity", "upper"):
             shutil.copytree(os.path.join(REPO_ROOT, "examples", "models", name), os.path.join(repo, name))
         shutil.copytree(os.path.join(REPO_ROOT, "tests", "models", "repeat"), os.path.join(repo, "repeat"))
+        os.makedirs(os.path.join(repo, "soak_pipeline", "1"))  # an ensemble's version directory is empty
+        with open(os.path.join(repo, "soak_pipeline", "config.pbtxt"), "w") as f:
+            f.write(PIPELINE_CONFIG)
         return repo
 
     def start_server(self) -> None:
@@ -190,6 +212,23 @@ class Soak:
                 raise AssertionError("wrong add_sub answer")
 
         self.loop("grpc (add_sub)", "add_sub", lambda: grpcclient.InferenceServerClient(self.grpc_url), call)
+
+    def ensemble(self) -> None:
+        import tritonclient.grpc as grpcclient
+
+        a, b = np.arange(16, dtype=np.int32), np.full(16, 3, dtype=np.int32)
+
+        def call(client):
+            inputs = [grpcclient.InferInput(n, [16], "INT32") for n in ("A", "B")]
+            inputs[0].set_data_from_numpy(a)
+            inputs[1].set_data_from_numpy(b)
+            result = client.infer("soak_pipeline", inputs)
+            if not (np.array_equal(result.as_numpy("TWICE_A"), 2 * a) and
+                    np.array_equal(result.as_numpy("TWICE_B"), 2 * b)):
+                raise AssertionError("wrong soak_pipeline answer")
+
+        self.loop("grpc ensemble (soak_pipeline: add_sub twice)", "add_sub",
+                  lambda: grpcclient.InferenceServerClient(self.grpc_url), call)
 
     def shm(self) -> None:
         import tritonclient.http as httpclient
@@ -324,7 +363,7 @@ class Soak:
     def run(self) -> dict:
         self.t0 = time.monotonic()
         self.start_server()
-        loads = [self.http_binary, self.http_binary, self.http_json, self.grpc, self.shm, self.streaming]
+        loads = [self.http_binary, self.http_binary, self.http_json, self.grpc, self.shm, self.streaming, self.ensemble]
         threads = [threading.Thread(target=f, daemon=True) for f in loads]
         threads.append(threading.Thread(target=self.sampler, daemon=True))
         if self.args.kill_every > 0:

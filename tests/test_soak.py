@@ -16,7 +16,8 @@ def test_short_soak_reports_loads_kills_and_leaves_nothing(tmp_path, capsys):
     assert code == 0, out
     assert report["server_exit_code"] == 0
     assert set(report["loads"]) == {"http binary (add_sub)", "http json (identity, upper)", "grpc (add_sub)",
-                                    "shared memory (add_sub)", "grpc streaming (repeat, decoupled)"}
+                                    "shared memory (add_sub)", "grpc streaming (repeat, decoupled)",
+                                    "grpc ensemble (soak_pipeline: add_sub twice)"}
     assert all(t["ok"] > 0 and t["errors"] == 0 for t in report["loads"].values()), out
     assert len(report["kills"]) >= 1 and report["longest_time_to_ready_s"] < 2.0, out
     assert report["shm_left_after_exit"] == []
