@@ -334,12 +334,12 @@ def test_output_region_too_small(http, server, regions):
     out.set_shared_memory("small_out", 32)
     message = ("shared memory size specified with the request for output 'OUTPUT0' (32 bytes) should be at least "
                "64 bytes to hold the results")
-    expect_http_error(lambda: http.infer("add_sub", inputs, outputs=[out]), "500", message)
+    expect_http_error(lambda: http.infer("add_sub", inputs, outputs=[out]), "400", message)  # Triton: 500
     doc = {"inputs": [{"name": "INPUT0", "shape": [16], "datatype": "INT32", "data": list(range(16))},
                       {"name": "INPUT1", "shape": [16], "datatype": "INT32", "data": list(range(16))}],
            "outputs": [{"name": "OUTPUT0", "parameters": {"shared_memory_region": "small_out",
                                                           "shared_memory_byte_size": 32}}]}
-    assert raw_infer(server, "add_sub", doc) == (500, "text/plain", {"error": message})
+    assert raw_infer(server, "add_sub", doc) == (400, "text/plain", {"error": message})
     assert_serving(http)
 
 
@@ -432,7 +432,7 @@ def test_bytes_tensors_in_regions(http, regions):
                       "'upper', got 3")
     small = httpclient.InferRequestedOutput("UPPER")
     small.set_shared_memory("text", 8, offset=256)
-    expect_http_error(lambda: http.infer("upper", [t], outputs=[small]), "500",
+    expect_http_error(lambda: http.infer("upper", [t], outputs=[small]), "400",
                       f"shared memory size specified with the request for output 'UPPER' (8 bytes) should be at "
                       f"least {size} bytes to hold the results")
 
@@ -725,7 +725,7 @@ def test_grpc_inference_with_regions(grpc, regions):
 
     small = grpcclient.InferRequestedOutput("OUTPUT0")
     small.set_shared_memory("g_io_out", 32)
-    expect_grpc_error(lambda: grpc.infer("add_sub", inputs, outputs=[small]), "INTERNAL",
+    expect_grpc_error(lambda: grpc.infer("add_sub", inputs, outputs=[small]), "INVALID_ARGUMENT",
                       "shared memory size specified with the request for output 'OUTPUT0' (32 bytes) should be at "
                       "least 64 bytes to hold the results")
     beyond = grpcclient.InferInput("INPUT0", [16], "INT32")

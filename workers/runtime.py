@@ -420,11 +420,11 @@ class Worker:
             if nbytes > capacity:
                 raise TensorError(
                     f"shared memory size specified with the request for output '{name}' ({capacity} bytes) "
-                    f"should be at least {nbytes} bytes to hold the results", "INTERNAL")
+                    f"should be at least {nbytes} bytes to hold the results", "INVALID_ARG")  # Triton: 500
             region = self.region(key, region_id, offset + nbytes)
             if offset + nbytes > min(region.size, region.current_size()):  # a client may have shrunk it since
                 raise TensorError(f"shared memory region '{key}' is smaller than the output '{name}' it should "
-                                  "hold", "INTERNAL")
+                                  "hold", "INVALID_ARG")
             return region.buf, [name, datatype, None, key, offset, nbytes, region_id]
         if not nbytes:
             return memoryview(b""), [name, datatype, None, "", 0, 0, 0]
