@@ -3,10 +3,10 @@
 Starts ``kernel start`` on a repository of its own (the examples plus a decoupled model) and drives it from
 threads with the official clients: binary and JSON HTTP, gRPC (whatever transport serves it), system shared
 memory (inputs and outputs in registered regions, plus register/unregister churn), gRPC streaming of a
-decoupled model, and an ensemble over gRPC (two add_sub steps). Every ``--kill-every`` seconds one worker is killed with SIGKILL and the time until its model
-is READY again is taken. Every ``--sample-every`` seconds the RSS and open descriptors of the front and of
-every worker, and the server's objects in /dev/shm, are sampled; the report compares the first sample after
-warm-up with the last one.
+decoupled model, and an ensemble over gRPC (two add_sub steps). Every ``--kill-every`` seconds one worker
+is killed with SIGKILL and the time until its model is READY again is taken. Every ``--sample-every``
+seconds the RSS and open descriptors of the front and of every worker, and the server's objects in
+/dev/shm, are sampled; the report compares the first sample after warm-up with the last one.
 
 Errors are counted per kind of load; an error on the killed model within a few seconds of a kill is
 expected (its in-flight requests fail, then UNAVAILABLE until it is back) and counted apart.

@@ -89,6 +89,13 @@ PROBES = {
 }
 
 
+def python_model(repo: Path, name: str, code: str, config: str) -> None:
+    """A python-backend model ``name`` in ``repo``: ``code`` as its model.py, ``config`` after the backend line."""
+    (repo / name / "1").mkdir(parents=True)
+    (repo / name / "1" / "model.py").write_text(code)
+    (repo / name / "config.pbtxt").write_text('backend: "python"\n' + config)
+
+
 def build_repository(dest: Path) -> Path:
     """The test repository: the examples, tests/models, one echo model per datatype and the probes."""
     dest.mkdir(parents=True, exist_ok=True)

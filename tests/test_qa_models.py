@@ -12,7 +12,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from tests.support import ROOT, serving
+from tests.support import ROOT, python_model, serving
 
 _PARAMS = textwrap.dedent('''
     import json
@@ -51,20 +51,14 @@ _OPTIONAL = textwrap.dedent('''
 ''')
 
 
-def _model(repo, name: str, code: str, config: str) -> None:
-    (repo / name / "1").mkdir(parents=True)
-    (repo / name / "1" / "model.py").write_text(code)
-    (repo / name / "config.pbtxt").write_text('backend: "python"\n' + config)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     repo = tmp_path_factory.mktemp("qa_models")
-    _model(repo, "params", _PARAMS,
+    python_model(repo, "params", _PARAMS,
            'input [ { name: "INPUT0", data_type: TYPE_FP32, dims: [ -1 ] } ]\n'
            'output [ { name: "OUTPUT0", data_type: TYPE_FP32, dims: [ -1 ] },\n'
            '         { name: "PARAMS", data_type: TYPE_STRING, dims: [ 1 ] } ]\n')
-    _model(repo, "optional", _OPTIONAL,
+    python_model(repo, "optional", _OPTIONAL,
            'input [ { name: "INPUT0", data_type: TYPE_FP32, dims: [ 4 ], optional: true },\n'
            '        { name: "INPUT1", data_type: TYPE_FP32, dims: [ 4 ], optional: true } ]\n'
            'output [ { name: "OUTPUT0", data_type: TYPE_FP32, dims: [ 4 ] },\n'
@@ -72,7 +66,7 @@ def server(tmp_path_factory):
     echo = (ROOT / "tests" / "templates" / "echo_model.py").read_text()
     for name, dtype in (("echo_fp32", "TYPE_FP32"), ("echo_fp16", "TYPE_FP16"), ("echo_fp64", "TYPE_FP64"),
                         ("echo_bytes", "TYPE_STRING")):
-        _model(repo, name, echo, f'input [ {{ name: "INPUT0", data_type: {dtype}, dims: [ -1 ] }} ]\n'
+        python_model(repo, name, echo, f'input [ {{ name: "INPUT0", data_type: {dtype}, dims: [ -1 ] }} ]\n'
                                  f'output [ {{ name: "OUTPUT0", data_type: {dtype}, dims: [ -1 ] }} ]\n')
     yield from serving(repo, tmp_path_factory.mktemp("qa_models_log"))
 

@@ -20,7 +20,7 @@ import tritonclient.http as httpclient
 from google.protobuf import json_format
 from tritonclient.utils import InferenceServerException
 
-from tests.support import _PROBE_IO, ROOT, serving
+from tests.support import _PROBE_IO, ROOT, python_model, serving
 
 _SURFACE = textwrap.dedent('''
     import json
@@ -196,43 +196,38 @@ _BAD_CONFIGS = {
 }
 
 
-def _model(repo, name: str, code: str, config: str) -> None:
-    (repo / name / "1").mkdir(parents=True)
-    (repo / name / "1" / "model.py").write_text(code)
-    (repo / name / "config.pbtxt").write_text('backend: "python"\n' + config)
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     repo = tmp_path_factory.mktemp("qa_python")
-    _model(repo, "surface", _SURFACE,
+    python_model(repo, "surface", _SURFACE,
            'input [ { name: "INPUT0", data_type: TYPE_FP32, dims: [ -1 ] } ]\n'
            'output [ { name: "OUTPUT0", data_type: TYPE_FP64, dims: [ -1 ] },\n'
            '         { name: "INFO", data_type: TYPE_STRING, dims: [ 1 ] } ]\n')
-    _model(repo, "error_code", _ERROR_CODE, 'input [ { name: "ERROR_CODE", data_type: TYPE_STRING, dims: [ 1 ] } ]\n'
-                                            'output [ { name: "OUT", data_type: TYPE_STRING, dims: [ 1 ] } ]\n')
-    _model(repo, "execute_return_error", _BAD_RETURN, _IO)
-    _model(repo, "auto", _AUTO, "")
-    _model(repo, "auto_bad_mbs", _AUTO_BAD_MBS, "max_batch_size: 8\n")
-    _model(repo, "auto_missing_dims", _AUTO_MISSING_DIMS, "")
-    _model(repo, "auto_decoupled", _AUTO_DECOUPLED, "")
-    _model(repo, "auto_bad_policy", _AUTO_BAD_POLICY, "")
-    _model(repo, "decoupled_returns", _DECOUPLED_RETURNS,
+    python_model(repo, "error_code", _ERROR_CODE,
+                 'input [ { name: "ERROR_CODE", data_type: TYPE_STRING, dims: [ 1 ] } ]\n'
+                 'output [ { name: "OUT", data_type: TYPE_STRING, dims: [ 1 ] } ]\n')
+    python_model(repo, "execute_return_error", _BAD_RETURN, _IO)
+    python_model(repo, "auto", _AUTO, "")
+    python_model(repo, "auto_bad_mbs", _AUTO_BAD_MBS, "max_batch_size: 8\n")
+    python_model(repo, "auto_missing_dims", _AUTO_MISSING_DIMS, "")
+    python_model(repo, "auto_decoupled", _AUTO_DECOUPLED, "")
+    python_model(repo, "auto_bad_policy", _AUTO_BAD_POLICY, "")
+    python_model(repo, "decoupled_returns", _DECOUPLED_RETURNS,
            'model_transaction_policy { decoupled: true }\n'
            'input [ { name: "IN", data_type: TYPE_INT32, dims: [ 1 ] } ]\n'
            'output [ { name: "OUT", data_type: TYPE_STRING, dims: [ 1 ] } ]\n')
-    _model(repo, "closed", _CLOSED, 'model_transaction_policy { decoupled: true }\n'
+    python_model(repo, "closed", _CLOSED, 'model_transaction_policy { decoupled: true }\n'
                                     'input [ { name: "IN", data_type: TYPE_INT32, dims: [ 1 ] } ]\n'
                                     'output [ { name: "OUT", data_type: TYPE_STRING, dims: [ 1 ] } ]\n')
     src = ROOT / "tests" / "models" / "repeat"
-    _model(repo, "repeat", (src / "1" / "model.py").read_text(),
+    python_model(repo, "repeat", (src / "1" / "model.py").read_text(),
            (src / "config.pbtxt").read_text().replace('backend: "python"\n', ""))
     probe = (ROOT / "tests" / "templates" / "probe_model.py").read_text()
     sleepy = 'parameters { key: "sleep_from_input" value: { string_value: "true" } }\n' + _PROBE_IO
     for name, batching in _QUEUES.items():
-        _model(repo, name, probe, f"max_batch_size: 1\ndynamic_batching {{ {batching} }}\n" + sleepy)
+        python_model(repo, name, probe, f"max_batch_size: 1\ndynamic_batching {{ {batching} }}\n" + sleepy)
     for name, config in _BAD_CONFIGS.items():
-        _model(repo, name, _AUTO, config)
+        python_model(repo, name, _AUTO, config)
     yield from serving(repo, tmp_path_factory.mktemp("qa_python_log"))
 
 
