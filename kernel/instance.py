@@ -362,8 +362,9 @@ class Instance:
             self._schedule_retry()
 
     def _schedule_retry(self) -> None:
-        """Flush the backlog again soon: answers flush it too, but some messages (frees, forgets) get none,
-        and a backlog that waited for an answer would hold a later "stop" or batch for ever."""
+        """Flush the backlogs again soon: answers flush them too, but some messages (frees, forgets, BLS
+        replies) get none, and a backlog that waited for an answer would hold a later "stop", batch or
+        reply for ever."""
         if self._retry is None and self._loop is not None:
             self._retry = self._loop.call_later(0.002, self._retry_flush)
 
@@ -371,6 +372,8 @@ class Instance:
         self._retry = None
         if self.alive:
             self._flush_backlog()
+            if self._reply_backlog:
+                self.reply(None)
 
     def reply(self, msg: dict | None) -> None:
         """Answer a BLS request of the worker (on its replies ring; queued while the ring is full)."""
@@ -384,6 +387,7 @@ class Instance:
             try:
                 replies.send(backlog[0], block=False)
             except RingFull:
+                self._schedule_retry()
                 return
             except ValueError as e:  # larger than the ring: the caller gets an error instead
                 first = backlog.popleft()

@@ -653,12 +653,14 @@ def _place_inputs(batch: list[list], arena: Arena, blocks: list) -> list[list[li
                 stacks.setdefault(t.name, []).append((loc, data, nbytes))
         placed.append(locs)
     if stacks:
-        total = 0
+        total = copied = 0
         for rows in stacks.values():
             total = round_up(total)  # each stacked input starts aligned, as arena blocks do
-            total += sum(nbytes for _, _, nbytes in rows)
+            size = sum(nbytes for _, _, nbytes in rows)
+            total += size
+            copied += size
         key, start = arena.alloc(total)
-        blocks.append((key, start, sum(nbytes for rows in stacks.values() for _, _, nbytes in rows)))
+        blocks.append((key, start, copied))
         buf = arena.buffer(key)
         for rows in stacks.values():
             start = round_up(start)

@@ -131,11 +131,8 @@ class Core:
         removed = self.arena.trim()
         if removed:
             log.info("gave back %d idle shared memory segment(s) of the front's arena", len(removed))
-            for model in self.models.values():
-                for mv in model.versions.values():
-                    for instance in mv.instances:
-                        for name in removed:
-                            instance.forget_region(name)
+            for name in removed:
+                self._forget_mapping(name)
         self._trimmer = self._loop.call_later(ARENA_TRIM_PERIOD, self._trim_arena)
 
     async def stop(self) -> None:
@@ -525,10 +522,15 @@ class Core:
 
     # -- shared memory --------------------------------------------------
     def _forget_region(self, reg: Registration) -> None:
+        self._forget_mapping(reg.id)
+
+    def _forget_mapping(self, key: int | str) -> None:
+        """Every worker drops its mapping of a client region (its registration id) or of an arena segment
+        the front gave back (its name)."""
         for model in self.models.values():
             for mv in model.versions.values():
                 for instance in mv.instances:
-                    instance.forget_region(reg.id)
+                    instance.forget_region(key)
 
 
 def _load_failed(name: str, failed: list[ModelVersion]) -> ServerError:
