@@ -17,7 +17,8 @@
 # compare/{results.json,performance.md,ours.log,triton.log,client.log} and floor/floor.json.
 # Env: OUT (required), PYTHON (default python3), SITE (default /tmp/site), STEPS, COMPARE_ARGS (extra
 # arguments), COMPARE_TIMEOUT and COMPARE_BUDGET (seconds: the step's limit, default 420, and bench
-# compare's --time-budget, default 300), PERF_ANALYZER (a perf_analyzer binary other than the wheel's), SKIP_FLOOR (non-empty: no floor).
+# compare's --time-budget, default 300), PROBE (a command run after the GPU tests, its output in probe.log;
+# PROBE_TIMEOUT, default 300 s), PERF_ANALYZER (a perf_analyzer binary other than the wheel's), SKIP_FLOOR (non-empty: no floor).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?OUT must name the folder that comes back}"
@@ -89,6 +90,10 @@ if [[ " $STEPS " == *" gpu "* ]]; then
   step "GPU tests (tests/device)"
   EDGE_KERNEL_DEVICE_TESTS=1 timeout -s TERM 300 "$PY" -m pytest -q -p no:cacheprovider tests/device tests/test_dlpack.py \
     2>&1 | tee "$OUT/gpu.log" | tail -40 || rc=1
+fi
+if [ -n "${PROBE:-}" ]; then
+  step "probe: $PROBE"
+  timeout -s TERM ${PROBE_TIMEOUT:-300} bash -c "$PROBE" 2>&1 | tee "$OUT/probe.log" || rc=1
 fi
 if [[ " $STEPS " == *" backends "* ]]; then
   step "bench.backends (framework models: served vs called directly)"
