@@ -42,7 +42,7 @@ DEFAULT_WORKER_SPIN_US = 500
 #: Seconds between looks for idle segments of the front's arena: one empty for a whole period goes back.
 ARENA_TRIM_PERIOD = float(os.environ.get("EDGE_KERNEL_ARENA_TRIM_S", "10"))
 DEFAULT_FRONT_POLL_US = 300
-DEFAULT_FRONT_HOLD_US = 1000
+DEFAULT_FRONT_HOLD_US = 5000
 
 
 class Model:
