@@ -22,7 +22,7 @@ from kernel.server import Core
 from kernel.types import InferRequest, InferResponse
 from protocol import grpc_service_pb2 as pb
 from protocol import health_pb2, v2grpc
-from protocol.grpcserver import UNIMPLEMENTED, Call, GrpcError, GrpcServer, Method
+from protocol.grpcserver import UNIMPLEMENTED, Call, Deferred, GrpcError, GrpcServer, Method
 
 log = logging.getLogger("kernel.grpc")
 
@@ -85,6 +85,22 @@ def _unary(fn: Unary) -> Callable[[Any, Any, Call], Awaitable[Any]]:
     return handler
 
 
+def _infer_reply(future: asyncio.Future) -> bytes:
+    """A ModelInferResponse's bytes from a finished request (its response released), or its GrpcError."""
+    try:
+        response = future.result()
+    except ServerError as e:
+        raise _grpc_error(e) from None
+    except Exception as e:
+        raise _grpc_error(_internal(e, "ModelInfer")) from None
+    try:
+        return v2grpc.encode_infer_response(response)
+    except Exception as e:
+        raise _grpc_error(_internal(e, "ModelInfer")) from None
+    finally:
+        response.release()
+
+
 class InferenceService:
     """The RPCs of Triton's ``grpc_service.proto``."""
 
@@ -130,21 +146,15 @@ class InferenceService:
                                      pb.ModelStatisticsResponse(), ignore_unknown_fields=True)
 
     # -- inference ------------------------------------------------------
-    async def ModelInfer(self, decoded: v2grpc.InferMessage, call: Call) -> bytes:
+    def ModelInfer(self, decoded: v2grpc.InferMessage, call: Call) -> Deferred:
+        """Queue the request now; the reply is encoded when its future is done (no task per call)."""
         try:
             request = v2grpc.parse_request(decoded, self.core.shm)
-            response = await self.core.infer(request)
-            try:
-                reply = v2grpc.encode_infer_response(response)
-            finally:
-                response.release()
+            return Deferred(self.core.submit(request), _infer_reply)
         except ServerError as e:
             raise _grpc_error(e) from None
-        except (GrpcError, asyncio.CancelledError):
-            raise
         except Exception as e:
             raise _grpc_error(_internal(e, "ModelInfer")) from None
-        return reply
 
     async def ModelStreamInfer(self, stream: Call) -> None:
         """Requests in, responses out, two writer tasks per stream.
@@ -381,7 +391,7 @@ def methods(core: Core) -> dict[str, Method]:
     for name, (request_type, category) in RPCS.items():
         decode = v2grpc.decode_infer_request if request_type is pb.ModelInferRequest else request_type.FromString
         table[_SERVICE + name] = Method(decode, getattr(service, name), stream=name == "ModelStreamInfer",
-                                        category=category)
+                                        category=category, deferred=name == "ModelInfer")
     health = HealthService(core)
     table["/grpc.health.v1.Health/Check"] = Method(health_pb2.HealthCheckRequest.FromString, health.Check,
                                                    category="health")

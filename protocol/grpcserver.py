@@ -12,7 +12,10 @@ of HTTP/2, so the connection handler here keeps the hot path flat:
   table changes, so a cached block always means what hpack would decode;
 - response headers and the ``grpc-status: 0`` trailers are encoded once, without the dynamic table (so
   the bytes hold for every connection), and a unary answer leaves in one transport write;
-- a unary call is one task; streaming calls get a :class:`Call` with ``recv``/``send``.
+- a unary call is one task, except a :class:`Deferred` one (ModelInfer): its handler runs as soon as the
+  message is in, within the same turn of the event loop, and its answer is sent from the request's future's
+  callback: no task, no coroutine frames, one turn of the loop less per request (the HTTP front does the
+  same); streaming calls get a :class:`Call` with ``recv``/``send``.
 
 HTTP/2 is done as RFC 9113 and gRPC's PROTOCOL-HTTP2.md require: flow control both ways (a slow reader
 holds only its own response, never the connection), SETTINGS, PING, RST_STREAM cancelling the handler,
@@ -27,7 +30,7 @@ import asyncio
 import logging
 import struct
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import hpack
@@ -131,16 +134,29 @@ def _deflate(data: Any, encoding: str) -> bytes:
     return c.compress(data) + c.flush()
 
 
+class Deferred:
+    """A unary answer still to come: ``finish(future)`` makes the reply's bytes once ``future`` is done
+    (raising :class:`GrpcError` for an error status). Cancelling the call cancels ``future``."""
+
+    __slots__ = ("future", "finish")
+
+    def __init__(self, future: asyncio.Future, finish: Callable[[asyncio.Future], bytes]) -> None:
+        self.future = future
+        self.finish = finish
+
+
 class Method:
-    """One RPC: ``stream=False``: ``handler(request, call) -> reply bytes``; ``stream=True``:
+    """One RPC: ``stream=False``: ``handler(request, call) -> reply bytes``, a coroutine function, or with
+    ``deferred=True`` a plain function returning the reply's bytes or a :class:`Deferred`; ``stream=True``:
     ``handler(call)`` reads with ``call.recv()`` and writes with ``call.send()``. ``decode`` turns a
     message's bytes into the handler's request (a protobuf error there is INTERNAL, "Failed to parse")."""
 
-    __slots__ = ("decode", "handler", "stream", "category")
+    __slots__ = ("decode", "handler", "stream", "category", "deferred")
 
-    def __init__(self, decode: Callable[[Any], Any], handler: Callable[..., Awaitable[Any]], stream: bool = False,
-                 category: str = "") -> None:
+    def __init__(self, decode: Callable[[Any], Any], handler: Callable[..., Any], stream: bool = False,
+                 category: str = "", deferred: bool = False) -> None:
         self.decode, self.handler, self.stream, self.category = decode, handler, stream, category
+        self.deferred = deferred
 
 
 class Call:
@@ -230,6 +246,9 @@ class Connection(asyncio.Protocol):
         self.closing = False
         self.keepalive: asyncio.TimerHandle | None = None
         self.ping_wait: asyncio.TimerHandle | None = None
+        #: ``Call.task`` of a deferred call answered at once: a done future (a second message is refused)
+        self.started: asyncio.Future = self.loop.create_future()
+        self.started.set_result(None)
 
     # -- connection ------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -672,7 +691,10 @@ class Connection(asyncio.Protocol):
         if call.method.stream:
             call.inbox.put_nowait((message, flag))
         elif call.task is None:
-            call.task = self.loop.create_task(self._run_unary(call, message, flag))
+            if call.method.deferred and not flag and call.encoding == "identity":
+                self._run_deferred(call, message)
+            else:
+                call.task = self.loop.create_task(self._run_unary(call, message, flag))
         else:
             self.finish(call, UNIMPLEMENTED, "a unary call with more than one request message")
 
@@ -700,6 +722,54 @@ class Connection(asyncio.Protocol):
         except Exception as e:  # protobuf's DecodeError and the fast decoders' IndexError/ValueError
             raise GrpcError(INTERNAL, f"Failed to parse request: {e or type(e).__name__}") from None
 
+    def _run_deferred(self, call: Call, message: bytes | bytearray) -> None:
+        """A deferred unary call, uncompressed both ways: handled now, answered from its future's callback.
+
+        The message's DATA frame may still carry END_STREAM, handled after this returns: what is known
+        at once (a reply, an error) is sent on the next turn of the loop, as a task's would be."""
+        call.task = self.started
+        try:
+            try:
+                request = call.method.decode(message)
+            except Exception as e:
+                raise GrpcError(INTERNAL, f"Failed to parse request: {e or type(e).__name__}") from None
+            answer = call.method.handler(request, call)
+        except GrpcError as e:
+            self.loop.call_soon(self.finish, call, e.status, e.message)
+            return
+        except Exception as e:  # a bug costs one call, never the connection
+            log.exception("unhandled error in %s", call.metadata(":path"))
+            self.loop.call_soon(self.finish, call, INTERNAL, f"internal error: {type(e).__name__}: {e}")
+            return
+        if isinstance(answer, Deferred):
+            call.task = answer.future
+            answer.future.add_done_callback(lambda future: self._deferred_done(call, answer.finish, future))
+        else:
+            self.loop.call_soon(self._reply, call, answer)
+
+    def _deferred_done(self, call: Call, finish: Callable[[asyncio.Future], bytes], future: asyncio.Future) -> None:
+        if future.cancelled():
+            self.finish(call, CANCELLED, "Cancelled")  # reset or deadline: nothing goes out
+            return
+        try:
+            reply = finish(future)  # releases what the answer held, even for a call ended meanwhile
+        except GrpcError as e:
+            self.finish(call, e.status, e.message)
+            return
+        except Exception as e:
+            log.exception("unhandled error in %s", call.metadata(":path"))
+            self.finish(call, INTERNAL, f"internal error: {type(e).__name__}: {e}")
+            return
+        self._reply(call, reply)
+
+    def _reply(self, call: Call, reply: Any) -> None:
+        if call.closed:
+            return
+        try:
+            self.send_data(call, reply if isinstance(reply, (bytes, bytearray)) else reply.SerializeToString(), 0, True)
+        except GrpcError as e:
+            self.finish(call, e.status, e.message)
+
     async def _run_unary(self, call: Call, message: bytes | bytearray, flag: int) -> None:
         try:
             if flag:
@@ -709,7 +779,19 @@ class Connection(asyncio.Protocol):
                     request = call.method.decode(message)
                 except Exception as e:
                     raise GrpcError(INTERNAL, f"Failed to parse request: {e or type(e).__name__}") from None
-            reply = await call.method.handler(request, call)
+            if call.method.deferred:  # compressed: the answer is awaited here, then compressed
+                answer = call.method.handler(request, call)
+                if isinstance(answer, Deferred):
+                    try:
+                        await answer.future  # cancelling this task cancels the request with it
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception:  # noqa: BLE001 - finish() turns it into the call's status
+                        pass
+                    answer = answer.finish(answer.future)
+                reply = answer
+            else:
+                reply = await call.method.handler(request, call)
             if not call.closed:
                 if call.encoding == "identity":
                     self.send_data(call, reply if isinstance(reply, (bytes, bytearray)) else reply.SerializeToString(),

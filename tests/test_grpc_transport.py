@@ -90,7 +90,30 @@ class Harness:
 
             await asyncio.gather(writer(b"a"), writer(b"b"))
 
-        return {"/t.T/Two": Method(bytes, two_writers, stream=True),
+        loop = self.loop
+
+        def later(request: bytes, call) -> grpcserver.Deferred:
+            """Deferred: answered by the future's callback after ``request`` seconds ("fail": with an error)."""
+            future = loop.create_future()
+            self.started.set()
+            timer = loop.call_later(float(request.split(b":")[-1] or b"30"), future.set_result, request)
+            future.add_done_callback(lambda f: (timer.cancel(), f.cancelled() and self.cancelled.set()))
+            return grpcserver.Deferred(future, finish)
+
+        def finish(future: asyncio.Future) -> bytes:
+            if future.result().startswith(b"fail"):
+                raise GrpcError(grpcserver.FAILED_PRECONDITION, "it failed later")
+            return b"later " + future.result()
+
+        def now(request: bytes, call) -> bytes:
+            if request == b"refuse":
+                raise GrpcError(grpcserver.INVALID_ARGUMENT, "refused at once")
+            if request == b"bug":
+                raise RuntimeError("a bug at once")
+            return b"now " + request
+
+        return {"/t.T/Later": Method(bytes, later, deferred=True), "/t.T/Now": Method(bytes, now, deferred=True),
+                "/t.T/Two": Method(bytes, two_writers, stream=True),
                 "/t.T/Echo": Method(bytes, echo), "/t.T/Big": Method(bytes, big), "/t.T/Slow": Method(bytes, slow),
                 "/t.T/Fail": Method(bytes, fail), "/t.T/Bug": Method(bytes, bug),
                 "/t.T/Stream": Method(bytes, stream, stream=True)}
@@ -327,6 +350,44 @@ def test_deadline(harness):
     s = c.wait(c.call("/t.T/Echo", b"x", [("grpc-timeout", "soon")]))
     assert s.status == grpcserver.INTERNAL and "grpc-timeout" in s.message
     c.close()
+
+
+def test_deferred_calls_answer_from_their_futures(harness):
+    """ModelInfer's path: no task; the answer leaves from the future's callback, errors as statuses."""
+    assert rpc(harness.port, "/t.T/Later", b"0.01") == b"later 0.01"
+    assert rpc(harness.port, "/t.T/Now", b"x") == b"now x"
+    for method, request, code, text in [("/t.T/Later", b"fail:0", grpc.StatusCode.FAILED_PRECONDITION,
+                                         "it failed later"),
+                                        ("/t.T/Now", b"refuse", grpc.StatusCode.INVALID_ARGUMENT, "refused at once"),
+                                        ("/t.T/Now", b"bug", grpc.StatusCode.INTERNAL, "RuntimeError: a bug at once")]:
+        with pytest.raises(grpc.RpcError) as e:
+            rpc(harness.port, method, request)
+        assert e.value.code() == code and text in e.value.details()
+    c = H2Client(harness.port)  # a second message on a unary call is refused, as for a task
+    sid = c.headers("/t.T/Later")
+    c.data(sid, struct.pack(">BI", 0, 3) + b"0.2", end_stream=False)
+    c.data(sid, struct.pack(">BI", 0, 5) + b"again")
+    s = c.wait(sid)
+    assert s.status == grpcserver.UNIMPLEMENTED and "more than one" in s.message
+    c.close()
+    # Compressed both ways: the answer is awaited in a task, then compressed.
+    with grpc.insecure_channel(f"127.0.0.1:{harness.port}", compression=grpc.Compression.Gzip) as ch:
+        assert ch.unary_unary("/t.T/Later")(b"0.01") == b"later 0.01"
+
+
+def test_deferred_calls_are_cancelled_by_reset_and_deadline(harness):
+    c = H2Client(harness.port)
+    sid = c.call("/t.T/Later", b"30")
+    assert harness.started.wait(5)
+    c.reset(sid)
+    assert harness.cancelled.wait(5), "RST_STREAM did not cancel the deferred call's future"
+    c.close()
+    harness.cancelled.clear()
+    with pytest.raises(grpc.RpcError) as e:
+        rpc(harness.port, "/t.T/Later", b"30", timeout=0.3)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert harness.cancelled.wait(5), "the deadline did not cancel the deferred call's future"
+    echo_ok(harness.port)
 
 
 def test_goaway_finishes_in_flight_calls():
