@@ -25,6 +25,7 @@ SETTINGS = {
     "default": [],
     "hold1ms": ["--backend-config", "python,front-hold-us=1000"],  # the default before stop 18
     "hold5ms": ["--backend-config", "python,front-hold-us=5000"],
+    "workerspin5ms": ["--backend-config", "python,worker-spin-us=5000"],  # no worker sleeps between requests
     "nospin": ["--backend-config", "python,worker-spin-us=0", "--backend-config", "python,front-poll-us=0",
                "--backend-config", "ensemble,prewake=0"],
 }
@@ -161,7 +162,7 @@ def _run(label: str, extra: list[str], frame: np.ndarray, requests: int, port: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--settings", default="default,hold1ms,nospin", help=f"of {', '.join(SETTINGS)}")
+    parser.add_argument("--settings", default="default,hold1ms,workerspin5ms,nospin", help=f"of {', '.join(SETTINGS)}")
     parser.add_argument("--port", type=int, default=18500)
     parser.add_argument("--py-spy", default="", help="a py-spy binary: profile the front of the first setting")
     args = parser.parse_args()
