@@ -660,3 +660,28 @@ def test_the_fallback_is_for_rare_shapes(shm, monkeypatch) -> None:
     for rare in (tag(9, 3) + tag(9, 4), tag(1, 0) + b"\x01", ld(5, ld(1, b"x") + tag(1, 5) + b"1234")):
         assert v2grpc.decode_infer_request(plain + rare).model_name == "add_sub"
         assert calls.pop() == plain + rare
+
+
+def test_recent_tensors_are_kept_safely(shm) -> None:
+    """The decoder keeps recent tensors by their bytes: what the core gets is its own to change."""
+    data = _add_sub(True).SerializeToString()
+    first = v2grpc.parse_request(v2grpc.decode_infer_request(data), shm)
+    first.inputs[0].shape.append(99)
+    first.inputs[0].parameters["shared_memory_region"] = "changed"
+    first.outputs[0].parameters.clear()
+    again = v2grpc.decode_infer_request(bytearray(data))  # a bytearray finds the same tensors
+    assert again.inputs[0] is v2grpc.decode_infer_request(data).inputs[0]
+    assert _request(v2grpc.parse_request(again, shm)) == _request(_old_parse_request(
+        pb.ModelInferRequest.FromString(data), [], shm))
+
+
+def test_kept_tensors_are_bounded(shm, monkeypatch) -> None:
+    monkeypatch.setattr(v2grpc, "_CACHED_TENSORS", 8)
+    for i in range(20):
+        data = ld(5, ld(1, b"x%d" % i) + ld(2, b"FP32")) + ld(6, ld(1, b"y%d" % i)) + ld(6, ld(1, b"z" * 600))
+        assert v2grpc.decode_infer_request(data).inputs[0][0] == f"x{i}"
+        assert len(v2grpc._INPUTS) <= 8 and len(v2grpc._OUTPUTS) <= 8
+    assert all(len(key) <= v2grpc._CACHED_SIZE for key in v2grpc._OUTPUTS)
+    typed = ld(5, ld(1, b"t") + ld(5, b""))
+    v2grpc.decode_infer_request(typed)
+    assert typed[2:] not in v2grpc._INPUTS  # typed contents are not kept
