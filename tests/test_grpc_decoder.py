@@ -288,7 +288,7 @@ def encoded(draw, msg: Any) -> bytes:
                 if with_key and draw(st.integers(0, 5)) == 0:
                     parts.insert(0, ld(1, b"decoy"))  # the key's last value wins
                 out.append(ld(fd.number, b"".join(parts)))
-        elif fd.label == FD.LABEL_REPEATED:
+        elif fd.is_repeated:
             if fd.message_type is not None:
                 out.extend(ld(fd.number, draw(encoded(item))) for item in value)
             elif _wire(fd) == 2:
