@@ -201,7 +201,7 @@ class InferenceService:
                         inflight: set) -> None:
         """Start one streamed request; its responses reach ``queue`` in request order, or ``direct`` as
         they come (a decoupled model's) (never raises)."""
-        rid = decoded.message.id
+        rid = decoded.id
         try:
             request = v2grpc.parse_request(decoded, self.core.shm)
             if self.core.version(request.model_name, request.model_version).decoupled:
