@@ -37,7 +37,7 @@ def main() -> None:
         url = f"localhost:{port + 1 if args.protocol == 'grpc' else port}"
         for _ in range(300):
             try:
-                urllib.request.urlopen(f"http://localhost:{port}/v2/models/{args.model}/ready", timeout=1)
+                urllib.request.urlopen(f"http://localhost:{port}/v2/health/ready", timeout=1)  # every model loaded
                 break
             except OSError:
                 time.sleep(0.1)

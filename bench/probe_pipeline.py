@@ -93,7 +93,7 @@ def _run(label: str, extra: list[str], frame: np.ndarray, requests: int, port: i
         client = http.InferenceServerClient(f"localhost:{port}")
         for _ in range(300):
             try:
-                if client.is_model_ready("camera_pipeline"):
+                if client.is_server_ready():  # every model loaded: none starts during the measurement
                     break
             except Exception:  # noqa: BLE001 - not up yet
                 pass
