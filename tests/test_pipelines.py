@@ -29,13 +29,6 @@ def server(tmp_path_factory):
     yield from serving(repo, tmp_path_factory.mktemp("log"))
 
 
-@pytest.fixture
-def http(server):
-    client = httpclient.InferenceServerClient(server.http_url)
-    yield client
-    client.close()
-
-
 def _input(module, x: np.ndarray, name: str = "INPUT"):
     t = module.InferInput(name, list(x.shape), "FP32")
     t.set_data_from_numpy(x)

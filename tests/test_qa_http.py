@@ -13,7 +13,6 @@ import socket
 
 import numpy as np
 import pytest
-import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from tests.support import ROOT, serving
@@ -33,13 +32,6 @@ def server(tmp_path_factory):
                        "--model-control-mode", "explicit", "--load-model", "add_sub")
 
 
-@pytest.fixture
-def client(server):
-    c = httpclient.InferenceServerClient(server.http_url)
-    yield c
-    c.close()
-
-
 def _refused(call, key: str) -> None:
     with pytest.raises(InferenceServerException) as e:
         call()
@@ -47,19 +39,19 @@ def _refused(call, key: str) -> None:
     assert e.value.message() == f"This API is restricted, expecting header '{key}'"
 
 
-def test_restricted_categories_need_their_header(client):
+def test_restricted_categories_need_their_header(http):
     checks = [
-        ("admin-key", ADMIN, lambda h: client.get_model_repository_index(headers=h)),
-        ("admin-key", ADMIN, lambda h: client.load_model("add_sub", headers=h)),
-        ("admin-key", ADMIN, lambda h: client.get_system_shared_memory_status(headers=h)),
-        ("admin-key", ADMIN, lambda h: client.unregister_system_shared_memory(headers=h)),
-        ("admin-key", ADMIN, lambda h: client.get_cuda_shared_memory_status(headers=h)),
-        ("admin-key", ADMIN, lambda h: client.get_log_settings(headers=h)),
-        ("stats-key", STATS, lambda h: client.get_inference_statistics(headers=h)),
-        ("stats-key", STATS, lambda h: client.get_inference_statistics("add_sub", headers=h)),
-        ("stats-key", STATS, lambda h: client.get_trace_settings(headers=h)),
-        ("stats-key", STATS, lambda h: client.get_trace_settings("add_sub", headers=h)),
-        ("stats-key", STATS, lambda h: client.get_model_config("add_sub", headers=h)),
+        ("admin-key", ADMIN, lambda h: http.get_model_repository_index(headers=h)),
+        ("admin-key", ADMIN, lambda h: http.load_model("add_sub", headers=h)),
+        ("admin-key", ADMIN, lambda h: http.get_system_shared_memory_status(headers=h)),
+        ("admin-key", ADMIN, lambda h: http.unregister_system_shared_memory(headers=h)),
+        ("admin-key", ADMIN, lambda h: http.get_cuda_shared_memory_status(headers=h)),
+        ("admin-key", ADMIN, lambda h: http.get_log_settings(headers=h)),
+        ("stats-key", STATS, lambda h: http.get_inference_statistics(headers=h)),
+        ("stats-key", STATS, lambda h: http.get_inference_statistics("add_sub", headers=h)),
+        ("stats-key", STATS, lambda h: http.get_trace_settings(headers=h)),
+        ("stats-key", STATS, lambda h: http.get_trace_settings("add_sub", headers=h)),
+        ("stats-key", STATS, lambda h: http.get_model_config("add_sub", headers=h)),
     ]
     for key, good, call in checks:
         other = STATS if good is ADMIN else ADMIN  # another category's key does not open this one
@@ -68,13 +60,13 @@ def test_restricted_categories_need_their_header(client):
         call(good)
 
 
-def test_open_categories_stay_open(client):
-    assert client.is_server_live() and client.is_server_ready()
-    assert client.is_model_ready("add_sub")
-    assert client.get_server_metadata()["name"] == "triton"
-    assert client.get_model_metadata("add_sub")["name"] == "add_sub"
+def test_open_categories_stay_open(http):
+    assert http.is_server_live() and http.is_server_ready()
+    assert http.is_model_ready("add_sub")
+    assert http.get_server_metadata()["name"] == "triton"
+    assert http.get_model_metadata("add_sub")["name"] == "add_sub"
     a = np.arange(16, dtype=np.int32)
-    np.testing.assert_array_equal(client.infer("add_sub", add_sub_inputs(a, a)).as_numpy("OUTPUT0"), 2 * a)
+    np.testing.assert_array_equal(http.infer("add_sub", add_sub_inputs(a, a)).as_numpy("OUTPUT0"), 2 * a)
 
 
 def test_refusal_comes_before_the_route_looks_at_anything(server):
@@ -103,12 +95,12 @@ def _infer_doc(data0, shape0=(16,), datatype="INT32") -> bytes:
     (_infer_doc(list(range(16)), shape0=("16",)), "Unable to parse 'shape'"),
     (_infer_doc(["x"] * 16), "Unable to parse 'data'"),
 ])
-def test_client_mistakes_are_400_with_a_json_error(server, client, body, fragment):
+def test_client_mistakes_are_400_with_a_json_error(server, http, body, fragment):
     status, reply = raw_post(server, "/v2/models/add_sub/infer", body, {"Content-Type": "application/json"})
     assert status == 400, reply
     assert fragment in json.loads(reply)["error"]
     a = np.arange(16, dtype=np.int32)
-    np.testing.assert_array_equal(client.infer("add_sub", add_sub_inputs(a, a)).as_numpy("OUTPUT0"), 2 * a)
+    np.testing.assert_array_equal(http.infer("add_sub", add_sub_inputs(a, a)).as_numpy("OUTPUT0"), 2 * a)
 
 
 def _exchange(server, raw: bytes) -> bytes:
@@ -122,7 +114,7 @@ def _exchange(server, raw: bytes) -> bytes:
     return out
 
 
-def test_http10_post_without_length_is_411(server, client):
+def test_http10_post_without_length_is_411(server, http):
     body = _infer_doc(list(range(16)))
     reply = _exchange(server, b"POST /v2/models/add_sub/infer HTTP/1.0\r\nHost: x\r\n\r\n" + body)
     assert reply.startswith(b"HTTP/1.1 411 "), reply[:200]
@@ -131,4 +123,4 @@ def test_http10_post_without_length_is_411(server, client):
     reply = _exchange(server, b"POST /v2/models/add_sub/infer HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s"
                       % (len(body), body))
     assert reply.startswith(b"HTTP/1.1 200 "), reply[:200]
-    assert client.is_server_live()
+    assert http.is_server_live()

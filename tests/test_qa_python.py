@@ -231,13 +231,6 @@ def server(tmp_path_factory):
     yield from serving(repo, tmp_path_factory.mktemp("qa_python_log"))
 
 
-@pytest.fixture
-def http(server):
-    c = httpclient.InferenceServerClient(server.http_url)
-    yield c
-    c.close()
-
-
 def _reason(http, name: str) -> str:
     entry = next(m for m in http.get_model_repository_index() if m["name"] == name)
     assert entry.get("state") == "UNAVAILABLE", entry
