@@ -118,6 +118,12 @@ def _varint_rest(data: bytes, pos: int, value: int) -> tuple[int, int]:
     raise DecodeError("varint longer than 10 bytes")
 
 
+def _int64_rest(data: bytes, pos: int, value: int) -> tuple[int, int]:
+    """:func:`_varint_rest` read as an int64 (two's complement: 2**63 and above are negative)."""
+    value, pos = _varint_rest(data, pos, value)
+    return (value - _TWO64 if value > _INT64_MAX else value), pos
+
+
 def _skip(data: bytes, pos: int, end: int, known: int) -> int:
     """Skip the field whose tag starts at ``pos``: one the fast loops do not read.
 
@@ -200,9 +206,7 @@ def _map_entry(data: bytes, pos: int, end: int) -> tuple[str | None, str | None,
                     which, value = "string_param", data[text:start].decode()
                 elif tag == 0x10:
                     if number >= 0x80:
-                        number, start = _varint_rest(data, start, number)
-                        if number > _INT64_MAX:
-                            number -= _TWO64
+                        number, start = _int64_rest(data, start, number)
                     which, value = "int64_param", number
                 elif tag == 0x08:
                     if number >= 0x80:
@@ -256,9 +260,7 @@ def _decode_input(data: bytes, pos: int, end: int) -> DecodedInput:
                     dim = data[start]
                     start += 1
                     if dim >= 0x80:
-                        dim, start = _varint_rest(data, start, dim)
-                        if dim > _INT64_MAX:
-                            dim -= _TWO64
+                        dim, start = _int64_rest(data, start, dim)
                     shape.append(dim)
                 if start != pos:
                     raise DecodeError("truncated shape")
@@ -276,9 +278,7 @@ def _decode_input(data: bytes, pos: int, end: int) -> DecodedInput:
             dim = data[pos + 1]
             pos += 2
             if dim >= 0x80:
-                dim, pos = _varint_rest(data, pos, dim)
-                if dim > _INT64_MAX:
-                    dim -= _TWO64
+                dim, pos = _int64_rest(data, pos, dim)
             shape.append(dim)
         else:
             pos = _skip(data, pos, end, 5)
