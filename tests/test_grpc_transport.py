@@ -329,9 +329,11 @@ def test_max_concurrent_streams_refuses_the_extra_stream():
 
 
 # -- cancellation, deadlines, shutdown, keepalive -------------------------------------------------------
-def test_rst_stream_cancels_the_handler(harness):
+# Slow: a task's coroutine; Later: a Deferred call's future (ModelInfer's path).
+@pytest.mark.parametrize("method", ["/t.T/Slow", "/t.T/Later"])
+def test_rst_stream_cancels_the_handler(harness, method):
     c = H2Client(harness.port)
-    sid = c.call("/t.T/Slow", b"30")
+    sid = c.call(method, b"30")
     assert harness.started.wait(5)
     c.reset(sid)
     assert harness.cancelled.wait(5), "RST_STREAM did not reach the handler"
@@ -339,9 +341,10 @@ def test_rst_stream_cancels_the_handler(harness):
     echo_ok(harness.port)
 
 
-def test_deadline(harness):
+@pytest.mark.parametrize("method", ["/t.T/Slow", "/t.T/Later"])
+def test_deadline(harness, method):
     with pytest.raises(grpc.RpcError) as e:
-        rpc(harness.port, "/t.T/Slow", b"30", timeout=0.3)
+        rpc(harness.port, method, b"30", timeout=0.3)
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert harness.cancelled.wait(5), "the deadline did not cancel the handler"
     c = H2Client(harness.port)  # a deadline already over when the call arrives
@@ -373,21 +376,6 @@ def test_deferred_calls_answer_from_their_futures(harness):
     # Compressed both ways: the answer is awaited in a task, then compressed.
     with grpc.insecure_channel(f"127.0.0.1:{harness.port}", compression=grpc.Compression.Gzip) as ch:
         assert ch.unary_unary("/t.T/Later")(b"0.01") == b"later 0.01"
-
-
-def test_deferred_calls_are_cancelled_by_reset_and_deadline(harness):
-    c = H2Client(harness.port)
-    sid = c.call("/t.T/Later", b"30")
-    assert harness.started.wait(5)
-    c.reset(sid)
-    assert harness.cancelled.wait(5), "RST_STREAM did not cancel the deferred call's future"
-    c.close()
-    harness.cancelled.clear()
-    with pytest.raises(grpc.RpcError) as e:
-        rpc(harness.port, "/t.T/Later", b"30", timeout=0.3)
-    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert harness.cancelled.wait(5), "the deadline did not cancel the deferred call's future"
-    echo_ok(harness.port)
 
 
 def test_goaway_finishes_in_flight_calls():
