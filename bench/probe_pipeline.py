@@ -19,6 +19,8 @@ import types
 
 import numpy as np
 
+from bench.soak import worker_instances
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = ["camera_preprocess", "camera_detector", "camera_postprocess"]
 SETTINGS = {
@@ -110,7 +112,8 @@ def _run(label: str, extra: list[str], frame: np.ndarray, requests: int, port: i
         wanted.set_shared_memory("fout", 4096)
         for _ in range(100):
             client.infer("camera_pipeline", [given], outputs=[wanted])
-        pids = [server.pid] + [int(p) for p in open(f"/proc/{server.pid}/task/{server.pid}/children").read().split()]
+        names = {server.pid: "front", **worker_instances(server.pid)}
+        pids = list(names)
         before_cpu = {p: _cpu(p) for p in pids}
         before = client.get_inference_statistics("")
         raw = f"/tmp/probe-{label}.raw"
@@ -130,12 +133,6 @@ def _run(label: str, extra: list[str], frame: np.ndarray, requests: int, port: i
         samples.sort()
         p50, p90 = samples[len(samples) // 2] / 1000, samples[len(samples) * 9 // 10] / 1000
         print(f"[{label}] p50 {p50:.0f} µs, p90 {p90:.0f}", flush=True)
-        names = {server.pid: "front"}
-        for p in pids[1:]:
-            try:
-                names[p] = open(f"/proc/{p}/cmdline").read().split('"instance": "')[1].split('"')[0]
-            except (OSError, IndexError):
-                names[p] = str(p)
         print("  CPU µs/request (user+sys): " + ", ".join(
             f"{names[p]} {(after_cpu[p][0] - before_cpu[p][0]) / requests * 1e6:.0f}"
             f"+{(after_cpu[p][1] - before_cpu[p][1]) / requests * 1e6:.0f}" for p in pids

@@ -15,6 +15,7 @@ expected (its in-flight requests fail, then UNAVAILABLE until it is back) and co
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import queue
@@ -63,6 +64,27 @@ class Tally:
     errors: int = 0
     expected_errors: int = 0  # on the killed model, just after a kill
     messages: Counter = field(default_factory=Counter)
+
+
+
+def worker_instances(front: int) -> dict[int, str]:
+    """The worker processes of the front ``front``: pid -> instance name (from the spec on its command line;
+    "?" when it cannot be read)."""
+    found = {}
+    for children in glob.glob(f"/proc/{front}/task/*/children"):
+        try:
+            with open(children) as f:
+                pids = [int(p) for p in f.read().split()]
+        except OSError:
+            continue
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    spec = f.read().split(b"\0")[3]
+                found[pid] = json.loads(spec)["instance"]
+            except (OSError, IndexError, ValueError, KeyError):
+                found[pid] = "?"
+    return found
 
 
 class Soak:
@@ -122,18 +144,10 @@ class Soak:
             return -9
 
     def workers(self) -> dict[int, str]:
-        """Worker pid -> model name (from its command line)."""
-        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
-        found = {}
+        """Worker pid -> model name."""
+        found = {pid: name.rsplit("_", 2)[0] for pid, name in worker_instances(self.proc.pid).items()}  # add_sub_0_0
         self.seen.add(self.proc.pid)
-        for pid in (int(p) for p in out.split()):
-            self.seen.add(pid)
-            try:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    spec = f.read().split(b"\0")[3]
-                found[pid] = json.loads(spec)["instance"].rsplit("_", 2)[0]  # add_sub_0_0 -> add_sub
-            except (OSError, IndexError, ValueError, KeyError):
-                found[pid] = "?"
+        self.seen.update(found)
         return found
 
     # -- load ---------------------------------------------------------------------------------------
