@@ -717,10 +717,22 @@ class Connection(asyncio.Protocol):
                 message = await self.loop.run_in_executor(None, _inflate, message, call.encoding, self.max_message)
             else:
                 message = _inflate(message, call.encoding, self.max_message)
+        return self._parse(call, message)
+
+    @staticmethod
+    def _parse(call: Call, message: bytes | bytearray) -> Any:
         try:
             return call.method.decode(message)
         except Exception as e:  # protobuf's DecodeError and the fast decoders' IndexError/ValueError
             raise GrpcError(INTERNAL, f"Failed to parse request: {e or type(e).__name__}") from None
+
+    def _end_with(self, call: Call, e: Exception) -> None:
+        """End ``call`` with the status its handler's exception stands for."""
+        if isinstance(e, GrpcError):
+            self.finish(call, e.status, e.message)
+        else:  # a bug costs one call, never the connection
+            log.error("unhandled error in %s", call.metadata(":path"), exc_info=e)
+            self.finish(call, INTERNAL, f"internal error: {type(e).__name__}: {e}")
 
     def _run_deferred(self, call: Call, message: bytes | bytearray) -> None:
         """A deferred unary call, uncompressed both ways: handled now, answered from its future's callback.
@@ -729,17 +741,9 @@ class Connection(asyncio.Protocol):
         at once (a reply, an error) is sent on the next turn of the loop, as a task's would be."""
         call.task = self.started
         try:
-            try:
-                request = call.method.decode(message)
-            except Exception as e:
-                raise GrpcError(INTERNAL, f"Failed to parse request: {e or type(e).__name__}") from None
-            answer = call.method.handler(request, call)
-        except GrpcError as e:
-            self.loop.call_soon(self.finish, call, e.status, e.message)
-            return
-        except Exception as e:  # a bug costs one call, never the connection
-            log.exception("unhandled error in %s", call.metadata(":path"))
-            self.loop.call_soon(self.finish, call, INTERNAL, f"internal error: {type(e).__name__}: {e}")
+            answer = call.method.handler(self._parse(call, message), call)
+        except Exception as e:
+            self.loop.call_soon(self._end_with, call, e)
             return
         if isinstance(answer, Deferred):
             call.task = answer.future
@@ -753,16 +757,13 @@ class Connection(asyncio.Protocol):
             return
         try:
             reply = finish(future)  # releases what the answer held, even for a call ended meanwhile
-        except GrpcError as e:
-            self.finish(call, e.status, e.message)
-            return
         except Exception as e:
-            log.exception("unhandled error in %s", call.metadata(":path"))
-            self.finish(call, INTERNAL, f"internal error: {type(e).__name__}: {e}")
+            self._end_with(call, e)
             return
         self._reply(call, reply)
 
     def _reply(self, call: Call, reply: Any) -> None:
+        """Send a unary call's reply, uncompressed, with its trailers."""
         if call.closed:
             return
         try:
@@ -772,13 +773,8 @@ class Connection(asyncio.Protocol):
 
     async def _run_unary(self, call: Call, message: bytes | bytearray, flag: int) -> None:
         try:
-            if flag:
-                request = await self.decode(call, message, flag)
-            else:  # no coroutine for the common case
-                try:
-                    request = call.method.decode(message)
-                except Exception as e:
-                    raise GrpcError(INTERNAL, f"Failed to parse request: {e or type(e).__name__}") from None
+            # no coroutine for the common case
+            request = await self.decode(call, message, flag) if flag else self._parse(call, message)
             if call.method.deferred:  # compressed: the answer is awaited here, then compressed
                 answer = call.method.handler(request, call)
                 if isinstance(answer, Deferred):
@@ -792,30 +788,22 @@ class Connection(asyncio.Protocol):
                 reply = answer
             else:
                 reply = await call.method.handler(request, call)
-            if not call.closed:
-                if call.encoding == "identity":
-                    self.send_data(call, reply if isinstance(reply, (bytes, bytearray)) else reply.SerializeToString(),
-                                   0, True)
-                else:
-                    await self.send_message(call, reply, end=True)
-        except GrpcError as e:
-            self.finish(call, e.status, e.message)
+            if call.encoding == "identity":
+                self._reply(call, reply)
+            elif not call.closed:
+                await self.send_message(call, reply, end=True)
         except asyncio.CancelledError:
             self.finish(call, CANCELLED, "Cancelled")  # reset or deadline: nothing goes out
-        except Exception as e:  # a bug costs one call, never the connection
-            log.exception("unhandled error in %s", call.metadata(":path"))
-            self.finish(call, INTERNAL, f"internal error: {type(e).__name__}: {e}")
+        except Exception as e:
+            self._end_with(call, e)
 
     async def _run_stream(self, call: Call) -> None:
         try:
             await call.method.handler(call)
-        except GrpcError as e:
-            self.finish(call, e.status, e.message)
         except asyncio.CancelledError:
             self.finish(call, CANCELLED, "Cancelled")
         except Exception as e:
-            log.exception("unhandled error in %s", call.metadata(":path"))
-            self.finish(call, INTERNAL, f"internal error: {type(e).__name__}: {e}")
+            self._end_with(call, e)
         else:
             self.finish(call, OK, "")
 
