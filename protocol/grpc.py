@@ -89,16 +89,14 @@ def _infer_reply(future: asyncio.Future) -> bytes:
     """A ModelInferResponse's bytes from a finished request (its response released), or its GrpcError."""
     try:
         response = future.result()
+        try:
+            return v2grpc.encode_infer_response(response)
+        finally:
+            response.release()
     except ServerError as e:
         raise _grpc_error(e) from None
     except Exception as e:
         raise _grpc_error(_internal(e, "ModelInfer")) from None
-    try:
-        return v2grpc.encode_infer_response(response)
-    except Exception as e:
-        raise _grpc_error(_internal(e, "ModelInfer")) from None
-    finally:
-        response.release()
 
 
 class InferenceService:
