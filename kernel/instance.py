@@ -13,7 +13,7 @@ import time
 from typing import Any, Protocol
 
 from kernel.errors import ServerError
-from shm.doorbell import Doorbell
+from shm.doorbell import Doorbell, Watch
 from shm.region import Region, ShmError, new_name, owned_objects, unlink
 from shm.ring import Ring, RingFull
 
@@ -48,12 +48,17 @@ class Spinner:
     waited for that long (a quarter more than its usual time) even when that exceeds
     the window; slower models are left to wake the loop. Other sockets are served
     meanwhile; an idle server does not spin.
+
+    Each extension of the polling is published in ``watch`` (shm.doorbell.Watch):
+    a worker whose answer lands well before the end does not ring the doorbell.
+    That is why a turn decides to go on from the clock read before its pass.
     """
 
     def __init__(self, window_us: int, hold_us: int = 0) -> None:
         self.window_ns = window_us * 1000
         self.hold_ns = hold_us * 1000 if window_us else 0
         self.busy: set[Instance] = set()
+        self.watch: Watch | None = None
         self._until = 0
         self._active = False
 
@@ -67,17 +72,20 @@ class Spinner:
         until = time.perf_counter_ns() + span
         if until > self._until:
             self._until = until
+            if self.watch is not None:
+                self.watch.promise(until)
         if not self._active:
             self._active = True
             asyncio.get_running_loop().call_soon(self._turn)
 
     def _turn(self) -> None:
+        now = time.perf_counter_ns()  # before the pass: the last pass begins after the promise (see watch)
         try:
             for instance in tuple(self.busy):
                 instance._receive()
         except Exception:  # never stop spinning for good; the doorbell path reports errors
             log.exception("polling an instance failed")
-        if time.perf_counter_ns() < self._until:
+        if now < self._until:
             asyncio.get_running_loop().call_soon(self._turn)
         else:
             self._active = False

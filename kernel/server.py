@@ -25,6 +25,7 @@ from kernel.restricted import Restrictions
 from kernel.shm_registry import Registration, SharedMemoryRegistry
 from kernel.types import InferRequest, InferResponse
 from shm.arena import Arena, MiB
+from shm.doorbell import Watch
 from shm.region import remove_stale
 
 log = logging.getLogger("kernel")
@@ -103,6 +104,8 @@ class Core:
             log.info("removed stale shared memory object %s", entry)
         self.repository.check()
         self.arena = Arena("front", self._arena_size)
+        if self.spinner.window_ns:
+            self.spinner.watch = Watch()
         self._trimmer = self._loop.call_later(ARENA_TRIM_PERIOD, self._trim_arena)
         found, errors = self.repository.scan()
         for name, error in errors.items():
@@ -146,6 +149,9 @@ class Core:
         if self.arena is not None:
             self.arena.close()
             self.arena = None
+        if self.spinner.watch is not None:
+            self.spinner.watch.close(unlink=True)
+            self.spinner.watch = None
 
     def backend_settings(self, backend: str) -> dict[str, str]:
         """``--backend-config`` settings a backend sees: the global ones (``<key>=<value>``), then its own
@@ -181,7 +187,8 @@ class Core:
         python = self.backend_config.get("python", {})
         return {"verbose": self.verbose > 0,
                 "arena_size": int(python.get("shm-default-byte-size", 8 << 20)),
-                "spin_us": int(python.get("worker-spin-us", DEFAULT_WORKER_SPIN_US))}
+                "spin_us": int(python.get("worker-spin-us", DEFAULT_WORKER_SPIN_US)),
+                "watch": self.spinner.watch.name if self.spinner.watch is not None else ""}
 
     # -- health and metadata --------------------------------------------
     def live(self) -> bool:

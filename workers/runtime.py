@@ -2,8 +2,9 @@
 
 One worker runs one model instance. It receives msgpack messages from the
 front on an inbox ring (sleeping in ``sem_wait`` while idle) and answers on an
-outbox ring, ringing the front's doorbell after each answer. What runs the model
-is a backend (workers.backend); this module is the same for every backend.
+outbox ring, ringing the front's doorbell after each answer unless the front
+polls for it anyway (shm.doorbell.Watch). What runs the model is a backend
+(workers.backend); this module is the same for every backend.
 
 Messages from the front (``t`` is the type):
 
@@ -38,6 +39,7 @@ import posix_ipc
 
 from protocol import dtypes
 from shm.arena import Arena, MiB
+from shm.doorbell import Watch
 from shm.doorbell import ring as ring_doorbell
 from shm.region import Region, ShmError
 from shm.ring import Ring
@@ -77,6 +79,7 @@ class Worker:
         self.inbox = Ring(*spec["inbox"])
         self.outbox = Ring(*spec["outbox"])
         self.doorbell_fd: int = spec["doorbell_fd"]
+        self._watch = Watch(spec["watch"]) if spec.get("watch") else None
         self.arena = Arena(f"w{os.getpid()}", spec.get("arena_size", 8 * MiB))
         self._regions: dict[str | int, Region] = {}
         self._forgotten: dict[int, None] = {}  # recently ended registrations, oldest first (bounded)
@@ -99,6 +102,14 @@ class Worker:
         with self._send_lock:
             self.outbox.send(msg)
         ring_doorbell(self.doorbell_fd)
+
+    def answer(self, msg: dict) -> None:
+        """Send a batch's answer; no doorbell while the front promises to poll for it (shm.doorbell.Watch:
+        the front polls the rings of instances with batches in flight)."""
+        with self._send_lock:
+            self.outbox.send(msg)
+        if self._watch is None or not self._watch.watched():
+            ring_doorbell(self.doorbell_fd)
 
     def _next(self, spin_ns: int) -> Any:
         """The next message; polls for ``spin_ns`` (or until a wake hint's deadline) before sleeping in
@@ -268,8 +279,8 @@ class Worker:
         backend._marks = None
         if len(marks) == 2:  # the backend's own split of execute: gathering inputs, inference
             t1, t2 = marks
-        self.send({"t": "r", "id": msg["id"], "res": results, "d": decoupled,
-                   "ts": [t1 - t0, t2 - t1, t3 - t2], "at": t3})
+        self.answer({"t": "r", "id": msg["id"], "res": results, "d": decoupled,
+                     "ts": [t1 - t0, t2 - t1, t3 - t2], "at": t3})
 
     def _failure(self, e: BaseException) -> str:
         if isinstance(e, BackendError):
