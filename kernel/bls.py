@@ -7,7 +7,7 @@ scheduler; its inputs are passed to the target's worker by reference (never copi
 front), and the answer goes back on the calling worker's third ring, ``replies``, so that BLS
 answers never queue behind batches. The answer's outputs are ``loc`` lists into the target
 worker's arena: the caller maps them; the response is held here until the caller says it is done
-with it (``bf``, sent when its ``execute`` returns).
+with it (``bf``: the call has ended and the model holds none of its output arrays any more).
 
 Messages (worker -> front, on the outbox): ``{"t": "b", "q": id, "m": model, "v": version, "in": [loc],
 "out": [names], "rid": request id, "p": parameters (JSON), "d": decoupled, "to": timeout (us)}`` and

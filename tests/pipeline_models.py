@@ -215,6 +215,33 @@ class TritonPythonModel:
         return responses
 '''
 
+_BLS_KEEPS = '''
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from workers import bls  # edge-kernel's BLS client: the answers it still keeps from the front
+
+
+class TritonPythonModel:
+    """Answers with the previous call's BLS output, kept in self between calls (valid in Triton)."""
+
+    def initialize(self, args):
+        self.kept = None
+
+    def execute(self, requests):
+        responses = []
+        for r in requests:
+            kept = np.array([len(bls.client._ended)], dtype=np.int64)  # answers still held for us
+            x = pb_utils.get_input_tensor_by_name(r, "IN").as_numpy()
+            answer = pb_utils.InferenceRequest(model_name="scale", inputs=[pb_utils.Tensor("IN", x)],
+                                               requested_output_names=["OUT"]).exec()
+            current = pb_utils.get_output_tensor_by_name(answer, "OUT").as_numpy()[:]  # a view: keeps it too
+            previous = self.kept if self.kept is not None else current
+            self.kept = current
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUT", previous),
+                                                         pb_utils.Tensor("KEPT", kept)]))
+        return responses
+'''
+
 _BLS_ASYNC = '''
 import asyncio
 import time
@@ -293,6 +320,8 @@ def build_bls(dest: Path) -> None:
     """Python models that call other models (BLS); the models they call come from :func:`build`."""
     _python(dest, "bls_sync", _io([("IN", "FP32", "-1")], [("OUT", "FP32", "-1"), ("COPIES", "INT64", "2")]),
             _BLS_SYNC)
+    _python(dest, "bls_keeps", _io([("IN", "FP32", "-1")], [("OUT", "FP32", "-1"), ("KEPT", "INT64", "1")]),
+            _BLS_KEEPS)
     _python(dest, "bls_async", _io([("IN", "FP32", "-1")], [("OUT", "FP32", "-1"), ("TOOK", "FP32", "1")]),
             _BLS_ASYNC)
     arith(dest, "slow_a", "import time; time.sleep(0.4); y = (x * 2).astype(np.float32)")

@@ -41,6 +41,18 @@ def test_sync_exec_chains_two_models(http):
     assert stats["scale"]["inference_stats"]["success"]["count"] >= 1
 
 
+def test_an_answer_kept_between_calls_stays_valid_and_is_freed_once_dropped(http):
+    """As in Triton (docs/triton-behaviour.md): a model may keep a BLS output in self; its bytes are not
+    reused while it does, and go back once it lets go of them."""
+    outs, kept = [], []
+    for i in range(8):
+        result = _infer(http, "bls_keeps", np.full(4, i, dtype=np.float32))
+        outs.append(result.as_numpy("OUT").tolist())
+        kept.append(int(result.as_numpy("KEPT")[0]))
+    assert outs == [[0.0] * 4] + [[10.0 * i] * 4 for i in range(7)]  # each call answers the previous one's
+    assert kept == [0] + [1] * 7  # only the answer in self is held: the others were freed
+
+
 def test_async_execute_fans_out_to_two_models_at_once(http):
     x = np.arange(4, dtype=np.float32)
     result = _infer(http, "bls_async", x)

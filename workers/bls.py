@@ -5,14 +5,17 @@ protocol); its inputs are placed in this worker's arena and passed by reference,
 model's worker reads them where they are. Answers come back on the third ring, ``replies``, read
 by one thread that hands each to its waiter: a blocking ``exec()``, an awaiting ``async_exec()``
 (any number in flight at once, e.g. ``asyncio.gather``), or the iterator of a decoupled call.
-Response tensors are read-only numpy views on the answering worker's arena; they stay valid
-until the calling model's ``execute`` returns (the front then frees them), as in Triton, where
-BLS outputs are meant to be used within the call.
+Response tensors are read-only numpy arrays over the answering worker's arena. As in Triton, they
+stay valid for as long as the model keeps them (in ``self`` from one call to the next, say): each
+array's base is a :class:`_Holder`, which numpy keeps alive with every view of it; when the last
+holder of a call is gone and the call has ended, the next return from ``execute`` tells the front
+(``bf``), which then frees the bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import queue
 import threading
@@ -59,7 +62,9 @@ class BlsClient:
         self._lock = threading.Lock()
         self._calls: dict[int, _Call] = {}
         self._next = 0
-        self._answered: list[int] = []  # ids whose responses the model may still read
+        self._live: dict[int, int] = {}  # call id -> output holders not yet gone (see _Holder)
+        self._ended: set[int] = set()  # calls whose final answer came, with outputs the front keeps
+        self._gone: collections.deque[int] = collections.deque()  # call ids of holders gone (any thread)
         self._reader: threading.Thread | None = None
         #: tensor bytes copied into this worker's arena for BLS requests (tests check that tensors already in
         #: shared memory are passed where they are)
@@ -134,9 +139,18 @@ class BlsClient:
         return await asyncio.wrap_future(call.future)
 
     def execute_returned(self) -> None:
-        """The calling model's execute has returned: the front may free the responses it answered."""
+        """The calling model's execute has returned: the front may free the answers of the calls that
+        have ended and whose output arrays are all gone."""
+        gone = self._gone
         with self._lock:
-            done, self._answered = self._answered, []
+            live = self._live
+            while gone:
+                qid = gone.popleft()
+                live[qid] -= 1
+            done = [qid for qid in self._ended if not live.get(qid)]
+            for qid in done:
+                self._ended.discard(qid)
+                live.pop(qid, None)
         if done:
             self.worker.send({"t": "bf", "q": done})
 
@@ -156,16 +170,24 @@ class BlsClient:
     def _dispatch(self, msg: dict) -> None:
         qid = msg["q"]
         final = msg["final"]
+        held = msg["res"] is not None and "out" in msg["res"]  # the front keeps these outputs for us
+        holders = 0
         with self._lock:
             call = self._calls.pop(qid, None) if final else self._calls.get(qid)
-            if msg["res"] is not None and "out" in msg["res"]:
-                self._answered.append(qid)
+        if call is None:
+            response = None
+        else:
+            try:
+                response, holders = self._response(msg["res"], qid)
+            except Exception as e:  # an output that cannot be mapped: the caller gets an error response
+                response = _error_response(f"unable to read the BLS response: {e}", "INTERNAL")
+        with self._lock:  # before the response is handed over: no holder of it is gone yet
+            if holders:
+                self._live[qid] = self._live.get(qid, 0) + holders
+            if final and (held or qid in self._live):
+                self._ended.add(qid)
         if call is None:
             return
-        try:
-            response = self._response(msg["res"])
-        except Exception as e:  # an output that cannot be mapped: the caller gets an error response
-            response = _error_response(f"unable to read the BLS response: {e}", "INTERNAL")
         if final:
             self.worker._free_locs(call.blocks)  # the callee has finished reading the inputs
         if call.future is not None:
@@ -173,21 +195,41 @@ class BlsClient:
         else:
             call.stream.put((response, final))
 
-    def _response(self, result: dict | None) -> Any:
+    def _response(self, result: dict | None, qid: int) -> tuple[Any, int]:
+        """The pb_utils response for an answer, and how many holders its arrays have."""
         from workers.backends.python import triton_python_backend_utils as pb
 
         if result is None:
-            return pb.InferenceResponse([])
+            return pb.InferenceResponse([]), 0
         if "err" in result:
             message, code = result["err"]
-            return _error_response(message, code)
+            return _error_response(message, code), 0
         tensors = []
+        holders = 0
         for loc in result["out"]:
             array = self.worker.input_array(loc)
-            if array.dtype != object:
-                array.flags.writeable = False  # another worker's output: read, never written
+            if array.dtype != object:  # BYTES are copied out: nothing of them stays in shared memory
+                array = np.asarray(_Holder(array, qid, self._gone))
+                holders += 1
             tensors.append(pb.Tensor(loc[0], array))
-        return pb.InferenceResponse(tensors, parameters=result.get("p") or None)
+        return pb.InferenceResponse(tensors, parameters=result.get("p") or None), holders
+
+
+class _Holder:
+    """The base of a BLS output array: numpy keeps it alive with every view of the array (views of
+    views collapse to it, as it is not an array), so its end is the end of the model's use of those
+    bytes. The array is read-only: another worker's output, read, never written."""
+
+    def __init__(self, array: np.ndarray, qid: int, gone: collections.deque) -> None:
+        interface = dict(array.__array_interface__)
+        interface["data"] = (interface["data"][0], True)
+        self.__array_interface__ = interface
+        self._array = array  # keeps the mapping
+        self._qid = qid
+        self._gone = gone
+
+    def __del__(self) -> None:
+        self._gone.append(self._qid)  # thread-safe, no lock: this may run inside any code of any thread
 
 
 class _Responses:
