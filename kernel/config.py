@@ -75,7 +75,7 @@ def complete(config: ModelConfig, model_dir: str, gpu_count: int = 0) -> None:
     if config.platform == "ensemble":
         return
     if not config.instance_group:
-        config.instance_group.add()
+        config.instance_group.add(name=config.name)  # Triton names the group it adds after the model
     for index, group in enumerate(config.instance_group):
         if not group.name:
             group.name = f"{config.name}_{index}"

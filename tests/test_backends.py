@@ -147,7 +147,7 @@ def test_third_party_backend_serves_http_and_grpc(server):
     result = grpc.infer("scaled", _inputs(grpcclient, x))
     np.testing.assert_array_equal(result.as_numpy("OUT"), x * 3 + 0.5)
     info = json.loads(result.as_numpy("INFO")[0, 0])
-    assert info["kind"] == "CPU" and info["instance"] == "scaled_0_0"
+    assert info["kind"] == "CPU" and info["instance"] == "scaled_0"  # no instance_group: a group named "scaled"
     assert info["config"] == {"offset": "0.5", "factor": "3", "libomp-path": server.gomp or ""}
     assert info["artifact"].endswith("/scaled/1")  # no default model file: the version directory
     if server.gomp:  # preloaded before the worker's interpreter started, so mapped even though nothing uses it

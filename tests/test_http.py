@@ -175,7 +175,7 @@ def test_model_that_raises(http):
     t.set_data_from_numpy(np.ones(2, np.float32))
     with pytest.raises(InferenceServerException) as e:
         http.infer("raises", [t])
-    assert e.value.message().startswith("Failed to process the request(s) for model 'raises_0_0', "
+    assert e.value.message().startswith("Failed to process the request(s) for model 'raises_0', "
                                         "message: ValueError: this model always fails\n\nAt:\n")
     assert "/raises/1/model.py(6): execute" in e.value.message()
     assert e.value.status() == "500"

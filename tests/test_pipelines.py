@@ -150,7 +150,7 @@ def test_a_step_whose_worker_dies_fails_the_request_and_the_server_carries_on(ht
     with pytest.raises(InferenceServerException) as failure:
         http.infer("crashing", [_input(httpclient, -np.ones(4, dtype=np.float32))])
     assert failure.value.message().startswith("in ensemble 'crashing', Failed to process the request(s) for model "
-                                              "instance 'crasher_0_0', message: Stub process")
+                                              "instance 'crasher_0', message: Stub process")
     for _ in range(100):  # the worker is restarted
         if http.is_model_ready("crasher"):
             break

@@ -206,7 +206,8 @@ def server(tmp_path_factory):
     python_model(repo, "error_code", _ERROR_CODE,
                  'input [ { name: "ERROR_CODE", data_type: TYPE_STRING, dims: [ 1 ] } ]\n'
                  'output [ { name: "OUT", data_type: TYPE_STRING, dims: [ 1 ] } ]\n')
-    python_model(repo, "execute_return_error", _BAD_RETURN, _IO)
+    python_model(repo, "execute_return_error", _BAD_RETURN,  # with L0_backend_python's instance group: _0_0
+                 _IO + "instance_group [ { count: 1, kind: KIND_CPU } ]\n")
     python_model(repo, "auto", _AUTO, "")
     python_model(repo, "auto_bad_mbs", _AUTO_BAD_MBS, "max_batch_size: 8\n")
     python_model(repo, "auto_missing_dims", _AUTO_MISSING_DIMS, "")
