@@ -163,6 +163,7 @@ class ModelVersion:
         options = dict(options, env=server.worker_env(config.backend))
         groups = _groups(config)
         first = Instance(f"{groups[0][0]}_0", groups[0][1], 0, regions, options=options)
+        first.spinner = server.spinner  # from the start: its worker skips the doorbell while the front polls
         self.instances = [first]
         reply = await first.start(load_msg)
         if reply["config"] != self.config_dict:
@@ -189,6 +190,7 @@ class ModelVersion:
         first.name, first.kind, first.device_id, first.secondary = placements[0]
         for name, kind, device, secondary in placements[1:]:
             self.instances.append(Instance(name, kind, device, regions, options=options, secondary=secondary))
+            self.instances[-1].spinner = server.spinner
         load_msg = dict(load_msg, config=self.config_dict, autocomplete=False)
         await asyncio.gather(*(inst.start(load_msg) for inst in self.instances[1:]))
         model_config_json = json.dumps(self.config_dict)
@@ -207,7 +209,6 @@ class ModelVersion:
         self.status = "; ".join(dict.fromkeys(s for s in statuses if s))
         for inst in self.instances:
             inst.on_exit = self._instance_died
-            inst.spinner = self.server.spinner
             inst.on_bls = self.server.bls.handle
         self.scheduler = make_scheduler(self)
 
