@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
+from kernel.api import Server
 from tests.pipeline_models import build, build_bls
 from tests.support import serving
 
@@ -51,6 +54,23 @@ def test_an_answer_kept_between_calls_stays_valid_and_is_freed_once_dropped(http
         kept.append(int(result.as_numpy("KEPT")[0]))
     assert outs == [[0.0] * 4] + [[10.0 * i] * 4 for i in range(7)]  # each call answers the previous one's
     assert kept == [0] + [1] * 7  # only the answer in self is held: the others were freed
+
+
+def test_an_answer_dropped_while_the_model_idles_is_freed_within_a_second(tmp_path):
+    repo = build(tmp_path / "models")
+    build_bls(repo)
+    with Server(model_repository=repo, model_control_mode="explicit", load_models=["bls_keeps", "scale"]) as srv:
+        model = srv.model("bls_keeps")
+        for i in range(3):
+            model.infer({"IN": np.full(2, i, dtype=np.float32)}).release()
+        held = srv._call(lambda core: sum(len(r) for r in core.bls._held.values()))
+        assert held == 1  # the answer in self
+        model.infer({"IN": np.full(2, -1, dtype=np.float32)}).release()  # drops it 0.2 s later, while idle
+        deadline = time.monotonic() + 5
+        while held and time.monotonic() < deadline:
+            time.sleep(0.1)
+            held = srv._call(lambda core: sum(len(r) for r in core.bls._held.values()))
+        assert held == 0
 
 
 def test_async_execute_fans_out_to_two_models_at_once(http):

@@ -8,8 +8,8 @@ by one thread that hands each to its waiter: a blocking ``exec()``, an awaiting 
 Response tensors are read-only numpy arrays over the answering worker's arena. As in Triton, they
 stay valid for as long as the model keeps them (in ``self`` from one call to the next, say): each
 array's base is a :class:`_Holder`, which numpy keeps alive with every view of it; when the last
-holder of a call is gone and the call has ended, the next return from ``execute`` tells the front
-(``bf``), which then frees the bytes.
+holder of a call is gone and the call has ended, the worker tells the front (``bf``, after the next
+``execute`` or within a second of idling), which then frees the bytes.
 """
 
 from __future__ import annotations
@@ -138,9 +138,10 @@ class BlsClient:
             return _Responses(self, call)
         return await asyncio.wrap_future(call.future)
 
-    def execute_returned(self) -> None:
-        """The calling model's execute has returned: the front may free the answers of the calls that
-        have ended and whose output arrays are all gone."""
+    def release_answers(self) -> None:
+        """Tell the front which answers it may free: those of calls that have ended and whose output
+        arrays the model holds no more. The worker calls it after each execute and once a second while
+        idle (a model may drop an answer it kept at any time)."""
         gone = self._gone
         with self._lock:
             live = self._live

@@ -130,9 +130,11 @@ class Worker:
         while True:
             try:
                 msg = self._next(spin_ns)
-            except posix_ipc.BusyError:
+            except posix_ipc.BusyError:  # a second without messages
                 if os.getppid() != parent:
                     return  # the front is gone
+                if bls.client is not None:
+                    bls.client.release_answers()  # BLS answers the model let go of since its last execute
                 continue
             except posix_ipc.SignalError:
                 continue
@@ -276,7 +278,7 @@ class Worker:
         t3 = time.perf_counter_ns()  # CLOCK_MONOTONIC: the front reads it as its own clock
         if bls.client is not None:
             responses = requests = None  # ours: the BLS answers they hold are not the model's any more
-            bls.client.execute_returned()  # the outputs are placed: BLS responses may go
+            bls.client.release_answers()  # the outputs are placed: BLS responses may go
         backend._marks = None
         if len(marks) == 2:  # the backend's own split of execute: gathering inputs, inference
             t1, t2 = marks
