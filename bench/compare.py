@@ -118,10 +118,21 @@ def select(spec: str) -> list[Scenario]:
 
 # --------------------------------------------------------------------------- servers
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: the sockets stay bound until all are chosen (asked one at a time,
+    the system may give the same port twice, and a server's HTTP and gRPC ports then collide)."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 class ManagedServer:
@@ -208,7 +219,7 @@ class ManagedServer:
 
 
 def _ports() -> dict[str, int]:
-    return {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
+    return dict(zip(("http", "grpc", "metrics"), free_ports(3)))
 
 
 def ours_server(repository: str, out: str) -> ManagedServer:

@@ -5,22 +5,20 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
+from bench import compare
+
 ROOT = Path(__file__).resolve().parent.parent
 DATATYPES = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
              "FP16", "FP32", "FP64", "BF16", "BYTES"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = compare.free_port
 
 
 def shm_entries(pids: set[int] | None = None) -> set[str]:
@@ -128,9 +126,7 @@ class KernelServer:
 
     def __init__(self, repository: Path | list[Path], *extra: str, env: dict | None = None) -> None:
         self.env = env or {}
-        self.http_port = free_port()
-        self.grpc_port = free_port()
-        self.metrics_port = free_port()
+        self.http_port, self.grpc_port, self.metrics_port = compare.free_ports(3)
         repos = repository if isinstance(repository, list) else [repository]
         self.args = [sys.executable, "-m", "kernel", "start", "--http-port", str(self.http_port),
                      "--grpc-port", str(self.grpc_port), "--metrics-port", str(self.metrics_port),
