@@ -583,6 +583,13 @@ def render(doc: dict[str, Any]) -> str:
               "client; the target row is the one with 8 in flight.",
               "- Servers run with their defaults: one CPU instance of each python-backend model; "
               "Triton is the reference build from `scripts/reference-triton` (CPU only)."]
+    starts = [r for r in doc["rows"] if r.get("starts")]
+    if starts:
+        lines.append(f"- Servers started {len(starts[0]['starts'])} times, each scenario measured on every start; a "
+                     "row is the start whose ours/Triton ratio (of its target's metric) is the median, the worse "
+                     "middle one for an even count. Ratios per start: " + "; ".join(
+                         f"{r['name']} " + ", ".join("—" if x is None else f"{x:.2f}" for x in r["starts"])
+                         for r in starts) + ".")
     for note in doc.get("notes", []):
         lines.append(f"- {note}")
     return "\n".join(lines) + "\n"
@@ -599,6 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load generator for both servers (default perf_analyzer; scenario 5's in-process side "
                         "always uses bench)")
     p.add_argument("--scenarios", default="all", help="all (default), or names / issue numbers 1-6, comma-separated")
+    p.add_argument("--starts", type=int, default=1, metavar="N",
+                   help="start both servers N times, measure each scenario on each start, and report per row the "
+                        "start whose ours/Triton ratio is the median (default 1)")
     p.add_argument("--out", default=os.path.join(REPO_ROOT, "bench", "results", "tmp", "compare"),
                    help="directory for results.json, logs and a copy of the page (default bench/results/tmp/compare, "
                         "git-ignored)")
@@ -649,6 +659,7 @@ class Page:
             "command": command, "complete": False, "machine": {}, "rows": [], "direct": None, "notes": [],
             "settings": {"client": args.client, "client_description": "",
                          **{k: v for k, v in asdict(options).items() if k not in ("client", "out", "repository")},
+                         "starts": args.starts,
                          "model_repository": options.repository, "scenarios": [s.name for s in scenarios]}}
 
     def describe_client(self) -> None:
@@ -659,6 +670,8 @@ class Page:
             f"bench (this repository's load generator on tritonclient {m.get('tritonclient')} asyncio clients)")
 
     def add(self, row: dict[str, Any]) -> None:
+        """Add a row, or replace the row of the same scenario (a later server start's median)."""
+        self.doc["rows"] = [r for r in self.doc["rows"] if r["name"] != row["name"]]
         self.doc["rows"].append(row)
         self.doc["rows"].sort(key=lambda r: [s.name for s in SCENARIOS].index(r["name"]))
         self.save()
@@ -683,6 +696,8 @@ class Page:
 
 def _compare(args: argparse.Namespace, command: str) -> int:
     scenarios = select(args.scenarios)
+    if args.starts < 1:
+        raise BenchError("--starts must be at least 1")
     repository = os.path.abspath(args.model_repository)
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
@@ -702,13 +717,33 @@ def _compare(args: argparse.Namespace, command: str) -> int:
         if s not in runnable:
             page.add(_row(s, args.client, skipped=f"model {s.model} is not in {repository}"))
     models = sorted({s.model for s in runnable})
+    pairs: dict[str, list[tuple[dict | None, dict | None]]] = {}  # scenario -> (ours, triton) of each start
+    runner = Runner(options, 2 * len(runnable) * args.starts)
+    try:
+        for start in range(args.starts):
+            _one_start(args, page, runner, runnable, models, pairs, start)
+        page.doc["complete"] = True
+    finally:
+        text = page.save(docs=bool(page.doc["rows"]))
+    print(text)
+    print(f"results: {os.path.join(out, 'results.json')}" + ("" if args.no_docs else f"; page: {args.docs}"),
+          file=sys.stderr)
+    return 0
+
+
+def _one_start(args: argparse.Namespace, page: Page, runner: Runner, runnable: list[Scenario], models: list[str],
+               pairs: dict[str, list], start: int) -> None:
+    """Start both servers afresh, measure every scenario on each, stop them; each row becomes the median
+    of its starts so far (median_pair)."""
+    repository, out, notes = runner.o.repository, runner.o.out, page.doc["notes"]
     ours = ours_server(repository, out)
     triton = triton_server(repository, out, args.triton_arg)
     not_ready: dict[str, dict[str, str]] = {"ours": {}, "triton": {}}
     triton_http_c1: dict[str, Any] | None = None
     try:
         if runnable:
-            print("starting ours and the reference Triton ...", file=sys.stderr, flush=True)
+            suffix = f" (start {start + 1} of {args.starts})" if args.starts > 1 else ""
+            print(f"starting ours and the reference Triton{suffix} ...", file=sys.stderr, flush=True)
             ours.start()
             triton.start()
             for server in (ours, triton):
@@ -718,19 +753,20 @@ def _compare(args: argparse.Namespace, command: str) -> int:
                     notes.append(f"{server.name} did not start: {e}".splitlines()[0])
                     print(f"error: {e}", file=sys.stderr, flush=True)
                     not_ready[server.name] = {m: f"{server.name} did not start" for m in models}
-        page.doc["machine"] = machine(triton if runnable else None)
-        if args.client == "perf_analyzer":
-            page.doc["machine"]["perf_analyzer"] = pa.version(args.perf_analyzer)
-        page.describe_client()
-        runner = Runner(options, 2 * len(runnable))
+        if not page.doc["machine"]:
+            page.doc["machine"] = machine(triton if runnable else None)
+            if args.client == "perf_analyzer":
+                page.doc["machine"]["perf_analyzer"] = pa.version(args.perf_analyzer)
+            page.describe_client()
         for index, s in enumerate(runnable):
             broken = {side: reasons[s.model] for side, reasons in not_ready.items() if s.model in reasons}
             if s.protocol != "inprocess" and broken:
-                page.add(_row(s, args.client, skipped="; ".join(broken.values())))
+                if not pairs.get(s.name):
+                    page.add(_row(s, args.client, skipped="; ".join(broken.values())))
                 continue
             print(f"[{index + 1}/{len(runnable)}] {s.name}", file=sys.stderr, flush=True)
             result: dict[str, Any] = {}
-            order = ("ours", "triton") if index % 2 == 0 else ("triton", "ours")
+            order = ("ours", "triton") if (index + start) % 2 == 0 else ("triton", "ours")
             for side in order:
                 try:
                     if s.protocol == "inprocess" and side == "ours":
@@ -752,19 +788,45 @@ def _compare(args: argparse.Namespace, command: str) -> int:
                 page.doc["direct"] = direct_baseline(repository, s.model)
                 print(f"  direct call: p50 {page.doc['direct']['latency_us']['p50']:.0f} usec", file=sys.stderr,
                       flush=True)
+            pairs.setdefault(s.name, []).append((result.get("ours"), result.get("triton")))
+            chosen, ratios = median_pair(s, pairs[s.name])
             label = args.client if s.protocol != "inprocess" else f"bench -i inprocess vs {args.client} HTTP"
-            row = _row(s, label, ours=result.get("ours"), triton=result.get("triton"))
-            row["verdicts"] = verdicts(s, result.get("ours"), result.get("triton"), page.doc["direct"])
+            row = _row(s, label, ours=chosen[0], triton=chosen[1])
+            row["verdicts"] = verdicts(s, chosen[0], chosen[1], page.doc["direct"])
+            if len(pairs[s.name]) > 1:
+                row["starts"] = ratios
             page.add(row)
-        page.doc["complete"] = True
     finally:
         ours.stop()
         triton.stop()
-        text = page.save(docs=bool(page.doc["rows"]))
-    print(text)
-    print(f"results: {os.path.join(out, 'results.json')}" + ("" if args.no_docs else f"; page: {args.docs}"),
-          file=sys.stderr)
-    return 0
+
+
+def median_pair(scenario: Scenario, pairs: list[tuple[dict | None, dict | None]]) -> tuple[tuple, list]:
+    """The (ours, Triton) pair of one server start that stands for several: the median by the scenario's
+    first target (the ratio of throughputs or of p50s; p50 when it has none), the worse of the two middle
+    ones when their number is even. Also every start's ratio, in order (None: a side not measured).
+
+    Each start measures both servers back to back on fresh processes, so a pair's ratio is what one
+    placement of the processes on the machine's cores gave; the median is robust to the third of a c=1
+    latency that placement alone can move (docs/performance-notes.md)."""
+    metric = scenario.targets[0].metric if scenario.targets else "p50"
+
+    def ratio(pair: tuple[dict | None, dict | None]) -> float | None:
+        ours, theirs = pair
+        if not ours or not theirs:
+            return None
+        if metric == "throughput":
+            return ours["throughput"] / theirs["throughput"] if theirs.get("throughput") else None
+        mine, other = ours["latency_us"].get("p50"), theirs["latency_us"].get("p50")
+        return mine / other if mine and other else None
+
+    ratios = [ratio(p) for p in pairs]
+    ranked = sorted((r, i) for i, r in enumerate(ratios) if r is not None)
+    if not ranked:
+        return pairs[-1], ratios
+    if metric == "throughput":
+        ranked.reverse()  # best first: higher throughput ratios
+    return pairs[ranked[len(ranked) // 2][1]], ratios
 
 
 def _row(s: Scenario, client_label: str, ours: dict | None = None, triton: dict | None = None,

@@ -15,7 +15,7 @@ import pytest
 from bench import perf_analyzer as pa
 from bench.cli import parse_range
 from bench.clients import ClientOptions
-from bench.compare import SCENARIOS, Scenario, Target, render, select, verdicts
+from bench.compare import SCENARIOS, Scenario, Target, median_pair, render, select, verdicts
 from bench.inputs import BenchError, parse_shapes, resolve_inputs
 from bench.profiler import Settings, run
 from bench.stats import Window, is_stable, server_split, summarize
@@ -170,6 +170,24 @@ def test_scenario_selection_and_verdicts():
     assert verdicts(s, None, triton, None)[0]["pass"] is None
 
 
+def test_the_median_start_stands_for_several():
+    def pair(ours_p50: float, theirs_p50: float, ours_tp: float = 100.0, theirs_tp: float = 100.0) -> tuple:
+        return ({"throughput": ours_tp, "latency_us": {"p50": ours_p50}},
+                {"throughput": theirs_tp, "latency_us": {"p50": theirs_p50}})
+
+    latency = Scenario("x", 2, "x", "m", "grpc", targets=[Target("p50", 1)])
+    starts = [pair(300, 200), pair(200, 250), pair(240, 240)]  # ratios 1.5, 0.8, 1.0
+    chosen, ratios = median_pair(latency, starts)
+    assert chosen is starts[2] and ratios == [1.5, 0.8, 1.0]
+    chosen, _ = median_pair(latency, starts[:2])  # even: the worse of the two middle ones
+    assert chosen is starts[0]
+    throughput = Scenario("y", 2, "y", "m", "grpc", targets=[Target("throughput", 1)])
+    starts = [pair(1, 1, 90, 100), pair(1, 1, 130, 100)]  # ratios 0.9, 1.3: the worse is 0.9
+    assert median_pair(throughput, starts)[0] is starts[0]
+    missing = [(None, starts[0][1]), starts[1]]  # a start where ours was not measured does not count
+    assert median_pair(throughput, missing) == (starts[1], [None, 1.3])
+
+
 def test_render_page():
     row = {"name": "add_sub_http_c1", "group": 1, "title": "add_sub, HTTP, c=1", "client_label": "bench",
            "ours": {"throughput": 2000.0, "latency_us": {"p50": 400.0, "p99": 900.0}, "stable": True,
@@ -187,6 +205,9 @@ def test_render_page():
     assert "| CPU | CPU-X |" in page and "triton 2.51.0" in page and "`python -m bench compare`" in page
     assert "| 2,000 | ~1,000 | 2.00 | 400 | ~800 | 900 | — |" in page
     assert "**pass** (2.00x)" in page and "9 / 16 / 10 / 12" in page and "- n1" in page
+    assert "started" not in page
+    row["starts"] = [2.0, None, 1.5]
+    assert "Servers started 3 times" in render(doc) and "add_sub_http_c1 2.00, —, 1.50." in render(doc)
 
 
 # --------------------------------------------------------------------------- real runs
