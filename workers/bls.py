@@ -63,7 +63,8 @@ class BlsClient:
         self._calls: dict[int, _Call] = {}
         self._next = 0
         self._live: dict[int, int] = {}  # call id -> output holders not yet gone (see _Holder)
-        self._ended: set[int] = set()  # calls whose final answer came, with outputs the front keeps
+        self._kept: set[int] = set()  # calls with answers the front keeps for us, not ended yet
+        self._ended: set[int] = set()  # calls whose final answer came, with answers the front keeps
         self._gone: collections.deque[int] = collections.deque()  # call ids of holders gone (any thread)
         self._reader: threading.Thread | None = None
         #: tensor bytes copied into this worker's arena for BLS requests (tests check that tensors already in
@@ -147,7 +148,7 @@ class BlsClient:
             live = self._live
             while gone:
                 qid = gone.popleft()
-                live[qid] -= 1
+                live[qid] = live.get(qid, 0) - 1
             done = [qid for qid in self._ended if not live.get(qid)]
             for qid in done:
                 self._ended.discard(qid)
@@ -171,21 +172,19 @@ class BlsClient:
     def _dispatch(self, msg: dict) -> None:
         qid = msg["q"]
         final = msg["final"]
-        held = msg["res"] is not None and "out" in msg["res"]  # the front keeps these outputs for us
-        holders = 0
         with self._lock:
             call = self._calls.pop(qid, None) if final else self._calls.get(qid)
-        if call is None:
-            response = None
-        else:
+            if msg["res"] is not None and "out" in msg["res"]:
+                self._kept.add(qid)  # the front keeps this answer until we say so
+        response = None
+        if call is not None:
             try:
-                response, holders = self._response(msg["res"], qid)
+                response = self._response(msg["res"], qid)
             except Exception as e:  # an output that cannot be mapped: the caller gets an error response
                 response = _error_response(f"unable to read the BLS response: {e}", "INTERNAL")
-        with self._lock:  # before the response is handed over: no holder of it is gone yet
-            if holders:
-                self._live[qid] = self._live.get(qid, 0) + holders
-            if final and (held or qid in self._live):
+        with self._lock:  # only now: release_answers (another thread) must see this answer's holders first
+            if final and qid in self._kept:
+                self._kept.discard(qid)
                 self._ended.add(qid)
         if call is None:
             return
@@ -196,24 +195,25 @@ class BlsClient:
         else:
             call.stream.put((response, final))
 
-    def _response(self, result: dict | None, qid: int) -> tuple[Any, int]:
-        """The pb_utils response for an answer, and how many holders its arrays have."""
+    def _response(self, result: dict | None, qid: int) -> Any:
+        """The pb_utils response for an answer (its arrays' holders counted for call ``qid``)."""
         from workers.backends.python import triton_python_backend_utils as pb
 
         if result is None:
-            return pb.InferenceResponse([]), 0
+            return pb.InferenceResponse([])
         if "err" in result:
             message, code = result["err"]
-            return _error_response(message, code), 0
+            return _error_response(message, code)
         tensors = []
-        holders = 0
         for loc in result["out"]:
             array = self.worker.input_array(loc)
             if array.dtype != object:  # BYTES are copied out: nothing of them stays in shared memory
-                array = np.asarray(_Holder(array, qid, self._gone))
-                holders += 1
+                holder = _Holder(array, qid, self._gone)
+                with self._lock:  # counted before anything could drop it: its end is always matched
+                    self._live[qid] = self._live.get(qid, 0) + 1
+                array = np.asarray(holder)
             tensors.append(pb.Tensor(loc[0], array))
-        return pb.InferenceResponse(tensors, parameters=result.get("p") or None), holders
+        return pb.InferenceResponse(tensors, parameters=result.get("p") or None)
 
 
 class _Holder:
@@ -230,7 +230,8 @@ class _Holder:
         self._gone = gone
 
     def __del__(self) -> None:
-        self._gone.append(self._qid)  # thread-safe, no lock: this may run inside any code of any thread
+        # thread-safe, no lock: this may run inside any code of any thread
+        self._gone.append(self._qid)
 
 
 class _Responses:
