@@ -310,14 +310,16 @@ class Server:
                  strict_model_config: bool = False, model_control_mode: str = "none",
                  load_models: list[str] | None = None, log_verbose: int = 0,
                  backend_config: dict[str, dict[str, str]] | None = None, strict_readiness: bool = True,
-                 exit_timeout: float = 30.0, backend_directory: str | list[str] | None = None) -> None:
+                 exit_timeout: float = 30.0, backend_directory: str | list[str] | None = None,
+                 host_policy: dict[str, dict[str, str]] | None = None) -> None:
         repos = model_repository if isinstance(model_repository, list) else \
             [model_repository] if model_repository is not None else [default_repository()]
         self._core = Core([str(r) for r in repos], strict_model_config=strict_model_config,
                           model_control_mode=model_control_mode, load_models=load_models,
                           log_verbose=log_verbose, backend_config=backend_config,
                           backend_directories=[backend_directory] if isinstance(backend_directory, str)
-                          else backend_directory, strict_readiness=strict_readiness, exit_timeout=exit_timeout)
+                          else backend_directory, strict_readiness=strict_readiness, exit_timeout=exit_timeout,
+                          host_policies=host_policy)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopped: asyncio.Event | None = None

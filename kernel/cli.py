@@ -9,7 +9,7 @@ import signal
 import sys
 from typing import Any
 
-from kernel import __version__
+from kernel import __version__, host_policy
 from kernel.api import Server
 from kernel.restricted import GRPC_PREFIX, Restrictions
 from kernel.server import default_repository
@@ -36,6 +36,13 @@ def _backend_config(text: str) -> tuple[str, str, str]:
     if comma <= 0 or not eq_sign or not key:
         raise argparse.ArgumentTypeError(f"expected <backend>,<key>=<value> or <key>=<value>, got '{text}'")
     return backend, key, value
+
+
+def _host_policy(text: str) -> tuple[str, str, str]:
+    try:
+        return host_policy.parse_setting(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "pytorch,libomp-path=/usr/lib/aarch64-linux-gnu/libgomp.so.1 or "
                             "python,shm-default-byte-size=8388608 (each worker's output arena); <key>=<value> "
                             "applies to every backend; repeatable")
+    start.add_argument("--host-policy", action="append", type=_host_policy, default=[],
+                       metavar="<policy>,<setting>=<value>",
+                       help="a host policy setting, as tritonserver's: cpu-cores=<lower>-<upper>[,...] (the cores "
+                            "the instances of that policy run on) or numa-node=<id>; instance groups name their "
+                            "policy in host_policy, by default cpu, model or gpu_<device>; repeatable")
     start.add_argument("--http-port", type=int, default=8000, help="HTTP/REST port (default 8000; -1 disables)")
     start.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001; -1 disables)")
     start.add_argument("--metrics-port", type=int, default=8002,
@@ -163,12 +175,15 @@ async def serve(args: Any) -> int:
     backend_config: dict[str, dict[str, str]] = {}
     for backend, key, value in args.backend_config:
         backend_config.setdefault(backend, {})[key] = value
+    policies: dict[str, dict[str, str]] = {}
+    for name, setting, value in args.host_policy:
+        policies.setdefault(name, {})[setting] = value
     server = Server(args.model_repository or [default_repository()],
                     strict_model_config=args.strict_model_config or args.disable_auto_complete_config,
                     model_control_mode=args.model_control_mode, load_models=args.load_model,
                     log_verbose=args.log_verbose, backend_config=backend_config,
                     backend_directory=args.backend_directory, exit_timeout=args.exit_timeout_secs,
-                    strict_readiness=args.strict_readiness)
+                    strict_readiness=args.strict_readiness, host_policy=policies)
     core = server.core
     try:
         core.http_restricted = Restrictions.parse(args.http_restricted_api)

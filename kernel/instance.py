@@ -122,6 +122,7 @@ class Instance:
         self.kind = kind  # "CPU" | "GPU" | "MODEL"
         self.device_id = device_id
         self.secondary = secondary or []
+        self.placement: dict = {}  # the host policy its worker applies (kernel.host_policy.placement)
         self.regions = regions
         self.options = dict(options or {})  # merged into the worker's spec (verbose, arena_size, spin_us)
         self.env: dict[str, str] = self.options.pop("env", None) or {}  # set in the worker's environment

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kernel import config as cfg
+from kernel import host_policy
 from kernel.errors import ServerError, invalid
 from kernel.instance import Instance, Regions
 from kernel.scheduler import Scheduler, make_scheduler
@@ -173,7 +174,7 @@ class ModelVersion:
             self.set_config(completed)
             groups = _groups(self.config)
         placements = []
-        for group_name, kind, gpus, count, secondary in groups:
+        for group_name, kind, gpus, count, secondary, policy in groups:
             if kind == "GPU":
                 bad = [g for g in gpus if not 0 <= g < gpu_count]
                 if bad or not gpus:
@@ -185,12 +186,15 @@ class ModelVersion:
             index = 0
             for device in devices:
                 for _ in range(count):
-                    placements.append((f"{group_name}_{index}", kind, device, secondary))
+                    placements.append((f"{group_name}_{index}", kind, device, secondary,
+                                       host_policy.placement(server.host_policies,
+                                                             host_policy.policy_name(policy, kind, device))))
                     index += 1
-        first.name, first.kind, first.device_id, first.secondary = placements[0]
-        for name, kind, device, secondary in placements[1:]:
+        first.name, first.kind, first.device_id, first.secondary, first.placement = placements[0]
+        for name, kind, device, secondary, place in placements[1:]:
             self.instances.append(Instance(name, kind, device, regions, options=options, secondary=secondary))
             self.instances[-1].spinner = server.spinner
+            self.instances[-1].placement = place
         load_msg = dict(load_msg, config=self.config_dict, autocomplete=False)
         await asyncio.gather(*(inst.start(load_msg) for inst in self.instances[1:]))
         model_config_json = json.dumps(self.config_dict)
@@ -205,7 +209,7 @@ class ModelVersion:
             # Not in Triton's args: the group's secondary devices (an NVDLA core for a TensorRT engine).
             "model_instance_secondary_devices": json.dumps(
                 [{"kind": "KIND_NVDLA", "device_id": d.device_id} for d in inst.secondary]),
-        }}) for inst in self.instances))
+        }, **({"place": inst.placement} if inst.placement else {})}) for inst in self.instances))
         self.status = "; ".join(dict.fromkeys(s for s in statuses if s))
         for inst in self.instances:
             inst.on_exit = self._instance_died
@@ -675,7 +679,7 @@ def _place_inputs(batch: list[list], arena: Arena, blocks: list) -> list[list[li
 
 def _groups(config: ModelConfig) -> list[tuple]:
     """(name, kind, gpus, count, secondary devices) of each instance group."""
-    return [(g.name, _KIND.get(g.kind, "CPU"), list(g.gpus), g.count, list(g.secondary_devices))
+    return [(g.name, _KIND.get(g.kind, "CPU"), list(g.gpus), g.count, list(g.secondary_devices), g.host_policy)
             for g in config.instance_group]
 
 

@@ -65,13 +65,16 @@ class Core:
                  model_control_mode: str = "none", load_models: list[str] | None = None,
                  log_verbose: int = 0, backend_config: dict[str, dict[str, str]] | None = None,
                  backend_directories: list[str] | None = None, exit_timeout: float = 30.0,
-                 arena_size: int = 64 * MiB, strict_readiness: bool = True) -> None:
+                 arena_size: int = 64 * MiB, strict_readiness: bool = True,
+                 host_policies: dict[str, dict[str, str]] | None = None) -> None:
         self.repository = Repository(model_repositories)
         self.strict = strict_model_config
         self.control_mode = model_control_mode
         self.startup_models = list(load_models or [])
         self.verbose = log_verbose
         self.backend_config = backend_config or {}
+        #: ``--host-policy`` settings by policy name (kernel.host_policy)
+        self.host_policies = host_policies or {}
         self.backend_directories = [os.path.abspath(d) for d in backend_directories or []]
         self.exit_timeout = exit_timeout
         self.strict_readiness = strict_readiness

@@ -199,7 +199,10 @@ class Worker:
         self.send({"t": "loaded", "config": config})
 
     def _init(self, msg: dict) -> None:
-        """Create the backend's instance with the model's final configuration."""
+        """Create the backend's instance with the model's final configuration (after applying its host
+        policy, so that the threads the backend starts inherit it)."""
+        if msg.get("place"):
+            place(msg["place"])
         self.model = self._model(dict(self._load_msg, config=msg["config"], args=msg["args"]))
         self.backend = self.backend_class(self.model)
         self.send({"t": "ready", "status": self.backend.status})
@@ -504,6 +507,31 @@ class Worker:
             self._board_region.close()
         self.inbox.close()
         self.outbox.close()
+
+
+def place(policy: dict) -> None:
+    """Apply a host policy (kernel.host_policy) to this process: the cores it runs on and the NUMA node its
+    memory comes from. A kernel without NUMA support has no node to bind: the setting is then moot."""
+    cores = policy.get("cpu_cores")
+    if cores:
+        try:
+            os.sched_setaffinity(0, cores)
+        except OSError as e:
+            raise BackendError(f"Unable to set NUMA thread affinity: {e.strerror}", "INTERNAL") from None
+    node = policy.get("numa_node")
+    if node is not None:
+        import ctypes
+        import errno
+
+        number = {"x86_64": 238, "aarch64": 237}.get(os.uname().machine)  # set_mempolicy(2)
+        if number is None:
+            return
+        libc = ctypes.CDLL(None, use_errno=True)
+        mask = ctypes.c_ulong(1 << node)
+        if libc.syscall(number, 2, ctypes.byref(mask), ctypes.c_ulong(node + 2)) != 0:  # MPOL_BIND
+            err = ctypes.get_errno()
+            if err != errno.ENOSYS:
+                raise BackendError(f"Unable to set NUMA memory policy: {os.strerror(err)}", "INTERNAL")
 
 
 def _error(message: str, code: str = "INTERNAL", failed: bool = True) -> dict:
