@@ -133,7 +133,8 @@ def test_cli_help_explains_every_flag():
     out = subprocess.run([sys.executable, "-m", "kernel", "start", "--help"], capture_output=True, text=True,
                          cwd=ROOT).stdout
     for flag in ("--model-repository", "--backend-directory", "--backend-config", "--http-port", "--grpc-port",
-                 "--metrics-port", "--host", "--log-verbose", "--exit-timeout-secs", "--strict-model-config"):
+                 "--metrics-port", "--host", "--log-verbose", "--exit-timeout-secs", "--strict-model-config",
+                 "--host-policy"):
         assert flag in out
     top = subprocess.run([sys.executable, "-m", "kernel", "--help"], capture_output=True, text=True, cwd=ROOT).stdout
     assert "start" in top
