@@ -164,7 +164,6 @@ class ModelVersion:
         options = dict(options, env=server.worker_env(config.backend))
         groups = _groups(config)
         first = Instance(f"{groups[0][0]}_0", groups[0][1], 0, regions, options=options)
-        first.spinner = server.spinner  # from the start: its worker skips the doorbell while the front polls
         self.instances = [first]
         reply = await first.start(load_msg)
         if reply["config"] != self.config_dict:
@@ -193,8 +192,9 @@ class ModelVersion:
         first.name, first.kind, first.device_id, first.secondary, first.placement = placements[0]
         for name, kind, device, secondary, place in placements[1:]:
             self.instances.append(Instance(name, kind, device, regions, options=options, secondary=secondary))
-            self.instances[-1].spinner = server.spinner
             self.instances[-1].placement = place
+        for inst in self.instances:  # before any batch: a worker skips the doorbell only for a front that polls
+            inst.spinner = server.spinner
         load_msg = dict(load_msg, config=self.config_dict, autocomplete=False)
         await asyncio.gather(*(inst.start(load_msg) for inst in self.instances[1:]))
         model_config_json = json.dumps(self.config_dict)

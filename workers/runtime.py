@@ -97,18 +97,13 @@ class Worker:
             bls.attach(self, spec["replies"])
 
     # -- messages -------------------------------------------------------
-    def send(self, msg: dict) -> None:
-        """Answer the front (thread-safe: decoupled models send from their threads)."""
+    def send(self, msg: dict, *, polled: bool = False) -> None:
+        """Answer the front (thread-safe: decoupled models send from their threads). ``polled``: a batch's
+        answer, which the front polls for while the batch is in flight: no doorbell while it promises to
+        (shm.doorbell.Watch)."""
         with self._send_lock:
             self.outbox.send(msg)
-        ring_doorbell(self.doorbell_fd)
-
-    def answer(self, msg: dict) -> None:
-        """Send a batch's answer; no doorbell while the front promises to poll for it (shm.doorbell.Watch:
-        the front polls the rings of instances with batches in flight)."""
-        with self._send_lock:
-            self.outbox.send(msg)
-        if self._watch is None or not self._watch.watched():
+        if not (polled and self._watch is not None and self._watch.watched()):
             ring_doorbell(self.doorbell_fd)
 
     def _next(self, spin_ns: int) -> Any:
@@ -285,8 +280,8 @@ class Worker:
         backend._marks = None
         if len(marks) == 2:  # the backend's own split of execute: gathering inputs, inference
             t1, t2 = marks
-        self.answer({"t": "r", "id": msg["id"], "res": results, "d": decoupled,
-                     "ts": [t1 - t0, t2 - t1, t3 - t2], "at": t3})
+        self.send({"t": "r", "id": msg["id"], "res": results, "d": decoupled,
+                   "ts": [t1 - t0, t2 - t1, t3 - t2], "at": t3}, polled=True)
 
     def _failure(self, e: BaseException) -> str:
         if isinstance(e, BackendError):
