@@ -30,6 +30,7 @@ SETTINGS = {
     "workerspin5ms": ["--backend-config", "python,worker-spin-us=5000"],  # no worker sleeps between requests
     "nospin": ["--backend-config", "python,worker-spin-us=0", "--backend-config", "python,front-poll-us=0",
                "--backend-config", "ensemble,prewake=0"],
+    "nochain": ["--backend-config", "ensemble,chain=0"],  # every hop through the front (before stop 20)
 }
 
 
@@ -54,11 +55,12 @@ def _direct(frame: np.ndarray, calls: int) -> None:
         x = y
 
 
-def _cpu(pid: int) -> tuple[float, float]:
+def _cpu(pid: int) -> tuple[float, float, int]:
+    """A process's user and system CPU seconds and its minor page faults so far."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
+    return int(fields[11]) / tick, int(fields[12]) / tick, int(fields[7])
 
 
 def _top(raw: str, count: int = 30) -> None:
@@ -137,6 +139,8 @@ def _run(label: str, extra: list[str], frame: np.ndarray, requests: int, port: i
             f"{names[p]} {(after_cpu[p][0] - before_cpu[p][0]) / requests * 1e6:.0f}"
             f"+{(after_cpu[p][1] - before_cpu[p][1]) / requests * 1e6:.0f}" for p in pids
             if after_cpu[p] != before_cpu[p]), flush=True)
+        print("  minor page faults/request: " + ", ".join(
+            f"{names[p]} {(after_cpu[p][2] - before_cpu[p][2]) / requests:.1f}" for p in pids), flush=True)
         stats0 = {m["name"]: m["inference_stats"] for m in before["model_stats"]}
         for m in after["model_stats"]:
             if m["name"] not in ["camera_pipeline", *STEPS]:

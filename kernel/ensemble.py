@@ -20,8 +20,11 @@ from typing import TYPE_CHECKING, Any
 
 from kernel import config as cfg
 from kernel.errors import ServerError, invalid
-from kernel.model import ModelVersion, Pending, _settle
+from kernel.model import ModelVersion, Pending, Skipped, _settle
+from kernel.scheduler import Scheduler
 from kernel.types import ArenaRef, InferRequest, InferResponse, InputTensor, OutputTensor, RequestedOutput, ShmRef
+from protocol import dtypes
+from shm.link import FAILED, OK
 
 if TYPE_CHECKING:
     from protocol.model_config_pb2 import ModelConfig
@@ -32,6 +35,8 @@ ENSEMBLE = "ensemble"
 PREWAKE_MAX_NS = 3_000_000
 PREWAKE_MARGIN_NS = 200_000
 PREWAKE_DEFAULT_NS = 1_000_000
+#: A chained step's worker sleeps until this long before its input should be placed, then polls for it.
+CHAIN_LEAD_NS = 300_000
 
 
 def is_ensemble(config: ModelConfig) -> bool:
@@ -202,11 +207,25 @@ class EnsembleVersion(ModelVersion):
             produced = {tensor for _, tensor in step.outputs}
             self.followers[step.index] = [(other, n) for other in steps
                                           if (n := sum(t in produced for _, t in other.inputs))]
+        # Steps that may be chained to the one before them (see _Run._chain): the only follower of a step
+        # that reads nothing else, when every tensor that step produces goes to it alone.
+        produced_outputs = {t.name for t in config.output}
+        self.chains: dict[int, Step] = {}
+        for step in steps if not self.decoupled_steps else ():
+            if len(self.followers[step.index]) != 1:
+                continue
+            follower, count = self.followers[step.index][0]
+            if count == len(follower.inputs) and all(
+                    t not in produced_outputs and len(self.readers.get(t, ())) == 1 for _, t in step.outputs):
+                self.chains[step.index] = follower
         if self.decoupled_steps:  # as Triton: an ensemble with a decoupled step is decoupled
             config.model_transaction_policy.decoupled = True
             self.set_config(config)
         #: ``--backend-config ensemble,prewake=0`` turns the wake hints off (a machine with no core to spare)
-        self.prewake = core.backend_settings("ensemble").get("prewake", "1").lower() not in ("0", "false", "no")
+        settings = core.backend_settings("ensemble")
+        self.prewake = settings.get("prewake", "1").lower() not in ("0", "false", "no")
+        #: ``--backend-config ensemble,chain=0`` sends every step through the front (see _Run._chain)
+        self.chain = settings.get("chain", "1").lower() not in ("0", "false", "no") and bool(self.chains)
         self.scheduler = EnsembleScheduler(self)  # type: ignore[assignment]
 
     async def unload(self) -> None:
@@ -219,6 +238,11 @@ class EnsembleVersion(ModelVersion):
                 await _sleep(0.05)
         self.state = "UNAVAILABLE"
         self.reason = "unloaded"
+
+
+def _idle(version: ModelVersion) -> int:
+    """How many instances of ``version`` have nothing in flight."""
+    return sum(1 for i in version.instances if i.alive and not i.inflight)
 
 
 async def _sleep(seconds: float) -> None:
@@ -337,7 +361,7 @@ class _Run:
     """One ensemble request in flight."""
 
     __slots__ = ("scheduler", "version", "pending", "root", "responses", "outstanding", "failed", "error", "dests",
-                 "wanted", "holds", "emitted", "steps")
+                 "wanted", "holds", "emitted", "steps", "links", "held")
 
     def __init__(self, scheduler: EnsembleScheduler, pending: Pending) -> None:
         self.scheduler = scheduler
@@ -355,6 +379,8 @@ class _Run:
         self.holds = 1  # decoupled: the run itself, and each response sent and not yet released
         self.emitted = 0
         self.steps: set[asyncio.Future] = set()  # the futures of the steps in flight (to cancel them)
+        self.links: dict[int, _Link] = {}  # chained steps: a step's index -> the link its follower waits on
+        self.held: list[_Link] = []  # every link the run made (a step run again the usual way makes another)
 
     def start(self) -> None:
         self.scheduler.running += 1
@@ -377,40 +403,148 @@ class _Run:
                 and all(n in branch.tensors for n in self.wanted):
             self._emit(branch)
 
-    def _launch(self, branch: _Branch, step: Step) -> None:
+    def _launch(self, branch: _Branch, step: Step, link: _Link | None = None) -> None:
+        """Submit ``step`` on its inputs: the branch's tensors, or, for a chained step (``link``), the
+        blocks its producer is still filling."""
         request = self.pending.request
-        tensors = branch.tensors
-        inputs = []
-        for model_input, name in step.inputs:
-            t = tensors[name]
-            inputs.append(InputTensor(model_input, t.datatype, t.shape, t.data))
+        if link is None:
+            tensors = branch.tensors
+            inputs = []
+            for model_input, name in step.inputs:
+                t = tensors[name]
+                inputs.append(InputTensor(model_input, t.datatype, t.shape, t.data))
+        else:
+            inputs = link.inputs
         outputs = [RequestedOutput(model_output, shm=self.dests.get(name)) for model_output, name in step.outputs]
         sub = InferRequest(step.model, step.version, request.id, inputs, outputs, request.parameters)
         core = self.version.server
-        try:
-            if step.index in self.version.decoupled_steps:
-                self.outstanding += 1
-                try:
-                    ends = core.stream(sub, lambda r, final, step=step: self._streamed(branch, step, r, final))
-                except BaseException:
-                    self.outstanding -= 1
-                    raise
-                self.steps.add(ends)
-                ends.add_done_callback(self.steps.discard)
+        if step.index in self.version.decoupled_steps:
+            self.outstanding += 1
+            try:
+                ends = core.stream(sub, lambda r, final, step=step: self._streamed(branch, step, r, final))
+            except ServerError as e:
+                self.outstanding -= 1
+                self._fail(e)
                 return
+            except BaseException:
+                self.outstanding -= 1
+                raise
+            self.steps.add(ends)
+            ends.add_done_callback(self.steps.discard)
+            return
+        out = self._chain(step, sub, link) if self.version.chain else None
+        if link is not None or out is not None:
+            sub.chain = _Ends(link, out)
+        try:
             future = core.submit(sub)
         except ServerError as e:
-            self._fail(e)
+            if out is not None:
+                self._unlink(step, out)
+            if link is None:
+                self._fail(e)
+            # else: a chained step refused at once; the step it follows runs it the usual way once done
             return
+        if future.done():  # failed before reaching a worker (its inputs could not be placed)
+            if out is not None:
+                self._unlink(step, out)
+        else:
+            for held in (link, out):
+                if held is not None:
+                    held.holds += 1  # until this batch's worker answers (kernel.model.Batch)
+            if link is not None:
+                link.running = True
+                core.chained_steps += 1
         self.outstanding += 1
         self.steps.add(future)
         future.add_done_callback(lambda f, step=step: self._step_done(branch, step, f))
-        self._prewake(branch, step)
+        if out is None:
+            self._prewake(branch, step, link.expect_ns if link is not None else 0)
+        elif not future.done():
+            # (if the follower is refused now, it runs the usual way once this step is done)
+            self._launch(branch, self.version.chains[step.index], out)
 
-    def _prewake(self, branch: _Branch, step: Step) -> None:
+    def _unlink(self, step: Step, link: _Link) -> None:
+        """``step`` never reached a worker: nothing will use ``link`` (the run's hold goes now)."""
+        self.links.pop(step.index, None)
+        self.held.remove(link)
+        link.end()
+
+    def _chain(self, step: Step, sub: InferRequest, link: _Link | None) -> _Link | None:
+        """Chain the next step to ``step``: both are sent at once, ``step``'s outputs go to blocks of
+        the front's arena that the next step's batch names as its inputs, and the next step's worker
+        starts when ``step``'s worker posts the link (shm.link), without waiting for the front.
+
+        A hop through the front costs ~100 µs (the answer to the front, its work, the next batch to
+        the next worker); a link costs a few. Only when it cannot block anything: both models have
+        an idle instance and nothing queued (so each chained batch heads its worker's line and waits
+        only for a batch sent before it: no cycle of waits), no dynamic or sequence batching, and
+        ``step``'s outputs have fixed shapes (so the blocks can be sized now). The follower's worker
+        sleeps while ``step`` is far from done and polls for its post near the end.
+        """
+        follower = self.version.chains.get(step.index)
+        core = self.version.server
+        if follower is None or core.links is None or not core.free_links:
+            return None
+        try:
+            producer = core.version(step.model, step.version)
+            consumer = core.version(follower.model, follower.version)
+        except ServerError:
+            return None
+        if type(producer.scheduler) is not Scheduler or type(consumer.scheduler) is not Scheduler \
+                or producer.scheduler.queue or consumer.scheduler.queue:
+            return None
+        # ``step`` is about to take an idle instance (a chained step's was counted when it was chained),
+        # the follower needs another.
+        if producer is consumer:
+            if _idle(consumer) < 2:
+                return None
+        elif (link is None and not _idle(producer)) or not _idle(consumer):
+            return None
+        expect = max((i.answer_ns for i in producer.instances), default=0) or PREWAKE_DEFAULT_NS
+        if expect > PREWAKE_MAX_NS:
+            return None
+        # The blocks: one per output, sized from the producer's configuration.
+        configured = {o.name: o for o in producer.config.output}
+        batch = [sub.inputs[0].shape[0]] if producer.max_batch_size > 0 and sub.inputs and sub.inputs[0].shape \
+            else []
+        shapes = {}
+        for model_output, _ in step.outputs:
+            o = configured.get(model_output)
+            if o is None or o.HasField("reshape") or any(d < 0 for d in o.dims):
+                return None
+            datatype = cfg.datatype(o.data_type)
+            if datatype == "BYTES":
+                return None
+            shapes[model_output] = (datatype, batch + list(o.dims))
+        arena = core.arena
+        blocks = []
+        for datatype, shape in shapes.values():
+            nbytes = dtypes.byte_size(datatype, shape)
+            try:
+                key, offset = arena.alloc(nbytes)
+            except Exception:  # noqa: BLE001 - /dev/shm full: no chain, the usual way may still work
+                for block in blocks:
+                    arena.free(*block)
+                return None
+            blocks.append((key, offset))
+        out = _Link(core, core.free_links.pop(), blocks, (link.expect_ns if link is not None else 0) + expect)
+        by_tensor = {}
+        for (model_output, name), (key, offset), (datatype, shape) in zip(step.outputs, blocks, shapes.values()):
+            nbytes = dtypes.byte_size(datatype, shape)
+            by_tensor[name] = (datatype, shape, ArenaRef(key, offset, nbytes))
+            for o in sub.outputs:
+                if o.name == model_output:
+                    o.arena = [key, offset, nbytes, shape, datatype]
+        out.inputs = [InputTensor(model_input, *by_tensor[name]) for model_input, name in follower.inputs]
+        self.links[step.index] = out
+        self.held.append(out)
+        return out
+
+    def _prewake(self, branch: _Branch, step: Step, after: int = 0) -> None:
         """While ``step`` runs, wake the worker of each step it alone still holds back, so that worker
         polls for its batch instead of sleeping when the batch comes (a wake-up costs hundreds of
-        microseconds per step on a busy machine). Only for steps that answer within PREWAKE_MAX_NS."""
+        microseconds per step on a busy machine). Only for steps that answer within PREWAKE_MAX_NS;
+        ``after``: how long a chained ``step`` should wait for its own inputs first."""
         followers = self.version.followers[step.index]
         if not followers or not self.version.prewake:
             return
@@ -431,7 +565,7 @@ class _Run:
                 continue
             for instance in target.instances:
                 if instance.alive and not instance.inflight:
-                    instance.prewake(expect + (expect >> 2) + PREWAKE_MARGIN_NS)
+                    instance.prewake(after + expect + (expect >> 2) + PREWAKE_MARGIN_NS)
                     break
 
     def _step_done(self, branch: _Branch, step: Step, future: Any) -> None:
@@ -441,10 +575,20 @@ class _Run:
             self._fail(ServerError(f"the step of model '{step.model}' was cancelled", "INTERNAL"))
         else:
             error = future.exception()
-            if error is not None:
+            if isinstance(error, Skipped):
+                pass  # a chained step whose producer posted no outputs: the producer's own end decides
+            elif error is not None:
                 self._fail(error if isinstance(error, ServerError) else ServerError(str(error), "INTERNAL"))
             else:
-                self._outputs(branch, step, future.result())
+                response = future.result()
+                link = self.links.get(step.index)
+                if link is not None and link.running and link.core.links is not None \
+                        and link.core.links.status(link.slot) == OK and not self.failed:
+                    # its follower already runs on these outputs
+                    self.responses.append(response)
+                    branch.waiting[self.version.chains[step.index].index] = 0
+                else:
+                    self._outputs(branch, step, response)
         self._maybe_finish()
 
     def _streamed(self, branch: _Branch, step: Step, response: Any, final: bool) -> None:
@@ -486,6 +630,8 @@ class _Run:
     def _fail(self, error: ServerError) -> None:
         if not self.failed:
             self.failed = True
+            for link in self.held:
+                link.fail()  # chained steps still waiting give up
             # Triton names the ensemble in front of the step's message
             self.error = ServerError(f"in ensemble '{self.version.name}', {error.message}", error.code)
 
@@ -551,6 +697,80 @@ class _Run:
         responses, self.responses = self.responses, []
         for response in responses:
             response.release()
+        held, self.held = self.held, []
+        self.links = {}
+        for link in held:
+            link.end()
+
+
+class _Link:
+    """A chained step's link to the step it follows: a slot of the front's link board (shm.link) and the
+    blocks of the front's arena that carry the tensors between them.
+
+    Both go back once nothing can touch them: when the run has ended and each batch that names
+    them has been answered by its worker (or its worker died), ``holds`` counting those.
+    """
+
+    __slots__ = ("core", "slot", "blocks", "expect_ns", "inputs", "holds", "running")
+
+    def __init__(self, core: Any, slot: int, blocks: list, expect_ns: int) -> None:
+        self.core = core
+        self.slot = slot
+        self.blocks = blocks
+        self.expect_ns = expect_ns  # from now until the producer should post
+        self.inputs: list[InputTensor] = []  # the follower's, in the blocks
+        self.holds = 1  # the run's
+        self.running = False  # the follower's batch was sent, waiting on this link
+        core.links.reset(slot)
+
+    def wait_args(self) -> list[int]:
+        """The follower worker's wait: sleep, then poll (shm.link.LinkBoard.wait)."""
+        expect = self.expect_ns
+        return [self.slot, max(expect - CHAIN_LEAD_NS, 0), min(expect, CHAIN_LEAD_NS) + (expect >> 2)
+                + PREWAKE_MARGIN_NS]
+
+    def fail(self) -> None:
+        """The producer will not post (failed, cancelled, its worker gone): release the waiter."""
+        links = self.core.links
+        if links is not None and not links.status(self.slot):
+            links.post(self.slot, FAILED)
+
+    def end(self) -> None:
+        self.holds -= 1
+        if self.holds:
+            return
+        core = self.core
+        if core.arena is not None:
+            for block in self.blocks:
+                core.arena.free(*block)
+        if core.links is not None:
+            core.free_links.append(self.slot)
+        self.blocks = []
+
+
+class _Ends:
+    """A chained step's request: the link its batch waits on and the link it posts (either may be None)."""
+
+    __slots__ = ("wait", "post")
+
+    def __init__(self, wait: _Link | None, post: _Link | None) -> None:
+        self.wait = wait
+        self.post = post
+
+    def describe(self, spec: dict) -> None:
+        """What the worker needs in the batch message (kernel.model.ModelVersion.dispatch)."""
+        if self.wait is not None:
+            spec["w"] = self.wait.wait_args()
+        if self.post is not None:
+            spec["k"] = self.post.slot
+
+    def ended(self) -> None:
+        """The batch is over: its worker answered or is gone."""
+        if self.post is not None:
+            self.post.fail()  # (no effect if the worker posted)
+            self.post.end()
+        if self.wait is not None:
+            self.wait.end()
 
 
 class _Once:

@@ -439,7 +439,8 @@ class Instance:
                     self.inflight -= 1
                     # How long after a send the worker answers (a moving average; its clock is ours,
                     # CLOCK_MONOTONIC, and our own lateness in noticing is left out): see Spinner.
-                    wait = max(msg["at"] - handler.sent, 0)
+                    ts = msg["ts"]  # a chained step's batch counts from the end of its wait (ts[3])
+                    wait = max(msg["at"] - (max(handler.sent, ts[3]) if len(ts) > 3 else handler.sent), 0)
                     self.answer_ns = self.answer_ns + ((wait - self.answer_ns) >> 3) if self.answer_ns else wait
                 elif handler is not None:
                     self._batches[msg["id"]] = handler  # decoupled: stays until every final flag

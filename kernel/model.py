@@ -54,6 +54,14 @@ class TensorSpec:
         self.shape_tensor = bool(t.is_shape_tensor)
 
 
+class Skipped(ServerError):
+    """A chained pipeline step's batch that did not run: the step it waited for placed no outputs
+    (kernel.ensemble runs it the ordinary way then, or fails with that step's error)."""
+
+    def __init__(self) -> None:
+        super().__init__("the step before this chained step placed no outputs", "INTERNAL")
+
+
 class RequestFuture(asyncio.Future):
     """A request's future: cancelling it (the client reset its stream, a deadline passed, the caller's
     task was cancelled) cancels the request too.
@@ -456,8 +464,12 @@ class ModelVersion:
                     spec["out"] = [o.name for o in request.outputs]
                     dests = {o.name: [o.shm.region.posix_name, o.shm.region.offset + o.shm.offset, o.shm.byte_size,
                                       o.shm.region.id] for o in request.outputs if o.shm is not None}
+                    if request.chain is not None:  # a chained step's outputs: blocks of the front's arena
+                        dests.update((o.name, [*o.arena[:3], 0, *o.arena[3:]]) for o in request.outputs if o.arena)
                     if dests:
                         spec["shm"] = dests
+                if request.chain is not None:  # the links it waits on or posts (kernel.ensemble)
+                    request.chain.describe(spec)
                 if request.id:
                     spec["rid"] = request.id
                 params = {k: v for k, v in request.parameters.items() if k not in RESERVED_PARAMETERS}
@@ -514,30 +526,41 @@ class Batch:
             if pending.flag >= 0:
                 instance.put_flag(pending.flag)
                 pending.flag = -1
+            if pending.request.chain is not None:  # its worker is done with the links and blocks
+                pending.request.chain.ended()
 
     def done(self, instance: Instance, results: list, timings: list, decoupled: bool) -> None:
         version = self.version
         stats = version.stats
         now = time.perf_counter_ns()
-        ci, cinf, co = timings
-        stats.execution(sum(p.batch_size for p in self.pendings), ci, cinf, co)
+        ci, cinf, co = timings[:3]
+        # A chained step's batch waited for the step before it (kernel.ensemble): its times start when
+        # that wait ended (timings[3]), as if it had been sent then.
+        sent = max(self.sent, timings[3]) if len(timings) > 3 else self.sent
+        ran = sum(p.batch_size for p, r in zip(self.pendings, results) if r is None or "skip" not in r)
+        if ran:
+            stats.execution(ran, ci, cinf, co)
         if not decoupled:
             self._free_inputs(instance)
         for pending, result in zip(self.pendings, results):
-            total = now - pending.enqueued
+            total = now - max(pending.enqueued, sent if len(timings) > 3 else 0)
             if result is None:
                 continue  # decoupled: answered through stream()
+            if "skip" in result:  # a chained step whose input never came: not an inference at all
+                version.server.chain_skips += 1
+                _settle(pending, Skipped())
+                continue
             if "err" in result:
                 message, code = result["err"]
                 if result.get("fail"):
                     stats.failure(total, "CANCELED" if code == "CANCELLED" else "BACKEND")
                 else:  # an error response the model chose to send: Triton counts it a success
-                    stats.success(total, self.sent - pending.enqueued, ci, cinf, co, pending.batch_size)
+                    stats.success(total, max(sent - pending.enqueued, 0), ci, cinf, co, pending.batch_size)
                 _settle(pending, ServerError(message, code))  # a decoupled stream ends with it too
                 continue
             response = _response(version, instance, pending, result)
             response.timings = (ci, cinf, co)
-            stats.success(total, self.sent - pending.enqueued, ci, cinf, co, pending.batch_size)
+            stats.success(total, max(sent - pending.enqueued, 0), ci, cinf, co, pending.batch_size)
             _settle(pending, response)
         if decoupled:
             self.returned = True
@@ -610,9 +633,13 @@ def _response(version: ModelVersion, instance: Instance, pending: Pending, resul
     outputs = []
     frees = []
     refs = {o.name: o.shm for o in request.outputs or () if o.shm is not None}
+    chained = {o.name for o in request.outputs or () if o.arena} if request.chain is not None else ()
     for name, datatype, shape, key, offset, nbytes, region_id in result["out"]:
         if region_id:
             outputs.append(OutputTensor(name, datatype, shape, nbytes, shm=refs.get(name)))
+        elif name in chained and version.server.arena.owns(key):  # a block of the front's arena
+            outputs.append(OutputTensor(name, datatype, shape, nbytes, version.server.arena.view(key, offset, nbytes),
+                                        ref=(key, offset)))
         elif nbytes:
             outputs.append(OutputTensor(name, datatype, shape, nbytes, instance.buffer(key)[offset : offset + nbytes],
                                         ref=(key, offset)))

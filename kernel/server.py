@@ -26,6 +26,7 @@ from kernel.shm_registry import Registration, SharedMemoryRegistry
 from kernel.types import InferRequest, InferResponse
 from shm.arena import Arena, MiB
 from shm.doorbell import Watch
+from shm.link import LinkBoard
 from shm.region import remove_stale
 
 log = logging.getLogger("kernel")
@@ -82,6 +83,10 @@ class Core:
         self.regions = Regions()
         self.shm = SharedMemoryRegistry(self._forget_region)
         self.arena: Arena | None = None
+        self.links: LinkBoard | None = None  # with its free slots: see kernel.ensemble's chained steps
+        self.free_links: list[int] = []
+        self.chained_steps = 0  # pipeline steps sent chained, and those of them skipped (tests, probes)
+        self.chain_skips = 0
         self._trimmer: asyncio.TimerHandle | None = None
         self._arena_size = arena_size
         self.gpus = gpu_count()
@@ -109,6 +114,8 @@ class Core:
         self.arena = Arena("front", self._arena_size)
         if self.spinner.window_ns:
             self.spinner.watch = Watch()
+        self.links = LinkBoard()  # chained pipeline steps (kernel.ensemble)
+        self.free_links = list(range(self.links.slots - 1, -1, -1))
         self._trimmer = self._loop.call_later(ARENA_TRIM_PERIOD, self._trim_arena)
         found, errors = self.repository.scan()
         for name, error in errors.items():
@@ -155,6 +162,10 @@ class Core:
         if self.spinner.watch is not None:
             self.spinner.watch.close(unlink=True)
             self.spinner.watch = None
+        if self.links is not None:
+            self.links.close(unlink=True)
+            self.links = None
+            self.free_links = []
 
     def backend_settings(self, backend: str) -> dict[str, str]:
         """``--backend-config`` settings a backend sees: the global ones (``<key>=<value>``), then its own
@@ -191,7 +202,8 @@ class Core:
         return {"verbose": self.verbose > 0,
                 "arena_size": int(python.get("shm-default-byte-size", 8 << 20)),
                 "spin_us": int(python.get("worker-spin-us", DEFAULT_WORKER_SPIN_US)),
-                "watch": self.spinner.watch.name if self.spinner.watch is not None else ""}
+                "watch": self.spinner.watch.name if self.spinner.watch is not None else "",
+                "links": self.links.name if self.links is not None else ""}
 
     # -- health and metadata --------------------------------------------
     def live(self) -> bool:

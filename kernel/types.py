@@ -53,6 +53,9 @@ class RequestedOutput:
     name: str
     shm: ShmRef | None = None
     parameters: dict = field(default_factory=dict)
+    #: ``[segment, offset, byte_size, shape, datatype]``: a block of the front's arena the output must fill exactly
+    #: (a chained pipeline step's output, read there by the next step: kernel.ensemble)
+    arena: list | None = None
 
 
 @dataclass(slots=True)
@@ -63,6 +66,7 @@ class InferRequest:
     inputs: list[InputTensor] = field(default_factory=list)
     outputs: list[RequestedOutput] | None = None
     parameters: dict = field(default_factory=dict)
+    chain: Any = None  # a chained pipeline step's links (kernel.ensemble._Ends)
 
 
 @dataclass(slots=True)

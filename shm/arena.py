@@ -97,6 +97,10 @@ class Arena:
         """Release a block returned by :meth:`alloc`."""
         self._segments[name].free(offset)
 
+    def owns(self, name: str) -> bool:
+        """Whether ``name`` is a segment of this arena."""
+        return name in self._segments
+
     def buffer(self, name: str) -> memoryview:
         """Writable view of the whole segment ``name``."""
         return self._segments[name].region.buf

@@ -126,6 +126,11 @@ class Region:
         self.ident = (st.st_dev, st.st_ino)  # the object itself, whatever name (or hard link) opened it
         self.buf = memoryview(self._array).cast("B") if self._array is not None else memoryview(b"")
 
+    @property
+    def address(self) -> int:
+        """Where the mapping starts in this process (for C calls on objects that live in it)."""
+        return ctypes.addressof(self._array) if self._array is not None else 0
+
     def current_size(self) -> int:
         """The object's size now (its owner may have shrunk it since it was mapped)."""
         return os.fstat(self._fd).st_size if self._fd >= 0 else self.size

@@ -41,6 +41,7 @@ from protocol import dtypes
 from shm.arena import Arena, MiB
 from shm.doorbell import Watch
 from shm.doorbell import ring as ring_doorbell
+from shm.link import FAILED, OK, LinkBoard
 from shm.region import Region, ShmError
 from shm.ring import Ring
 from workers import bls, gpu
@@ -93,6 +94,9 @@ class Worker:
         # The front's cancel board: a byte per executing request, raised when its caller gives up.
         self._board_region = Region(spec["cancel"]) if spec.get("cancel") else None
         self.board = self._board_region.buf if self._board_region is not None else None
+        # Chained pipeline steps (kernel.ensemble): this worker posts or waits on links there.
+        self.links = LinkBoard(spec["links"]) if spec.get("links") else None
+        self._parent = os.getppid()
         if spec.get("replies"):  # the front answers BLS requests there (workers.bls)
             bls.attach(self, spec["replies"])
 
@@ -229,7 +233,15 @@ class Worker:
         index: list[int] = []
         place = self._output_buffer
         board = self.board
+        waited = False
         for i, spec in enumerate(specs):
+            link = spec.get("w")
+            if link is not None:  # a chained step: its inputs are placed once the step before posts
+                waited = True
+                if not self.links.wait(*link, alive=self._front_alive):
+                    results[i] = {"skip": 1}
+                    continue
+                t0 = time.perf_counter_ns()
             flag = spec.get("c", -1)
             if flag >= 0 and board is not None and board[flag]:  # its caller gave up while it waited
                 results[i] = _error(f"[request id: {spec.get('rid') or '<id_unknown>'}] Request was cancelled",
@@ -280,8 +292,15 @@ class Worker:
         backend._marks = None
         if len(marks) == 2:  # the backend's own split of execute: gathering inputs, inference
             t1, t2 = marks
-        self.send({"t": "r", "id": msg["id"], "res": results, "d": decoupled,
-                   "ts": [t1 - t0, t2 - t1, t3 - t2], "at": t3}, polled=True)
+        if self.links is not None:
+            for spec, result in zip(specs, results):
+                if "k" in spec:  # the next step waits for these outputs
+                    self.links.post(spec["k"], OK if _filled(spec, result) else FAILED)
+        ts = [t1 - t0, t2 - t1, t3 - t2, t0] if waited else [t1 - t0, t2 - t1, t3 - t2]
+        self.send({"t": "r", "id": msg["id"], "res": results, "d": decoupled, "ts": ts, "at": t3}, polled=True)
+
+    def _front_alive(self) -> bool:
+        return os.getppid() == self._parent
 
     def _failure(self, e: BaseException) -> str:
         if isinstance(e, BackendError):
@@ -427,8 +446,10 @@ class Worker:
         """Room for an output: in the client's region ``dest`` (``[key, offset, byte_size, region_id]``)
         when the request asked for one, else in this worker's arena. Returns the buffer and the
         output's ``loc`` (its shape still to be filled in)."""
+        if dest is not None and len(dest) > 4 and dest[2] != nbytes:
+            dest = None  # not what the chained next step expects: here, and the front runs it the usual way
         if dest is not None:
-            key, offset, capacity, region_id = dest
+            key, offset, capacity, region_id = dest[:4]
             if nbytes > capacity:
                 raise TensorError(
                     f"shared memory size specified with the request for output '{name}' ({capacity} bytes) "
@@ -527,6 +548,21 @@ def place(policy: dict) -> None:
             err = ctypes.get_errno()
             if err != errno.ENOSYS:
                 raise BackendError(f"Unable to set NUMA memory policy: {os.strerror(err)}", "INTERNAL")
+
+
+def _filled(spec: dict, result: dict | None) -> bool:
+    """Whether a chained step's outputs filled the blocks the next step reads, with the shapes and
+    datatypes it was promised (``shm`` destinations of six fields: kernel.model.ModelVersion.dispatch)."""
+    if not result or "out" not in result:
+        return False
+    placed = {loc[0]: loc for loc in result["out"]}
+    for name, dest in spec.get("shm", {}).items():
+        if len(dest) > 4:
+            loc = placed.get(name)
+            if loc is None or loc[3] != dest[0] or loc[4] != dest[1] or loc[5] != dest[2] or loc[2] != dest[4] \
+                    or loc[1] != dest[5]:
+                return False
+    return True
 
 
 def _error(message: str, code: str = "INTERNAL", failed: bool = True) -> dict:
