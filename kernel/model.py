@@ -534,16 +534,18 @@ class Batch:
         stats = version.stats
         now = time.perf_counter_ns()
         ci, cinf, co = timings[:3]
-        # A chained step's batch waited for the step before it (kernel.ensemble): its times start when
-        # that wait ended (timings[3]), as if it had been sent then.
-        sent = max(self.sent, timings[3]) if len(timings) > 3 else self.sent
+        # A chained step's batch waited for the step before it (kernel.ensemble): it counts as if it had
+        # come and been sent when that wait ended (timings[3]), as it would have unchained.
+        chained = timings[3] if len(timings) > 3 else 0
+        sent = max(self.sent, chained)
         ran = sum(p.batch_size for p, r in zip(self.pendings, results) if r is None or "skip" not in r)
         if ran:
             stats.execution(ran, ci, cinf, co)
         if not decoupled:
             self._free_inputs(instance)
         for pending, result in zip(self.pendings, results):
-            total = now - max(pending.enqueued, sent if len(timings) > 3 else 0)
+            enqueued = max(pending.enqueued, chained)
+            total = now - enqueued
             if result is None:
                 continue  # decoupled: answered through stream()
             if "skip" in result:  # a chained step whose input never came: not an inference at all
@@ -555,12 +557,12 @@ class Batch:
                 if result.get("fail"):
                     stats.failure(total, "CANCELED" if code == "CANCELLED" else "BACKEND")
                 else:  # an error response the model chose to send: Triton counts it a success
-                    stats.success(total, max(sent - pending.enqueued, 0), ci, cinf, co, pending.batch_size)
+                    stats.success(total, max(sent - enqueued, 0), ci, cinf, co, pending.batch_size)
                 _settle(pending, ServerError(message, code))  # a decoupled stream ends with it too
                 continue
             response = _response(version, instance, pending, result)
             response.timings = (ci, cinf, co)
-            stats.success(total, max(sent - pending.enqueued, 0), ci, cinf, co, pending.batch_size)
+            stats.success(total, max(sent - enqueued, 0), ci, cinf, co, pending.batch_size)
             _settle(pending, response)
         if decoupled:
             self.returned = True

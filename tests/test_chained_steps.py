@@ -41,6 +41,8 @@ _PRE = '''if x.flat[0] == -1:
                 os._exit(3)
             if x.flat[0] == -4:
                 time.sleep(1.0)
+            if x.flat[0] == 7:
+                time.sleep(0.001)
             y = (x * 2).astype(np.float32)
             if x.flat[0] == -2:
                 y = y.reshape(2, 2)  # not the shape its configuration promises
@@ -129,6 +131,24 @@ def test_steps_run_chained_with_the_same_answers(servers):
     assert plain.core.chained_steps == 0
     assert _success(chained, "c_mid") == (mid[0] + 20, mid[1])
     _settled(chained)
+
+
+def _stats(server: Server, model: str) -> dict:
+    return server.model(model).statistics()["model_stats"][0]["inference_stats"]
+
+
+def test_a_chained_step_counts_its_time_from_the_end_of_its_wait(servers):
+    """As unchained: its queue time is not the time the steps before it took."""
+    chained, _ = servers
+    before = {m: _stats(chained, m) for m in ("c_pre", "c_mid", "c_post")}
+    steps = chained.core.chained_steps
+    for _ in range(10):
+        _infer(chained, "chain3", np.array([7, 0, 0, 0], dtype=np.float32))  # the first step takes 1 ms
+    assert chained.core.chained_steps - steps == 20
+    spent = {m: {k: (_stats(chained, m)[k]["ns"] - before[m][k]["ns"]) / 10_000 for k in ("queue", "compute_infer")}
+             for m in before}  # µs per request
+    assert spent["c_pre"]["compute_infer"] >= 1000
+    assert spent["c_mid"]["queue"] < 500 and spent["c_post"]["queue"] < 500, spent
 
 
 def test_a_failing_step_fails_the_request_as_unchained_and_its_follower_does_not_count(servers):
