@@ -724,9 +724,13 @@ class _Link:
         core.links.reset(slot)
 
     def wait_args(self) -> list[int]:
-        """The follower worker's wait: sleep, then poll (shm.link.LinkBoard.wait)."""
+        """The follower worker's wait (shm.link.LinkBoard.wait): sleep until a little before the producer
+        should post (CHAIN_LEAD_NS or a quarter of the wait, whichever is longer: the wake-up from that
+        sleep may be late), then poll until well after it should have (half the wait again, and a margin)."""
         expect = self.expect_ns
-        return [self.slot, max(expect - CHAIN_LEAD_NS, 0), min(expect, CHAIN_LEAD_NS) + (expect >> 2)
+        now = time.perf_counter_ns()  # CLOCK_MONOTONIC, the worker's clock too: deadlines, not durations,
+        # so that the worker's own wake-up before it reads its batch does not push them back
+        return [self.slot, now + expect - max(CHAIN_LEAD_NS, expect >> 2), now + expect + (expect >> 1)
                 + PREWAKE_MARGIN_NS]
 
     def fail(self) -> None:

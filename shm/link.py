@@ -89,21 +89,21 @@ class LinkBoard:
         return self._status[slot]
 
     # -- the waiting worker ----------------------------------------------------
-    def wait(self, slot: int, sleep_ns: int, spin_ns: int, alive: object = None) -> bool:
+    def wait(self, slot: int, sleep_until: int, spin_until: int, alive: object = None) -> bool:
         """Wait for the link's post; True if the producer's outputs are placed.
 
-        Sleeps in the kernel for the first ``sleep_ns`` (the producer is still far from done), then
-        polls for ``spin_ns`` (it should post then: the post is seen within a microsecond instead of
-        a wake-up's tens), then sleeps until the post, checking ``alive()`` every second.
+        Sleeps in the kernel until ``sleep_until`` (time.perf_counter_ns(), CLOCK_MONOTONIC: the
+        producer is still far from done), then polls until ``spin_until`` (it should post then: the
+        post is seen within a microsecond instead of a wake-up's tens), then sleeps until the post,
+        checking ``alive()`` every second.
         """
         sem = self._sem(slot)
         clock = time.perf_counter_ns
-        start = clock()
-        if sleep_ns > 0 and self._sleep(sem, sleep_ns / 1e9):
+        now = clock()
+        if sleep_until > now and self._sleep(sem, (sleep_until - now) / 1e9):
             return self._status[slot] == OK
         status = self._status
-        deadline = start + sleep_ns + spin_ns
-        while not status[slot] and clock() < deadline:
+        while not status[slot] and clock() < spin_until:
             pass
         while not self._sleep(sem, 1.0):
             if alive is not None and not alive():
