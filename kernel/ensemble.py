@@ -433,27 +433,26 @@ class _Run:
             ends.add_done_callback(self.steps.discard)
             return
         out = self._chain(step, sub, link) if self.version.chain else None
-        if link is not None or out is not None:
-            sub.chain = _Ends(link, out)
+        ends = sub.chain = _Ends(link, out) if link is not None or out is not None else None
         try:
             future = core.submit(sub)
         except ServerError as e:
+            if ends is not None:
+                ends.ended()
             if out is not None:
                 self._unlink(step, out)
             if link is None:
                 self._fail(e)
             # else: a chained step refused at once; the step it follows runs it the usual way once done
             return
-        if future.done():  # failed before reaching a worker (its inputs could not be placed)
+        if future.done():  # failed before or as it reached a worker (inputs not placed, instance gone)
+            if ends is not None:
+                ends.ended()  # (nothing if its batch was sent and has ended already)
             if out is not None:
                 self._unlink(step, out)
-        else:
-            for held in (link, out):
-                if held is not None:
-                    held.holds += 1  # until this batch's worker answers (kernel.model.Batch)
-            if link is not None:
-                link.running = True
-                core.chained_steps += 1
+        elif link is not None:
+            link.running = True
+            core.chained_steps += 1
         self.outstanding += 1
         self.steps.add(future)
         future.add_done_callback(lambda f, step=step: self._step_done(branch, step, f))
@@ -483,7 +482,7 @@ class _Run:
         """
         follower = self.version.chains.get(step.index)
         core = self.version.server
-        if follower is None or core.links is None or not core.free_links:
+        if follower is None or core.links is None or not core.free_links or step.model in core.bls_models:
             return None
         try:
             producer = core.version(step.model, step.version)
@@ -527,7 +526,8 @@ class _Run:
                     arena.free(*block)
                 return None
             blocks.append((key, offset))
-        out = _Link(core, core.free_links.pop(), blocks, (link.expect_ns if link is not None else 0) + expect)
+        out = _Link(core, step.model, core.free_links.pop(), blocks,
+                    (link.expect_ns if link is not None else 0) + expect)
         by_tensor = {}
         for (model_output, name), (key, offset), (datatype, shape) in zip(step.outputs, blocks, shapes.values()):
             nbytes = dtypes.byte_size(datatype, shape)
@@ -661,6 +661,9 @@ class _Run:
     def _maybe_finish(self) -> None:
         if self.outstanding:
             return
+        held, self.held = self.held, []  # every step has ended: the run needs its links no more
+        for link in held:
+            link.end()
         version = self.version
         pending = self.pending
         self.scheduler.running -= 1
@@ -697,10 +700,6 @@ class _Run:
         responses, self.responses = self.responses, []
         for response in responses:
             response.release()
-        held, self.held = self.held, []
-        self.links = {}
-        for link in held:
-            link.end()
 
 
 class _Link:
@@ -711,10 +710,11 @@ class _Link:
     them has been answered by its worker (or its worker died), ``holds`` counting those.
     """
 
-    __slots__ = ("core", "slot", "blocks", "expect_ns", "inputs", "holds", "running")
+    __slots__ = ("core", "producer", "slot", "blocks", "expect_ns", "inputs", "holds", "running")
 
-    def __init__(self, core: Any, slot: int, blocks: list, expect_ns: int) -> None:
+    def __init__(self, core: Any, producer: str, slot: int, blocks: list, expect_ns: int) -> None:
         self.core = core
+        self.producer = producer  # the model posting it (Core.bls_called fails its links)
         self.slot = slot
         self.blocks = blocks
         self.expect_ns = expect_ns  # from now until the producer should post
@@ -722,6 +722,7 @@ class _Link:
         self.holds = 1  # the run's
         self.running = False  # the follower's batch was sent, waiting on this link
         core.links.reset(slot)
+        core.producing.setdefault(producer, set()).add(self)
 
     def wait_args(self) -> list[int]:
         """The follower worker's wait (shm.link.LinkBoard.wait): sleep until a little before the producer
@@ -734,9 +735,11 @@ class _Link:
                 + PREWAKE_MARGIN_NS]
 
     def fail(self) -> None:
-        """The producer will not post (failed, cancelled, its worker gone): release the waiter."""
+        """The producer will not post (failed, cancelled, its worker gone, it called another model): release
+        the waiter. Posts even when a status is written: a producer killed between its status and its post
+        would leave the waiter asleep (an extra post is harmless, the slot is reset before its next use)."""
         links = self.core.links
-        if links is not None and not links.status(self.slot):
+        if links is not None and self.holds:
             links.post(self.slot, FAILED)
 
     def end(self) -> None:
@@ -744,6 +747,7 @@ class _Link:
         if self.holds:
             return
         core = self.core
+        core.producing.get(self.producer, set()).discard(self)
         if core.arena is not None:
             for block in self.blocks:
                 core.arena.free(*block)
@@ -755,11 +759,15 @@ class _Link:
 class _Ends:
     """A chained step's request: the link its batch waits on and the link it posts (either may be None)."""
 
-    __slots__ = ("wait", "post")
+    __slots__ = ("wait", "post", "over")
 
     def __init__(self, wait: _Link | None, post: _Link | None) -> None:
         self.wait = wait
         self.post = post
+        self.over = False
+        for link in (wait, post):
+            if link is not None:
+                link.holds += 1  # until the batch's worker answers or is gone (kernel.model.Batch)
 
     def describe(self, spec: dict) -> None:
         """What the worker needs in the batch message (kernel.model.ModelVersion.dispatch)."""
@@ -769,7 +777,10 @@ class _Ends:
             spec["k"] = self.post.slot
 
     def ended(self) -> None:
-        """The batch is over: its worker answered or is gone."""
+        """The batch is over (its worker answered or is gone), or it never reached a worker."""
+        if self.over:
+            return
+        self.over = True
         if self.post is not None:
             self.post.fail()  # (no effect if the worker posted)
             self.post.end()

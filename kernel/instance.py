@@ -137,6 +137,7 @@ class Instance:
         self._replies: Ring | None = None  # answers to the worker's BLS requests (kernel.bls)
         self._reply_backlog: collections.deque[dict] = collections.deque()
         self.on_bls: Any = None  # callback(instance, msg) for a worker's BLS messages
+        self.model_name = ""  # the model it is an instance of
         self._bell: Doorbell | None = None
         self._control: collections.deque[asyncio.Future] = collections.deque()
         self._batches: dict[int, BatchHandler] = {}
@@ -437,11 +438,14 @@ class Instance:
                 handler = self._batches.pop(msg["id"], None)
                 if handler is not None and not msg["d"]:
                     self.inflight -= 1
-                    # How long after a send the worker answers (a moving average; its clock is ours,
-                    # CLOCK_MONOTONIC, and our own lateness in noticing is left out): see Spinner.
                     ts = msg["ts"]  # a chained step's batch counts from the end of its wait (ts[3])
-                    wait = max(msg["at"] - (max(handler.sent, ts[3]) if len(ts) > 3 else handler.sent), 0)
-                    self.answer_ns = self.answer_ns + ((wait - self.answer_ns) >> 3) if self.answer_ns else wait
+                    if len(ts) < 4 or not all(r is not None and "skip" in r for r in msg["res"]):
+                        # How long after a send the worker answers (a moving average; its clock is ours,
+                        # CLOCK_MONOTONIC, and our own lateness in noticing is left out): see Spinner.
+                        # A chained batch that was skipped ran nothing and says nothing of that.
+                        wait = max(msg["at"] - (max(handler.sent, ts[3]) if len(ts) > 3 else handler.sent), 0)
+                        self.answer_ns = self.answer_ns + ((wait - self.answer_ns) >> 3) if self.answer_ns \
+                            else wait
                 elif handler is not None:
                     self._batches[msg["id"]] = handler  # decoupled: stays until every final flag
                 if handler is not None:

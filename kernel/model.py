@@ -222,6 +222,7 @@ class ModelVersion:
         for inst in self.instances:
             inst.on_exit = self._instance_died
             inst.on_bls = self.server.bls.handle
+            inst.model_name = self.name
         self.scheduler = make_scheduler(self)
 
     def _instance_died(self, instance: Instance) -> None:

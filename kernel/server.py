@@ -87,6 +87,9 @@ class Core:
         self.free_links: list[int] = []
         self.chained_steps = 0  # pipeline steps sent chained, and those of them skipped (tests, probes)
         self.chain_skips = 0
+        #: links each model posts, and the models that made BLS calls (never chained from: see bls_called)
+        self.producing: dict[str, set] = {}
+        self.bls_models: set[str] = set()
         self._trimmer: asyncio.TimerHandle | None = None
         self._arena_size = arena_size
         self.gpus = gpu_count()
@@ -166,6 +169,14 @@ class Core:
             self.links.close(unlink=True)
             self.links = None
             self.free_links = []
+
+    def bls_called(self, model: str) -> None:
+        """An instance of ``model`` made a BLS call. If a chained step waits for that model's batch on an
+        instance the call needs (directly, or behind a batch queued there), neither could go on: its
+        links fail now (the steps after it run the usual way), and it is never chained from again."""
+        self.bls_models.add(model)
+        for link in list(self.producing.pop(model, ())):
+            link.fail()
 
     def backend_settings(self, backend: str) -> dict[str, str]:
         """``--backend-config`` settings a backend sees: the global ones (``<key>=<value>``), then its own

@@ -23,6 +23,7 @@ import ctypes
 import errno
 import os
 import time
+from functools import partial
 
 from shm.region import Region, new_name
 
@@ -37,15 +38,19 @@ class _Timespec(ctypes.Structure):
 
 def _libc() -> ctypes.CDLL:
     libc = ctypes.CDLL(None, use_errno=True)
-    for fn in ("sem_init", "sem_post", "sem_trywait", "sem_timedwait", "sem_destroy"):
+    for fn in ("sem_init", "sem_post", "sem_trywait", "sem_timedwait"):
         getattr(libc, fn).restype = ctypes.c_int
     libc.sem_init.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.c_uint)
-    libc.sem_post.argtypes = libc.sem_trywait.argtypes = libc.sem_destroy.argtypes = (ctypes.c_void_p,)
+    libc.sem_post.argtypes = libc.sem_trywait.argtypes = (ctypes.c_void_p,)
     libc.sem_timedwait.argtypes = (ctypes.c_void_p, ctypes.POINTER(_Timespec))
+    if hasattr(libc, "sem_clockwait"):  # glibc >= 2.30: deadlines on CLOCK_MONOTONIC (no wall-clock jumps)
+        libc.sem_clockwait.restype = ctypes.c_int
+        libc.sem_clockwait.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(_Timespec))
     return libc
 
 
 _c = _libc()
+_CLOCKWAIT = hasattr(_c, "sem_clockwait")
 
 
 class LinkBoard:
@@ -115,9 +120,15 @@ class LinkBoard:
         """sem_timedwait for up to ``seconds``; True once the semaphore was taken."""
         if not _c.sem_trywait(sem):
             return True
-        until = time.time() + seconds
-        ts = _Timespec(int(until), int((until % 1) * 1e9))
-        while _c.sem_timedwait(sem, ctypes.byref(ts)):
+        if _CLOCKWAIT:
+            until = time.clock_gettime_ns(time.CLOCK_MONOTONIC) + int(seconds * 1e9)
+            ts = _Timespec(until // 1_000_000_000, until % 1_000_000_000)
+            wait = partial(_c.sem_clockwait, sem, time.CLOCK_MONOTONIC, ctypes.byref(ts))
+        else:
+            until = time.time() + seconds
+            ts = _Timespec(int(until), int((until % 1) * 1e9))
+            wait = partial(_c.sem_timedwait, sem, ctypes.byref(ts))
+        while wait():
             err = ctypes.get_errno()
             if err == errno.ETIMEDOUT:
                 return False

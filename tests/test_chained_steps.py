@@ -64,6 +64,54 @@ def _line(dest: Path, name: str, models: list[str], dims: str = "4", mbs: int = 
     _ensemble(dest, name, _io([("INPUT", "FP32", dims)], [("OUTPUT", "FP32", dims)], mbs), steps)
 
 
+_PAIR = """
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for r in requests:
+            x = pb_utils.get_input_tensor_by_name(r, "IN").as_numpy()
+            second = (x + 1).astype(np.complex64 if x.flat[0] == -6 else np.float32)
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUT", (x * 2).astype(np.float32)),
+                                                         pb_utils.Tensor("OUT2", second)]))
+        return responses
+"""
+
+_JOIN = """
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        return [pb_utils.InferenceResponse([pb_utils.Tensor("OUT", pb_utils.get_input_tensor_by_name(r, "A").as_numpy()
+                                                             + pb_utils.get_input_tensor_by_name(r, "B").as_numpy())])
+                for r in requests]
+"""
+
+#: a step that, given 9, asks the model after it in its own ensemble (through BLS) first
+_CALLS_NEXT = """
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for r in requests:
+            x = pb_utils.get_input_tensor_by_name(r, "IN").as_numpy()
+            if x.flat[0] == 9:
+                answer = pb_utils.InferenceRequest(model_name="c_mid", inputs=[pb_utils.Tensor("IN", x)],
+                                                   requested_output_names=["OUT"]).exec()
+                assert not answer.has_error(), answer.error().message()
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUT", (x * 2).astype(np.float32))]))
+        return responses
+"""
+
+
 def build(dest: Path) -> Path:
     _step(dest, "c_pre", _PRE)
     _step(dest, "c_mid", "y = (x + 1).astype(np.float32)")
@@ -77,6 +125,13 @@ def build(dest: Path) -> Path:
     _line(dest, "twice_two", ["c_two", "c_two"])
     _line(dest, "unfixed", ["c_free", "c_post"])
     _line(dest, "batched", ["b_pre", "b_post"], mbs=8)
+    _python(dest, "c_pair", _io([("IN", "FP32", "4")], [("OUT", "FP32", "4"), ("OUT2", "FP32", "4")]), _PAIR)
+    _python(dest, "c_join", _io([("A", "FP32", "4"), ("B", "FP32", "4")], [("OUT", "FP32", "4")]), _JOIN)
+    _ensemble(dest, "pair", _io([("INPUT", "FP32", "4")], [("OUTPUT", "FP32", "4")]),
+              [("c_pair", {"IN": "INPUT"}, {"OUT": "a", "OUT2": "b"}),
+               ("c_join", {"A": "a", "B": "b"}, {"OUT": "OUTPUT"})])
+    _python(dest, "c_calls", _io([("IN", "FP32", "4")], [("OUT", "FP32", "4")]), _CALLS_NEXT)
+    _line(dest, "calls_next", ["c_calls", "c_mid"])
     return dest
 
 
@@ -201,7 +256,11 @@ def test_a_cancelled_request_releases_its_chained_steps(servers):
     time.sleep(0.2)  # the first step sleeps for a second, its followers wait on their links
     assert chained._call(lambda core: future.cancel())
     _settled(chained)  # once the first step's worker has answered
+    before = chained.core.chained_steps
     np.testing.assert_array_equal(_infer(chained, "chain3", np.ones(4, np.float32)), np.full(4, 30, np.float32))
+    # c_pre's answer time now holds its 1 s call (too slow to chain from for a while); c_mid's skipped wait
+    # did not count in c_mid's, so it still chains c_post
+    assert chained.core.chained_steps == before + 1
 
 
 def test_a_model_after_itself_chains_only_with_a_second_instance(servers):
@@ -236,4 +295,40 @@ def test_concurrent_requests_all_get_their_own_answers(servers):
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         list(pool.map(one, range(8)))
+    _settled(chained)
+
+
+def test_a_step_with_two_outputs_and_one_it_cannot_return(servers):
+    """The first output is placed in the follower's block, the second cannot be returned at all: the
+    request fails as it does unchained, and the worker gives back only blocks of its own arena."""
+    chained, plain = servers
+    x = np.arange(4, dtype=np.float32)
+    before = chained.core.chained_steps
+    np.testing.assert_array_equal(_infer(chained, "pair", x), x * 2 + x + 1)
+    assert chained.core.chained_steps == before + 1
+    bad = np.array([-6, 1, 2, 3], dtype=np.float32)
+    expected = _error(plain, "pair", bad)
+    got = _error(chained, "pair", bad)
+    assert (got.message, got.code) == (expected.message, expected.code)
+    assert "complex64" in got.message
+    _settled(chained)
+    np.testing.assert_array_equal(_infer(chained, "pair", x), x * 2 + x + 1)
+
+
+def test_a_step_calling_the_model_that_waits_for_it_does_not_deadlock(servers):
+    """c_calls asks c_mid (through BLS) while c_mid's only instance waits, chained, for c_calls' outputs:
+    the call fails the link, c_mid takes the BLS request, then the follower runs the usual way; c_calls
+    is not chained from again."""
+    chained, _ = servers
+    x = np.array([9, 1, 2, 3], dtype=np.float32)
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        answer = pool.submit(_infer, chained, "calls_next", x).result(timeout=30)  # (deadlocked: TimeoutError)
+    finally:
+        pool.shutdown(wait=False)
+    np.testing.assert_array_equal(answer, x * 2 + 1)
+    assert "c_calls" in chained.core.bls_models
+    before = chained.core.chained_steps
+    np.testing.assert_array_equal(_infer(chained, "calls_next", np.ones(4, np.float32)), np.full(4, 3, np.float32))
+    assert chained.core.chained_steps == before
     _settled(chained)

@@ -238,10 +238,11 @@ class Worker:
             link = spec.get("w")
             if link is not None:  # a chained step: its inputs are placed once the step before posts
                 waited = True
-                if not self.links.wait(*link, alive=self._front_alive):
+                ready = self.links.wait(*link, alive=self._front_alive)
+                t0 = time.perf_counter_ns()
+                if not ready:
                     results[i] = {"skip": 1}
                     continue
-                t0 = time.perf_counter_ns()
             flag = spec.get("c", -1)
             if flag >= 0 and board is not None and board[flag]:  # its caller gave up while it waited
                 results[i] = _error(f"[request id: {spec.get('rid') or '<id_unknown>'}] Request was cancelled",
@@ -364,9 +365,10 @@ class Worker:
             request._placed.clear()
 
     def _free_locs(self, outs: list[list]) -> None:
+        arena = self.arena
         for loc in outs:
-            if loc[3] and not loc[6]:
-                self.arena.free(loc[3], loc[4])
+            if loc[3] and not loc[6] and arena.owns(loc[3]):  # (not a chained output's block: the front's)
+                arena.free(loc[3], loc[4])
 
     # -- tensors --------------------------------------------------------
     def region(self, key: str, region_id: int, need: int = 0) -> Region:
