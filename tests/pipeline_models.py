@@ -53,9 +53,8 @@ def _ensemble(dest: Path, name: str, io: str, steps: list[tuple[str, dict, dict]
 
 
 def arith(dest: Path, name: str, body: str, dt_in: str = "FP32", dt_out: str = "FP32", mbs: int = 0,
-          extra: str = "") -> None:
+          extra: str = "", dims: str = "-1") -> None:
     """A python model ``IN`` -> ``OUT`` (``y`` computed from ``x`` by ``body``)."""
-    dims = "-1"
     _python(dest, name, _io([("IN", dt_in, dims)], [("OUT", dt_out, dims)], mbs) + extra,
             _ARITH.format(inp="IN", out="OUT", body=body))
 

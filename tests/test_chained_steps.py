@@ -14,28 +14,12 @@ import pytest
 
 from kernel.api import Server
 from kernel.errors import ServerError
-from tests.pipeline_models import _ensemble, _io, _python
-
-_STEP = '''
-import os
-import time
-
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    def execute(self, requests):
-        responses = []
-        for r in requests:
-            x = pb_utils.get_input_tensor_by_name(r, "IN").as_numpy()
-            {body}
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUT", y)]))
-        return responses
-'''
+from tests.pipeline_models import _ensemble, _io, _python, arith
 
 #: what the first step does, by the value of its first element
-_PRE = '''if x.flat[0] == -1:
+_PRE = '''import os
+            import time
+            if x.flat[0] == -1:
                 raise ValueError("pre failed on purpose")
             if x.flat[0] == -3:
                 os._exit(3)
@@ -48,11 +32,6 @@ _PRE = '''if x.flat[0] == -1:
                 y = y.reshape(2, 2)  # not the shape its configuration promises
             if x.flat[0] == -5:
                 y = y.astype(np.int32)  # nor the datatype (the same byte size)'''
-
-
-def _step(dest: Path, name: str, body: str, dims: str = "4", mbs: int = 0, extra: str = "") -> None:
-    _python(dest, name, _io([("IN", "FP32", dims)], [("OUT", "FP32", dims)], mbs) + extra,
-            _STEP.format(body=body))
 
 
 def _line(dest: Path, name: str, models: list[str], dims: str = "4", mbs: int = 0) -> None:
@@ -93,33 +72,22 @@ class TritonPythonModel:
 """
 
 #: a step that, given 9, asks the model after it in its own ensemble (through BLS) first
-_CALLS_NEXT = """
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-
-class TritonPythonModel:
-    def execute(self, requests):
-        responses = []
-        for r in requests:
-            x = pb_utils.get_input_tensor_by_name(r, "IN").as_numpy()
-            if x.flat[0] == 9:
+_CALLS_NEXT = """if x.flat[0] == 9:
                 answer = pb_utils.InferenceRequest(model_name="c_mid", inputs=[pb_utils.Tensor("IN", x)],
                                                    requested_output_names=["OUT"]).exec()
                 assert not answer.has_error(), answer.error().message()
-            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUT", (x * 2).astype(np.float32))]))
-        return responses
-"""
+            y = (x * 2).astype(np.float32)"""
 
 
 def build(dest: Path) -> Path:
-    _step(dest, "c_pre", _PRE)
-    _step(dest, "c_mid", "y = (x + 1).astype(np.float32)")
-    _step(dest, "c_post", "y = (x * 10).astype(np.float32)")
-    _step(dest, "c_two", "y = (x + 1).astype(np.float32)", extra="instance_group [ { count: 2, kind: KIND_CPU } ]\n")
-    _step(dest, "c_free", "y = (x + 1).astype(np.float32)", dims="-1")
-    _step(dest, "b_pre", "y = (x * 2).astype(np.float32)", mbs=8)
-    _step(dest, "b_post", "y = (x + 1).astype(np.float32)", mbs=8)
+    arith(dest, "c_pre", _PRE, dims="4")
+    arith(dest, "c_mid", "y = (x + 1).astype(np.float32)", dims="4")
+    arith(dest, "c_post", "y = (x * 10).astype(np.float32)", dims="4")
+    arith(dest, "c_two", "y = (x + 1).astype(np.float32)", dims="4",
+          extra="instance_group [ { count: 2, kind: KIND_CPU } ]\n")
+    arith(dest, "c_free", "y = (x + 1).astype(np.float32)")
+    arith(dest, "b_pre", "y = (x * 2).astype(np.float32)", mbs=8, dims="4")
+    arith(dest, "b_post", "y = (x + 1).astype(np.float32)", mbs=8, dims="4")
     _line(dest, "chain3", ["c_pre", "c_mid", "c_post"])
     _line(dest, "twice", ["c_mid", "c_mid"])
     _line(dest, "twice_two", ["c_two", "c_two"])
@@ -130,7 +98,7 @@ def build(dest: Path) -> Path:
     _ensemble(dest, "pair", _io([("INPUT", "FP32", "4")], [("OUTPUT", "FP32", "4")]),
               [("c_pair", {"IN": "INPUT"}, {"OUT": "a", "OUT2": "b"}),
                ("c_join", {"A": "a", "B": "b"}, {"OUT": "OUTPUT"})])
-    _python(dest, "c_calls", _io([("IN", "FP32", "4")], [("OUT", "FP32", "4")]), _CALLS_NEXT)
+    arith(dest, "c_calls", _CALLS_NEXT, dims="4")
     _line(dest, "calls_next", ["c_calls", "c_mid"])
     return dest
 
