@@ -50,8 +50,7 @@ class BlsHandler:
             return
         qid = msg["q"]
         model = msg["m"]
-        if instance.model_name not in self.core.bls_models or self.core.producing.get(instance.model_name):
-            self.core.bls_called(instance.model_name)
+        self.core.bls_called(instance.model_name)
         if not self.core.model_ready(model, msg.get("v") or ""):
             self._answer(instance, qid, ServerError(
                 f"Model {model} - Error when running inference: Failed for execute the inference request. "

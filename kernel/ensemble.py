@@ -223,9 +223,9 @@ class EnsembleVersion(ModelVersion):
             self.set_config(config)
         #: ``--backend-config ensemble,prewake=0`` turns the wake hints off (a machine with no core to spare)
         settings = core.backend_settings("ensemble")
-        self.prewake = settings.get("prewake", "1").lower() not in ("0", "false", "no")
+        self.prewake = _on(settings, "prewake")
         #: ``--backend-config ensemble,chain=0`` sends every step through the front (see _Run._chain)
-        self.chain = settings.get("chain", "1").lower() not in ("0", "false", "no") and bool(self.chains)
+        self.chain = _on(settings, "chain") and bool(self.chains)
         self.scheduler = EnsembleScheduler(self)  # type: ignore[assignment]
 
     async def unload(self) -> None:
@@ -238,6 +238,11 @@ class EnsembleVersion(ModelVersion):
                 await _sleep(0.05)
         self.state = "UNAVAILABLE"
         self.reason = "unloaded"
+
+
+def _on(settings: dict[str, str], key: str) -> bool:
+    """An ``--backend-config ensemble,<key>=`` switch, on unless 0, false or no."""
+    return settings.get(key, "1").lower() not in ("0", "false", "no")
 
 
 def _idle(version: ModelVersion) -> int:
@@ -506,7 +511,7 @@ class _Run:
         configured = {o.name: o for o in producer.config.output}
         batch = [sub.inputs[0].shape[0]] if producer.max_batch_size > 0 and sub.inputs and sub.inputs[0].shape \
             else []
-        shapes = {}
+        tensors = []  # (datatype, shape, byte size) of each output, in step.outputs' (and sub.outputs') order
         for model_output, _ in step.outputs:
             o = configured.get(model_output)
             if o is None or o.HasField("reshape") or any(d < 0 for d in o.dims):
@@ -514,11 +519,11 @@ class _Run:
             datatype = cfg.datatype(o.data_type)
             if datatype == "BYTES":
                 return None
-            shapes[model_output] = (datatype, batch + list(o.dims))
+            shape = batch + list(o.dims)
+            tensors.append((datatype, shape, dtypes.byte_size(datatype, shape)))
         arena = core.arena
         blocks = []
-        for datatype, shape in shapes.values():
-            nbytes = dtypes.byte_size(datatype, shape)
+        for _, _, nbytes in tensors:
             try:
                 key, offset = arena.alloc(nbytes)
             except Exception:  # noqa: BLE001 - /dev/shm full: no chain, the usual way may still work
@@ -529,12 +534,10 @@ class _Run:
         out = _Link(core, step.model, core.free_links.pop(), blocks,
                     (link.expect_ns if link is not None else 0) + expect)
         by_tensor = {}
-        for (model_output, name), (key, offset), (datatype, shape) in zip(step.outputs, blocks, shapes.values()):
-            nbytes = dtypes.byte_size(datatype, shape)
+        for (_, name), requested, (key, offset), (datatype, shape, nbytes) in zip(step.outputs, sub.outputs,
+                                                                                 blocks, tensors):
             by_tensor[name] = (datatype, shape, ArenaRef(key, offset, nbytes))
-            for o in sub.outputs:
-                if o.name == model_output:
-                    o.arena = [key, offset, nbytes, shape, datatype]
+            requested.arena = [key, offset, nbytes, shape, datatype]
         out.inputs = [InputTensor(model_input, *by_tensor[name]) for model_input, name in follower.inputs]
         self.links[step.index] = out
         self.held.append(out)

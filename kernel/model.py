@@ -636,11 +636,10 @@ def _response(version: ModelVersion, instance: Instance, pending: Pending, resul
     outputs = []
     frees = []
     refs = {o.name: o.shm for o in request.outputs or () if o.shm is not None}
-    chained = {o.name for o in request.outputs or () if o.arena} if request.chain is not None else ()
     for name, datatype, shape, key, offset, nbytes, region_id in result["out"]:
         if region_id:
             outputs.append(OutputTensor(name, datatype, shape, nbytes, shm=refs.get(name)))
-        elif name in chained and version.server.arena.owns(key):  # a block of the front's arena
+        elif request.chain is not None and version.server.arena.owns(key):  # a chained output's front block
             outputs.append(OutputTensor(name, datatype, shape, nbytes, version.server.arena.view(key, offset, nbytes),
                                         ref=(key, offset)))
         elif nbytes:

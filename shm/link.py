@@ -105,28 +105,28 @@ class LinkBoard:
         sem = self._sem(slot)
         clock = time.perf_counter_ns
         now = clock()
-        if sleep_until > now and self._sleep(sem, (sleep_until - now) / 1e9):
+        if sleep_until > now and self._sleep(sem, sleep_until):
             return self._status[slot] == OK
         status = self._status
         while not status[slot] and clock() < spin_until:
             pass
-        while not self._sleep(sem, 1.0):
+        while not self._sleep(sem, clock() + 1_000_000_000):
             if alive is not None and not alive():
                 return False
         return status[slot] == OK
 
     @staticmethod
-    def _sleep(sem: int, seconds: float) -> bool:
-        """sem_timedwait for up to ``seconds``; True once the semaphore was taken."""
+    def _sleep(sem: int, until: int) -> bool:
+        """Wait on ``sem`` until ``until`` (time.perf_counter_ns(), which is CLOCK_MONOTONIC on Linux);
+        True once the semaphore was taken."""
         if not _c.sem_trywait(sem):
             return True
         if _CLOCKWAIT:
-            until = time.clock_gettime_ns(time.CLOCK_MONOTONIC) + int(seconds * 1e9)
             ts = _Timespec(until // 1_000_000_000, until % 1_000_000_000)
             wait = partial(_c.sem_clockwait, sem, time.CLOCK_MONOTONIC, ctypes.byref(ts))
-        else:
-            until = time.time() + seconds
-            ts = _Timespec(int(until), int((until % 1) * 1e9))
+        else:  # sem_timedwait's deadline is on the wall clock
+            until += time.time_ns() - time.perf_counter_ns()
+            ts = _Timespec(until // 1_000_000_000, until % 1_000_000_000)
             wait = partial(_c.sem_timedwait, sem, ctypes.byref(ts))
         while wait():
             err = ctypes.get_errno()

@@ -124,13 +124,12 @@ class Worker:
         return self.inbox.recv(timeout=1.0)
 
     def serve(self) -> None:
-        parent = os.getppid()
         spin_ns = int(self.spec.get("spin_us", 0)) * 1000
         while True:
             try:
                 msg = self._next(spin_ns)
             except posix_ipc.BusyError:  # a second without messages
-                if os.getppid() != parent:
+                if not self._front_alive():
                     return  # the front is gone
                 if bls.client is not None:
                     bls.client.release_answers()  # BLS answers the model let go of since its last execute
