@@ -539,7 +539,8 @@ class Batch:
         # come and been sent when that wait ended (timings[3]), as it would have unchained.
         chained = timings[3] if len(timings) > 3 else 0
         sent = max(self.sent, chained)
-        ran = sum(p.batch_size for p, r in zip(self.pendings, results) if r is None or "skip" not in r)
+        ran = sum(p.batch_size for p, r in zip(self.pendings, results) if r is None or "skip" not in r) \
+            if chained else sum(p.batch_size for p in self.pendings)  # (only a chained batch is ever skipped)
         if ran:
             stats.execution(ran, ci, cinf, co)
         if not decoupled:
