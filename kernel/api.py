@@ -187,7 +187,7 @@ class Model:
               timeout_us: int = 0) -> InferResult:
         """Run one inference and wait for it (from any thread but the server's loop)."""
         request = self._request(inputs, outputs, parameters, request_id, priority, timeout_us)
-        response = self._server._wait(lambda core: core.submit(request))
+        response = self._server._wait(lambda core: core.accept(request))
         return self._server._result(response)
 
     async def async_infer(self, inputs: Mapping[str, np.ndarray], outputs: list[str] | None = None,
@@ -197,9 +197,9 @@ class Model:
         request = self._request(inputs, outputs, parameters, request_id, priority, timeout_us)
         server = self._server
         if server._on_loop():
-            response = await server._core.submit(request)
+            response = await server._core.accept(request)
         else:
-            response = await asyncio.wrap_future(server._submit_threadsafe(lambda core: core.submit(request)))
+            response = await asyncio.wrap_future(server._submit_threadsafe(lambda core: core.accept(request)))
         return server._result(response)
 
     def stream(self, inputs: Mapping[str, np.ndarray], outputs: list[str] | None = None,
@@ -311,7 +311,8 @@ class Server:
                  load_models: list[str] | None = None, log_verbose: int = 0,
                  backend_config: dict[str, dict[str, str]] | None = None, strict_readiness: bool = True,
                  exit_timeout: float = 30.0, backend_directory: str | list[str] | None = None,
-                 host_policy: dict[str, dict[str, str]] | None = None) -> None:
+                 host_policy: dict[str, dict[str, str]] | None = None,
+                 trace_config: dict[str, Any] | None = None) -> None:
         repos = model_repository if isinstance(model_repository, list) else \
             [model_repository] if model_repository is not None else [default_repository()]
         self._core = Core([str(r) for r in repos], strict_model_config=strict_model_config,
@@ -319,7 +320,7 @@ class Server:
                           log_verbose=log_verbose, backend_config=backend_config,
                           backend_directories=[backend_directory] if isinstance(backend_directory, str)
                           else backend_directory, strict_readiness=strict_readiness, exit_timeout=exit_timeout,
-                          host_policies=host_policy)
+                          host_policies=host_policy, trace_config=trace_config)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopped: asyncio.Event | None = None

@@ -11,8 +11,10 @@ from typing import Any
 
 from kernel import __version__, host_policy
 from kernel.api import Server
+from kernel.errors import ServerError
 from kernel.restricted import GRPC_PREFIX, Restrictions
 from kernel.server import default_repository
+from kernel.tracing import Tracer
 
 log = logging.getLogger("kernel")
 
@@ -114,7 +116,33 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ping each gRPC connection this often (default 7200000, as Triton)")
     start.add_argument("--grpc-keepalive-timeout", type=int, default=20000, metavar="MS",
                        help="close a connection whose ping is not answered within this long (default 20000)")
+    start.add_argument("--trace-config", action="append", type=_backend_config, default=[],
+                       metavar="[triton,]<setting>=<value>",
+                       help="tracing, as tritonserver's: level=OFF|TIMESTAMPS|TENSORS (repeatable to combine), "
+                            "rate=<one in N requests>, count=<traces, -1: unlimited>, triton,file=<path>, "
+                            "triton,log-frequency=<traces per numbered file, 0: one file written at shutdown>; "
+                            "the setting can then be changed at /v2/trace/setting")
     return parser
+
+
+def trace_config(settings: list[tuple[str, str, str]]) -> dict[str, Any]:
+    """``--trace-config`` settings as kernel.tracing.Tracer's config (errors raise ValueError)."""
+    config: dict[str, Any] = {}
+    for mode, key, value in settings:
+        if mode not in ("", "triton"):
+            raise ValueError(f"trace mode '{mode}' is not supported by this server (only 'triton')")
+        key = key.replace("-", "_")
+        if key == "level":
+            config.setdefault("level", []).append(value)
+        elif key in ("rate", "count", "log_frequency", "file", "mode"):
+            config[key] = value
+        else:
+            raise ValueError(f"unknown trace setting '{key}'")
+    try:
+        Tracer(config)  # checks the values
+    except ServerError as e:
+        raise ValueError(f"--trace-config: {e}") from None
+    return config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,12 +206,17 @@ async def serve(args: Any) -> int:
     policies: dict[str, dict[str, str]] = {}
     for name, setting, value in args.host_policy:
         policies.setdefault(name, {})[setting] = value
+    try:
+        tracing = trace_config(args.trace_config)
+    except ValueError as e:
+        log.error("error: %s", e)
+        return 1
     server = Server(args.model_repository or [default_repository()],
                     strict_model_config=args.strict_model_config or args.disable_auto_complete_config,
                     model_control_mode=args.model_control_mode, load_models=args.load_model,
                     log_verbose=args.log_verbose, backend_config=backend_config,
                     backend_directory=args.backend_directory, exit_timeout=args.exit_timeout_secs,
-                    strict_readiness=args.strict_readiness, host_policy=policies)
+                    strict_readiness=args.strict_readiness, host_policy=policies, trace_config=tracing)
     core = server.core
     try:
         core.http_restricted = Restrictions.parse(args.http_restricted_api)

@@ -423,6 +423,8 @@ class _Run:
         outputs = [RequestedOutput(model_output, shm=self.dests.get(name)) for model_output, name in step.outputs]
         sub = InferRequest(step.model, step.version, request.id, inputs, outputs, request.parameters)
         core = self.version.server
+        if request.trace is not None:  # each step's request is a child of the ensemble request's trace
+            sub.trace = request.trace.child(core.tracer)
         if step.index in self.version.decoupled_steps:
             self.outstanding += 1
             try:

@@ -30,7 +30,7 @@ class BatchHandler(Protocol):
     batch_id: int
     sent: int  # time.perf_counter_ns() when it was sent
 
-    def done(self, instance: Instance, results: list, timings: list, decoupled: bool) -> None: ...
+    def done(self, instance: Instance, results: list, timings: list, decoupled: bool, end_ns: int) -> None: ...
 
     def stream(self, instance: Instance, index: int, result: dict | None, final: bool) -> None: ...
 
@@ -449,7 +449,7 @@ class Instance:
                 elif handler is not None:
                     self._batches[msg["id"]] = handler  # decoupled: stays until every final flag
                 if handler is not None:
-                    handler.done(self, msg["res"], msg["ts"], msg["d"])
+                    handler.done(self, msg["res"], msg["ts"], msg["d"], msg["at"])
             elif kind == "s":
                 handler = self._batches.get(msg["id"])
                 if handler is not None:

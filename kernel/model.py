@@ -530,7 +530,8 @@ class Batch:
             if pending.request.chain is not None:  # its worker is done with the links and blocks
                 pending.request.chain.ended()
 
-    def done(self, instance: Instance, results: list, timings: list, decoupled: bool) -> None:
+    def done(self, instance: Instance, results: list, timings: list, decoupled: bool, end_ns: int) -> None:
+        """The worker answered (``end_ns``: when it finished, on our clock): settle each request."""
         version = self.version
         stats = version.stats
         now = time.perf_counter_ns()
@@ -548,12 +549,15 @@ class Batch:
         for pending, result in zip(self.pendings, results):
             enqueued = max(pending.enqueued, chained)
             total = now - enqueued
-            if result is None:
-                continue  # decoupled: answered through stream()
-            if "skip" in result:  # a chained step whose input never came: not an inference at all
+            if result is not None and "skip" in result:  # a chained step whose input never came: no inference
                 version.server.chain_skips += 1
                 _settle(pending, Skipped())
                 continue
+            trace = pending.request.trace
+            if trace is not None and (result is None or "err" in result):
+                trace.computed(end_ns, ci, cinf, co)
+            if result is None:
+                continue  # decoupled: answered through stream()
             if "err" in result:
                 message, code = result["err"]
                 if result.get("fail"):
@@ -564,6 +568,8 @@ class Batch:
                 continue
             response = _response(version, instance, pending, result)
             response.timings = (ci, cinf, co)
+            if trace is not None:
+                trace.computed(end_ns, ci, cinf, co, response.outputs)
             stats.success(total, max(sent - enqueued, 0), ci, cinf, co, pending.batch_size)
             _settle(pending, response)
         if decoupled:
@@ -588,6 +594,8 @@ class Batch:
             response.release()
         if final:
             pending.stream = None
+            if pending.request.trace is not None:
+                pending.request.trace.end()
             self._finish_decoupled(instance)
 
     def _finish_decoupled(self, instance: Instance) -> None:
@@ -616,6 +624,8 @@ def _settle(pending: Pending, outcome: Any) -> None:
 
 
 def _deliver(pending: Pending, outcome: Any) -> None:
+    if pending.request.trace is not None:
+        pending.request.trace.end()
     if pending.stream is not None and isinstance(outcome, BaseException):
         callback, pending.stream = pending.stream, None  # a decoupled request ends with the error
         callback(outcome, True)

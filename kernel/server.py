@@ -23,7 +23,8 @@ from kernel.model import ModelVersion, Pending, RequestFuture
 from kernel.repository import Repository, select_versions
 from kernel.restricted import Restrictions
 from kernel.shm_registry import Registration, SharedMemoryRegistry
-from kernel.types import InferRequest, InferResponse
+from kernel.tracing import Tracer, tensor_array
+from kernel.types import ArenaRef, InferRequest, InferResponse, ShmRef
 from shm.arena import Arena, MiB
 from shm.doorbell import Watch
 from shm.link import LinkBoard
@@ -67,7 +68,8 @@ class Core:
                  log_verbose: int = 0, backend_config: dict[str, dict[str, str]] | None = None,
                  backend_directories: list[str] | None = None, exit_timeout: float = 30.0,
                  arena_size: int = 64 * MiB, strict_readiness: bool = True,
-                 host_policies: dict[str, dict[str, str]] | None = None) -> None:
+                 host_policies: dict[str, dict[str, str]] | None = None,
+                 trace_config: dict[str, Any] | None = None) -> None:
         self.repository = Repository(model_repositories)
         self.strict = strict_model_config
         self.control_mode = model_control_mode
@@ -106,6 +108,8 @@ class Core:
         #: intermediate tensors pass by reference and never add to it (tests/test_pipelines.py checks).
         self.copied_bytes = 0
         self.bls = BlsHandler(self)  # answers python models' InferenceRequest.exec()
+        #: Triton's trace extension (``--trace-config``); the fronts sample requests when ``tracer.on``
+        self.tracer = Tracer(trace_config)
 
     # -- lifetime -------------------------------------------------------
     async def start(self) -> None:
@@ -169,6 +173,7 @@ class Core:
             self.links.close(unlink=True)
             self.links = None
             self.free_links = []
+        self.tracer.close()
 
     def bls_called(self, model: str) -> None:
         """An instance of ``model`` made a BLS call. If a chained step waits for that model's batch on an
@@ -290,6 +295,12 @@ class Core:
         """Run one request; the caller must ``release()`` the response."""
         return await self.submit(request)
 
+    def accept(self, request: InferRequest) -> asyncio.Future:
+        """:meth:`submit` for a request entering the server here (the in-process API): it may be traced."""
+        if self.tracer.on:
+            request.trace = self.tracer.sample(request.model_name, front=False)
+        return self.submit(request)
+
     def submit(self, request: InferRequest, mv: ModelVersion | None = None) -> asyncio.Future:
         """Validate and queue one request (errors raise now); the future ends with its response.
 
@@ -302,6 +313,8 @@ class Core:
             raise ServerError("ModelInfer RPC doesn't support models with decoupled transaction policy",
                               "UNSUPPORTED")
         pending = Pending(request, RequestFuture(loop=self._loop), mv.validate(request))
+        if request.trace is not None:
+            self._begin_trace(request, mv, pending)
         self.shm.hold(request, pending.future)  # client regions stay mapped until it ends
         pending.future.pending = pending  # cancelling the future cancels the request
         pending.version = mv
@@ -322,6 +335,8 @@ class Core:
         mv = self.version(request.model_name, request.model_version)
         batch = mv.validate(request)
         pending = Pending(request, RequestFuture(loop=self._loop), batch)
+        if request.trace is not None:
+            self._begin_trace(request, mv, pending)
         if mv.decoupled:
             done = RequestFuture(loop=self._loop)
 
@@ -355,6 +370,21 @@ class Core:
             raise
         self.spinner.kick()
         return ends
+
+    def _begin_trace(self, request: InferRequest, mv: Any, pending: Pending) -> None:
+        """A traced request is queued: its header, REQUEST_START (its inputs at level TENSORS), QUEUE_START."""
+        trace = request.trace
+        trace.begin(mv.name, mv.version, request.id, request.inputs, self._input_array, pending.enqueued)
+        trace.stamp("QUEUE_START")
+
+    def _input_array(self, t: Any) -> Any:
+        """An input's values, wherever its bytes are (for a trace's tensor records)."""
+        data = t.data
+        if isinstance(data, ShmRef):
+            data = data.region.buffer()[data.offset : data.offset + data.byte_size]
+        elif isinstance(data, ArenaRef):
+            data = self.arena.view(data.key, data.offset, data.byte_size) if self.arena is not None else None
+        return tensor_array(t.datatype, t.shape, data) if data is not None else None
 
     # -- statistics -----------------------------------------------------
     def statistics(self, name: str = "", version: str = "") -> dict:

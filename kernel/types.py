@@ -67,6 +67,7 @@ class InferRequest:
     outputs: list[RequestedOutput] | None = None
     parameters: dict = field(default_factory=dict)
     chain: Any = None  # a chained pipeline step's links (kernel.ensemble._Ends)
+    trace: Any = None  # its kernel.tracing.Trace when the request is traced
 
 
 @dataclass(slots=True)

@@ -16,6 +16,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
+from kernel import tracing
 from kernel.errors import CUDA_SHM_UNSUPPORTED, ServerError, invalid
 from kernel.restricted import grpc_message
 from kernel.server import Core
@@ -99,6 +100,21 @@ def _infer_reply(future: asyncio.Future) -> bytes:
         raise _grpc_error(_internal(e, "ModelInfer")) from None
 
 
+def _traced_reply(trace: Any, future: asyncio.Future) -> bytes:
+    """``_infer_reply`` of a traced request: GRPC_SEND_START now, GRPC_SEND_END once the reply is written
+    (the connection writes it as soon as this returns)."""
+    trace.stamp("GRPC_SEND_START")
+    try:
+        return _infer_reply(future)
+    finally:
+        asyncio.get_running_loop().call_soon(_traced_sent, trace)
+
+
+def _traced_sent(trace: Any) -> None:
+    trace.stamp("GRPC_SEND_END")
+    trace.finish()
+
+
 class InferenceService:
     """The RPCs of Triton's ``grpc_service.proto``."""
 
@@ -148,11 +164,28 @@ class InferenceService:
         """Queue the request now; the reply is encoded when its future is done (no task per call)."""
         try:
             request = v2grpc.parse_request(decoded, self.core.shm)
+            if self.core.tracer.on:
+                return self._traced(request, call)
             return Deferred(self.core.submit(request), _infer_reply)
         except ServerError as e:
             raise _grpc_error(e) from None
         except Exception as e:
             raise _grpc_error(_internal(e, "ModelInfer")) from None
+
+    def _traced(self, request: InferRequest, call: Call) -> Deferred:
+        """ModelInfer while tracing is on: the request may be sampled (kernel.tracing)."""
+        trace = self.core.tracer.sample(request.model_name)
+        if trace is None:
+            return Deferred(self.core.submit(request), _infer_reply)
+        trace.stamp("GRPC_WAITREAD_START", call.born)
+        trace.stamp("GRPC_WAITREAD_END")
+        request.trace = trace
+        try:
+            future = self.core.submit(request)
+        except BaseException:
+            trace.finish()  # refused: the trace ends with what it has
+            raise
+        return Deferred(future, functools.partial(_traced_reply, trace))
 
     async def ModelStreamInfer(self, stream: Call) -> None:
         """Requests in, responses out, two writer tasks per stream.
@@ -202,6 +235,11 @@ class InferenceService:
         rid = decoded.id
         try:
             request = v2grpc.parse_request(decoded, self.core.shm)
+            if self.core.tracer.on:  # a streamed request's trace ends with the request (no send stamps)
+                request.trace = self.core.tracer.sample(request.model_name, front=False)
+                if request.trace is not None:
+                    request.trace.stamp("GRPC_WAITREAD_START")  # (its message is read: no wait to time)
+                    request.trace.stamp("GRPC_WAITREAD_END")
             if self.core.version(request.model_name, request.model_version).decoupled:
                 empty_final = request.parameters.get("triton_enable_empty_final_response") is True
 
@@ -336,13 +374,15 @@ class InferenceService:
     # -- trace and logging ----------------------------------------------
     @_unary
     async def TraceSetting(self, request: pb.TraceSettingRequest) -> pb.TraceSettingResponse:
-        """Tracing is off and stays off: settings are answered with Triton's defaults."""
-        if request.model_name and not self.core.model_ready(request.model_name):
-            raise invalid(f"Request for unknown model : {request.model_name}")
+        """Triton's trace extension: the global setting, or a model's (kernel.tracing)."""
+        model = request.model_name
+        if model and not self.core.model_ready(model):
+            raise invalid(f"Request for unknown model : {model}")
+        if request.settings:
+            self.core.tracer.update(model, tracing.changes_from_grpc(request.settings))
         reply = pb.TraceSettingResponse()
-        for key, value in (("trace_file", ""), ("trace_level", "OFF"), ("trace_rate", "1000"),
-                           ("trace_count", "-1"), ("log_frequency", "0"), ("trace_mode", "triton")):
-            reply.settings[key].value.append(value)
+        for key, value in self.core.tracer.settings(model).items():
+            reply.settings[key].value.extend(value if isinstance(value, list) else [value])
         return reply
 
     @_unary

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import time
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -164,7 +165,7 @@ class Call:
 
     __slots__ = ("conn", "sid", "method", "headers", "encoding", "send_window", "out", "out_end", "task",
                  "inbox", "buf", "need", "closed_remote", "closed", "started", "recv_credit", "deadline",
-                 "drained", "reset", "flag")
+                 "drained", "reset", "flag", "born")
 
     def __init__(self, conn: Connection, sid: int, method: Method | None, headers: list, encoding: str) -> None:
         self.conn = conn
@@ -187,6 +188,7 @@ class Call:
         self.drained: asyncio.Future | None = None
         self.reset = False
         self.flag = 0
+        self.born = time.perf_counter_ns()  # its HEADERS came (a trace's GRPC_WAITREAD_START)
 
     def metadata(self, key: str) -> str | None:
         """The value of a request header (lower-case key), None when absent."""

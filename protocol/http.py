@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from functools import partial
 from typing import Any
 
 import orjson
 
+from kernel import tracing
 from kernel.errors import CUDA_SHM_UNSUPPORTED, ServerError, invalid
 from kernel.restricted import http_message
 from kernel.server import Core
@@ -81,6 +83,14 @@ def _on_error(request: Request, error: BaseException) -> Response:
 def _check_uint(value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise invalid("attempt to access JSON non-unsigned-integer as unsigned-integer")
+
+
+def _traced_send(trace: Any, release: Any) -> None:
+    """A traced answer left for the socket: HTTP_SEND_END ends its trace."""
+    if release is not None:
+        release()
+    trace.stamp("HTTP_SEND_END")
+    trace.finish()
 
 
 def _read_json(request: Request) -> dict:
@@ -226,34 +236,52 @@ class HttpFront:
             mv = self.core.version(model, version)
         except ServerError as e:
             return _error(e, _TEXT)  # Triton answers an unknown model on this route in text/plain
+        tracer = self.core.tracer
+        trace = tracer.sample(mv.name) if tracer.on else None
+        if trace is not None:
+            trace.stamp("HTTP_RECV_START", request.received)
+            trace.stamp("HTTP_RECV_END")
         body = request.body
         header = request.headers.get("inference-header-content-length")
-        if header is not None and (not header.isdigit() or int(header) == 0):
-            specs = [(s.name, s.datatype, s.dims, mv.max_batch_size > 0) for s in mv.inputs.values()]
-            infer_request = v2json.raw_request(model, version, memoryview(body), specs)
-        else:
-            buffer = request.buffer
-            where = (buffer.key, buffer.offset) if isinstance(buffer, ArenaBody) else None
-            infer_request = v2json.parse_request(model, version, body, int(header) if header else None,
-                                                 self.core.shm, where)
-        return Deferred(self.core.submit(infer_request, mv), lambda f: self._infer_response(f, infer_request))
+        try:
+            if header is not None and (not header.isdigit() or int(header) == 0):
+                specs = [(s.name, s.datatype, s.dims, mv.max_batch_size > 0) for s in mv.inputs.values()]
+                infer_request = v2json.raw_request(model, version, memoryview(body), specs)
+            else:
+                buffer = request.buffer
+                where = (buffer.key, buffer.offset) if isinstance(buffer, ArenaBody) else None
+                infer_request = v2json.parse_request(model, version, body, int(header) if header else None,
+                                                     self.core.shm, where)
+            infer_request.trace = trace
+            future = self.core.submit(infer_request, mv)
+        except BaseException:
+            if trace is not None:
+                trace.finish()  # refused: the trace ends with what it has
+            raise
+        return Deferred(future, lambda f: self._infer_response(f, infer_request))
 
     @staticmethod
     def _infer_response(future: asyncio.Future, infer_request: Any) -> Response:
+        trace = infer_request.trace
+        if trace is not None:
+            trace.stamp("HTTP_SEND_START")
         try:
             response = future.result()
         except ServerError as e:
-            return _error(e, _TEXT)  # failures of the model itself: text/plain, like Triton
+            answer = _error(e, _TEXT)  # failures of the model itself: text/plain, like Triton
+            if trace is not None:
+                answer.sent = partial(_traced_send, trace, None)
+            return answer
         try:
             parts, json_length = v2json.encode_response(response, infer_request)
         except BaseException:
             response.release()
             raise
+        sent = response.release if trace is None else partial(_traced_send, trace, response.release)
         if json_length is None:
-            return Response(parts[0], 200, _JSON, sent=response.release)
+            return Response(parts[0], 200, _JSON, sent=sent)
         # Binary outputs go to the socket as views on shared memory, released once sent.
-        return Response(parts, 200, _BINARY, {"Inference-Header-Content-Length": str(json_length)},
-                        sent=response.release)
+        return Response(parts, 200, _BINARY, {"Inference-Header-Content-Length": str(json_length)}, sent=sent)
 
     def unsupported(self, request: Request) -> Response:
         raise ServerError("the generate extension is not supported by this server", "UNSUPPORTED")
@@ -318,10 +346,13 @@ class HttpFront:
 
     # -- trace and logging ----------------------------------------------
     def trace(self, request: Request) -> Response:
+        """Triton's trace extension: the global setting, or a model's (kernel.tracing)."""
+        model = request.match_info.get("model", "")
+        if model and not self.core.model_ready(model):
+            raise invalid(f"Request for unknown model : {model}")
         if request.method == "POST":
-            _read_json(request)
-        return _json({"trace_level": ["OFF"], "trace_rate": "1000", "trace_count": "-1", "log_frequency": "0",
-                      "trace_file": "", "trace_mode": "triton"})
+            self.core.tracer.update(model, tracing.changes_from_json(_read_json(request)))
+        return _json(self.core.tracer.settings(model))
 
     def logging(self, request: Request) -> Response:
         if request.method == "POST":

@@ -60,7 +60,7 @@ class Request:
     the server releases it once the request is answered (or dropped).
     """
 
-    __slots__ = ("method", "path", "headers", "body", "match_info", "keep_alive", "buffer")
+    __slots__ = ("method", "path", "headers", "body", "match_info", "keep_alive", "buffer", "received")
 
     def __init__(self, method: str, path: str, headers: dict[str, str], body: bytes | memoryview,
                  keep_alive: bool, buffer: BodyBuffer | None = None) -> None:
@@ -71,6 +71,7 @@ class Request:
         self.keep_alive = keep_alive
         self.match_info: dict[str, str] = {}
         self.buffer = buffer
+        self.received = 0  # when its first byte was parsed (perf_counter ns): a trace's HTTP_RECV_START
 
     def release_body(self) -> None:
         buffer, self.buffer = self.buffer, None
@@ -201,6 +202,7 @@ class _Connection(asyncio.Protocol):
         self._draining = False
         self._upgrade_head: bytes | None = None
         self._url = b""
+        self._begun = 0
         self._headers: dict[str, str] = {}
         self._body: list[bytes] = []
         self._size = 0
@@ -270,6 +272,7 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks ------------------------------------------------
     def on_message_begin(self) -> None:
+        self._begun = time.perf_counter_ns()
         self._url = b""
         self._headers = {}
         self._body = []
@@ -341,6 +344,7 @@ class _Connection(asyncio.Protocol):
         q = url.find("?")
         request = Request(self.parser.get_method().decode("ascii"), url if q < 0 else url[:q],
                           self._headers, b"", self.parser.should_keep_alive(), sink)
+        request.received = self._begun
         if isinstance(body, asyncio.Future):
             self.queue.append(_Inflating(request, body))
         else:

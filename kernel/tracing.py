@@ -1,0 +1,443 @@
+"""Triton's trace extension: sampled requests' timelines (and, at level TENSORS, their tensors).
+
+Settings follow Triton's trace manager (docs/triton-behaviour.md §15): one global setting from
+``--trace-config``, per-model settings that override some of its fields and follow the global
+one for the rest, and every update replaces the setting object (so its sample counter starts
+again, and the traces it collected are written out first). A request is sampled where it enters:
+the HTTP and gRPC fronts and the in-process API call :meth:`Tracer.sample`; an ensemble's steps
+get child traces of their request's trace (``parent_id``).
+
+The file is Triton's: a JSON array of one-key records, a header ``{"id", "model_name",
+"model_version", "request_id"?, "parent_id"?}`` and one ``{"id", "timestamps": [{"name", "ns"}]}``
+per event, nanoseconds of CLOCK_MONOTONIC (Triton's steady clock; the workers stamp on the same
+clock, so COMPUTE_* come from the worker's own timings). With ``log_frequency`` 0 the traces go to
+the file when their setting is replaced and at shutdown; with N they go to ``<file>.0``,
+``<file>.1``, ... every N traces; when ``trace_count`` runs out, the rest go to a numbered file.
+Unlike Triton's file, ours is valid JSON after every write (a later write replaces the closing
+bracket), so a trace file can be read while the server runs.
+
+The cost when tracing is off is one attribute read per request (``Tracer.on``) in each front and
+one ``request.trace`` check where the core stamps; traces are formatted as they happen and written
+in batches, so a sampled request costs a few microseconds of string formatting and no syscall.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from typing import Any
+
+import numpy as np
+
+from kernel.errors import ServerError, invalid
+from protocol import dtypes
+
+log = logging.getLogger("kernel.tracing")
+
+TIMESTAMPS = 1
+TENSORS = 2
+_LEVEL_NAMES = {"TIMESTAMPS": TIMESTAMPS, "TENSORS": TENSORS}
+_U32 = 1 << 32
+_INT32_MAX = (1 << 31) - 1
+MIN_TRACE_COUNT = -1
+_FIELDS = ("level", "rate", "count", "log_frequency")
+_LEADING_INT = re.compile(r"\s*[+-]?\d+")
+_clock = time.perf_counter_ns  # CLOCK_MONOTONIC on Linux, as the workers' timings and Pending.enqueued
+
+
+class TraceFile:
+    """One trace file path: traces appended to the file itself, or written to its numbered files."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.index = 0  # of the next numbered file
+        self.written = False  # the file itself holds a JSON array already
+
+    def save(self, chunks: list[str], numbered: bool) -> None:
+        if not chunks or not self.path:
+            return
+        body = ",".join(chunks)
+        try:
+            if numbered:
+                name = f"{self.path}.{self.index}"
+                self.index += 1
+                with open(name, "w", encoding="utf-8") as f:
+                    f.write(f"[{body}]")
+            elif not self.written:
+                with open(self.path, "w", encoding="utf-8") as f:
+                    f.write(f"[{body}]")
+                self.written = True
+            else:  # replace the closing bracket: the file stays one valid JSON array
+                with open(self.path, "r+b") as f:
+                    f.seek(-1, os.SEEK_END)
+                    f.write(f",{body}]".encode())
+        except OSError as e:
+            log.error("failed writing trace file %s: %s", self.path, e)
+
+
+class Setting:
+    """One trace setting (global or a model's): its values, which of them it specifies itself, and the
+    traces it has sampled and collected."""
+
+    __slots__ = ("level", "rate", "count", "log_frequency", "file", "specified", "sample", "created", "collected",
+                 "chunks", "in_stream", "retired")
+
+    def __init__(self, level: int, rate: int, count: int, log_frequency: int, file: TraceFile,
+                 specified: frozenset[str] = frozenset()) -> None:
+        self.level = level
+        self.rate = rate
+        self.count = count
+        self.log_frequency = log_frequency
+        self.file = file
+        self.specified = specified
+        self.sample = 0  # requests seen while tracing was on
+        self.created = 0  # traces sampled
+        self.collected = 0  # traces finished
+        self.chunks: list[str] = []  # finished traces not yet written
+        self.in_stream = 0
+        self.retired = False  # replaced: what it still collects is written at once
+
+    def reason(self) -> str:
+        """Why this setting traces nothing ('' when it traces)."""
+        if not self.level:
+            return "tracing is disabled"
+        if self.rate == 0:
+            return "sample rate must be non-zero"
+        if not self.file.path:
+            return "trace file name is not given"
+        return ""
+
+    def take(self) -> bool:
+        """Count one request; whether it is traced (every ``rate``-th, while ``count`` lasts)."""
+        if self.count == 0 or self.reason():
+            return False
+        self.sample += 1
+        if self.sample % self.rate:
+            return False
+        if self.count > 0:
+            self.count -= 1
+        self.created += 1
+        return True
+
+    def collect(self, records: str) -> None:
+        """A finished trace's records: written every ``log_frequency`` traces, or once ``count`` ran out."""
+        self.chunks.append(records)
+        self.collected += 1
+        self.in_stream += 1
+        if (self.count == 0 and self.collected == self.created) or \
+                (self.log_frequency and self.in_stream >= self.log_frequency):
+            self.write(numbered=True)
+        elif self.retired:
+            self.write(numbered=bool(self.log_frequency))
+
+    def write(self, numbered: bool) -> None:
+        chunks, self.chunks = self.chunks, []
+        self.in_stream = 0
+        self.file.save(chunks, numbered)
+
+    def retire(self) -> None:
+        """Replaced (or the server stops): the traces it holds go out; later ones it collects go at once."""
+        self.retired = True
+        self.write(numbered=bool(self.log_frequency))
+
+    def values(self) -> dict[str, Any]:
+        """Triton's JSON of the setting."""
+        levels = [name for name, bit in _LEVEL_NAMES.items() if self.level & bit] or ["OFF"]
+        return {"trace_level": levels, "trace_rate": str(self.rate), "trace_count": str(self.count),
+                "log_frequency": str(self.log_frequency), "trace_file": self.file.path, "trace_mode": "triton"}
+
+
+class Trace:
+    """One sampled request's records (a root trace also holds its children's)."""
+
+    __slots__ = ("setting", "id", "parent", "level", "records", "children", "front", "ended", "done")
+
+    def __init__(self, tracer: Tracer, setting: Setting, parent: Trace | None = None, front: bool = True) -> None:
+        tracer.last_id += 1
+        self.id = tracer.last_id
+        self.setting = setting
+        self.parent = parent
+        self.level = setting.level
+        self.records: list[str] = []
+        self.children: list[Trace] = []
+        self.front = front  # a protocol front finishes it after sending; else it ends with the request
+        self.ended = False
+        self.done = False
+
+    def child(self, tracer: Tracer) -> Trace:
+        """The trace of a request this one's request makes (an ensemble step)."""
+        trace = Trace(tracer, self.setting, self, front=False)
+        self.children.append(trace)
+        return trace
+
+    def stamp(self, name: str, ns: int | None = None) -> None:
+        if self.level & TIMESTAMPS:
+            at = _clock() if ns is None else ns
+            self.records.append(f'{{"id":{self.id},"timestamps":[{{"name":"{name}","ns":{at}}}]}}')
+
+    def begin(self, model: str, version: int, request_id: str, inputs: list, read: Any, ns: int) -> None:
+        """The request reached the core: its header record and REQUEST_START (and its inputs)."""
+        head = {"id": self.id, "model_name": model, "model_version": version}
+        if request_id:
+            head["request_id"] = request_id
+        if self.parent is not None:
+            head["parent_id"] = self.parent.id
+        self.records.append(json.dumps(head, separators=(",", ":")))
+        self.stamp("REQUEST_START", ns)
+        if self.level & TENSORS:
+            for t in inputs:
+                self.tensor("TENSOR_QUEUE_INPUT", t.name, t.datatype, t.shape, read(t))
+
+    def computed(self, end_ns: int, ci: int, cinf: int, co: int, outputs: list | None = None) -> None:
+        """The worker's answer: INFER_RESPONSE_COMPLETE, then COMPUTE_* on the worker's clock (Triton's order)."""
+        self.stamp("INFER_RESPONSE_COMPLETE")
+        start = end_ns - co - cinf - ci
+        for name, ns in (("COMPUTE_START", start), ("COMPUTE_INPUT_END", start + ci),
+                         ("COMPUTE_OUTPUT_START", start + ci + cinf), ("COMPUTE_END", end_ns)):
+            self.stamp(name, ns)
+        if self.level & TENSORS and outputs:
+            for o in outputs:
+                self.tensor("TENSOR_BACKEND_OUTPUT", o.name, o.datatype, o.shape, o.as_numpy())
+
+    def tensor(self, activity: str, name: str, datatype: str, shape: list[int], array: np.ndarray | None) -> None:
+        """A tensor record as Triton writes it: values joined by commas (FP16/BF16: none)."""
+        if array is None or datatype in ("FP16", "BF16"):
+            data = ""
+        elif datatype == "BYTES":
+            data = ",".join(f'"{v.decode("utf-8", "replace") if isinstance(v, bytes) else v}"' for v in array.flat)
+        elif datatype == "BOOL":
+            data = ",".join("1" if v else "0" for v in array.flat)
+        elif datatype in ("FP32", "FP64"):
+            data = ",".join(f"{v:g}" for v in array.flat)
+        else:
+            data = ",".join(map(str, array.flat))
+        record = {"id": self.id, "activity": activity,
+                  "tensor": {"name": name, "data": data, "shape": ",".join(map(str, shape)), "dtype": datatype}}
+        self.records.append(json.dumps(record, separators=(",", ":")))
+
+    def end(self) -> None:
+        """REQUEST_END: the core is done with the request; a trace no front waits on is finished."""
+        if self.ended:
+            return
+        self.ended = True
+        self.stamp("REQUEST_END")
+        if not self.front:
+            self.finish()
+
+    def finish(self) -> None:
+        """The trace is complete: its records (and its children's) go to its setting."""
+        if self.done:
+            return
+        self.done = True
+        if self.parent is None:
+            self.setting.collect(",".join(self._all()))
+
+    def _all(self) -> list[str]:
+        records = list(self.records)
+        for child in self.children:
+            records.extend(child._all())
+        return records
+
+
+class Tracer:
+    """The global and per-model trace settings, and sampling."""
+
+    def __init__(self, config: dict[str, Any] | None = None) -> None:
+        config = config or {}
+        mode = config.get("mode", "triton")
+        if mode != "triton":
+            raise ServerError(f"trace mode '{mode}' is not supported by this server (only 'triton')", "INVALID_ARG")
+        self.files: dict[str, TraceFile] = {}
+        level = 0
+        for name in config.get("level", ["OFF"]):
+            name = name.upper()
+            if name == "OFF":
+                level = 0
+            elif name in _LEVEL_NAMES:
+                level |= _LEVEL_NAMES[name]
+            else:
+                raise ServerError(f"invalid trace level '{name}': expected OFF, TIMESTAMPS or TENSORS", "INVALID_ARG")
+        self.default = self.global_ = Setting(
+            level, _u32("rate", str(config.get("rate", "1000"))), _count(str(config.get("count", "-1"))),
+            _u32("log_frequency", str(config.get("log_frequency", "0"))), self._file(str(config.get("file", ""))))
+        self.models: dict[str, Setting] = {}
+        self.last_id = 0
+        self.on = bool(self.global_.level)
+
+    def _file(self, path: str) -> TraceFile:
+        file = self.files.get(path)
+        if file is None:
+            file = self.files[path] = TraceFile(path)
+        return file
+
+    def sample(self, model: str, front: bool = True) -> Trace | None:
+        """The trace of a request to ``model`` entering now, if it is sampled (check ``on`` first)."""
+        setting = self.models.get(model, self.global_)
+        if not setting.level or not setting.take():
+            return None
+        return Trace(self, setting, front=front)
+
+    def settings(self, model: str = "") -> dict[str, Any]:
+        return self.models.get(model, self.global_).values()
+
+    def update(self, model: str, changes: dict[str, Any]) -> None:
+        """Apply ``changes`` (field -> value, or None to clear it back to the fallback) as Triton does."""
+        self._update(model, changes)
+        if not model:  # the models' settings that follow the global one for some field follow it now
+            for name, setting in list(self.models.items()):
+                if setting.specified != frozenset(_FIELDS):
+                    self._update(name, {})
+        self.on = bool(self.global_.level) or any(s.level for s in self.models.values())
+
+    def _update(self, model: str, changes: dict[str, Any]) -> None:
+        current = self.models.get(model) if model else self.global_
+        fallback = self.global_ if model else self.default
+        specified = set(current.specified) if current is not None else set()
+        for key, value in changes.items():
+            if value is None:
+                specified.discard(key)
+            else:
+                specified.add(key)
+        values = {}
+        for key in _FIELDS:
+            if key in changes and changes[key] is not None:
+                values[key] = changes[key]
+            elif key in specified and current is not None:
+                values[key] = getattr(current, key)
+            else:
+                values[key] = getattr(fallback, key)
+        if model and not specified:
+            if current is not None:
+                current.retire()
+                del self.models[model]
+            return
+        setting = Setting(values["level"], values["rate"], values["count"], values["log_frequency"],
+                          fallback.file, frozenset(specified))
+        problem = setting.reason()
+        if problem and setting.level:
+            raise invalid(f"Attempting to set invalid trace setting :{problem}")
+        if current is not None:
+            current.retire()
+        if model:
+            self.models[model] = setting
+        else:
+            self.global_ = setting
+
+    def close(self) -> None:
+        """The server stops: every setting's collected traces go to their files."""
+        for setting in (self.global_, *self.models.values()):
+            setting.retire()
+
+
+# -- requests to change the settings (HTTP JSON and gRPC), checked with Triton's messages --------
+
+def changes_from_json(doc: Any) -> dict[str, Any]:
+    """A POSTed trace setting object as :meth:`Tracer.update`'s changes (a value of null clears)."""
+    if not isinstance(doc, dict):
+        raise invalid("trace setting request must be a JSON object")
+    if "trace_file" in doc:
+        raise _no_file()
+    changes: dict[str, Any] = {}
+    if "trace_level" in doc:
+        levels = doc["trace_level"]
+        if levels is None:
+            changes["level"] = None
+        else:
+            if not isinstance(levels, list):
+                raise invalid("attempt to access JSON non-array as array")
+            if not all(isinstance(v, str) for v in levels):
+                raise invalid("attempt to access JSON non-string as string")
+            _levels(levels, changes)
+    for key, field, parse in (("trace_rate", "rate", _u32), ("trace_count", "count", _count_of),
+                              ("log_frequency", "log_frequency", _u32)):
+        if key in doc:
+            value = doc[key]
+            if value is None:
+                changes[field] = None
+            elif not isinstance(value, str):
+                raise invalid("attempt to access JSON non-string as string")
+            else:
+                changes[field] = parse(key, value)
+    return changes
+
+
+def changes_from_grpc(settings: Any) -> dict[str, Any]:
+    """A TraceSettingRequest's ``settings`` map as changes (an empty value list clears)."""
+    if "trace_file" in settings:
+        raise _no_file()
+    changes: dict[str, Any] = {}
+    if "trace_level" in settings:
+        levels = list(settings["trace_level"].value)
+        if levels:
+            _levels(levels, changes)
+        else:
+            changes["level"] = None
+    for key, field, parse in (("trace_rate", "rate", _u32), ("trace_count", "count", _count_of),
+                              ("log_frequency", "log_frequency", _u32)):
+        if key in settings:
+            values = list(settings[key].value)
+            if not values:
+                changes[field] = None
+            elif len(values) == 1:
+                changes[field] = parse(key, values[0])
+            else:
+                raise invalid(f"expect only 1 value for '{key}'")
+    return changes
+
+
+def _no_file() -> ServerError:
+    # Triton answers 501 (UNSUPPORTED); asking for it is the client's mistake, so 400 here.
+    return ServerError("trace file location can not be updated through network protocol", "UNSUPPORTED")
+
+
+def _levels(names: list[str], changes: dict[str, Any]) -> None:
+    level = 0
+    for name in names:
+        if name == "OFF":
+            if len(names) != 1:
+                raise invalid("Expect only one trace level 'OFF' is specified")
+            changes["level"] = 0
+        elif name in _LEVEL_NAMES:  # other names are ignored, as Triton does
+            level |= _LEVEL_NAMES[name]
+            changes["level"] = level
+
+
+def _parse_int(key: str, text: str, low: int, high: int) -> int:
+    """``std::stoi`` as Triton calls it: leading digits count, the rest is ignored."""
+    match = _LEADING_INT.match(text)
+    if match is None:
+        raise invalid(f"Unable to parse '{key}', got: {text}")
+    value = int(match.group())
+    if not -(_INT32_MAX + 1) <= value <= _INT32_MAX:
+        raise invalid(f"Unable to parse '{key}', value is out of range [ {low}, {high} ], got: {text}")
+    return value
+
+
+def _u32(key: str, text: str) -> int:
+    return _parse_int(key, text, 0, _U32 - 1) % _U32  # "-1" reads back 4294967295, as in Triton
+
+
+def _count_of(key: str, text: str) -> int:
+    value = _parse_int(key, text, MIN_TRACE_COUNT, _INT32_MAX)
+    if value < MIN_TRACE_COUNT:
+        raise invalid(f"Unable to parse 'trace_count'. Expecting value >= {MIN_TRACE_COUNT}, got:{text}")
+    return value
+
+
+def _count(text: str) -> int:
+    return _count_of("trace_count", text)
+
+
+def tensor_array(datatype: str, shape: list[int], buf: Any) -> np.ndarray | None:
+    """An input's bytes as an array for a tensor record (None when they cannot be read as one)."""
+    try:
+        if isinstance(buf, np.ndarray):
+            return buf
+        if datatype == "BYTES":
+            return dtypes.deserialize_bytes(buf)
+        return np.frombuffer(buf, dtype=dtypes.NUMPY[datatype]).reshape(shape)
+    except (ValueError, KeyError, TypeError):
+        return None

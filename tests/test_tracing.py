@@ -1,0 +1,285 @@
+"""Triton's trace extension (kernel.tracing), through the official tritonclient over HTTP and gRPC and
+through the in-process API: settings (global, per model, cleared back), sampling by rate and count,
+and the trace file's records (docs/triton-behaviour.md §15)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from kernel.api import Server
+from kernel.errors import ServerError
+from kernel.tracing import Tracer
+from tests.pipeline_models import _ensemble, _io, arith
+from tests.support import ROOT, serving
+
+HTTP_NAMES = ["HTTP_RECV_START", "HTTP_RECV_END", "REQUEST_START", "QUEUE_START", "INFER_RESPONSE_COMPLETE",
+              "COMPUTE_START", "COMPUTE_INPUT_END", "COMPUTE_OUTPUT_START", "COMPUTE_END", "REQUEST_END",
+              "HTTP_SEND_START", "HTTP_SEND_END"]
+#: the order the events happen in (the file keeps Triton's order, where INFER_RESPONSE_COMPLETE comes first)
+HAPPENED = ["HTTP_RECV_START", "HTTP_RECV_END", "REQUEST_START", "QUEUE_START", "COMPUTE_START",
+            "COMPUTE_INPUT_END", "COMPUTE_OUTPUT_START", "COMPUTE_END", "INFER_RESPONSE_COMPLETE", "REQUEST_END",
+            "HTTP_SEND_START", "HTTP_SEND_END"]
+OFF = {"trace_level": None, "trace_rate": None, "trace_count": None, "log_frequency": None}
+
+
+def _repository(dest: Path) -> Path:
+    shutil.copytree(ROOT / "examples" / "models" / "add_sub", dest / "add_sub")
+    arith(dest, "double", "y = (x * 2).astype(np.float32)", dims="4")
+    arith(dest, "inc", "y = (x + 1).astype(np.float32)", dims="4")
+    _ensemble(dest, "twice", _io([("INPUT", "FP32", "4")], [("OUTPUT", "FP32", "4")]),
+              [("double", {"IN": "INPUT"}, {"OUT": "t"}), ("inc", {"IN": "t"}, {"OUT": "OUTPUT"})])
+    return dest
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory):
+    base = tmp_path_factory.mktemp("tracing")
+    repo = _repository(base / "models")
+    path = base / "trace.json"
+    # chain=0: the ensemble's steps go through the front one by one (their stamps do not depend on chaining)
+    yield from ((srv, path) for srv in serving(repo, base, "--trace-config", f"triton,file={path}",
+                                               "--backend-config", "ensemble,chain=0"))
+
+
+@pytest.fixture
+def http(traced):
+    srv, _ = traced
+    client = httpclient.InferenceServerClient(srv.http_url)
+    yield client
+    for model in ("", "add_sub", "twice", "double"):  # back to the command line's settings
+        client.update_trace_settings(model_name=model or None, settings=OFF)
+    client.close()
+
+
+def _files(path: Path) -> dict[int, Path]:
+    """The numbered trace files: index -> path."""
+    return {int(p.name.rsplit(".", 1)[1]): p for p in path.parent.glob(path.name + ".*")}
+
+
+def _new_traces(path: Path, before: dict[int, Path]) -> list[list[dict]]:
+    """The records of the numbered files written since ``before``, by trace id (in file order)."""
+    records = []
+    for index, file in sorted(_files(path).items()):
+        if index not in before:
+            records.extend(json.loads(file.read_text()))
+    traces: dict[int, list[dict]] = {}
+    for record in records:
+        traces.setdefault(record["id"], []).append(record)
+    return list(traces.values())
+
+
+def _names(trace: list[dict]) -> list[str]:
+    return [r["timestamps"][0]["name"] for r in trace if "timestamps" in r]
+
+
+def _ns(trace: list[dict]) -> dict[str, int]:
+    return {r["timestamps"][0]["name"]: r["timestamps"][0]["ns"] for r in trace if "timestamps" in r}
+
+
+def _add_sub_inputs(module):
+    a = np.arange(16, dtype=np.int32)
+    b = np.full(16, 3, dtype=np.int32)
+    inputs = [module.InferInput("INPUT0", [16], "INT32"), module.InferInput("INPUT1", [16], "INT32")]
+    inputs[0].set_data_from_numpy(a)
+    inputs[1].set_data_from_numpy(b)
+    return inputs, a, b
+
+
+def test_settings_global_per_model_and_cleared(http):
+    """Triton's JSON; a model's setting overrides some fields and follows the global one for the rest;
+    null clears a field back to its fallback (docs/triton-behaviour.md §15)."""
+    settings = http.get_trace_settings()
+    assert settings["trace_level"] == ["OFF"] and settings["trace_rate"] == "1000"
+    assert settings["trace_count"] == "-1" and settings["log_frequency"] == "0"
+    assert settings["trace_file"].endswith("trace.json") and settings["trace_mode"] == "triton"
+
+    http.update_trace_settings(model_name="add_sub", settings={"trace_rate": "2"})
+    assert http.get_trace_settings(model_name="add_sub")["trace_rate"] == "2"
+    assert http.get_trace_settings()["trace_rate"] == "1000"
+    updated = http.update_trace_settings(settings={"trace_rate": "7", "trace_count": "-1"})
+    assert updated["trace_rate"] == "7"
+    model = http.get_trace_settings(model_name="add_sub")
+    assert model["trace_rate"] == "2" and model["trace_level"] == ["OFF"]
+    http.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"]})
+    assert http.get_trace_settings(model_name="add_sub")["trace_level"] == ["TIMESTAMPS"]  # followed the global
+    http.update_trace_settings(model_name="add_sub", settings={"trace_rate": None})
+    assert http.get_trace_settings(model_name="add_sub")["trace_rate"] == "7"
+    assert http.update_trace_settings(settings={"trace_rate": "-1"})["trace_rate"] == "4294967295"  # Triton's
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"trace_file": "/tmp/x"}, "trace file location can not be updated through network protocol"),
+    ({"trace_rate": 5}, "attempt to access JSON non-string as string"),
+    ({"trace_rate": "abc"}, "Unable to parse 'trace_rate', got: abc"),
+    ({"trace_count": "-2"}, "Unable to parse 'trace_count'. Expecting value >= -1, got:-2"),
+    ({"log_frequency": "x"}, "Unable to parse 'log_frequency', got: x"),
+    ({"trace_level": "TIMESTAMPS"}, "attempt to access JSON non-array as array"),
+    ({"trace_level": ["OFF", "TIMESTAMPS"]}, "Expect only one trace level 'OFF' is specified"),
+    ({"trace_rate": "0", "trace_level": ["TIMESTAMPS"]},
+     "Attempting to set invalid trace setting :sample rate must be non-zero"),
+])
+def test_bad_settings_are_400(http, body, message):
+    with pytest.raises(InferenceServerException) as e:
+        http.update_trace_settings(settings=body)
+    assert message in e.value.message()
+    assert e.value.status() == "400"
+    assert http.get_trace_settings()["trace_level"] == ["OFF"]  # nothing changed
+
+
+def test_unknown_model_and_no_file():
+    with pytest.raises(ServerError, match="trace file name is not given"):
+        Tracer({}).update("", {"level": 1})
+    with pytest.raises(ServerError, match="trace mode 'opentelemetry' is not supported"):
+        Tracer({"mode": "opentelemetry"})
+
+
+def test_unknown_model_http_and_grpc(http, traced):
+    with pytest.raises(InferenceServerException, match="Request for unknown model : nosuch"):
+        http.get_trace_settings(model_name="nosuch")
+    with grpcclient.InferenceServerClient(traced[0].grpc_url) as client:
+        with pytest.raises(InferenceServerException, match="Request for unknown model : nosuch"):
+            client.update_trace_settings(model_name="nosuch", settings={"trace_rate": "1"})
+
+
+def test_http_trace_records(http, traced):
+    """One trace per request in numbered files (log_frequency 1), Triton's names in Triton's order, the
+    times in the order the events happen; a model without a setting of its own is not traced."""
+    _, path = traced
+    before = _files(path)
+    http.update_trace_settings(model_name="add_sub", settings={
+        "trace_level": ["TIMESTAMPS"], "trace_rate": "1", "log_frequency": "1"})
+    inputs, a, b = _add_sub_inputs(httpclient)
+    for i in range(3):
+        result = http.infer("add_sub", inputs, request_id=f"r{i}")
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
+    x = httpclient.InferInput("IN", [4], "FP32")
+    x.set_data_from_numpy(np.ones(4, dtype=np.float32))
+    http.infer("double", [x])  # the global setting is OFF: not traced
+    traces = _new_traces(path, before)
+    assert len(traces) == 3, traces
+    for i, trace in enumerate(traces):
+        assert trace[0] == {"id": trace[0]["id"], "timestamps": [{"name": "HTTP_RECV_START",
+                                                                   "ns": trace[0]["timestamps"][0]["ns"]}]}
+        head = [r for r in trace if "model_name" in r]
+        assert head == [{"id": head[0]["id"], "model_name": "add_sub", "model_version": 1, "request_id": f"r{i}"}]
+        assert _names(trace) == HTTP_NAMES
+        ns = _ns(trace)
+        times = [ns[name] for name in HAPPENED]
+        assert times == sorted(times), list(zip(HAPPENED, times))
+    assert len({t[0]["id"] for t in traces}) == 3
+
+
+def test_grpc_trace_records_and_settings(http, traced):
+    srv, path = traced
+    before = _files(path)
+    with grpcclient.InferenceServerClient(srv.grpc_url) as client:
+        reply = client.update_trace_settings(model_name="add_sub", settings={
+            "trace_level": ["TIMESTAMPS"], "trace_rate": "1", "log_frequency": "1"}, as_json=True)
+        assert reply["settings"]["trace_level"]["value"] == ["TIMESTAMPS"]
+        assert reply["settings"]["trace_rate"]["value"] == ["1"]
+        inputs, a, b = _add_sub_inputs(grpcclient)
+        np.testing.assert_array_equal(client.infer("add_sub", inputs).as_numpy("OUTPUT1"), a - b)
+        with pytest.raises(InferenceServerException, match="trace file location can not be updated"):
+            client.update_trace_settings(settings={"trace_file": "/tmp/x"})
+        with pytest.raises(InferenceServerException, match="Unable to parse 'trace_rate', got: x"):
+            client.update_trace_settings(settings={"trace_rate": "x"})
+        cleared = client.update_trace_settings(model_name="add_sub", settings={"trace_level": None}, as_json=True)
+        assert cleared["settings"]["trace_level"]["value"] == ["OFF"]  # the global level again
+    traces = _new_traces(path, before)
+    assert len(traces) == 1
+    names = _names(traces[0])
+    assert names == ["GRPC_WAITREAD_START", "GRPC_WAITREAD_END", *HTTP_NAMES[2:-2], "GRPC_SEND_START",
+                     "GRPC_SEND_END"]
+    ns = _ns(traces[0])
+    order = ["GRPC_WAITREAD_START", "GRPC_WAITREAD_END", *HAPPENED[2:-2], "GRPC_SEND_START", "GRPC_SEND_END"]
+    times = [ns[n] for n in order]
+    assert times == sorted(times), list(zip(order, times))
+
+
+def test_rate_and_count(http, traced):
+    """Every second request while the count lasts; the traces go to a numbered file once it runs out."""
+    _, path = traced
+    before = _files(path)
+    http.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"], "trace_rate": "2", "trace_count": "2"})
+    inputs, _, _ = _add_sub_inputs(httpclient)
+    for i in range(7):
+        http.infer("add_sub", inputs, request_id=str(i))
+    assert http.get_trace_settings()["trace_count"] == "0"
+    traces = _new_traces(path, before)
+    assert [[r["request_id"] for r in t if "request_id" in r] for t in traces] == [["1"], ["3"]]
+    assert len(_files(path)) == len(before) + 1  # both in one file, written when the count ran out
+
+
+def test_ensemble_steps_are_child_traces(http, traced):
+    _, path = traced
+    before = _files(path)
+    http.update_trace_settings(model_name="twice", settings={
+        "trace_level": ["TIMESTAMPS"], "trace_rate": "1", "log_frequency": "1"})
+    x = httpclient.InferInput("INPUT", [4], "FP32")
+    x.set_data_from_numpy(np.arange(4, dtype=np.float32))
+    out = http.infer("twice", [x]).as_numpy("OUTPUT")
+    np.testing.assert_array_equal(out, np.arange(4) * 2 + 1)
+    http.get_trace_settings()  # answered after the trace was written (it is, once its answer is sent)
+    traces = _new_traces(path, before)
+    heads = {t[0]["id"]: next(r for r in t if "model_name" in r) for t in traces}
+    parent = next(h for h in heads.values() if h["model_name"] == "twice")
+    children = sorted((h for h in heads.values() if h["model_name"] != "twice"), key=lambda h: h["id"])
+    assert [(c["model_name"], c["parent_id"]) for c in children] == [("double", parent["id"]),
+                                                                     ("inc", parent["id"])]
+    by_id = {t[0]["id"]: t for t in traces}
+    for child in children:
+        assert _names(by_id[child["id"]]) == HTTP_NAMES[2:-2]
+    steps = [_ns(by_id[c["id"]]) for c in children]
+    assert steps[0]["COMPUTE_END"] <= steps[1]["COMPUTE_START"]  # the second step ran on the first's output
+    whole = _ns(by_id[parent["id"]])
+    assert whole["REQUEST_START"] <= steps[0]["REQUEST_START"] and steps[1]["REQUEST_END"] <= whole["REQUEST_END"]
+
+
+def test_tensors(http, traced):
+    _, path = traced
+    before = _files(path)
+    http.update_trace_settings(model_name="add_sub", settings={
+        "trace_level": ["TIMESTAMPS", "TENSORS"], "trace_rate": "1", "log_frequency": "1"})
+    inputs, a, b = _add_sub_inputs(httpclient)
+    http.infer("add_sub", inputs)
+    http.get_trace_settings()  # answered after the trace was written (it is, once its answer is sent)
+    (trace,) = _new_traces(path, before)
+    tensors = {(r["activity"], r["tensor"]["name"]): r["tensor"] for r in trace if "activity" in r}
+    csv = lambda v: ",".join(map(str, v))  # noqa: E731
+    assert tensors == {
+        ("TENSOR_QUEUE_INPUT", "INPUT0"): {"name": "INPUT0", "data": csv(a), "shape": "16", "dtype": "INT32"},
+        ("TENSOR_QUEUE_INPUT", "INPUT1"): {"name": "INPUT1", "data": csv(b), "shape": "16", "dtype": "INT32"},
+        ("TENSOR_BACKEND_OUTPUT", "OUTPUT0"): {"name": "OUTPUT0", "data": csv(a + b), "shape": "16", "dtype": "INT32"},
+        ("TENSOR_BACKEND_OUTPUT", "OUTPUT1"): {"name": "OUTPUT1", "data": csv(a - b), "shape": "16", "dtype": "INT32"},
+    }
+
+
+def test_in_process_traces_written_at_shutdown(tmp_path):
+    """log_frequency 0: traces go to the file itself when their setting is replaced and at shutdown; the
+    file is one JSON array after each write."""
+    repo = _repository(tmp_path / "models")
+    path = tmp_path / "trace.json"
+    a = np.arange(16, dtype=np.int32)
+    with Server(repo, trace_config={"level": ["TIMESTAMPS"], "rate": "1", "file": str(path)}) as server:
+        model = server.model("add_sub")
+        for _ in range(2):
+            model.infer({"INPUT0": a, "INPUT1": a})
+        assert not path.exists()  # nothing written before the setting is replaced or the server stops
+        server.core.tracer.update("", {"rate": 2})  # replaced: its two traces are written
+        assert len(json.loads(path.read_text())) == 2 * 9  # a header and eight stamps each
+        for _ in range(4):
+            model.infer({"INPUT0": a, "INPUT1": a})
+    records = json.loads(path.read_text())
+    ids = sorted({r["id"] for r in records})
+    assert len(ids) == 4  # two, then every second of four
+    trace = [r for r in records if r["id"] == ids[-1]]
+    assert _names(trace) == HTTP_NAMES[2:-2]
+    assert not list(tmp_path.glob("trace.json.*"))
