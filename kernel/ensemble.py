@@ -15,6 +15,7 @@ ensemble_utils (ValidateEnsembleConfig); the messages are Triton's.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,8 @@ from shm.link import FAILED, OK
 
 if TYPE_CHECKING:
     from protocol.model_config_pb2 import ModelConfig
+
+log = logging.getLogger("kernel.ensemble")
 
 ENSEMBLE = "ensemble"
 #: Wake hints (see _Run._prewake): sent for steps answering within PREWAKE_MAX_NS; the worker polls for
@@ -443,7 +446,10 @@ class _Run:
         ends = sub.chain = _Ends(link, out) if link is not None or out is not None else None
         try:
             future = core.submit(sub)
-        except ServerError as e:
+        except Exception as e:  # noqa: BLE001 - a bug must fail the request, never leave it hanging
+            if not isinstance(e, ServerError):
+                log.exception("submitting a step of ensemble '%s' failed", self.version.name)
+                e = ServerError(f"failed to run the step of model '{step.model}': {e}", "INTERNAL")
             if ends is not None:
                 ends.ended()
             if out is not None:

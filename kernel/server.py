@@ -372,18 +372,23 @@ class Core:
         return ends
 
     def _begin_trace(self, request: InferRequest, mv: Any, pending: Pending) -> None:
-        """A traced request is queued: its header, REQUEST_START (its inputs at level TENSORS), QUEUE_START."""
-        trace = request.trace
-        trace.begin(mv.name, mv.version, request.id, request.inputs, self._input_array, pending.enqueued)
-        trace.stamp("QUEUE_START")
+        """A traced request is queued: its header, REQUEST_START, QUEUE_START (its inputs at level TENSORS).
+        Tracing never fails a request: a trace that cannot be made is dropped with a log line."""
+        try:
+            request.trace.begin(mv.name, mv.version, request.id, request.inputs, self._input_array, pending.enqueued)
+        except Exception:  # noqa: BLE001
+            log.exception("tracing a request to '%s' failed; it is not traced", mv.name)
+            request.trace = None
 
     def _input_array(self, t: Any) -> Any:
         """An input's values, wherever its bytes are (for a trace's tensor records)."""
         data = t.data
         if isinstance(data, ShmRef):
             data = data.region.buffer()[data.offset : data.offset + data.byte_size]
-        elif isinstance(data, ArenaRef):
-            data = self.arena.view(data.key, data.offset, data.byte_size) if self.arena is not None else None
+        elif isinstance(data, ArenaRef):  # the front's arena, or a worker's (a pipeline's intermediate tensor)
+            segment = self.arena.buffer(data.key) if self.arena is not None and self.arena.owns(data.key) \
+                else self.regions.buffer(data.key)
+            data = segment[data.offset : data.offset + data.byte_size]
         return tensor_array(t.datatype, t.shape, data) if data is not None else None
 
     # -- statistics -----------------------------------------------------

@@ -153,7 +153,7 @@ class Setting:
 class Trace:
     """One sampled request's records (a root trace also holds its children's)."""
 
-    __slots__ = ("setting", "id", "parent", "level", "records", "children", "front", "ended", "done")
+    __slots__ = ("setting", "id", "parent", "level", "records", "children", "front", "responded", "ended", "done")
 
     def __init__(self, tracer: Tracer, setting: Setting, parent: Trace | None = None, front: bool = True) -> None:
         tracer.last_id += 1
@@ -164,6 +164,7 @@ class Trace:
         self.records: list[str] = []
         self.children: list[Trace] = []
         self.front = front  # a protocol front finishes it after sending; else it ends with the request
+        self.responded = False  # INFER_RESPONSE_COMPLETE stamped
         self.ended = False
         self.done = False
 
@@ -179,7 +180,7 @@ class Trace:
             self.records.append(f'{{"id":{self.id},"timestamps":[{{"name":"{name}","ns":{at}}}]}}')
 
     def begin(self, model: str, version: int, request_id: str, inputs: list, read: Any, ns: int) -> None:
-        """The request reached the core: its header record and REQUEST_START (and its inputs)."""
+        """The request is queued: its header record, REQUEST_START (at ``ns``), QUEUE_START, and its inputs."""
         head = {"id": self.id, "model_name": model, "model_version": version}
         if request_id:
             head["request_id"] = request_id
@@ -187,20 +188,31 @@ class Trace:
             head["parent_id"] = self.parent.id
         self.records.append(json.dumps(head, separators=(",", ":")))
         self.stamp("REQUEST_START", ns)
+        self.stamp("QUEUE_START")
         if self.level & TENSORS:
             for t in inputs:
                 self.tensor("TENSOR_QUEUE_INPUT", t.name, t.datatype, t.shape, read(t))
 
     def computed(self, end_ns: int, ci: int, cinf: int, co: int, outputs: list | None = None) -> None:
-        """The worker's answer: INFER_RESPONSE_COMPLETE, then COMPUTE_* on the worker's clock (Triton's order)."""
-        self.stamp("INFER_RESPONSE_COMPLETE")
+        """The worker's answer, in Triton's order: the outputs, INFER_RESPONSE_COMPLETE (a request a client
+        made: not an ensemble's step), then COMPUTE_* on the worker's clock."""
+        if self.level & TENSORS and outputs:
+            self._outputs(outputs)
+        if self.parent is None:
+            self.stamp("INFER_RESPONSE_COMPLETE")
+            self.responded = True
         start = end_ns - co - cinf - ci
         for name, ns in (("COMPUTE_START", start), ("COMPUTE_INPUT_END", start + ci),
                          ("COMPUTE_OUTPUT_START", start + ci + cinf), ("COMPUTE_END", end_ns)):
             self.stamp(name, ns)
-        if self.level & TENSORS and outputs:
-            for o in outputs:
-                self.tensor("TENSOR_BACKEND_OUTPUT", o.name, o.datatype, o.shape, o.as_numpy())
+
+    def _outputs(self, outputs: list) -> None:
+        for o in outputs:
+            try:
+                array = o.as_numpy()
+            except Exception:  # noqa: BLE001 - a trace never fails its request: the values are left out
+                array = None
+            self.tensor("TENSOR_BACKEND_OUTPUT", o.name, o.datatype, o.shape, array)
 
     def tensor(self, activity: str, name: str, datatype: str, shape: list[int], array: np.ndarray | None) -> None:
         """A tensor record as Triton writes it: values joined by commas (FP16/BF16: none)."""
@@ -218,11 +230,16 @@ class Trace:
                   "tensor": {"name": name, "data": data, "shape": ",".join(map(str, shape)), "dtype": datatype}}
         self.records.append(json.dumps(record, separators=(",", ":")))
 
-    def end(self) -> None:
-        """REQUEST_END: the core is done with the request; a trace no front waits on is finished."""
+    def end(self, outputs: list | None = None) -> None:
+        """REQUEST_END: the core is done with the request (``outputs``: its response's); a trace no front
+        waits on is finished."""
         if self.ended:
             return
         self.ended = True
+        if self.parent is None and not self.responded:  # an ensemble's, or one that failed before running
+            if self.level & TENSORS and outputs:
+                self._outputs(outputs)
+            self.stamp("INFER_RESPONSE_COMPLETE")
         self.stamp("REQUEST_END")
         if not self.front:
             self.finish()
@@ -236,9 +253,11 @@ class Trace:
             self.setting.collect(",".join(self._all()))
 
     def _all(self) -> list[str]:
-        records = list(self.records)
-        for child in self.children:
+        """Its children's records (the last step's first, as Triton writes them), then its own."""
+        records = []
+        for child in reversed(self.children):
             records.extend(child._all())
+        records.extend(self.records)
         return records
 
 

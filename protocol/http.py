@@ -141,8 +141,9 @@ class HttpFront:
             add("POST", f"/v2/{kind}sharedmemory/region/{{name}}/register", register, "shared-memory")
             add("POST", f"/v2/{kind}sharedmemory/unregister", unregister, "shared-memory")
             add("POST", f"/v2/{kind}sharedmemory/region/{{name}}/unregister", unregister, "shared-memory")
-        add("*", "/v2/trace/setting", self.trace, "trace")
-        add("*", "/v2/models/{model}/trace/setting", self.trace, "trace")
+        for method in ("GET", "POST"):  # others: 405, as Triton
+            add(method, "/v2/trace/setting", self.trace, "trace")
+            add(method, "/v2/models/{model}/trace/setting", self.trace, "trace")
         add("*", "/v2/logging", self.logging, "logging")
 
     def _add(self, method: str, path: str, handler: Any, category: str) -> None:

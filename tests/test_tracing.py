@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +136,16 @@ def test_bad_settings_are_400(http, body, message):
     assert http.get_trace_settings()["trace_level"] == ["OFF"]  # nothing changed
 
 
+def test_other_methods_are_405(traced):
+    srv, _ = traced
+    for url in ("/v2/trace/setting", "/v2/models/add_sub/trace/setting"):
+        request = urllib.request.Request(f"http://{srv.http_url}{url}", data=b"{}", method="PUT")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(request, timeout=10)
+        assert e.value.code == 405
+        assert json.loads(e.value.read()) == {"error": "Method Not Allowed"}
+
+
 def test_unknown_model_and_no_file():
     with pytest.raises(ServerError, match="trace file name is not given"):
         Tracer({}).update("", {"level": 1})
@@ -234,9 +246,14 @@ def test_ensemble_steps_are_child_traces(http, traced):
     children = sorted((h for h in heads.values() if h["model_name"] != "twice"), key=lambda h: h["id"])
     assert [(c["model_name"], c["parent_id"]) for c in children] == [("double", parent["id"]),
                                                                      ("inc", parent["id"])]
+    # As Triton writes them: the steps' traces first, the last step's first, then the ensemble's own
+    assert [t[0]["id"] for t in traces] == [children[1]["id"], children[0]["id"], parent["id"]]
     by_id = {t[0]["id"]: t for t in traces}
-    for child in children:
-        assert _names(by_id[child["id"]]) == HTTP_NAMES[2:-2]
+    for child in children:  # a step's request was made by the ensemble, not a client: no response stamp
+        assert _names(by_id[child["id"]]) == [n for n in HTTP_NAMES[2:-2] if n != "INFER_RESPONSE_COMPLETE"]
+    assert _names(by_id[parent["id"]]) == ["HTTP_RECV_START", "HTTP_RECV_END", "REQUEST_START", "QUEUE_START",
+                                           "INFER_RESPONSE_COMPLETE", "REQUEST_END", "HTTP_SEND_START",
+                                           "HTTP_SEND_END"]
     steps = [_ns(by_id[c["id"]]) for c in children]
     assert steps[0]["COMPUTE_END"] <= steps[1]["COMPUTE_START"]  # the second step ran on the first's output
     whole = _ns(by_id[parent["id"]])
@@ -252,6 +269,9 @@ def test_tensors(http, traced):
     http.infer("add_sub", inputs)
     http.get_trace_settings()  # answered after the trace was written (it is, once its answer is sent)
     (trace,) = _new_traces(path, before)
+    kinds = [r["activity"] if "activity" in r else r["timestamps"][0]["name"] for r in trace if "model_name" not in r]
+    assert kinds[3:10] == ["QUEUE_START", "TENSOR_QUEUE_INPUT", "TENSOR_QUEUE_INPUT", "TENSOR_BACKEND_OUTPUT",
+                           "TENSOR_BACKEND_OUTPUT", "INFER_RESPONSE_COMPLETE", "COMPUTE_START"]  # Triton's places
     tensors = {(r["activity"], r["tensor"]["name"]): r["tensor"] for r in trace if "activity" in r}
     csv = lambda v: ",".join(map(str, v))  # noqa: E731
     assert tensors == {
@@ -260,6 +280,19 @@ def test_tensors(http, traced):
         ("TENSOR_BACKEND_OUTPUT", "OUTPUT0"): {"name": "OUTPUT0", "data": csv(a + b), "shape": "16", "dtype": "INT32"},
         ("TENSOR_BACKEND_OUTPUT", "OUTPUT1"): {"name": "OUTPUT1", "data": csv(a - b), "shape": "16", "dtype": "INT32"},
     }
+    # An ensemble's own trace has its inputs and outputs too (its steps', theirs)
+    before = _files(path)
+    http.update_trace_settings(model_name="twice", settings={
+        "trace_level": ["TIMESTAMPS", "TENSORS"], "trace_rate": "1", "log_frequency": "1"})
+    x = httpclient.InferInput("INPUT", [4], "FP32")
+    x.set_data_from_numpy(np.array([0.5, 1e-7, -2, 3.25], dtype=np.float32))
+    http.infer("twice", [x])
+    http.get_trace_settings()
+    records = [r for t in _new_traces(path, before) for r in t if "activity" in r]
+    assert [(r["activity"], r["tensor"]["name"], r["tensor"]["data"]) for r in records] == [
+        ("TENSOR_QUEUE_INPUT", "IN", "1,2e-07,-4,6.5"), ("TENSOR_BACKEND_OUTPUT", "OUT", "2,1,-3,7.5"),  # inc
+        ("TENSOR_QUEUE_INPUT", "IN", "0.5,1e-07,-2,3.25"), ("TENSOR_BACKEND_OUTPUT", "OUT", "1,2e-07,-4,6.5"),
+        ("TENSOR_QUEUE_INPUT", "INPUT", "0.5,1e-07,-2,3.25"), ("TENSOR_BACKEND_OUTPUT", "OUTPUT", "2,1,-3,7.5")]
 
 
 def test_in_process_traces_written_at_shutdown(tmp_path):
