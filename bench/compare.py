@@ -222,11 +222,11 @@ def _ports() -> dict[str, int]:
     return dict(zip(("http", "grpc", "metrics"), free_ports(3)))
 
 
-def ours_server(repository: str, out: str) -> ManagedServer:
+def ours_server(repository: str, out: str, extra: list[str] | None = None) -> ManagedServer:
     ports = _ports()
     argv = [sys.executable, "-m", "kernel", "start", "--model-repository", repository, "--host", "127.0.0.1",
             "--http-port", str(ports["http"]), "--grpc-port", str(ports["grpc"]),
-            "--metrics-port", str(ports["metrics"])]
+            "--metrics-port", str(ports["metrics"]), *(extra or [])]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH", "")) if p)
     return ManagedServer("ours", argv, os.path.join(out, "ours.log"), ports, env)
@@ -264,6 +264,8 @@ class Runner:
         self.done = 0
         self.started = time.monotonic()
         self.client_log = os.path.join(options.out, "client.log")
+        #: (scenario, side, start, first ns, last ns) of each measurement, CLOCK_MONOTONIC (for --trace)
+        self.windows: list[tuple[str, str, int, int, int]] = []
 
     def typical_s(self) -> float:
         return 4 * self.o.measurement_interval_ms / 1000 + 3
@@ -627,6 +629,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-docs", action="store_true", help="write results.json only, leave docs/ alone")
     p.add_argument("--triton-arg", action="append", default=[], metavar="ARG",
                    help="extra tritonserver argument (repeatable)")
+    p.add_argument("--trace", type=int, default=0, metavar="N",
+                   help="trace one request in N on both servers (--trace-config) and write timeline.md: when each "
+                        "event of a scenario's requests happens on each server (bench.timeline); the latencies of "
+                        "a traced run include tracing, so docs/ is left alone")
     p.add_argument("--note", action="append", default=[], metavar="TEXT",
                    help="a line for the page's notes, e.g. what was special about this run (repeatable)")
     return p
@@ -694,8 +700,47 @@ class Page:
         return page
 
 
+def _trace_args(rate: int, out: str, side: str, start: int) -> list[str]:
+    """Both servers' flags for tracing one request in ``rate`` into ``out``/trace-<side>-<start>.json."""
+    if not rate:
+        return []
+    path = os.path.join(out, f"trace-{side}-{start}.json")
+    return ["--trace-config", f"triton,file={path}", "--trace-config", "level=TIMESTAMPS",
+            "--trace-config", f"rate={rate}"]
+
+
+def write_timeline(out: str, windows: list[tuple[str, str, int, int, int]]) -> None:
+    """timeline.md: per scenario, each event's median time after arrival on each server (bench.timeline)."""
+    from bench import timeline
+
+    loaded: dict[str, list] = {}
+    scenarios: dict[str, dict[str, dict[str, list[int]]]] = {}
+    for name, side, start, first, last in windows:
+        path = os.path.join(out, f"trace-{side}-{start}.json")
+        if path not in loaded:
+            try:
+                loaded[path] = timeline.load([path])
+            except (OSError, ValueError) as e:
+                print(f"warning: no trace from {path}: {e}", file=sys.stderr)
+                loaded[path] = []
+        events = scenarios.setdefault(name, {}).setdefault(side, {})
+        for group in timeline.offsets(loaded[path], (first, last)).values():
+            for event, values in group.items():
+                events.setdefault(event, []).extend(values)
+    parts = ["# Where the time goes: traced requests, ours and Triton's\n",
+             "Median µs after the request reached the server (HTTP_RECV_START, or GRPC_WAITREAD_END), from "
+             "both servers' trace files (bench.timeline); an ensemble's steps as `<model>: <event>`.\n"]
+    for name, sides in scenarios.items():
+        parts.append(f"## {name}\n\n{timeline.table(dict(sorted(sides.items())))}\n")  # ours, then triton
+    with open(os.path.join(out, "timeline.md"), "w", encoding="utf-8") as f:
+        f.write("\n".join(parts))
+    print("\n".join(parts), file=sys.stderr)
+
+
 def _compare(args: argparse.Namespace, command: str) -> int:
     scenarios = select(args.scenarios)
+    if args.trace:
+        args.no_docs = True  # a traced run's latencies are not the page's
     if args.starts < 1:
         raise BenchError("--starts must be at least 1")
     repository = os.path.abspath(args.model_repository)
@@ -725,6 +770,8 @@ def _compare(args: argparse.Namespace, command: str) -> int:
         page.doc["complete"] = True
     finally:
         text = page.save(docs=bool(page.doc["rows"]))
+        if args.trace:
+            write_timeline(out, runner.windows)
     print(text)
     print(f"results: {os.path.join(out, 'results.json')}" + ("" if args.no_docs else f"; page: {args.docs}"),
           file=sys.stderr)
@@ -736,8 +783,8 @@ def _one_start(args: argparse.Namespace, page: Page, runner: Runner, runnable: l
     """Start both servers afresh, measure every scenario on each, stop them; each row becomes the median
     of its starts so far (median_pair)."""
     repository, out, notes = runner.o.repository, runner.o.out, page.doc["notes"]
-    ours = ours_server(repository, out)
-    triton = triton_server(repository, out, args.triton_arg)
+    ours = ours_server(repository, out, _trace_args(args.trace, out, "ours", start))
+    triton = triton_server(repository, out, [*args.triton_arg, *_trace_args(args.trace, out, "triton", start)])
     not_ready: dict[str, dict[str, str]] = {"ours": {}, "triton": {}}
     triton_http_c1: dict[str, Any] | None = None
     try:
@@ -768,6 +815,7 @@ def _one_start(args: argparse.Namespace, page: Page, runner: Runner, runnable: l
             result: dict[str, Any] = {}
             order = ("ours", "triton") if (index + start) % 2 == 0 else ("triton", "ours")
             for side in order:
+                began = time.monotonic_ns()
                 try:
                     if s.protocol == "inprocess" and side == "ours":
                         result[side] = runner.measure(s, None, "bench")
@@ -781,6 +829,7 @@ def _one_start(args: argparse.Namespace, page: Page, runner: Runner, runnable: l
                     result[side] = None
                     notes.append(f"{s.name} on {side}: {e}".splitlines()[0])
                     print(f"  {side}: {e}", file=sys.stderr, flush=True)
+                runner.windows.append((s.name, side, start, began, time.monotonic_ns()))
                 _progress(side, result.get(side))
             if s.name == "add_sub_http_c1":
                 triton_http_c1 = result.get("triton")

@@ -316,3 +316,28 @@ def test_in_process_traces_written_at_shutdown(tmp_path):
     trace = [r for r in records if r["id"] == ids[-1]]
     assert _names(trace) == HTTP_NAMES[2:-2]
     assert not list(tmp_path.glob("trace.json.*"))
+
+
+def test_timeline_of_our_traces(http, traced):
+    """bench.timeline reads our trace files: each event's offset after arrival, an ensemble's steps on its clock."""
+    from bench import timeline
+
+    _, path = traced
+    before = _files(path)
+    http.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"], "trace_rate": "1", "log_frequency": "1"})
+    x = httpclient.InferInput("INPUT", [4], "FP32")
+    x.set_data_from_numpy(np.arange(4, dtype=np.float32))
+    for _ in range(3):
+        http.infer("twice", [x])
+    http.get_trace_settings()
+    files = [str(p) for i, p in sorted(_files(path).items()) if i not in before]
+    groups = timeline.offsets(timeline.load(files))
+    assert list(groups) == ["twice HTTP"]
+    events = groups["twice HTTP"]
+    assert all(len(v) == 3 for v in events.values())
+    median = {name: sorted(v)[1] for name, v in events.items()}
+    order = ["HTTP_RECV_END", "REQUEST_START", "double: REQUEST_START", "double: COMPUTE_START",
+             "double: COMPUTE_END", "inc: COMPUTE_START", "inc: COMPUTE_END", "REQUEST_END", "HTTP_SEND_END"]
+    assert [median[n] for n in order] == sorted(median[n] for n in order), median
+    text = timeline.table({"ours": events})
+    assert "| double: COMPUTE_START |" in text and "| requests traced | 3 |" in text
