@@ -227,9 +227,23 @@ class EnsembleVersion(ModelVersion):
         #: ``--backend-config ensemble,prewake=0`` turns the wake hints off (a machine with no core to spare)
         settings = core.backend_settings("ensemble")
         self.prewake = _on(settings, "prewake")
+        inputs = {t.name for t in config.input}
+        self.first_steps = [step for step in steps if all(t in inputs for _, t in step.inputs)]
         #: ``--backend-config ensemble,chain=0`` sends every step through the front (see _Run._chain)
         self.chain = _on(settings, "chain") and bool(self.chains)
         self.scheduler = EnsembleScheduler(self)  # type: ignore[assignment]
+
+    def wake(self) -> None:
+        """A request is being read: wake the workers of the steps that run on the ensemble's inputs alone
+        (ModelVersion.wake); the later steps' workers are woken while the steps before them run."""
+        if not self.prewake:
+            return
+        core = self.server
+        for step in self.first_steps:
+            try:
+                core.version(step.model, step.version).wake()
+            except ServerError:
+                pass  # its request fails with that reason
 
     async def unload(self) -> None:
         if self.state == "READY":
@@ -579,6 +593,17 @@ class _Run:
                     instance.prewake(after + expect + (expect >> 2) + PREWAKE_MARGIN_NS)
                     break
 
+    def _expect(self, step: Step) -> None:
+        """A chained ``step`` runs now (its producer answered): poll for its answer until it usually comes.
+        Sent long before, its batch's own polling (Spinner.kick at the send) ended while it waited; a
+        sleeping loop would notice the answer only after a wake-up."""
+        core = self.version.server
+        try:
+            running = core.version(step.model, step.version)
+        except ServerError:
+            return
+        core.spinner.kick(max((i.answer_ns for i in running.instances), default=0))
+
     def _step_done(self, branch: _Branch, step: Step, future: Any) -> None:
         self.outstanding -= 1
         self.steps.discard(future)
@@ -597,7 +622,9 @@ class _Run:
                         and link.core.links.status(link.slot) == OK and not self.failed:
                     # its follower already runs on these outputs
                     self.responses.append(response)
-                    branch.waiting[self.version.chains[step.index].index] = 0
+                    follower = self.version.chains[step.index]
+                    branch.waiting[follower.index] = 0
+                    self._expect(follower)
                 else:
                     self._outputs(branch, step, response)
         self._maybe_finish()

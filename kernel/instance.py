@@ -151,6 +151,9 @@ class Instance:
         self.init_msg: dict = {}
         self.spinner: Spinner | None = None
         self.answer_ns = 0
+        #: until when its worker polls its ring anyway (its last answer plus its spin, or a wake hint's end)
+        self.awake_until = 0
+        self._spin_ns = int(self.options.get("spin_us", 0)) * 1000
         self._arena_prefix = "/"
         # The cancel board: one byte per executing request, raised by the front when its caller gives up;
         # the worker, busy in execute() and not reading its ring, reads it without a message.
@@ -311,11 +314,18 @@ class Instance:
         if self._board is not None:
             self._board.buf[flag] = 1
 
-    def prewake(self, within_ns: int) -> None:
+    def prewake(self, within_ns: int) -> bool:
         """Tell an idle worker that a batch should come within ``within_ns``: it polls its inbox until
-        then rather than sleeping, so the batch does not wait for its wake-up (a pipeline's next step)."""
-        if self.alive and not self.inflight and not self._backlog:
-            self._post({"t": "w", "ns": within_ns})
+        then rather than sleeping, so the batch does not wait for its wake-up (a pipeline's next step, a
+        request being read). Nothing is sent to a worker that polls until then anyway; True if sent."""
+        if not self.alive or self.inflight or self._backlog:
+            return False
+        now = time.perf_counter_ns()
+        if self.awake_until > now + within_ns:
+            return False
+        self._post({"t": "w", "ns": within_ns})
+        self.awake_until = now + max(within_ns, self._spin_ns)
+        return True
 
     def release(self, blocks: list[list]) -> None:
         """Free output blocks ``[segment, offset]`` of this worker's arena.
@@ -438,6 +448,7 @@ class Instance:
                 handler = self._batches.pop(msg["id"], None)
                 if handler is not None and not msg["d"]:
                     self.inflight -= 1
+                    self.awake_until = msg["at"] + self._spin_ns  # it polls that long after answering
                     ts = msg["ts"]  # a chained step's batch counts from the end of its wait (ts[3])
                     if len(ts) < 4 or not all(r is not None and "skip" in r for r in msg["res"]):
                         # How long after a send the worker answers (a moving average; its clock is ours,

@@ -163,6 +163,7 @@ class InferenceService:
     def ModelInfer(self, decoded: v2grpc.InferMessage, call: Call) -> Deferred:
         """Queue the request now; the reply is encoded when its future is done (no task per call)."""
         try:
+            self._wake(decoded)
             request = v2grpc.parse_request(decoded, self.core.shm)
             if self.core.tracer.on:
                 return self._traced(request, call)
@@ -171,6 +172,13 @@ class InferenceService:
             raise _grpc_error(e) from None
         except Exception as e:
             raise _grpc_error(_internal(e, "ModelInfer")) from None
+
+    def _wake(self, decoded: v2grpc.InferMessage) -> None:
+        """The model's worker wakes while the request is read (ModelVersion.wake)."""
+        try:
+            self.core.version(decoded.model_name, decoded.model_version).wake()
+        except ServerError:
+            pass  # the request fails with that reason below
 
     def _traced(self, request: InferRequest, call: Call) -> Deferred:
         """ModelInfer while tracing is on: the request may be sampled (kernel.tracing)."""

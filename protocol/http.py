@@ -237,6 +237,7 @@ class HttpFront:
             mv = self.core.version(model, version)
         except ServerError as e:
             return _error(e, _TEXT)  # Triton answers an unknown model on this route in text/plain
+        mv.wake()  # its worker wakes while the request is read
         tracer = self.core.tracer
         trace = tracer.sample(mv.name) if tracer.on else None
         if trace is not None:
