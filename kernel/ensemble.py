@@ -227,6 +227,8 @@ class EnsembleVersion(ModelVersion):
         #: ``--backend-config ensemble,prewake=0`` turns the wake hints off (a machine with no core to spare)
         settings = core.backend_settings("ensemble")
         self.prewake = _on(settings, "prewake")
+        #: step index -> (producer version, its outputs' (datatype, dims) or None): see _Run._block_specs
+        self.block_specs: dict[int, tuple[ModelVersion, list | None]] = {}
         inputs = {t.name for t in config.input}
         self.first_steps = [step for step in steps if all(t in inputs for _, t in step.inputs)]
         #: ``--backend-config ensemble,chain=0`` sends every step through the front (see _Run._chain)
@@ -530,18 +532,14 @@ class _Run:
         if expect > PREWAKE_MAX_NS:
             return None
         # The blocks: one per output, sized from the producer's configuration.
-        configured = {o.name: o for o in producer.config.output}
+        specs = self._block_specs(step, producer)
+        if specs is None:
+            return None
         batch = [sub.inputs[0].shape[0]] if producer.max_batch_size > 0 and sub.inputs and sub.inputs[0].shape \
             else []
         tensors = []  # (datatype, shape, byte size) of each output, in step.outputs' (and sub.outputs') order
-        for model_output, _ in step.outputs:
-            o = configured.get(model_output)
-            if o is None or o.HasField("reshape") or any(d < 0 for d in o.dims):
-                return None
-            datatype = cfg.datatype(o.data_type)
-            if datatype == "BYTES":
-                return None
-            shape = batch + list(o.dims)
+        for datatype, dims in specs:
+            shape = batch + dims
             tensors.append((datatype, shape, dtypes.byte_size(datatype, shape)))
         arena = core.arena
         blocks = []
@@ -564,6 +562,25 @@ class _Run:
         self.links[step.index] = out
         self.held.append(out)
         return out
+
+    def _block_specs(self, step: Step, producer: ModelVersion) -> list[tuple[str, list[int]]] | None:
+        """(datatype, dims) of ``step``'s outputs as ``producer`` configures them, in ``step.outputs``' order;
+        None when one cannot be chained (BYTES, variable or reshaped dims). Read from the configuration once
+        per producer version: protobuf's accessors cost tens of microseconds a request here."""
+        cached = self.version.block_specs.get(step.index)
+        if cached is not None and cached[0] is producer:
+            return cached[1]
+        configured = {o.name: o for o in producer.config.output}
+        specs: list[tuple[str, list[int]]] | None = []
+        for model_output, _ in step.outputs:
+            o = configured.get(model_output)
+            datatype = cfg.datatype(o.data_type) if o is not None else "BYTES"
+            if o is None or o.HasField("reshape") or any(d < 0 for d in o.dims) or datatype == "BYTES":
+                specs = None
+                break
+            specs.append((datatype, list(o.dims)))
+        self.version.block_specs[step.index] = (producer, specs)
+        return specs
 
     def _prewake(self, branch: _Branch, step: Step, after: int = 0) -> None:
         """While ``step`` runs, wake the worker of each step it alone still holds back, so that worker
