@@ -771,7 +771,10 @@ def _compare(args: argparse.Namespace, command: str) -> int:
     finally:
         text = page.save(docs=bool(page.doc["rows"]))
         if args.trace:
-            write_timeline(out, runner.windows)
+            try:
+                write_timeline(out, runner.windows)
+            except Exception as e:  # noqa: BLE001 - the run's own outcome stays what it was
+                print(f"warning: no timeline: {e}", file=sys.stderr)
     print(text)
     print(f"results: {os.path.join(out, 'results.json')}" + ("" if args.no_docs else f"; page: {args.docs}"),
           file=sys.stderr)

@@ -23,6 +23,7 @@ from kernel import config as cfg
 from kernel.errors import ServerError, invalid
 from kernel.model import ModelVersion, Pending, Skipped, _settle
 from kernel.scheduler import Scheduler
+from kernel.tracing import TENSORS
 from kernel.types import ArenaRef, InferRequest, InferResponse, InputTensor, OutputTensor, RequestedOutput, ShmRef
 from protocol import dtypes
 from shm.link import FAILED, OK
@@ -40,6 +41,14 @@ PREWAKE_MARGIN_NS = 200_000
 PREWAKE_DEFAULT_NS = 1_000_000
 #: A chained step's worker sleeps until this long before its input should be placed, then polls for it.
 CHAIN_LEAD_NS = 300_000
+
+
+def _step_error(error: Exception, ensemble: str, step: Step) -> ServerError:
+    """What a step that could not even be submitted fails its ensemble request with."""
+    if isinstance(error, ServerError):
+        return error
+    log.error("submitting a step of ensemble '%s' failed", ensemble, exc_info=error)
+    return ServerError(f"failed to run the step of model '{step.model}': {error}", "INTERNAL")
 
 
 def is_ensemble(config: ModelConfig) -> bool:
@@ -448,24 +457,21 @@ class _Run:
             self.outstanding += 1
             try:
                 ends = core.stream(sub, lambda r, final, step=step: self._streamed(branch, step, r, final))
-            except ServerError as e:
+            except Exception as e:  # noqa: BLE001 - a bug must fail the request, never leave it hanging
                 self.outstanding -= 1
-                self._fail(e)
+                self._fail(_step_error(e, self.version.name, step))
                 return
-            except BaseException:
-                self.outstanding -= 1
-                raise
             self.steps.add(ends)
             ends.add_done_callback(self.steps.discard)
             return
-        out = self._chain(step, sub, link) if self.version.chain else None
+        # (a trace of tensor values reads a step's inputs as it is queued: a chained step's are not there yet)
+        traced = sub.trace is not None and sub.trace.level & TENSORS
+        out = self._chain(step, sub, link) if self.version.chain and not traced else None
         ends = sub.chain = _Ends(link, out) if link is not None or out is not None else None
         try:
             future = core.submit(sub)
         except Exception as e:  # noqa: BLE001 - a bug must fail the request, never leave it hanging
-            if not isinstance(e, ServerError):
-                log.exception("submitting a step of ensemble '%s' failed", self.version.name)
-                e = ServerError(f"failed to run the step of model '{step.model}': {e}", "INTERNAL")
+            e = _step_error(e, self.version.name, step)
             if ends is not None:
                 ends.ended()
             if out is not None:
@@ -742,6 +748,8 @@ class _Run:
         stats.execution(pending.batch_size, ci, cinf, co)
         stats.success(total, 0, ci, cinf, co, pending.batch_size)
         if version.decoupled:
+            if pending.request.trace is not None:  # (settled here, not through kernel.model._deliver)
+                pending.request.trace.end()
             callback, pending.stream = pending.stream, None
             self._drop()
             if callback is not None:

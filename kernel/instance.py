@@ -184,6 +184,7 @@ class Instance:
         self._arena_prefix = f"/ek.{self.pid}."
         self._bell.close_writer()
         self.alive = True
+        self.awake_until = 0  # a new process: whatever the last one promised is void
         self._loop.add_reader(self._bell.read_fd, self._drain)
         return await self.control(load_msg, timeout)
 
@@ -372,6 +373,8 @@ class Instance:
             raise ServerError(str(e), "INTERNAL") from e
 
     def _post(self, msg: dict) -> None:
+        if msg["t"] in ("f", "u"):  # the worker's polling starts again from it, for its spin time only
+            self.awake_until = min(self.awake_until, time.perf_counter_ns() + self._spin_ns)
         if self._backlog:
             self._backlog.append(msg)
             return
@@ -445,10 +448,10 @@ class Instance:
         while msg is not None:
             kind = msg["t"]
             if kind == "r":
+                self.awake_until = msg["at"] + self._spin_ns  # it polls that long after answering
                 handler = self._batches.pop(msg["id"], None)
                 if handler is not None and not msg["d"]:
                     self.inflight -= 1
-                    self.awake_until = msg["at"] + self._spin_ns  # it polls that long after answering
                     ts = msg["ts"]  # a chained step's batch counts from the end of its wait (ts[3])
                     if len(ts) < 4 or not all(r is not None and "skip" in r for r in msg["res"]):
                         # How long after a send the worker answers (a moving average; its clock is ours,

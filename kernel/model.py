@@ -31,9 +31,6 @@ log = logging.getLogger("kernel")
 #: Request parameters the server consumes; the rest reach the model.
 #: A crash within this many seconds of the previous one counts as "in a row" for the restart back-off.
 CRASH_WINDOW = 10.0
-#: How long a worker woken for a request being read polls for its batch (ModelVersion.wake): far longer than
-#: reading takes; a worker leaves the polling as soon as the batch comes.
-ARRIVAL_WAKE_NS = 1_000_000
 MAX_BACKOFF = 5.0
 
 RESERVED_PARAMETERS = frozenset({
@@ -497,13 +494,17 @@ class ModelVersion:
         instance.execute({"t": "x", "reqs": reqs}, Batch(self, batch, blocks))
 
     def wake(self) -> None:
-        """A request for this model is being read: the worker that will take it (the scheduler's pick: the
-        first idle instance) is told to poll for it from now, so that its wake-up, tens of microseconds
-        (hundreds on a busy machine), overlaps the reading instead of following the send. A worker that
-        answered within its spin time is polling anyway and gets nothing."""
+        """A request for this model has arrived and is about to be parsed: the worker that will take it (the
+        scheduler's pick: the first idle instance) is told to poll for it from now, so that its wake-up,
+        tens of microseconds (hundreds on a busy machine), overlaps the parsing instead of following the
+        send. A worker that answered within its spin time is polling anyway and gets nothing; a model whose
+        batches may wait longer than the poll (a dynamic batcher's queue delay) is left alone."""
+        within = self.server.arrival_wake_ns
+        if not within or getattr(self.scheduler, "delay_ns", 0) >= within:
+            return
         for instance in self.instances:
             if instance.alive and not instance.inflight:
-                if instance.prewake(ARRIVAL_WAKE_NS):
+                if instance.prewake(within):
                     self.server.arrival_wakes += 1
                 return
 
@@ -569,7 +570,7 @@ class Batch:
                 continue
             trace = pending.request.trace
             if trace is not None and (result is None or "err" in result):
-                trace.computed(end_ns, ci, cinf, co)
+                trace.computed(end_ns, ci, cinf, co, None, decoupled)
             if result is None:
                 continue  # decoupled: answered through stream()
             if "err" in result:
@@ -608,12 +609,13 @@ class Batch:
             response.release()
         if final:
             pending.stream = None
-            if pending.request.trace is not None:
-                pending.request.trace.end()
             self._finish_decoupled(instance)
 
     def _finish_decoupled(self, instance: Instance) -> None:
         if self.returned and all(p.stream is None for p in self.pendings):
+            for pending in self.pendings:  # (a decoupled trace ends once execute returned and every final came)
+                if pending.request.trace is not None:
+                    pending.request.trace.end()
             self._free_inputs(instance)
             instance.batch_finished(self.batch_id)
             self.version._finished(instance)

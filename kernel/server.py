@@ -23,7 +23,7 @@ from kernel.model import ModelVersion, Pending, RequestFuture
 from kernel.repository import Repository, select_versions
 from kernel.restricted import Restrictions
 from kernel.shm_registry import Registration, SharedMemoryRegistry
-from kernel.tracing import Tracer, tensor_array
+from kernel.tracing import Tracer, finish_if_cancelled, tensor_array
 from kernel.types import ArenaRef, InferRequest, InferResponse, ShmRef
 from shm.arena import Arena, MiB
 from shm.doorbell import Watch
@@ -39,9 +39,11 @@ EXTENSIONS = [
 ]
 
 
-#: Defaults of ``--backend-config python,worker-spin-us=``, ``python,front-poll-us=`` and
-#: ``python,front-hold-us=`` (see worker_options and kernel.instance.Spinner).
+#: Defaults of ``--backend-config python,worker-spin-us=``, ``python,front-poll-us=``,
+#: ``python,front-hold-us=`` (see worker_options and kernel.instance.Spinner) and ``python,arrival-wake-us=``
+#: (kernel.model.ModelVersion.wake).
 DEFAULT_WORKER_SPIN_US = 500
+DEFAULT_ARRIVAL_WAKE_US = 1000
 #: Seconds between looks for idle segments of the front's arena: one empty for a whole period goes back.
 ARENA_TRIM_PERIOD = float(os.environ.get("EDGE_KERNEL_ARENA_TRIM_S", "10"))
 DEFAULT_FRONT_POLL_US = 300
@@ -97,6 +99,8 @@ class Core:
         self._arena_size = arena_size
         self.gpus = gpu_count()
         python = self.backend_config.get("python", {})
+        #: how long a worker woken for an arriving request polls for it (``python,arrival-wake-us``; 0: off)
+        self.arrival_wake_ns = int(python.get("arrival-wake-us", DEFAULT_ARRIVAL_WAKE_US)) * 1000
         self.spinner = Spinner(int(python.get("front-poll-us", DEFAULT_FRONT_POLL_US)),
                                int(python.get("front-hold-us", DEFAULT_FRONT_HOLD_US)))
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -162,6 +166,10 @@ class Core:
             self._trimmer.cancel()
             self._trimmer = None
         await asyncio.gather(*(self._unload_versions(m) for m in self.models.values()), return_exceptions=True)
+        try:
+            self.tracer.close()  # every request has ended: the traces still held go to their files
+        except Exception:  # noqa: BLE001
+            log.exception("writing the last traces failed")
         self.shm.close()
         self.regions.close()
         if self.arena is not None:
@@ -174,7 +182,6 @@ class Core:
             self.links.close(unlink=True)
             self.links = None
             self.free_links = []
-        self.tracer.close()
 
     def bls_called(self, model: str) -> None:
         """An instance of ``model`` made a BLS call. If a chained step waits for that model's batch on an
@@ -298,9 +305,16 @@ class Core:
 
     def accept(self, request: InferRequest) -> asyncio.Future:
         """:meth:`submit` for a request entering the server here (the in-process API): it may be traced."""
-        if self.tracer.on:
-            request.trace = self.tracer.sample(request.model_name, front=False)
-        return self.submit(request)
+        trace = request.trace = self.tracer.sample(request.model_name, front=False) if self.tracer.on else None
+        if trace is None:
+            return self.submit(request)
+        try:
+            future = self.submit(request)
+        except BaseException:
+            trace.finish()  # refused: the trace ends with what it has
+            raise
+        future.add_done_callback(finish_if_cancelled(trace))
+        return future
 
     def submit(self, request: InferRequest, mv: ModelVersion | None = None) -> asyncio.Future:
         """Validate and queue one request (errors raise now); the future ends with its response.
@@ -375,11 +389,13 @@ class Core:
     def _begin_trace(self, request: InferRequest, mv: Any, pending: Pending) -> None:
         """A traced request is queued: its header, REQUEST_START, QUEUE_START (its inputs at level TENSORS).
         Tracing never fails a request: a trace that cannot be made is dropped with a log line."""
+        trace = request.trace
         try:
-            request.trace.begin(mv.name, mv.version, request.id, request.inputs, self._input_array, pending.enqueued)
+            trace.begin(mv.name, mv.version, request.id, request.inputs, self._input_array, pending.enqueued)
         except Exception:  # noqa: BLE001
             log.exception("tracing a request to '%s' failed; it is not traced", mv.name)
             request.trace = None
+            trace.finish()
 
     def _input_array(self, t: Any) -> Any:
         """An input's values, wherever its bytes are (for a trace's tensor records)."""

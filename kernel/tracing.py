@@ -23,11 +23,13 @@ in batches, so a sampled request costs a few microseconds of string formatting a
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -124,7 +126,8 @@ class Setting:
 
     def collect(self, records: str) -> None:
         """A finished trace's records: written every ``log_frequency`` traces, or once ``count`` ran out."""
-        self.chunks.append(records)
+        if records:  # (at level TENSORS alone, a request refused before it was queued has none)
+            self.chunks.append(records)
         self.collected += 1
         self.in_stream += 1
         if (self.count == 0 and self.collected == self.created) or \
@@ -148,6 +151,23 @@ class Setting:
         levels = [name for name, bit in _LEVEL_NAMES.items() if self.level & bit] or ["OFF"]
         return {"trace_level": levels, "trace_rate": str(self.rate), "trace_count": str(self.count),
                 "log_frequency": str(self.log_frequency), "trace_file": self.file.path, "trace_mode": "triton"}
+
+
+def _guarded(method: Callable) -> Callable:
+    """A trace method that never raises: tracing must never fail, or hang, the request it follows."""
+    @functools.wraps(method)
+    def guarded(self: Trace, *args: Any) -> None:
+        try:
+            method(self, *args)
+        except Exception:  # noqa: BLE001
+            log.exception("tracing failed (trace %d)", self.id)
+    return guarded
+
+
+def finish_if_cancelled(trace: Trace) -> Callable[[Any], None]:
+    """A done callback for a traced request's future: a request its caller gave up (a client gone, a
+    deadline) is answered by nobody, so its trace ends here, with what it has."""
+    return lambda future: trace.finish() if future.cancelled() else None
 
 
 class Trace:
@@ -193,12 +213,15 @@ class Trace:
             for t in inputs:
                 self.tensor("TENSOR_QUEUE_INPUT", t.name, t.datatype, t.shape, read(t))
 
-    def computed(self, end_ns: int, ci: int, cinf: int, co: int, outputs: list | None = None) -> None:
+    @_guarded
+    def computed(self, end_ns: int, ci: int, cinf: int, co: int, outputs: list | None = None,
+                 decoupled: bool = False) -> None:
         """The worker's answer, in Triton's order: the outputs, INFER_RESPONSE_COMPLETE (a request a client
-        made: not an ensemble's step), then COMPUTE_* on the worker's clock."""
+        made: not an ensemble's step; a decoupled model's responses are not complete yet), then COMPUTE_*
+        on the worker's clock."""
         if self.level & TENSORS and outputs:
             self._outputs(outputs)
-        if self.parent is None:
+        if self.parent is None and not decoupled:
             self.stamp("INFER_RESPONSE_COMPLETE")
             self.responded = True
         start = end_ns - co - cinf - ci
@@ -230,6 +253,7 @@ class Trace:
                   "tensor": {"name": name, "data": data, "shape": ",".join(map(str, shape)), "dtype": datatype}}
         self.records.append(json.dumps(record, separators=(",", ":")))
 
+    @_guarded
     def end(self, outputs: list | None = None) -> None:
         """REQUEST_END: the core is done with the request (``outputs``: its response's); a trace no front
         waits on is finished."""
@@ -244,6 +268,7 @@ class Trace:
         if not self.front:
             self.finish()
 
+    @_guarded
     def finish(self) -> None:
         """The trace is complete: its records (and its children's) go to its setting."""
         if self.done:
@@ -282,6 +307,8 @@ class Tracer:
         self.default = self.global_ = Setting(
             level, _u32("rate", str(config.get("rate", "1000"))), _count(str(config.get("count", "-1"))),
             _u32("log_frequency", str(config.get("log_frequency", "0"))), self._file(str(config.get("file", ""))))
+        if level and self.global_.reason():  # e.g. a level and no file: it would never trace
+            raise invalid(f"Attempting to set invalid trace setting :{self.global_.reason()}")
         self.models: dict[str, Setting] = {}
         self.last_id = 0
         self.on = bool(self.global_.level)
@@ -303,23 +330,39 @@ class Tracer:
         return self.models.get(model, self.global_).values()
 
     def update(self, model: str, changes: dict[str, Any]) -> None:
-        """Apply ``changes`` (field -> value, or None to clear it back to the fallback) as Triton does."""
-        self._update(model, changes)
-        if not model:  # the models' settings that follow the global one for some field follow it now
-            for name, setting in list(self.models.items()):
+        """Apply ``changes`` (field -> value, or None to clear it back to the fallback) as Triton does: a
+        global change reaches the models' settings that follow the global one for some field. All or
+        nothing: every setting is derived (and checked) before any replaces its predecessor."""
+        new = {model: self._derive(model, changes)}
+        if not model:
+            for name, setting in self.models.items():
                 if setting.specified != frozenset(_FIELDS):
-                    self._update(name, {})
+                    new[name] = self._derive(name, {}, new[""])
+        for name, setting in new.items():
+            current = self.models.get(name) if name else self.global_
+            if current is not None:
+                current.retire()
+            if not name:
+                self.global_ = setting
+            elif setting is None:
+                self.models.pop(name, None)
+            else:
+                self.models[name] = setting
         self.on = bool(self.global_.level) or any(s.level for s in self.models.values())
 
-    def _update(self, model: str, changes: dict[str, Any]) -> None:
+    def _derive(self, model: str, changes: dict[str, Any], global_: Setting | None = None) -> Setting | None:
+        """The setting ``changes`` make of ``model``'s (the global one's for ""); None: the model's setting
+        goes, leaving the global one. ``global_``: the global setting to follow, if it is changing too."""
         current = self.models.get(model) if model else self.global_
-        fallback = self.global_ if model else self.default
+        fallback = (global_ or self.global_) if model else self.default
         specified = set(current.specified) if current is not None else set()
         for key, value in changes.items():
             if value is None:
                 specified.discard(key)
             else:
                 specified.add(key)
+        if model and not specified:
+            return None
         values = {}
         for key in _FIELDS:
             if key in changes and changes[key] is not None:
@@ -328,22 +371,12 @@ class Tracer:
                 values[key] = getattr(current, key)
             else:
                 values[key] = getattr(fallback, key)
-        if model and not specified:
-            if current is not None:
-                current.retire()
-                del self.models[model]
-            return
         setting = Setting(values["level"], values["rate"], values["count"], values["log_frequency"],
                           fallback.file, frozenset(specified))
         problem = setting.reason()
         if problem and setting.level:
             raise invalid(f"Attempting to set invalid trace setting :{problem}")
-        if current is not None:
-            current.retire()
-        if model:
-            self.models[model] = setting
-        else:
-            self.global_ = setting
+        return setting
 
     def close(self) -> None:
         """The server stops: every setting's collected traces go to their files."""

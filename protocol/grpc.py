@@ -163,36 +163,40 @@ class InferenceService:
     def ModelInfer(self, decoded: v2grpc.InferMessage, call: Call) -> Deferred:
         """Queue the request now; the reply is encoded when its future is done (no task per call)."""
         try:
-            self._wake(decoded)
+            mv = self._wake(decoded)
             request = v2grpc.parse_request(decoded, self.core.shm)
             if self.core.tracer.on:
-                return self._traced(request, call)
-            return Deferred(self.core.submit(request), _infer_reply)
+                return self._traced(request, call, mv)
+            return Deferred(self.core.submit(request, mv), _infer_reply)
         except ServerError as e:
             raise _grpc_error(e) from None
         except Exception as e:
             raise _grpc_error(_internal(e, "ModelInfer")) from None
 
-    def _wake(self, decoded: v2grpc.InferMessage) -> None:
-        """The model's worker wakes while the request is read (ModelVersion.wake)."""
+    def _wake(self, decoded: v2grpc.InferMessage) -> Any:
+        """The model's version, its worker woken while the request is parsed (ModelVersion.wake); None
+        for a model that cannot serve (submit then fails the request with the reason)."""
         try:
-            self.core.version(decoded.model_name, decoded.model_version).wake()
+            mv = self.core.version(decoded.model_name, decoded.model_version)
         except ServerError:
-            pass  # the request fails with that reason below
+            return None
+        mv.wake()
+        return mv
 
-    def _traced(self, request: InferRequest, call: Call) -> Deferred:
+    def _traced(self, request: InferRequest, call: Call, mv: Any) -> Deferred:
         """ModelInfer while tracing is on: the request may be sampled (kernel.tracing)."""
         trace = self.core.tracer.sample(request.model_name)
         if trace is None:
-            return Deferred(self.core.submit(request), _infer_reply)
+            return Deferred(self.core.submit(request, mv), _infer_reply)
         trace.stamp("GRPC_WAITREAD_START", call.born)
         trace.stamp("GRPC_WAITREAD_END")
         request.trace = trace
         try:
-            future = self.core.submit(request)
+            future = self.core.submit(request, mv)
         except BaseException:
             trace.finish()  # refused: the trace ends with what it has
             raise
+        future.add_done_callback(tracing.finish_if_cancelled(trace))
         return Deferred(future, functools.partial(_traced_reply, trace))
 
     async def ModelStreamInfer(self, stream: Call) -> None:
@@ -241,14 +245,16 @@ class InferenceService:
         """Start one streamed request; its responses reach ``queue`` in request order, or ``direct`` as
         they come (a decoupled model's) (never raises)."""
         rid = decoded.id
+        trace = None
         try:
             request = v2grpc.parse_request(decoded, self.core.shm)
+            mv = self.core.version(request.model_name, request.model_version)
             if self.core.tracer.on:  # a streamed request's trace ends with the request (no send stamps)
-                request.trace = self.core.tracer.sample(request.model_name, front=False)
-                if request.trace is not None:
-                    request.trace.stamp("GRPC_WAITREAD_START")  # (its message is read: no wait to time)
-                    request.trace.stamp("GRPC_WAITREAD_END")
-            if self.core.version(request.model_name, request.model_version).decoupled:
+                trace = request.trace = self.core.tracer.sample(request.model_name, front=False)
+                if trace is not None:
+                    trace.stamp("GRPC_WAITREAD_START")  # (its message is read: no wait to time)
+                    trace.stamp("GRPC_WAITREAD_END")
+            if mv.decoupled:
                 empty_final = request.parameters.get("triton_enable_empty_final_response") is True
 
                 def on_response(response: Any, final: bool) -> None:
@@ -269,14 +275,16 @@ class InferenceService:
                 # Never leave the writer waiting: a request that ends without a result is reported.
                 done.add_done_callback(lambda _: slot.done() or slot.set_result(v2grpc.encode_stream_error(
                     ServerError("the request was cancelled", "CANCELLED"), rid)))
-        except ServerError as e:
-            queue.put_nowait(v2grpc.encode_stream_error(e, rid))
-            return
         except Exception as e:
-            queue.put_nowait(v2grpc.encode_stream_error(_internal(e, "ModelStreamInfer"), rid))
+            if trace is not None:
+                trace.finish()  # refused: the trace ends with what it has
+            error = e if isinstance(e, ServerError) else _internal(e, "ModelStreamInfer")
+            queue.put_nowait(v2grpc.encode_stream_error(error, rid))
             return
         inflight.add(done)
         done.add_done_callback(inflight.discard)
+        if trace is not None:
+            done.add_done_callback(tracing.finish_if_cancelled(trace))
 
     @staticmethod
     def _stream_item(request: InferRequest, response: Any, final: bool, empty_final: bool) -> bytes | None:

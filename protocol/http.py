@@ -237,7 +237,7 @@ class HttpFront:
             mv = self.core.version(model, version)
         except ServerError as e:
             return _error(e, _TEXT)  # Triton answers an unknown model on this route in text/plain
-        mv.wake()  # its worker wakes while the request is read
+        mv.wake()  # its worker wakes while the request is parsed
         tracer = self.core.tracer
         trace = tracer.sample(mv.name) if tracer.on else None
         if trace is not None:
@@ -260,6 +260,8 @@ class HttpFront:
             if trace is not None:
                 trace.finish()  # refused: the trace ends with what it has
             raise
+        if trace is not None:
+            future.add_done_callback(tracing.finish_if_cancelled(trace))
         return Deferred(future, lambda f: self._infer_response(f, infer_request))
 
     @staticmethod
@@ -274,10 +276,16 @@ class HttpFront:
             if trace is not None:
                 answer.sent = partial(_traced_send, trace, None)
             return answer
+        except BaseException:
+            if trace is not None:
+                trace.finish()
+            raise
         try:
             parts, json_length = v2json.encode_response(response, infer_request)
         except BaseException:
             response.release()
+            if trace is not None:
+                trace.finish()
             raise
         sent = response.release if trace is None else partial(_traced_send, trace, response.release)
         if json_length is None:

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
+import struct
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -34,6 +37,8 @@ OFF = {"trace_level": None, "trace_rate": None, "trace_count": None, "log_freque
 
 def _repository(dest: Path) -> Path:
     shutil.copytree(ROOT / "examples" / "models" / "add_sub", dest / "add_sub")
+    shutil.copytree(ROOT / "tests" / "models" / "repeat", dest / "repeat")  # decoupled
+    arith(dest, "slow", "import time\n            time.sleep(float(x.flat[0]))\n            y = x", dims="4")
     arith(dest, "double", "y = (x * 2).astype(np.float32)", dims="4")
     arith(dest, "inc", "y = (x + 1).astype(np.float32)", dims="4")
     _ensemble(dest, "twice", _io([("INPUT", "FP32", "4")], [("OUTPUT", "FP32", "4")]),
@@ -56,7 +61,7 @@ def http(traced):
     srv, _ = traced
     client = httpclient.InferenceServerClient(srv.http_url)
     yield client
-    for model in ("", "add_sub", "twice", "double"):  # back to the command line's settings
+    for model in ("", "add_sub", "twice", "double", "slow", "repeat"):  # back to the command line's settings
         client.update_trace_settings(model_name=model or None, settings=OFF)
     client.close()
 
@@ -306,7 +311,7 @@ def test_in_process_traces_written_at_shutdown(tmp_path):
         for _ in range(2):
             model.infer({"INPUT0": a, "INPUT1": a})
         assert not path.exists()  # nothing written before the setting is replaced or the server stops
-        server.core.tracer.update("", {"rate": 2})  # replaced: its two traces are written
+        server._call(lambda core: core.tracer.update("", {"rate": 2}))  # replaced: its two traces are written
         assert len(json.loads(path.read_text())) == 2 * 9  # a header and eight stamps each
         for _ in range(4):
             model.infer({"INPUT0": a, "INPUT1": a})
@@ -341,3 +346,102 @@ def test_timeline_of_our_traces(http, traced):
     assert [median[n] for n in order] == sorted(median[n] for n in order), median
     text = timeline.table({"ours": events})
     assert "| double: COMPUTE_START |" in text and "| requests traced | 3 |" in text
+
+
+def test_a_request_given_up_still_ends_its_trace(http, traced):
+    """A client that goes away (a reset) leaves a trace nobody answers: it still ends, so that a trace_count
+    runs out and its traces are written."""
+    srv, path = traced
+    before = _files(path)
+    http.update_trace_settings(model_name="slow", settings={
+        "trace_level": ["TIMESTAMPS"], "trace_rate": "1", "trace_count": "2"})
+    body = json.dumps({"inputs": [{"name": "IN", "shape": [4], "datatype": "FP32", "data": [0.5] * 4}]}).encode()
+    host, port = srv.http_url.split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v2/models/slow/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        time.sleep(0.2)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+    x = httpclient.InferInput("IN", [4], "FP32")
+    x.set_data_from_numpy(np.zeros(4, dtype=np.float32))
+    http.infer("slow", [x])
+    http.get_trace_settings()
+    traces = _new_traces(path, before)
+    assert len(traces) == 2, traces  # both, in the file written when the count ran out
+    assert "HTTP_SEND_END" not in _names(traces[0])  # the first was never answered
+    assert _names(traces[1]) == HTTP_NAMES
+
+
+def test_refused_requests_end_their_traces(tmp_path):
+    """An in-process request refused at once ends its trace; at level TENSORS alone it has no records, and
+    the file stays valid JSON."""
+    repo = _repository(tmp_path / "models")
+    path = tmp_path / "trace.json"
+    with Server(repo, trace_config={"level": ["TENSORS"], "rate": "1", "count": "2", "file": str(path)}) as server:
+        model = server.model("add_sub")
+        with pytest.raises(ServerError, match="data-type"):
+            model.infer({"INPUT0": np.zeros(16, np.float32), "INPUT1": np.zeros(16, np.float32)})
+        a = np.arange(16, dtype=np.int32)
+        model.infer({"INPUT0": a, "INPUT1": a})
+        records = json.loads((tmp_path / "trace.json.0").read_text())  # written once the count ran out
+    assert [(r["activity"], r["tensor"]["name"]) for r in records if "activity" in r] == [
+        ("TENSOR_QUEUE_INPUT", "INPUT0"), ("TENSOR_QUEUE_INPUT", "INPUT1"),
+        ("TENSOR_BACKEND_OUTPUT", "OUTPUT0"), ("TENSOR_BACKEND_OUTPUT", "OUTPUT1")]
+
+
+def test_decoupled_stream_traces(http, traced):
+    """A decoupled model's streamed requests, answered from execute or from a thread: each trace has the
+    worker's COMPUTE_* and ends once the final response came."""
+    srv, path = traced
+    before = _files(path)
+    http.update_trace_settings(model_name="repeat", settings={
+        "trace_level": ["TIMESTAMPS"], "trace_rate": "1", "log_frequency": "1"})
+    results: list = []
+    with grpcclient.InferenceServerClient(srv.grpc_url) as client:
+        client.start_stream(callback=lambda result, error: results.append(error or result))
+        for values in ([-7], [1, 2, 3]):
+            x = grpcclient.InferInput("IN", [len(values)], "INT32")
+            x.set_data_from_numpy(np.array(values, dtype=np.int32))
+            client.async_stream_infer("repeat", [x])
+        deadline = time.monotonic() + 10
+        while len(results) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        client.stop_stream()
+    assert len(results) == 4 and not any(isinstance(r, Exception) for r in results), results
+    http.get_trace_settings()
+    traces = _new_traces(path, before)
+    assert len(traces) == 2
+    for trace in traces:
+        assert sorted(_names(trace)) == sorted([
+            "GRPC_WAITREAD_START", "GRPC_WAITREAD_END", "REQUEST_START", "QUEUE_START", "COMPUTE_START",
+            "COMPUTE_INPUT_END", "COMPUTE_OUTPUT_START", "COMPUTE_END", "INFER_RESPONSE_COMPLETE", "REQUEST_END"])
+        ns = _ns(trace)
+        order = ["REQUEST_START", "QUEUE_START", "COMPUTE_START", "COMPUTE_END", "INFER_RESPONSE_COMPLETE",
+                 "REQUEST_END"]
+        assert [ns[n] for n in order] == sorted(ns[n] for n in order)
+
+
+def test_tensors_of_a_pipeline_that_would_chain(tmp_path, monkeypatch):
+    """A traced ensemble request at level TENSORS runs its steps unchained: a chained step's inputs are
+    not there yet when it is queued. Untraced, the same request chains."""
+    from kernel import ensemble
+
+    monkeypatch.setattr(ensemble, "PREWAKE_MAX_NS", 50_000_000)  # chain on a loaded machine too
+    repo = _repository(tmp_path / "models")
+    path = tmp_path / "trace.json"
+    x = np.array([0.5, 1, 2, 3], dtype=np.float32)
+    with Server(repo, trace_config={"level": ["TENSORS"], "rate": "1", "log_frequency": "1",
+                                    "file": str(path)}) as server:
+        model = server.model("twice")
+        for _ in range(3):
+            np.testing.assert_array_equal(model.infer({"INPUT": x})["OUTPUT"], x * 2 + 1)
+        assert server._call(lambda core: core.chained_steps) == 0
+        server._call(lambda core: core.tracer.update("", {"level": 0}))
+        for _ in range(3):
+            model.infer({"INPUT": x})
+        assert server._call(lambda core: core.chained_steps) >= 1
+    records = json.loads((tmp_path / "trace.json.2").read_text())
+    # the ensemble's INPUT, the first step's IN, and the second step's IN: the first step's output
+    assert sorted((r["tensor"]["name"], r["tensor"]["data"]) for r in records
+                  if r.get("activity") == "TENSOR_QUEUE_INPUT") == [
+        ("IN", "0.5,1,2,3"), ("IN", "1,2,4,6"), ("INPUT", "0.5,1,2,3")]
