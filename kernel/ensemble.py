@@ -245,7 +245,7 @@ class EnsembleVersion(ModelVersion):
         self.scheduler = EnsembleScheduler(self)  # type: ignore[assignment]
 
     def wake(self) -> None:
-        """A request is being read: wake the workers of the steps that run on the ensemble's inputs alone
+        """A request has arrived: wake the workers of the steps that run on the ensemble's inputs alone
         (ModelVersion.wake); the later steps' workers are woken while the steps before them run."""
         if not self.prewake:
             return

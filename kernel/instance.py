@@ -318,7 +318,7 @@ class Instance:
     def prewake(self, within_ns: int) -> bool:
         """Tell an idle worker that a batch should come within ``within_ns``: it polls its inbox until
         then rather than sleeping, so the batch does not wait for its wake-up (a pipeline's next step, a
-        request being read). Nothing is sent to a worker that polls until then anyway; True if sent."""
+        request arriving). Nothing is sent to a worker that polls until then anyway; True if sent."""
         if not self.alive or self.inflight or self._backlog:
             return False
         now = time.perf_counter_ns()

@@ -89,7 +89,7 @@ class Core:
         self.arena: Arena | None = None
         self.links: LinkBoard | None = None  # with its free slots: see kernel.ensemble's chained steps
         self.free_links: list[int] = []
-        self.arrival_wakes = 0  # workers woken for a request being read (ModelVersion.wake; tests)
+        self.arrival_wakes = 0  # workers woken for an arriving request (ModelVersion.wake; tests)
         self.chained_steps = 0  # pipeline steps sent chained, and those of them skipped (tests, probes)
         self.chain_skips = 0
         #: links each model posts, and the models that made BLS calls (never chained from: see bls_called)
