@@ -89,8 +89,13 @@ class BlsHandler:
         parameters = json.loads(msg["p"]) if msg.get("p") else {}
         if msg.get("to"):
             parameters["timeout"] = msg["to"]
-        return InferRequest(msg["m"], msg.get("v") or "", msg.get("rid") or "", inputs,
-                            [RequestedOutput(n) for n in names] or None, parameters)
+        request = InferRequest(msg["m"], msg.get("v") or "", msg.get("rid") or "", inputs,
+                               [RequestedOutput(n) for n in names] or None, parameters)
+        if msg.get("tr"):  # made with its caller's trace: traced as that trace's child, as Triton does
+            parent = self.core.tracer.live.get(msg["tr"])
+            if parent is not None:
+                request.trace = parent.child(self.core.tracer)
+        return request
 
     def _answer(self, instance: Instance, qid: int, outcome: Any, final: bool) -> None:
         if isinstance(outcome, InferResponse):

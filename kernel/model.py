@@ -473,6 +473,8 @@ class ModelVersion:
                     request.chain.describe(spec)
                 if request.id:
                     spec["rid"] = request.id
+                if request.trace is not None:  # a BLS request the model makes with it is traced as its child
+                    spec["tr"] = request.trace.id
                 params = {k: v for k, v in request.parameters.items() if k not in RESERVED_PARAMETERS}
                 if params:
                     spec["p"] = json.dumps(params)

@@ -173,11 +173,14 @@ def finish_if_cancelled(trace: Trace) -> Callable[[Any], None]:
 class Trace:
     """One sampled request's records (a root trace also holds its children's)."""
 
-    __slots__ = ("setting", "id", "parent", "level", "records", "children", "front", "responded", "ended", "done")
+    __slots__ = ("setting", "id", "parent", "level", "records", "children", "front", "responded", "ended", "done",
+                 "live")
 
     def __init__(self, tracer: Tracer, setting: Setting, parent: Trace | None = None, front: bool = True) -> None:
         tracer.last_id += 1
         self.id = tracer.last_id
+        self.live = tracer.live
+        tracer.live[self.id] = self  # until it ends: a BLS request its model makes may name it
         self.setting = setting
         self.parent = parent
         self.level = setting.level
@@ -260,6 +263,7 @@ class Trace:
         if self.ended:
             return
         self.ended = True
+        self.live.pop(self.id, None)
         if self.parent is None and not self.responded:  # an ensemble's, or one that failed before running
             if self.level & TENSORS and outputs:
                 self._outputs(outputs)
@@ -274,6 +278,7 @@ class Trace:
         if self.done:
             return
         self.done = True
+        self.live.pop(self.id, None)
         if self.parent is None:
             self.setting.collect(",".join(self._all()))
 
@@ -311,6 +316,7 @@ class Tracer:
             raise invalid(f"Attempting to set invalid trace setting :{self.global_.reason()}")
         self.models: dict[str, Setting] = {}
         self.last_id = 0
+        self.live: dict[int, Trace] = {}  # traces of requests in flight, by id (kernel.bls: a BLS call's parent)
         self.on = bool(self.global_.level)
 
     def _file(self, path: str) -> TraceFile:

@@ -22,9 +22,30 @@ from tritonclient.utils import InferenceServerException
 from kernel.api import Server
 from kernel.errors import ServerError
 from kernel.tracing import Tracer
-from tests.pipeline_models import _ensemble, _io, arith
+from tests.pipeline_models import _ensemble, _io, _python, arith
 from tests.support import ROOT, serving
 
+#: calls double with its request's trace (traced as its child) and inc without (not traced)
+_BLS_CALLER = """
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for r in requests:
+            x = pb_utils.get_input_tensor_by_name(r, "IN")
+            assert r.trace().get_context() is None
+            outs = []
+            for model, trace in (("double", r.trace()), ("inc", None)):
+                kwargs = {"trace": trace} if trace is not None else {}
+                answer = pb_utils.InferenceRequest(model_name=model, inputs=[pb_utils.Tensor("IN", x.as_numpy())],
+                                                   requested_output_names=["OUT"], **kwargs).exec()
+                outs.append(pb_utils.get_output_tensor_by_name(answer, "OUT").as_numpy())
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUT", outs[0] + outs[1])]))
+        return responses
+"""
 HTTP_NAMES = ["HTTP_RECV_START", "HTTP_RECV_END", "REQUEST_START", "QUEUE_START", "INFER_RESPONSE_COMPLETE",
               "COMPUTE_START", "COMPUTE_INPUT_END", "COMPUTE_OUTPUT_START", "COMPUTE_END", "REQUEST_END",
               "HTTP_SEND_START", "HTTP_SEND_END"]
@@ -39,6 +60,7 @@ def _repository(dest: Path) -> Path:
     shutil.copytree(ROOT / "examples" / "models" / "add_sub", dest / "add_sub")
     shutil.copytree(ROOT / "tests" / "models" / "repeat", dest / "repeat")  # decoupled
     arith(dest, "slow", "import time\n            time.sleep(float(x.flat[0]))\n            y = x", dims="4")
+    _python(dest, "bls_caller", _io([("IN", "FP32", "4")], [("OUT", "FP32", "4")]), _BLS_CALLER)
     arith(dest, "double", "y = (x * 2).astype(np.float32)", dims="4")
     arith(dest, "inc", "y = (x + 1).astype(np.float32)", dims="4")
     _ensemble(dest, "twice", _io([("INPUT", "FP32", "4")], [("OUTPUT", "FP32", "4")]),
@@ -61,7 +83,7 @@ def http(traced):
     srv, _ = traced
     client = httpclient.InferenceServerClient(srv.http_url)
     yield client
-    for model in ("", "add_sub", "twice", "double", "slow", "repeat"):  # back to the command line's settings
+    for model in ("", "add_sub", "twice", "double", "slow", "repeat", "bls_caller"):  # the command line's settings
         client.update_trace_settings(model_name=model or None, settings=OFF)
     client.close()
 
@@ -445,3 +467,22 @@ def test_tensors_of_a_pipeline_that_would_chain(tmp_path, monkeypatch):
     assert sorted((r["tensor"]["name"], r["tensor"]["data"]) for r in records
                   if r.get("activity") == "TENSOR_QUEUE_INPUT") == [
         ("IN", "0.5,1,2,3"), ("IN", "1,2,4,6"), ("INPUT", "0.5,1,2,3")]
+
+
+def test_bls_requests_made_with_the_trace_are_its_children(http, traced):
+    """As in Triton's python backend: ``InferenceRequest(..., trace=request.trace())`` traces the BLS request
+    as a child of the calling request's trace; one made without it is not traced."""
+    _, path = traced
+    before = _files(path)
+    http.update_trace_settings(model_name="bls_caller", settings={
+        "trace_level": ["TIMESTAMPS"], "trace_rate": "1", "log_frequency": "1"})
+    x = httpclient.InferInput("IN", [4], "FP32")
+    x.set_data_from_numpy(np.arange(4, dtype=np.float32))
+    np.testing.assert_array_equal(http.infer("bls_caller", [x]).as_numpy("OUT"), np.arange(4) * 3 + 1)
+    http.get_trace_settings()
+    traces = _new_traces(path, before)
+    heads = [next(r for r in t if "model_name" in r) for t in traces]
+    caller = next(h for h in heads if h["model_name"] == "bls_caller")
+    assert [(h["model_name"], h.get("parent_id")) for h in heads if h is not caller] == [("double", caller["id"])]
+    child = next(t for t in traces if t[0]["id"] != caller["id"])
+    assert "COMPUTE_START" in _names(child) and "REQUEST_END" in _names(child)

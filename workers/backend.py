@@ -134,7 +134,7 @@ class Request:
     """
 
     __slots__ = ("inputs", "requested_outputs", "id", "correlation_id", "flags", "_parameters", "_spans",
-                 "_dests", "_place", "_placed", "_send", "_board", "_flag")
+                 "_dests", "_place", "_placed", "_send", "_board", "_flag", "trace_id")
 
     def __init__(self, inputs: dict[str, np.ndarray], requested_outputs: list[str], request_id: str = "",
                  correlation_id: int | str = 0, flags: int = 0, parameters: str = "") -> None:
@@ -151,6 +151,7 @@ class Request:
         self._send: Callable[[Response | None, bool], None] | None = None
         self._board: memoryview | None = None  # the front's cancel board, and this request's byte on it
         self._flag = -1
+        self.trace_id = 0  # the front's trace of it (kernel.tracing), 0: not traced
 
     @property
     def parameters(self) -> dict:

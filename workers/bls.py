@@ -124,6 +124,8 @@ class BlsClient:
             msg["p"] = request.parameters()
         if request._timeout:
             msg["to"] = int(request._timeout)
+        if request._trace._id:  # made with the calling request's trace(): a child of that trace
+            msg["tr"] = request._trace._id
         worker.send(msg)
         return call
 

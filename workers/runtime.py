@@ -258,6 +258,7 @@ class Worker:
             request = Request(inputs, spec.get("out") or [], spec.get("rid", ""), spec.get("cid", 0),
                               spec.get("fl", 0), spec.get("p", ""))
             request._spans = spans
+            request.trace_id = spec.get("tr", 0)
             request._dests = spec.get("shm") or {}
             request._place = place
             request._board = board

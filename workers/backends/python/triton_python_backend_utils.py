@@ -271,6 +271,18 @@ class PreferredMemory:
         self.preferred_device_id = preferred_device_id
 
 
+class InferenceTrace:
+    """A request's trace, as Triton's python backend gives it (``request.trace()``): a BLS request made
+    with it (``InferenceRequest(..., trace=request.trace())``) is traced as a child of that request when the
+    server traces it. ``get_context()`` is the OpenTelemetry context: None here (Triton's trace mode)."""
+
+    def __init__(self, trace_id: int = 0) -> None:
+        self._id = trace_id
+
+    def get_context(self) -> str | None:
+        return None
+
+
 class InferenceRequest:
     """A request handed to ``execute``, or one a model builds to call another model (BLS:
     ``exec()``, ``async_exec()``, ``exec(decoupled=True)``; workers.bls sends it)."""
@@ -294,6 +306,7 @@ class InferenceRequest:
         self._parameters = parameters or "{}"
         self._sender: InferenceResponseSender | None = None
         self._is_cancelled: Callable[[], bool] | None = None  # set on a request handed to execute()
+        self._trace = trace if isinstance(trace, InferenceTrace) else InferenceTrace()
 
     def inputs(self) -> list:
         return self._inputs
@@ -315,6 +328,10 @@ class InferenceRequest:
 
     def model_name(self) -> str:
         return self._model_name
+
+    def trace(self) -> InferenceTrace:
+        """This request's trace: hand it to the BLS requests it makes to trace them with it."""
+        return self._trace
 
     def get_response_sender(self) -> InferenceResponseSender:
         if self._sender is None:
