@@ -305,39 +305,40 @@ class Core:
 
     def accept(self, request: InferRequest) -> asyncio.Future:
         """:meth:`submit` for a request entering the server here (the in-process API): it may be traced."""
-        trace = request.trace = self.tracer.sample(request.model_name, front=False) if self.tracer.on else None
-        if trace is None:
-            return self.submit(request)
-        try:
-            future = self.submit(request)
-        except BaseException:
-            trace.finish()  # refused: the trace ends with what it has
-            raise
-        future.add_done_callback(finish_if_cancelled(trace))
-        return future
+        request.trace = self.tracer.sample(request.model_name, front=False) if self.tracer.on else None
+        return self.submit(request)
 
     def submit(self, request: InferRequest, mv: ModelVersion | None = None) -> asyncio.Future:
         """Validate and queue one request (errors raise now); the future ends with its response.
 
         ``mv`` is the version the caller already looked up for this request, if any (looked
-        up again if it stopped serving meanwhile, e.g. replaced by a reload).
+        up again if it stopped serving meanwhile, e.g. replaced by a reload). A traced request's
+        trace ends even when the request is refused here or its caller gives up.
         """
-        if mv is None or mv.state != "READY":
-            mv = self.version(request.model_name, request.model_version)
-        if mv.decoupled:
-            raise ServerError("ModelInfer RPC doesn't support models with decoupled transaction policy",
-                              "UNSUPPORTED")
-        pending = Pending(request, RequestFuture(loop=self._loop), mv.validate(request))
-        if request.trace is not None:
-            self._begin_trace(request, mv, pending)
-        self.shm.hold(request, pending.future)  # client regions stay mapped until it ends
-        pending.future.pending = pending  # cancelling the future cancels the request
-        pending.version = mv
+        trace = request.trace
         try:
-            mv.scheduler.submit(pending)
+            if mv is None or mv.state != "READY":
+                mv = self.version(request.model_name, request.model_version)
+            if mv.decoupled:
+                raise ServerError("ModelInfer RPC doesn't support models with decoupled transaction policy",
+                                  "UNSUPPORTED")
+            pending = Pending(request, RequestFuture(loop=self._loop), mv.validate(request))
+            if trace is not None:
+                self._begin_trace(request, mv, pending)
+            self.shm.hold(request, pending.future)  # client regions stay mapped until it ends
+            pending.future.pending = pending  # cancelling the future cancels the request
+            pending.version = mv
+            try:
+                mv.scheduler.submit(pending)
+            except BaseException:
+                pending.future.cancel()  # rejected (queue full): let go of the regions it held
+                raise
         except BaseException:
-            pending.future.cancel()  # rejected (queue full): let go of the regions it held
+            if trace is not None:
+                trace.finish()  # refused: the trace ends with what it has
             raise
+        if trace is not None:
+            pending.future.add_done_callback(finish_if_cancelled(trace))
         self.spinner.kick()
         return pending.future
 
@@ -345,44 +346,52 @@ class Core:
         """Run one request whose responses (decoupled: zero or more) go to ``callback``.
 
         ``callback(response_or_error_or_None, final)``; the returned future ends
-        with the request.
+        with the request. A traced request's trace ends as in :meth:`submit`.
         """
-        mv = self.version(request.model_name, request.model_version)
-        batch = mv.validate(request)
-        pending = Pending(request, RequestFuture(loop=self._loop), batch)
-        if request.trace is not None:
-            self._begin_trace(request, mv, pending)
-        if mv.decoupled:
-            done = RequestFuture(loop=self._loop)
-
-            def wrapped(response: Any, final: bool) -> None:
-                callback(response, final)
-                if final:
-                    done.pending = None
-                    if not done.done():
-                        done.set_result(None)
-
-            pending.stream = wrapped
-            pending.future.add_done_callback(lambda f: f.cancelled() or f.exception())
-            ends = done
-        else:
-            def finish(future: asyncio.Future) -> None:
-                if future.cancelled():
-                    return
-                error = future.exception()
-                callback(error if error is not None else future.result(), True)
-
-            pending.future.add_done_callback(finish)
-            ends = pending.future
-        self.shm.hold(request, ends)
-        ends.pending = pending  # cancelling what the caller holds cancels the request
-        pending.version = mv
+        trace = request.trace
         try:
-            mv.scheduler.submit(pending)
+            mv = self.version(request.model_name, request.model_version)
+            batch = mv.validate(request)
+            pending = Pending(request, RequestFuture(loop=self._loop), batch)
+            if trace is not None:
+                self._begin_trace(request, mv, pending)
+            if mv.decoupled:
+                done = RequestFuture(loop=self._loop)
+
+                def wrapped(response: Any, final: bool) -> None:
+                    callback(response, final)
+                    if final:
+                        done.pending = None
+                        if not done.done():
+                            done.set_result(None)
+
+                pending.stream = wrapped
+                pending.future.add_done_callback(lambda f: f.cancelled() or f.exception())
+                ends = done
+            else:
+                def finish(future: asyncio.Future) -> None:
+                    if future.cancelled():
+                        return
+                    error = future.exception()
+                    callback(error if error is not None else future.result(), True)
+
+                pending.future.add_done_callback(finish)
+                ends = pending.future
+            self.shm.hold(request, ends)
+            ends.pending = pending  # cancelling what the caller holds cancels the request
+            pending.version = mv
+            try:
+                mv.scheduler.submit(pending)
+            except BaseException:
+                ends.cancel()  # rejected (queue full): let go of the regions it held
+                pending.future.cancel()
+                raise
         except BaseException:
-            ends.cancel()  # rejected (queue full): let go of the regions it held
-            pending.future.cancel()
+            if trace is not None:
+                trace.finish()  # refused: the trace ends with what it has
             raise
+        if trace is not None:
+            ends.add_done_callback(finish_if_cancelled(trace))
         self.spinner.kick()
         return ends
 

@@ -191,13 +191,7 @@ class InferenceService:
         trace.stamp("GRPC_WAITREAD_START", call.born)
         trace.stamp("GRPC_WAITREAD_END")
         request.trace = trace
-        try:
-            future = self.core.submit(request, mv)
-        except BaseException:
-            trace.finish()  # refused: the trace ends with what it has
-            raise
-        future.add_done_callback(tracing.finish_if_cancelled(trace))
-        return Deferred(future, functools.partial(_traced_reply, trace))
+        return Deferred(self.core.submit(request, mv), functools.partial(_traced_reply, trace))
 
     async def ModelStreamInfer(self, stream: Call) -> None:
         """Requests in, responses out, two writer tasks per stream.
@@ -245,15 +239,14 @@ class InferenceService:
         """Start one streamed request; its responses reach ``queue`` in request order, or ``direct`` as
         they come (a decoupled model's) (never raises)."""
         rid = decoded.id
-        trace = None
         try:
             request = v2grpc.parse_request(decoded, self.core.shm)
             mv = self.core.version(request.model_name, request.model_version)
             if self.core.tracer.on:  # a streamed request's trace ends with the request (no send stamps)
-                trace = request.trace = self.core.tracer.sample(request.model_name, front=False)
-                if trace is not None:
-                    trace.stamp("GRPC_WAITREAD_START")  # (its message is read: no wait to time)
-                    trace.stamp("GRPC_WAITREAD_END")
+                request.trace = self.core.tracer.sample(request.model_name, front=False)
+                if request.trace is not None:
+                    request.trace.stamp("GRPC_WAITREAD_START")  # (its message is read: no wait to time)
+                    request.trace.stamp("GRPC_WAITREAD_END")
             if mv.decoupled:
                 empty_final = request.parameters.get("triton_enable_empty_final_response") is True
 
@@ -276,15 +269,11 @@ class InferenceService:
                 done.add_done_callback(lambda _: slot.done() or slot.set_result(v2grpc.encode_stream_error(
                     ServerError("the request was cancelled", "CANCELLED"), rid)))
         except Exception as e:
-            if trace is not None:
-                trace.finish()  # refused: the trace ends with what it has
             error = e if isinstance(e, ServerError) else _internal(e, "ModelStreamInfer")
             queue.put_nowait(v2grpc.encode_stream_error(error, rid))
             return
         inflight.add(done)
         done.add_done_callback(inflight.discard)
-        if trace is not None:
-            done.add_done_callback(tracing.finish_if_cancelled(trace))
 
     @staticmethod
     def _stream_item(request: InferRequest, response: Any, final: bool, empty_final: bool) -> bytes | None:

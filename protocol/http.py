@@ -254,14 +254,12 @@ class HttpFront:
                 where = (buffer.key, buffer.offset) if isinstance(buffer, ArenaBody) else None
                 infer_request = v2json.parse_request(model, version, body, int(header) if header else None,
                                                      self.core.shm, where)
-            infer_request.trace = trace
-            future = self.core.submit(infer_request, mv)
         except BaseException:
             if trace is not None:
-                trace.finish()  # refused: the trace ends with what it has
+                trace.finish()  # unparsable: the trace ends with what it has
             raise
-        if trace is not None:
-            future.add_done_callback(tracing.finish_if_cancelled(trace))
+        infer_request.trace = trace
+        future = self.core.submit(infer_request, mv)  # (which ends the trace if it refuses the request)
         return Deferred(future, lambda f: self._infer_response(f, infer_request))
 
     @staticmethod
