@@ -299,7 +299,6 @@ class Tracer:
         mode = config.get("mode", "triton")
         if mode != "triton":
             raise ServerError(f"trace mode '{mode}' is not supported by this server (only 'triton')", "INVALID_ARG")
-        self.files: dict[str, TraceFile] = {}
         level = 0
         for name in config.get("level", ["OFF"]):
             name = name.upper()
@@ -310,20 +309,15 @@ class Tracer:
             else:
                 raise ServerError(f"invalid trace level '{name}': expected OFF, TIMESTAMPS or TENSORS", "INVALID_ARG")
         self.default = self.global_ = Setting(
-            level, _u32("rate", str(config.get("rate", "1000"))), _count(str(config.get("count", "-1"))),
-            _u32("log_frequency", str(config.get("log_frequency", "0"))), self._file(str(config.get("file", ""))))
+            level, _u32("rate", str(config.get("rate", "1000"))),
+            _count_of("trace_count", str(config.get("count", "-1"))),
+            _u32("log_frequency", str(config.get("log_frequency", "0"))), TraceFile(str(config.get("file", ""))))
         if level and self.global_.reason():  # e.g. a level and no file: it would never trace
             raise invalid(f"Attempting to set invalid trace setting :{self.global_.reason()}")
         self.models: dict[str, Setting] = {}
         self.last_id = 0
         self.live: dict[int, Trace] = {}  # traces of requests in flight, by id (kernel.bls: a BLS call's parent)
         self.on = bool(self.global_.level)
-
-    def _file(self, path: str) -> TraceFile:
-        file = self.files.get(path)
-        if file is None:
-            file = self.files[path] = TraceFile(path)
-        return file
 
     def sample(self, model: str, front: bool = True) -> Trace | None:
         """The trace of a request to ``model`` entering now, if it is sampled (check ``on`` first)."""
@@ -409,8 +403,7 @@ def changes_from_json(doc: Any) -> dict[str, Any]:
             if not all(isinstance(v, str) for v in levels):
                 raise invalid("attempt to access JSON non-string as string")
             _levels(levels, changes)
-    for key, field, parse in (("trace_rate", "rate", _u32), ("trace_count", "count", _count_of),
-                              ("log_frequency", "log_frequency", _u32)):
+    for key, field, parse in _NUMBERS:
         if key in doc:
             value = doc[key]
             if value is None:
@@ -433,8 +426,7 @@ def changes_from_grpc(settings: Any) -> dict[str, Any]:
             _levels(levels, changes)
         else:
             changes["level"] = None
-    for key, field, parse in (("trace_rate", "rate", _u32), ("trace_count", "count", _count_of),
-                              ("log_frequency", "log_frequency", _u32)):
+    for key, field, parse in _NUMBERS:
         if key in settings:
             values = list(settings[key].value)
             if not values:
@@ -485,17 +477,13 @@ def _count_of(key: str, text: str) -> int:
     return value
 
 
-def _count(text: str) -> int:
-    return _count_of("trace_count", text)
+#: The numeric settings: the request's key, Tracer.update's field, the parser with Triton's checks.
+_NUMBERS = (("trace_rate", "rate", _u32), ("trace_count", "count", _count_of), ("log_frequency", "log_frequency", _u32))
 
 
 def tensor_array(datatype: str, shape: list[int], buf: Any) -> np.ndarray | None:
     """An input's bytes as an array for a tensor record (None when they cannot be read as one)."""
     try:
-        if isinstance(buf, np.ndarray):
-            return buf
-        if datatype == "BYTES":
-            return dtypes.deserialize_bytes(buf)
-        return np.frombuffer(buf, dtype=dtypes.NUMPY[datatype]).reshape(shape)
+        return buf if isinstance(buf, np.ndarray) else dtypes.to_array(datatype, shape, buf)
     except (ValueError, KeyError, TypeError):
         return None

@@ -91,11 +91,7 @@ class OutputTensor:
         if buf is None and self.shm is not None:
             start = self.shm.offset
             buf = self.shm.region.buffer()[start : start + self.byte_size]
-        if buf is None:
-            buf = memoryview(b"")
-        if self.datatype == "BYTES":
-            return dtypes.deserialize_bytes(buf).reshape(self.shape)
-        return np.frombuffer(buf, dtype=dtypes.NUMPY[self.datatype]).reshape(self.shape)
+        return dtypes.to_array(self.datatype, self.shape, memoryview(b"") if buf is None else buf)
 
 
 @dataclass(slots=True)

@@ -107,3 +107,11 @@ def deserialize_bytes(buf, count: int | None = None) -> np.ndarray:
     out = np.empty(len(items), dtype=np.object_)
     out[:] = items
     return out
+
+
+def to_array(datatype: str, shape, buf) -> np.ndarray:
+    """A tensor's bytes (Triton's serialised form for BYTES) as an array of ``shape``: a view on ``buf``,
+    but for BYTES, whose elements are decoded."""
+    if datatype == "BYTES":
+        return deserialize_bytes(buf).reshape(shape)
+    return np.frombuffer(buf, dtype=NUMPY[datatype]).reshape(shape)
