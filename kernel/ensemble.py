@@ -278,6 +278,11 @@ def _idle(version: ModelVersion) -> int:
     return sum(1 for i in version.instances if i.alive and not i.inflight)
 
 
+def _answer_ns(version: ModelVersion) -> int:
+    """How long ``version``'s batches usually take to come back (its slowest instance's; 0: unknown)."""
+    return max((i.answer_ns for i in version.instances), default=0)
+
+
 async def _sleep(seconds: float) -> None:
     import asyncio
 
@@ -534,7 +539,7 @@ class _Run:
                 return None
         elif (link is None and not _idle(producer)) or not _idle(consumer):
             return None
-        expect = max((i.answer_ns for i in producer.instances), default=0) or PREWAKE_DEFAULT_NS
+        expect = _answer_ns(producer) or PREWAKE_DEFAULT_NS
         if expect > PREWAKE_MAX_NS:
             return None
         # The blocks: one per output, sized from the producer's configuration.
@@ -601,7 +606,7 @@ class _Run:
             running = core.version(step.model, step.version)
         except ServerError:
             return
-        expect = max((i.answer_ns for i in running.instances), default=0) or PREWAKE_DEFAULT_NS
+        expect = _answer_ns(running) or PREWAKE_DEFAULT_NS
         if expect > PREWAKE_MAX_NS:
             return
         for follower, count in followers:
@@ -625,7 +630,7 @@ class _Run:
             running = core.version(step.model, step.version)
         except ServerError:
             return
-        core.spinner.kick(max((i.answer_ns for i in running.instances), default=0))
+        core.spinner.kick(_answer_ns(running))
 
     def _step_done(self, branch: _Branch, step: Step, future: Any) -> None:
         self.outstanding -= 1

@@ -343,7 +343,7 @@ class Instance:
 
     def _flush_frees(self) -> None:
         if self._frees and self.alive:
-            self._post({"t": "f", "b": self._frees})
+            self._post_aside({"t": "f", "b": self._frees})
         self._frees = []
 
     def forget_region(self, region_id: int | str) -> None:
@@ -363,7 +363,7 @@ class Instance:
         forgets, self._forgets = self._forgets, []
         for i in range(0, len(forgets), 1024):  # each message well inside a ring slot
             if self.alive:
-                self._post({"t": "u", "k": forgets[i : i + 1024]})
+                self._post_aside({"t": "u", "k": forgets[i : i + 1024]})
 
     def buffer(self, name: str) -> memoryview:
         """A mapped worker-arena segment (or a registered client region)."""
@@ -372,9 +372,13 @@ class Instance:
         except ShmError as e:
             raise ServerError(str(e), "INTERNAL") from e
 
+    def _post_aside(self, msg: dict) -> None:
+        """A message that asks for no answer (frees, forgets): the worker's polling, ended by it, starts
+        again for its spin time only."""
+        self.awake_until = min(self.awake_until, time.perf_counter_ns() + self._spin_ns)
+        self._post(msg)
+
     def _post(self, msg: dict) -> None:
-        if msg["t"] in ("f", "u"):  # the worker's polling starts again from it, for its spin time only
-            self.awake_until = min(self.awake_until, time.perf_counter_ns() + self._spin_ns)
         if self._backlog:
             self._backlog.append(msg)
             return
