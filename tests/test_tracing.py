@@ -122,6 +122,20 @@ def _add_sub_inputs(module):
     return inputs, a, b
 
 
+def _trace_each(http, model: str | None, *levels: str) -> None:
+    """Trace every request (of ``model``; None: all) at ``levels`` (TIMESTAMPS by default), each trace in a
+    numbered file of its own."""
+    http.update_trace_settings(model_name=model, settings={
+        "trace_level": list(levels) or ["TIMESTAMPS"], "trace_rate": "1", "log_frequency": "1"})
+
+
+def _vector(name: str, values) -> httpclient.InferInput:
+    """An FP32 input of ``values`` for the HTTP client."""
+    x = httpclient.InferInput(name, [len(values)], "FP32")
+    x.set_data_from_numpy(np.asarray(values, dtype=np.float32))
+    return x
+
+
 def test_settings_global_per_model_and_cleared(http):
     """Triton's JSON; a model's setting overrides some fields and follows the global one for the rest;
     null clears a field back to its fallback (docs/triton-behaviour.md §15)."""
@@ -193,15 +207,12 @@ def test_http_trace_records(http, traced):
     times in the order the events happen; a model without a setting of its own is not traced."""
     _, path = traced
     before = _files(path)
-    http.update_trace_settings(model_name="add_sub", settings={
-        "trace_level": ["TIMESTAMPS"], "trace_rate": "1", "log_frequency": "1"})
+    _trace_each(http, "add_sub")
     inputs, a, b = _add_sub_inputs(httpclient)
     for i in range(3):
         result = http.infer("add_sub", inputs, request_id=f"r{i}")
         np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
-    x = httpclient.InferInput("IN", [4], "FP32")
-    x.set_data_from_numpy(np.ones(4, dtype=np.float32))
-    http.infer("double", [x])  # the global setting is OFF: not traced
+    http.infer("double", [_vector("IN", np.ones(4))])  # the global setting is OFF: not traced
     traces = _new_traces(path, before)
     assert len(traces) == 3, traces
     for i, trace in enumerate(traces):
@@ -260,11 +271,8 @@ def test_rate_and_count(http, traced):
 def test_ensemble_steps_are_child_traces(http, traced):
     _, path = traced
     before = _files(path)
-    http.update_trace_settings(model_name="twice", settings={
-        "trace_level": ["TIMESTAMPS"], "trace_rate": "1", "log_frequency": "1"})
-    x = httpclient.InferInput("INPUT", [4], "FP32")
-    x.set_data_from_numpy(np.arange(4, dtype=np.float32))
-    out = http.infer("twice", [x]).as_numpy("OUTPUT")
+    _trace_each(http, "twice")
+    out = http.infer("twice", [_vector("INPUT", np.arange(4))]).as_numpy("OUTPUT")
     np.testing.assert_array_equal(out, np.arange(4) * 2 + 1)
     http.get_trace_settings()  # answered after the trace was written (it is, once its answer is sent)
     traces = _new_traces(path, before)
@@ -290,8 +298,7 @@ def test_ensemble_steps_are_child_traces(http, traced):
 def test_tensors(http, traced):
     _, path = traced
     before = _files(path)
-    http.update_trace_settings(model_name="add_sub", settings={
-        "trace_level": ["TIMESTAMPS", "TENSORS"], "trace_rate": "1", "log_frequency": "1"})
+    _trace_each(http, "add_sub", "TIMESTAMPS", "TENSORS")
     inputs, a, b = _add_sub_inputs(httpclient)
     http.infer("add_sub", inputs)
     http.get_trace_settings()  # answered after the trace was written (it is, once its answer is sent)
@@ -309,11 +316,8 @@ def test_tensors(http, traced):
     }
     # An ensemble's own trace has its inputs and outputs too (its steps', theirs)
     before = _files(path)
-    http.update_trace_settings(model_name="twice", settings={
-        "trace_level": ["TIMESTAMPS", "TENSORS"], "trace_rate": "1", "log_frequency": "1"})
-    x = httpclient.InferInput("INPUT", [4], "FP32")
-    x.set_data_from_numpy(np.array([0.5, 1e-7, -2, 3.25], dtype=np.float32))
-    http.infer("twice", [x])
+    _trace_each(http, "twice", "TIMESTAMPS", "TENSORS")
+    http.infer("twice", [_vector("INPUT", [0.5, 1e-7, -2, 3.25])])
     http.get_trace_settings()
     records = [r for t in _new_traces(path, before) for r in t if "activity" in r]
     assert [(r["activity"], r["tensor"]["name"], r["tensor"]["data"]) for r in records] == [
@@ -351,11 +355,9 @@ def test_timeline_of_our_traces(http, traced):
 
     _, path = traced
     before = _files(path)
-    http.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"], "trace_rate": "1", "log_frequency": "1"})
-    x = httpclient.InferInput("INPUT", [4], "FP32")
-    x.set_data_from_numpy(np.arange(4, dtype=np.float32))
+    _trace_each(http, None)
     for _ in range(3):
-        http.infer("twice", [x])
+        http.infer("twice", [_vector("INPUT", np.arange(4))])
     http.get_trace_settings()
     files = [str(p) for i, p in sorted(_files(path).items()) if i not in before]
     groups = timeline.offsets(timeline.load(files))
@@ -384,9 +386,7 @@ def test_a_request_given_up_still_ends_its_trace(http, traced):
                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         time.sleep(0.2)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
-    x = httpclient.InferInput("IN", [4], "FP32")
-    x.set_data_from_numpy(np.zeros(4, dtype=np.float32))
-    http.infer("slow", [x])
+    http.infer("slow", [_vector("IN", np.zeros(4))])
     http.get_trace_settings()
     traces = _new_traces(path, before)
     assert len(traces) == 2, traces  # both, in the file written when the count ran out
@@ -416,8 +416,7 @@ def test_decoupled_stream_traces(http, traced):
     worker's COMPUTE_* and ends once the final response came."""
     srv, path = traced
     before = _files(path)
-    http.update_trace_settings(model_name="repeat", settings={
-        "trace_level": ["TIMESTAMPS"], "trace_rate": "1", "log_frequency": "1"})
+    _trace_each(http, "repeat")
     results: list = []
     with grpcclient.InferenceServerClient(srv.grpc_url) as client:
         client.start_stream(callback=lambda result, error: results.append(error or result))
@@ -474,11 +473,9 @@ def test_bls_requests_made_with_the_trace_are_its_children(http, traced):
     as a child of the calling request's trace; one made without it is not traced."""
     _, path = traced
     before = _files(path)
-    http.update_trace_settings(model_name="bls_caller", settings={
-        "trace_level": ["TIMESTAMPS"], "trace_rate": "1", "log_frequency": "1"})
-    x = httpclient.InferInput("IN", [4], "FP32")
-    x.set_data_from_numpy(np.arange(4, dtype=np.float32))
-    np.testing.assert_array_equal(http.infer("bls_caller", [x]).as_numpy("OUT"), np.arange(4) * 3 + 1)
+    _trace_each(http, "bls_caller")
+    np.testing.assert_array_equal(http.infer("bls_caller", [_vector("IN", np.arange(4))]).as_numpy("OUT"),
+                                  np.arange(4) * 3 + 1)
     http.get_trace_settings()
     traces = _new_traces(path, before)
     heads = [next(r for r in t if "model_name" in r) for t in traces]
