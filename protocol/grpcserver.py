@@ -200,7 +200,7 @@ class Call:
     async def recv(self) -> Any:
         """The next request message (decoded), None at the end of the request stream."""
         item = await self.inbox.get()
-        if self.recv_credit:
+        if self.recv_credit >= WINDOW >> 2:  # credit held back while the inbox was full (Connection._on_data)
             self.conn.credit_stream(self)
         if item is None:
             return None

@@ -77,6 +77,7 @@ class H2Client:
         self.held: dict[int, int] = {}
         self.peer_settings: dict[int, int] = {}
         self.send_window = 65535
+        self.stream_credits: dict[int, list[int]] = {}  # WINDOW_UPDATE increments the server sent, by stream
         if preface:
             s = SettingsFrame(0)
             s.settings = settings or {}
@@ -213,6 +214,8 @@ class H2Client:
         elif isinstance(f, WindowUpdateFrame):
             if f.stream_id == 0:
                 self.send_window += f.window_increment
+            else:
+                self.stream_credits.setdefault(f.stream_id, []).append(f.window_increment)
 
     def release(self, sid: int) -> None:
         """Give back the credit held for ``sid`` and stop holding it."""

@@ -281,6 +281,29 @@ def test_slow_reader_holds_only_its_own_stream(harness):
     c.close()
 
 
+def test_stream_credit_goes_back_in_quarters_of_the_window(harness):
+    """A long request stream gets its flow-control credit back a quarter of the window at a time, not with
+    every message read (a frame, and a write, per request on a busy stream)."""
+    c = H2Client(harness.port)
+    try:
+        sid = c.headers("/t.T/Stream")
+        messages = [b"s" * 1000] * 500 + [b"b" * (256 << 10)] * 40  # 10.5 MiB in all
+        s = c.streams[sid]
+        echoed = 0
+        for m in messages:  # each echo read before the next message goes: the handler reads as data comes
+            c.data(sid, struct.pack(">BI", 0, len(m)) + m, end_stream=False)
+            echoed += len(m) + 5
+            c.pump(lambda n=echoed: len(s.data) >= n)
+        c.data(sid, b"", end_stream=True)
+        c.wait(sid, timeout=30)
+        assert s.status == 0 and [m for _, m in s.messages()] == messages
+        credits = c.stream_credits.get(sid, [])
+        assert 1 <= len(credits) <= 4, credits
+        assert all(n >= grpcserver.WINDOW >> 2 for n in credits), credits
+    finally:
+        c.close()
+
+
 def test_client_settings_initial_window_applies(harness):
     """INITIAL_WINDOW_SIZE from the client bounds what is sent before any WINDOW_UPDATE."""
     c = H2Client(harness.port, settings={SettingsFrame.INITIAL_WINDOW_SIZE: 1000})
