@@ -9,6 +9,7 @@ of Triton's restricted-protocol categories (``--grpc-restricted-protocol``).
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -194,51 +195,31 @@ class InferenceService:
         return Deferred(self.core.submit(request, mv), functools.partial(_traced_reply, trace))
 
     async def ModelStreamInfer(self, stream: Call) -> None:
-        """Requests in, responses out, two writer tasks per stream.
-
-        Responses of ordinary models go out in request order (Triton's order),
-        through one queue whose entries wait for their answers; a decoupled
-        model's responses go out as they come, through the other, so they never
-        wait behind an ordinary request still running. A bad request gets an
-        error response and the stream stays open.
-        """
-        ordered: asyncio.Queue[bytes | asyncio.Future | None] = asyncio.Queue()
-        direct: asyncio.Queue[bytes | asyncio.Future | None] = asyncio.Queue()
+        """Requests in, responses out (_StreamOut): an ordinary model's in request order (Triton's order), a
+        decoupled model's as they come, so that they never wait behind an ordinary request still running. A
+        bad request gets an error response and the stream stays open."""
+        out = _StreamOut(stream)
         inflight: set[asyncio.Future] = set()
-        writers = [asyncio.ensure_future(self._write(stream, ordered)),
-                   asyncio.ensure_future(self._write(stream, direct))]
+        writer = asyncio.ensure_future(out.write())
         try:
             while (decoded := await stream.recv()) is not None:
-                self._stream_request(decoded, ordered, direct, inflight)
+                self._stream_request(decoded, out, inflight)
             if inflight:
                 await asyncio.wait(list(inflight))
-            ordered.put_nowait(None)
-            direct.put_nowait(None)
-            await asyncio.gather(*writers)
+            out.queue.put_nowait(None)
+            await writer
         finally:
             for done in list(inflight):  # the client cancelled the stream: so are its requests
                 done.cancel()
-            for writer in writers:
-                if not writer.done():
-                    writer.cancel()
-                elif not writer.cancelled():
-                    writer.exception()  # retrieved: the stream's own end is what gets reported
+            if not writer.done():
+                writer.cancel()
+            elif not writer.cancelled():
+                writer.exception()  # retrieved: the stream's own end is what gets reported
 
-    @staticmethod
-    async def _write(stream: Call, queue: asyncio.Queue) -> None:
-        while True:
-            item = await queue.get()
-            if item is None:
-                return
-            if isinstance(item, asyncio.Future):
-                item = await item
-            await stream.send(item)
-
-    def _stream_request(self, decoded: v2grpc.InferMessage, queue: asyncio.Queue, direct: asyncio.Queue,
-                        inflight: set) -> None:
-        """Start one streamed request; its responses reach ``queue`` in request order, or ``direct`` as
-        they come (a decoupled model's) (never raises)."""
+    def _stream_request(self, decoded: v2grpc.InferMessage, out: _StreamOut, inflight: set) -> None:
+        """Start one streamed request; its responses go to ``out`` (never raises)."""
         rid = decoded.id
+        cell = None
         try:
             request = v2grpc.parse_request(decoded, self.core.shm)
             mv = self.core.version(request.model_name, request.model_version)
@@ -253,24 +234,19 @@ class InferenceService:
                 def on_response(response: Any, final: bool) -> None:
                     item = self._stream_item(request, response, final, empty_final)
                     if item is not None:
-                        direct.put_nowait(item)
+                        out.put(item)
 
                 done = self.core.stream(request, on_response)
             else:
-                slot = asyncio.get_running_loop().create_future()
-
-                def on_result(response: Any, final: bool) -> None:
-                    if not slot.done():
-                        slot.set_result(self._stream_item(request, response, True, False))
-
-                done = self.core.stream(request, on_result)
-                queue.put_nowait(slot)
-                # Never leave the writer waiting: a request that ends without a result is reported.
-                done.add_done_callback(lambda _: slot.done() or slot.set_result(v2grpc.encode_stream_error(
+                cell = out.slot()
+                done = self.core.stream(request, lambda response, final: out.fill(
+                    cell, self._stream_item(request, response, True, False)))
+                # Never leave the order waiting: a request that ends without a result is reported.
+                done.add_done_callback(lambda _: out.fill(cell, v2grpc.encode_stream_error(
                     ServerError("the request was cancelled", "CANCELLED"), rid)))
         except Exception as e:
             error = e if isinstance(e, ServerError) else _internal(e, "ModelStreamInfer")
-            queue.put_nowait(v2grpc.encode_stream_error(error, rid))
+            out.fill(cell if cell is not None else out.slot(), v2grpc.encode_stream_error(error, rid))
             return
         inflight.add(done)
         done.add_done_callback(inflight.discard)
@@ -413,6 +389,63 @@ class InferenceService:
         s["log_verbose_level"].uint32_param = self.core.verbose
         s["log_format"].string_param = "default"
         return reply
+
+
+_PENDING: Any = object()
+
+
+class _StreamOut:
+    """The responses of one ModelStreamInfer stream on their way out.
+
+    An ordinary model's responses keep request order through ``slot`` cells, filled as answers come
+    and taken from the front of the line; a decoupled model's go as they come (``put``). A response
+    that can go at once (nothing handed to the writer before it, no compression, flow control open)
+    is written from the callback that produced it, the way a unary answer is (GrpcServer._reply):
+    no task wake-up per response. The others go, in order, to one writer task, which compresses and
+    waits for flow-control credit.
+    """
+
+    __slots__ = ("stream", "line", "queue", "queued")
+
+    def __init__(self, stream: Call) -> None:
+        self.stream = stream
+        self.line: collections.deque[list] = collections.deque()  # ordinary requests' cells, in request order
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()  # the writer's (None: the stream is over)
+        self.queued = 0  # responses handed to the writer and not sent yet
+
+    def slot(self) -> list:
+        """A place in the line for an ordinary request's response."""
+        cell = [_PENDING]
+        self.line.append(cell)
+        return cell
+
+    def fill(self, cell: list, item: bytes | None) -> None:
+        """``cell``'s response has come (None: nothing to send); send what heads the line (a second fill of a
+        cell is ignored)."""
+        if cell[0] is not _PENDING:
+            return
+        cell[0] = item
+        line = self.line
+        while line and line[0][0] is not _PENDING:
+            ready = line.popleft()[0]
+            if ready is not None:
+                self.put(ready)
+
+    def put(self, item: bytes) -> None:
+        """Send ``item`` now if nothing waits before it and the stream can take it, else through the writer."""
+        stream = self.stream
+        conn = stream.conn
+        if (not self.queued and not stream.closed and not stream.out and stream.encoding == "identity"
+                and not conn.paused and len(item) <= conn.max_message):
+            conn.send_data(stream, item, 0, False)
+        else:
+            self.queued += 1
+            self.queue.put_nowait(item)
+
+    async def write(self) -> None:
+        while (item := await self.queue.get()) is not None:
+            await self.stream.send(item)
+            self.queued -= 1
 
 
 class HealthService:

@@ -966,3 +966,64 @@ def test_decoupled_responses_do_not_wait_behind_ordinary_ones(client):
         assert time.monotonic() - start >= 0.35
     finally:
         client.stop_stream()
+
+
+# -- a stream's responses on their way out (protocol.grpc._StreamOut), without a server -------------------
+class _FakeConn:
+    max_message = 1 << 20
+
+    def __init__(self, wire: list) -> None:
+        self.paused = False
+        self.wire = wire
+
+    def send_data(self, call, data, flag, end) -> None:
+        (call.out.append if call.blocked or call.out else self.wire.append)(data)
+
+
+class _FakeStream:
+    """What _StreamOut uses of a Call: ``blocked`` makes sends queue as if flow control held them."""
+
+    def __init__(self) -> None:
+        self.wire: list[bytes] = []
+        self.conn = _FakeConn(self.wire)
+        self.out: list[bytes] = []
+        self.closed = False
+        self.encoding = "identity"
+        self.blocked = False
+        self.sends = 0  # through the writer task
+
+    async def send(self, item: bytes) -> None:
+        self.sends += 1
+        self.conn.send_data(self, item, 0, False)
+        while self.out:
+            await asyncio.sleep(0.001)
+
+
+def test_stream_out_keeps_request_order_and_flow_control_order():
+    from protocol.grpc import _StreamOut
+
+    async def main() -> None:
+        stream = _FakeStream()
+        out = _StreamOut(stream)
+        writer = asyncio.ensure_future(out.write())
+        a, b, c = out.slot(), out.slot(), out.slot()
+        out.fill(b, b"B")  # answered before the request ahead of it: waits
+        out.put(b"d1")  # a decoupled model's response: goes at once
+        assert stream.wire == [b"d1"]
+        out.fill(a, b"A")  # A, then B behind it, from this callback: no writer involved
+        assert stream.wire == [b"d1", b"A", b"B"] and stream.sends == 0
+        out.fill(a, b"again")  # a second fill is ignored
+        stream.blocked = True  # flow control holds the stream: C waits in its queue
+        out.fill(c, b"C")
+        out.put(b"d2")  # behind C: handed to the writer
+        stream.blocked = False
+        stream.wire.extend(stream.out)  # the window opens: C leaves, d2 still with the writer
+        stream.out.clear()
+        out.put(b"d3")  # must not overtake d2
+        assert stream.wire == [b"d1", b"A", b"B", b"C"]
+        out.queue.put_nowait(None)
+        await asyncio.wait_for(writer, 5)
+        assert stream.wire == [b"d1", b"A", b"B", b"C", b"d2", b"d3"]
+        assert stream.sends == 2  # only d2 and d3 went through the writer
+
+    asyncio.run(main())
