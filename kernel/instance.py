@@ -61,6 +61,7 @@ class Spinner:
         self.watch: Watch | None = None
         self._until = 0
         self._active = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def kick(self, expect_ns: int = 0) -> None:
         """Poll for the window from now, or for ``expect_ns`` (an answer's usual wait) if longer."""
@@ -76,7 +77,9 @@ class Spinner:
                 self.watch.promise(until)
         if not self._active:
             self._active = True
-            asyncio.get_running_loop().call_soon(self._turn)
+            # The loop is kept: asyncio.get_running_loop() makes a getpid() system call on CPython < 3.12.
+            self._loop = loop = asyncio.get_running_loop()
+            loop.call_soon(self._turn)
 
     def _turn(self) -> None:
         now = time.perf_counter_ns()  # before the pass: the last pass begins after the promise (see watch)
@@ -86,7 +89,7 @@ class Spinner:
         except Exception:  # never stop spinning for good; the doorbell path reports errors
             log.exception("polling an instance failed")
         if now < self._until:
-            asyncio.get_running_loop().call_soon(self._turn)
+            self._loop.call_soon(self._turn)
         else:
             self._active = False
 
