@@ -295,10 +295,17 @@ class ArenaArray(np.ndarray):
 def _arena_ref(array: np.ndarray) -> ArenaRef | None:
     """Where an arena-backed array (or a contiguous view of one) lies in shared memory."""
     block = getattr(array, "_block", None)
-    if block is None or not array.flags.c_contiguous:
+    if block is None:
         return None
-    start = array.__array_interface__["data"][0] - block.address
-    if start < 0 or start + array.nbytes > block.nbytes:
+    start = array.__dict__.get("_arena_start")  # an array's memory never moves: found once, not per request
+    if start is None:
+        start = -1
+        if array.flags.c_contiguous:
+            start = array.__array_interface__["data"][0] - block.address
+            if start < 0 or start + array.nbytes > block.nbytes:
+                start = -1
+        array.__dict__["_arena_start"] = start
+    if start < 0:
         return None
     return ArenaRef(block.key, block.offset + start, array.nbytes, array)
 

@@ -147,6 +147,7 @@ class Instance:
         self._backlog: collections.deque[dict] = collections.deque()
         self._retry: asyncio.TimerHandle | None = None  # flushes the backlog when no answer comes to do it
         self._frees: list[list] = []
+        self._frees_timer = False  # a _flush_frees is due
         self._forgets: list[int | str] = []  # registrations ended in this turn of the event loop
         self._next_id = 0
         self.on_exit: Any = None  # callback(instance) when the worker dies unexpectedly
@@ -340,11 +341,13 @@ class Instance:
         """
         if not self.alive or not blocks or not blocks[0][0].startswith(self._arena_prefix):
             return
-        if not self._frees:
+        if not self._frees_timer:  # one timer at a time, not one per response
+            self._frees_timer = True
             self._loop.call_later(0.02, self._flush_frees)
         self._frees.extend(blocks)
 
     def _flush_frees(self) -> None:
+        self._frees_timer = False
         if self._frees and self.alive:
             self._post_aside({"t": "f", "b": self._frees})
         self._frees = []

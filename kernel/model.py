@@ -321,7 +321,8 @@ class ModelVersion:
         """
         checks = self._checks
         inputs = request.inputs
-        if not self._all_required or len(inputs) != len(checks) or len({t.name for t in inputs}) != len(inputs):
+        if not self._all_required or len(inputs) != len(checks) or (
+                len(inputs) > 1 and len({t.name for t in inputs}) != len(inputs)):
             return self._validate(request)
         batch = 1
         seen = 0

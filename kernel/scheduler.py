@@ -151,7 +151,6 @@ class DynamicBatcher(Scheduler):
         if isinstance(requested, int) and requested > 0 and (timeout_us == 0 or requested < timeout_us):
             timeout_us = requested  # a default of 0 means no timeout, so any request timeout is shorter
         pending.deadline = pending.enqueued + timeout_us * 1000 if timeout_us else 0
-        pending.shape_key = tuple((t.name, tuple(t.shape[1:])) for t in request.inputs)
         level.queue.append(pending)
         self.count += 1
         if self.orderer is not None:
@@ -200,7 +199,7 @@ class DynamicBatcher(Scheduler):
         taken: list[Pending] = []
         size = best = best_count = 0
         send_now = False
-        key = None
+        key = None  # the shape key of the batch's first request, made once a second one is in view
         oldest = now
         preferred, max_pref, max_batch = self.preferred, self.max_preferred, self.max_batch
         for level in self.order:
@@ -210,11 +209,11 @@ class DynamicBatcher(Scheduler):
                     if taken:
                         if size + bs > max_pref and not best:
                             best, best_count = size, len(taken)
-                        if size + bs > max_batch or pending.shape_key != key:
+                        if key is None:
+                            key = _shape_key(taken[0])
+                        if size + bs > max_batch or _shape_key(pending) != key:
                             send_now = True
                             break
-                    else:
-                        key = pending.shape_key
                     taken.append(pending)
                     oldest = min(oldest, pending.enqueued)
                     size += bs
@@ -289,6 +288,15 @@ class DynamicBatcher(Scheduler):
             self._timer.cancel()
             self._timer = None
         return out
+
+
+def _shape_key(pending: Pending) -> tuple:
+    """Requests with equal keys (their inputs' shapes past the batch dimension) may share a batch; made
+    when first compared (a request alone in the queue never is)."""
+    key = pending.shape_key
+    if key is None:
+        key = pending.shape_key = tuple((t.name, tuple(t.shape[1:])) for t in pending.request.inputs)
+    return key
 
 
 def make_scheduler(version: ModelVersion) -> Scheduler:

@@ -125,6 +125,30 @@ def test_zero_copy_input_buffer(server):
         model.input_buffer("NOPE")
 
 
+def test_input_buffer_views_go_by_reference_only_where_contiguous(server):
+    """A contiguous view of an input buffer is passed where it lies (each view's place found once and kept);
+    a strided one is copied, and every answer is right either way."""
+    model = server.model("add_sub")
+    core = server.core
+    big = model.input_buffer("INPUT0", [48])
+    big[:] = np.arange(48)
+    b = np.full(16, 2, np.int32)
+    window = big[16:32]  # contiguous: by reference
+    strided = big[::3]  # 16 elements, every third: copied
+    for _ in range(2):  # the second time, from what the first call found
+        before = core.copied_bytes
+        np.testing.assert_array_equal(model.infer({"INPUT0": window, "INPUT1": b})["OUTPUT0"], np.arange(16, 32) + 2)
+        assert core.copied_bytes - before == b.nbytes  # INPUT1 only
+        before = core.copied_bytes
+        np.testing.assert_array_equal(model.infer({"INPUT0": strided, "INPUT1": b})["OUTPUT0"],
+                                      np.arange(0, 48, 3) + 2)
+        assert core.copied_bytes - before == 2 * b.nbytes  # both
+        big[16:32] += 100  # written in place between calls: the next call sees it
+        window_expected = np.arange(16, 32) + 100
+        np.testing.assert_array_equal(model.infer({"INPUT0": window, "INPUT1": b})["OUTPUT0"], window_expected + 2)
+        big[16:32] -= 100
+
+
 def test_sync_call_from_a_thread_while_the_async_api_runs_on_the_loop():
     before = own_shm()  # the module's server may be running
 
