@@ -77,8 +77,9 @@ class Spinner:
                 self.watch.promise(until)
         if not self._active:
             self._active = True
-            # The loop is kept: asyncio.get_running_loop() makes a getpid() system call on CPython < 3.12.
-            self._loop = loop = asyncio.get_running_loop()
+            loop = self._loop
+            if loop is None:  # kept (Core.start sets it): get_running_loop() makes a getpid() call on CPython < 3.12
+                loop = self._loop = asyncio.get_running_loop()
             loop.call_soon(self._turn)
 
     def _turn(self) -> None:

@@ -133,6 +133,7 @@ class DynamicBatcher(Scheduler):
         self.count = 0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- admission ------------------------------------------------------
     def submit(self, pending: Pending) -> None:
@@ -265,7 +266,9 @@ class DynamicBatcher(Scheduler):
             level.queue = keep
 
     def _arm(self, wait_ns: int) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:  # kept: asyncio.get_running_loop() makes a getpid() system call on CPython < 3.12
+            loop = self._loop = asyncio.get_running_loop()
         at = loop.time() + wait_ns / 1e9
         if self._timer is not None:
             if self._timer_at <= at:

@@ -119,7 +119,7 @@ class Core:
     # -- lifetime -------------------------------------------------------
     async def start(self) -> None:
         """Load the models the control mode asks for (failures leave the model UNAVAILABLE)."""
-        self._loop = asyncio.get_running_loop()
+        self._loop = self.spinner._loop = asyncio.get_running_loop()
         for entry in remove_stale():
             log.info("removed stale shared memory object %s", entry)
         self.repository.check()
