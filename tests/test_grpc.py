@@ -558,6 +558,32 @@ def test_stream_responses_in_request_order(client):
         client.stop_stream()
 
 
+def test_compressed_stream_keeps_request_order(client):
+    """A gzip stream (tritonclient's start_stream(compression_algorithm=...)): every response goes through the
+    stream's writer to be compressed, big ones off the event loop, and request order still holds."""
+    collect = Collector()
+    client.start_stream(callback=collect, compression_algorithm="gzip")
+    big = np.arange(1 << 18, dtype=np.int32)  # 1 MiB: compressed in a thread
+    tb = grpcclient.InferInput("INPUT0", [big.size], "INT32")
+    tb.set_data_from_numpy(big)
+    try:
+        for i in range(12):
+            if i % 3 == 1:
+                client.async_stream_infer("echo_int32", [tb], request_id=str(i))
+            else:
+                a = np.full(16, i, np.int32)
+                client.async_stream_infer("add_sub", add_sub_inputs(a, a), request_id=str(i))
+        for i in range(12):
+            result, error = collect.next()
+            assert error is None and result.get_response().id == str(i)
+            if i % 3 == 1:
+                np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), big)
+            else:
+                np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), np.full(16, 2 * i, np.int32))
+    finally:
+        client.stop_stream()
+
+
 def test_stream_cancelled_by_client(client, server):
     """A client that goes away with requests in flight costs the server nothing."""
     for _ in range(3):
