@@ -215,6 +215,7 @@ class InferenceService:
                 writer.cancel()
             elif not writer.cancelled():
                 writer.exception()  # retrieved: the stream's own end is what gets reported
+            out.close()
 
     def _stream_request(self, decoded: v2grpc.InferMessage, out: _StreamOut, inflight: set) -> None:
         """Start one streamed request; its responses go to ``out`` (never raises)."""
@@ -223,8 +224,9 @@ class InferenceService:
         try:
             request = v2grpc.parse_request(decoded, self.core.shm)
             mv = self.core.version(request.model_name, request.model_version)
-            if self.core.tracer.on:  # a streamed request's trace ends with the request (no send stamps)
-                request.trace = self.core.tracer.sample(request.model_name, front=False)
+            if self.core.tracer.on:  # an ordinary model's trace ends once its response is written (_StreamOut);
+                # a decoupled model's, whose responses come one by one, with the request
+                request.trace = self.core.tracer.sample(request.model_name, front=not mv.decoupled)
                 if request.trace is not None:
                     request.trace.stamp("GRPC_WAITREAD_START")  # (its message is read: no wait to time)
                     request.trace.stamp("GRPC_WAITREAD_END")
@@ -238,13 +240,13 @@ class InferenceService:
 
                 done = self.core.stream(request, on_response)
             else:
-                cell = out.slot()
+                cell = out.slot(request.trace)
                 done = self.core.stream(request, lambda response, final: out.fill(
                     cell, self._stream_item(request, response, True, False)))
                 # Never leave the order waiting: a request that ends without a result is reported.
                 done.add_done_callback(lambda _: out.fill(cell, v2grpc.encode_stream_error(
                     ServerError("the request was cancelled", "CANCELLED"), rid)))
-        except Exception as e:
+        except Exception as e:  # (a trace of a refused request has ended: Core.stream)
             error = e if isinstance(e, ServerError) else _internal(e, "ModelStreamInfer")
             out.fill(cell if cell is not None else out.slot(), v2grpc.encode_stream_error(error, rid))
             return
@@ -402,20 +404,21 @@ class _StreamOut:
     that can go at once (nothing handed to the writer before it, no compression, flow control open)
     is written from the callback that produced it, the way a unary answer is (GrpcServer._reply):
     no task wake-up per response. The others go, in order, to one writer task, which compresses and
-    waits for flow-control credit.
+    waits for flow-control credit. A traced request's trace gets GRPC_SEND_START/END around the
+    writing of its response and ends there.
     """
 
     __slots__ = ("stream", "line", "queue", "queued")
 
     def __init__(self, stream: Call) -> None:
         self.stream = stream
-        self.line: collections.deque[list] = collections.deque()  # ordinary requests' cells, in request order
-        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue()  # the writer's (None: the stream is over)
+        self.line: collections.deque[list] = collections.deque()  # [response, trace] cells, in request order
+        self.queue: asyncio.Queue[tuple | None] = asyncio.Queue()  # the writer's (None: the stream is over)
         self.queued = 0  # responses handed to the writer and not sent yet
 
-    def slot(self) -> list:
+    def slot(self, trace: Any = None) -> list:
         """A place in the line for an ordinary request's response."""
-        cell = [_PENDING]
+        cell = [_PENDING, trace]
         self.line.append(cell)
         return cell
 
@@ -427,25 +430,55 @@ class _StreamOut:
         cell[0] = item
         line = self.line
         while line and line[0][0] is not _PENDING:
-            ready = line.popleft()[0]
+            ready, trace = line.popleft()
             if ready is not None:
-                self.put(ready)
+                self.put(ready, trace)
+            elif trace is not None:
+                trace.finish()
 
-    def put(self, item: bytes) -> None:
+    def put(self, item: bytes, trace: Any = None) -> None:
         """Send ``item`` now if nothing waits before it and the stream can take it, else through the writer."""
         stream = self.stream
         conn = stream.conn
         if (not self.queued and not stream.closed and not stream.out and stream.encoding == "identity"
                 and not conn.paused and len(item) <= conn.max_message):
+            if trace is None:
+                conn.send_data(stream, item, 0, False)
+                return
+            trace.stamp("GRPC_SEND_START")
             conn.send_data(stream, item, 0, False)
+            trace.stamp("GRPC_SEND_END")
+            trace.finish()
         else:
             self.queued += 1
-            self.queue.put_nowait(item)
+            self.queue.put_nowait((item, trace))
 
     async def write(self) -> None:
-        while (item := await self.queue.get()) is not None:
-            await self.stream.send(item)
+        while (entry := await self.queue.get()) is not None:
+            item, trace = entry
+            if trace is not None:
+                trace.stamp("GRPC_SEND_START")
+            try:
+                await self.stream.send(item)
+            except BaseException:  # the stream went away: the trace ends with what it has
+                if trace is not None:
+                    trace.finish()
+                raise
             self.queued -= 1
+            if trace is not None:
+                trace.stamp("GRPC_SEND_END")
+                trace.finish()
+
+    def close(self) -> None:
+        """The stream is over: the traces of responses never sent end with what they have."""
+        for _, trace in self.line:
+            if trace is not None:
+                trace.finish()
+        self.line.clear()
+        while not self.queue.empty():
+            entry = self.queue.get_nowait()
+            if entry is not None and entry[1] is not None:
+                entry[1].finish()
 
 
 class HealthService:

@@ -81,7 +81,7 @@ class Harness:
                 await call.send(message)
 
         async def two_writers(call) -> None:
-            """Two tasks sending on one stream at once, as ModelStreamInfer's writers do."""
+            """Two tasks sending on one stream at once (as a handler may)."""
             await call.recv()
 
             async def writer(tag: bytes) -> None:

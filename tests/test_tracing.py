@@ -442,6 +442,35 @@ def test_decoupled_stream_traces(http, traced):
         assert [ns[n] for n in order] == sorted(ns[n] for n in order)
 
 
+def test_streamed_requests_are_traced_to_their_send(http, traced):
+    """An ordinary model's streamed requests: each trace ends with GRPC_SEND_START/END around the writing of its
+    response, as over unary gRPC (also a stream with gzip, whose responses go through the stream's writer)."""
+    srv, path = traced
+    before = _files(path)
+    _trace_each(http, "add_sub")
+    for compression in (None, "gzip"):
+        results: list = []
+        with grpcclient.InferenceServerClient(srv.grpc_url) as client:
+            client.start_stream(callback=lambda result, error, got=results: got.append(error or result),
+                                compression_algorithm=compression)
+            inputs, a, b = _add_sub_inputs(grpcclient)
+            for _ in range(3):
+                client.async_stream_infer("add_sub", inputs)
+            deadline = time.monotonic() + 10
+            while len(results) < 3 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            client.stop_stream()
+        assert len(results) == 3 and not any(isinstance(r, Exception) for r in results), results
+    http.get_trace_settings()
+    traces = _new_traces(path, before)
+    assert len(traces) == 6
+    order = ["GRPC_WAITREAD_START", "GRPC_WAITREAD_END", *HAPPENED[2:-2], "GRPC_SEND_START", "GRPC_SEND_END"]
+    for trace in traces:
+        assert sorted(_names(trace)) == sorted(order)
+        ns = _ns(trace)
+        assert [ns[n] for n in order] == sorted(ns[n] for n in order), list(zip(order, (ns[n] for n in order)))
+
+
 def test_tensors_of_a_pipeline_that_would_chain(tmp_path, monkeypatch):
     """A traced ensemble request at level TENSORS runs its steps unchained: a chained step's inputs are
     not there yet when it is queued. Untraced, the same request chains."""
