@@ -643,8 +643,12 @@ def _settle(pending: Pending, outcome: Any) -> None:
 
 
 def _deliver(pending: Pending, outcome: Any) -> None:
-    if pending.request.trace is not None:
-        pending.request.trace.end(outcome.outputs if isinstance(outcome, InferResponse) else None)
+    trace = pending.request.trace
+    if trace is not None:
+        if isinstance(outcome, Skipped):
+            trace.discard()
+        else:
+            trace.end(outcome.outputs if isinstance(outcome, InferResponse) else None)
     if pending.stream is not None and isinstance(outcome, BaseException):
         callback, pending.stream = pending.stream, None  # a decoupled request ends with the error
         callback(outcome, True)

@@ -273,6 +273,15 @@ class Trace:
             self.finish()
 
     @_guarded
+    def discard(self) -> None:
+        """The request never ran (a chained ensemble step that was skipped, then run the ordinary way under
+        another trace): it leaves no trace, as in Triton, where the step is submitted once."""
+        self.done = self.ended = True
+        self.live.pop(self.id, None)
+        if self.parent is not None and self in self.parent.children:
+            self.parent.children.remove(self)
+
+    @_guarded
     def finish(self) -> None:
         """The trace is complete: its records (and its children's) go to its setting."""
         if self.done:
