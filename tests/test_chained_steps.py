@@ -216,8 +216,8 @@ def test_an_output_unlike_its_configuration_takes_the_usual_path(servers, case, 
 
 
 def test_a_skipped_step_leaves_no_trace_of_its_own(servers, tmp_path):
-    """Traced requests (level TIMESTAMPS, which chains): the chained steps of a request whose first step failed
-    never ran, and have no child trace; a request that ran whole has one per step."""
+    """Traced requests (level TIMESTAMPS, which chains): a chained step that was skipped has no child trace of its
+    own; the steps that ran have one each."""
     repo = build(tmp_path / "models")
     path = tmp_path / "trace.json"
     with Server(model_repository=str(repo), backend_config={"ensemble": {"chain": "1"}},
@@ -226,11 +226,14 @@ def test_a_skipped_step_leaves_no_trace_of_its_own(servers, tmp_path):
         _error(server, "chain3", np.array([-1, 1, 2, 3], dtype=np.float32))
         assert server.core.chain_skips == skips + 2  # both followers were chained, and skipped
         np.testing.assert_array_equal(_infer(server, "chain3", np.ones(4, np.float32)), np.full(4, 30, np.float32))
+        # The first step's output is unlike its configuration: its chained follower is skipped, then submitted the
+        # usual way, where it is refused before it is queued (unexpected shape): no record, as any refused request.
+        _error(server, "chain3", np.array([-2, 1, 2, 3], dtype=np.float32))
     records = json.loads(path.read_text())
     headers = [r for r in records if "model_name" in r]
     roots = sorted(r["id"] for r in headers if r["model_name"] == "chain3")
     children = {root: sorted(r["model_name"] for r in headers if r.get("parent_id") == root) for root in roots}
-    assert children == {roots[0]: ["c_pre"], roots[1]: ["c_mid", "c_post", "c_pre"]}, children
+    assert children == {roots[0]: ["c_pre"], roots[1]: ["c_mid", "c_post", "c_pre"], roots[2]: ["c_pre"]}, children
 
 
 def test_a_dying_step_releases_its_chained_follower(servers):
