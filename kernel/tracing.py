@@ -274,11 +274,16 @@ class Trace:
 
     @_guarded
     def discard(self) -> None:
-        """The request never ran (a chained ensemble step that was skipped, then run the ordinary way under
-        another trace): it leaves no trace, as in Triton, where the step is submitted once."""
+        """A step's request that never ran (a chained ensemble step that was skipped: it runs the usual way
+        under a trace of its own, or not at all) leaves no child trace, as in Triton, where a step is
+        submitted once. (A root trace is never discarded: it ends with what it has.)"""
+        if self.parent is None:
+            self.end()
+            self.finish()
+            return
         self.done = self.ended = True
         self.live.pop(self.id, None)
-        if self.parent is not None and self in self.parent.children:
+        if self in self.parent.children:
             self.parent.children.remove(self)
 
     @_guarded
