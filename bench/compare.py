@@ -139,9 +139,9 @@ class ManagedServer:
     """A server process we start, wait for, and stop (its whole process group)."""
 
     def __init__(self, name: str, argv: list[str], log_path: str, ports: dict[str, int],
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, cwd: str = REPO_ROOT) -> None:
         self.name, self.argv, self.log_path, self.ports = name, argv, log_path, ports
-        self.env = env
+        self.env, self.cwd = env, cwd
         self.proc: subprocess.Popen | None = None
 
     def url(self, protocol: str) -> str:
@@ -151,7 +151,7 @@ class ManagedServer:
         with open(self.log_path, "ab") as log:
             log.write(f"$ {shlex.join(self.argv)}\n".encode())
             log.flush()
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.cwd,
                                          env=self.env, start_new_session=True)
 
     def log_tail(self, lines: int = 30) -> str:
@@ -222,14 +222,16 @@ def _ports() -> dict[str, int]:
     return dict(zip(("http", "grpc", "metrics"), free_ports(3)))
 
 
-def ours_server(repository: str, out: str, extra: list[str] | None = None) -> ManagedServer:
+def ours_server(repository: str, out: str, extra: list[str] | None = None, tree: str = REPO_ROOT,
+                name: str = "ours", log: str = "ours.log") -> ManagedServer:
+    """This project's server, from this checkout or (``tree``) another one."""
     ports = _ports()
     argv = [sys.executable, "-m", "kernel", "start", "--model-repository", repository, "--host", "127.0.0.1",
             "--http-port", str(ports["http"]), "--grpc-port", str(ports["grpc"]),
             "--metrics-port", str(ports["metrics"]), *(extra or [])]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH", "")) if p)
-    return ManagedServer("ours", argv, os.path.join(out, "ours.log"), ports, env)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (tree, env.get("PYTHONPATH", "")) if p)
+    return ManagedServer(name, argv, os.path.join(out, log), ports, env, cwd=tree)
 
 
 def triton_server(repository: str, out: str, extra: list[str]) -> ManagedServer:
@@ -633,6 +635,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trace one request in N on both servers (--trace-config) and write timeline.md: when each "
                         "event of a scenario's requests happens on each server (bench.timeline); the latencies of "
                         "a traced run include tracing, so docs/ is left alone")
+    p.add_argument("--baseline-tree", metavar="DIR",
+                   help="an A/B of two builds: measure against this project's server from another checkout (its "
+                        "tree at DIR) instead of the reference Triton; the page's Triton columns are that build's "
+                        "and docs/ is left alone")
     p.add_argument("--note", action="append", default=[], metavar="TEXT",
                    help="a line for the page's notes, e.g. what was special about this run (repeatable)")
     return p
@@ -741,12 +747,17 @@ def _compare(args: argparse.Namespace, command: str) -> int:
     scenarios = select(args.scenarios)
     if args.trace:
         args.no_docs = True  # a traced run's latencies are not the page's
+    if args.baseline_tree:
+        args.baseline_tree = os.path.abspath(args.baseline_tree)
+        if not os.path.isfile(os.path.join(args.baseline_tree, "kernel", "cli.py")):
+            raise BenchError(f"--baseline-tree {args.baseline_tree} is not a checkout of this project")
+        args.no_docs = True  # an A/B of two builds is not the comparison with Triton
     if args.starts < 1:
         raise BenchError("--starts must be at least 1")
     repository = os.path.abspath(args.model_repository)
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
-    for name in ("ours.log", "triton.log", "client.log"):
+    for name in ("ours.log", "triton.log", "baseline.log", "client.log"):
         open(os.path.join(out, name), "w").close()
     if args.client == "perf_analyzer":
         args.perf_analyzer = pa.find_binary(args.perf_analyzer)
@@ -757,6 +768,9 @@ def _compare(args: argparse.Namespace, command: str) -> int:
     page = Page(args, command, options, scenarios)
     notes: list[str] = page.doc["notes"]
     notes += args.note
+    if args.baseline_tree:
+        notes.append(f"A/B of two builds: the Triton columns are this project's server from {args.baseline_tree} "
+                     "(--baseline-tree), not the reference Triton.")
     runnable = [s for s in scenarios if os.path.isdir(os.path.join(repository, s.model))]
     for s in scenarios:
         if s not in runnable:
@@ -787,7 +801,11 @@ def _one_start(args: argparse.Namespace, page: Page, runner: Runner, runnable: l
     of its starts so far (median_pair)."""
     repository, out, notes = runner.o.repository, runner.o.out, page.doc["notes"]
     ours = ours_server(repository, out, _trace_args(args.trace, out, "ours", start))
-    triton = triton_server(repository, out, [*args.triton_arg, *_trace_args(args.trace, out, "triton", start)])
+    if args.baseline_tree:  # the other side is a build of ours: it answers in the Triton columns
+        triton = ours_server(repository, out, _trace_args(args.trace, out, "triton", start), tree=args.baseline_tree,
+                             name="triton", log="baseline.log")
+    else:
+        triton = triton_server(repository, out, [*args.triton_arg, *_trace_args(args.trace, out, "triton", start)])
     not_ready: dict[str, dict[str, str]] = {"ours": {}, "triton": {}}
     triton_http_c1: dict[str, Any] | None = None
     try:

@@ -18,7 +18,9 @@
 # Env: OUT (required), PYTHON (default python3), SITE (default /tmp/site), STEPS, COMPARE_ARGS (extra
 # arguments), COMPARE_TIMEOUT and COMPARE_BUDGET (seconds: the step's limit, default 420, and bench
 # compare's --time-budget, default 300), PROBE (a command run after the GPU tests, its output in probe.log;
-# PROBE_TIMEOUT, default 300 s), PERF_ANALYZER (a perf_analyzer binary other than the wheel's), SKIP_FLOOR (non-empty: no floor).
+# PROBE_TIMEOUT, default 300 s), PERF_ANALYZER (a perf_analyzer binary other than the wheel's), SKIP_FLOOR (non-empty: no floor),
+# BASELINE (non-empty: compare against the build in the bundle's baseline.tar.gz, `scripts/device-bundle --baseline REV`,
+# instead of the reference Triton: an A/B of two builds on one machine; docs/ is left alone).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?OUT must name the folder that comes back}"
@@ -106,9 +108,16 @@ if [[ " $STEPS " != *" compare "* ]]; then
 fi
 
 step "compare"
+AB=()
+if [ -n "${BASELINE:-}" ]; then
+  rm -rf /tmp/baseline-tree && mkdir -p /tmp/baseline-tree && tar -xzf "$BUNDLE/baseline.tar.gz" -C /tmp/baseline-tree ||
+    { echo "error: no baseline in the bundle (scripts/device-bundle --baseline REV)"; exit 1; }
+  AB=(--baseline-tree /tmp/baseline-tree)
+fi
 # shellcheck disable=SC2086
 timeout -s TERM ${COMPARE_TIMEOUT:-420} "$PY" -m bench compare --client perf_analyzer --scenarios all \
-  --measurement-interval 2000 --max-trials 5 --time-budget ${COMPARE_BUDGET:-300} --out "$OUT/compare" ${COMPARE_ARGS:-} || rc=$?
+  --measurement-interval 2000 --max-trials 5 --time-budget ${COMPARE_BUDGET:-300} --out "$OUT/compare" ${AB[@]+"${AB[@]}"} \
+  ${COMPARE_ARGS:-} || rc=$?
 cp docs/performance.md "$OUT/performance.md" 2>/dev/null
 if [[ " $STEPS " == *" floor "* ]]; then
   step "protocol floors (canned answers, no model)"

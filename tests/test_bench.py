@@ -348,3 +348,26 @@ def test_backends_page_judges_http_on_perf_analyzer_when_it_ran():
     page = render(_backends_doc(with_pa=True))
     assert "in process **pass**, HTTP+shm **pass**" in page  # perf_analyzer: 320 - 110 = 210 µs
     assert "| conv | 1 | 110 | 320 (640) | 210 |" in page
+
+
+def test_compare_against_a_baseline_tree(tmp_path):
+    """``bench compare --baseline-tree``: an A/B of two builds of ours, run end to end (here the same tree on both
+    sides): every row measured on both, per-start ratios, the note saying what the Triton columns hold, docs/
+    left alone. A missing tree is a clear error."""
+    from bench import compare
+
+    docs = ROOT / "docs" / "performance.md"
+    before = docs.read_bytes()
+    out = tmp_path / "ab"
+    argv = ["--client", "bench", "--scenarios", "add_sub_http_c1,add_sub_grpc_c1", "--baseline-tree", str(ROOT),
+            "--starts", "2", "-p", "300", "-r", "4", "--no-retry", "--out", str(out)]
+    assert compare.main(argv) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in doc["rows"]] == ["add_sub_http_c1", "add_sub_grpc_c1"]
+    for row in doc["rows"]:
+        assert row["ours"]["throughput"] > 0 and row["triton"]["throughput"] > 0
+        assert len(row["starts"]) == 2 and all(r > 0 for r in row["starts"])
+    assert any("--baseline-tree" in note for note in doc["notes"])
+    assert (out / "baseline.log").read_text().count("kernel start") == 2  # one baseline server per start
+    assert docs.read_bytes() == before
+    assert compare.main([*argv[:4], "--baseline-tree", str(tmp_path)]) == 1  # not a checkout of this project
