@@ -129,6 +129,22 @@ def _trace_each(http, model: str | None, *levels: str) -> None:
         "trace_level": list(levels) or ["TIMESTAMPS"], "trace_rate": "1", "log_frequency": "1"})
 
 
+def _stream(srv, model: str, requests: list, answers: int, compression: str | None = None) -> None:
+    """Send ``requests`` (each a list of gRPC inputs) on one stream and wait for ``answers`` results, none an
+    error."""
+    results: list = []
+    with grpcclient.InferenceServerClient(srv.grpc_url) as client:
+        client.start_stream(callback=lambda result, error: results.append(error or result),
+                            compression_algorithm=compression)
+        for inputs in requests:
+            client.async_stream_infer(model, inputs)
+        deadline = time.monotonic() + 10
+        while len(results) < answers and time.monotonic() < deadline:
+            time.sleep(0.01)
+        client.stop_stream()
+    assert len(results) == answers and not any(isinstance(r, Exception) for r in results), results
+
+
 def _vector(name: str, values) -> httpclient.InferInput:
     """An FP32 input of ``values`` for the HTTP client."""
     x = httpclient.InferInput(name, [len(values)], "FP32")
@@ -417,18 +433,12 @@ def test_decoupled_stream_traces(http, traced):
     srv, path = traced
     before = _files(path)
     _trace_each(http, "repeat")
-    results: list = []
-    with grpcclient.InferenceServerClient(srv.grpc_url) as client:
-        client.start_stream(callback=lambda result, error: results.append(error or result))
-        for values in ([-7], [1, 2, 3]):
-            x = grpcclient.InferInput("IN", [len(values)], "INT32")
-            x.set_data_from_numpy(np.array(values, dtype=np.int32))
-            client.async_stream_infer("repeat", [x])
-        deadline = time.monotonic() + 10
-        while len(results) < 4 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        client.stop_stream()
-    assert len(results) == 4 and not any(isinstance(r, Exception) for r in results), results
+    requests = []
+    for values in ([-7], [1, 2, 3]):
+        x = grpcclient.InferInput("IN", [len(values)], "INT32")
+        x.set_data_from_numpy(np.array(values, dtype=np.int32))
+        requests.append([x])
+    _stream(srv, "repeat", requests, 4)
     http.get_trace_settings()
     traces = _new_traces(path, before)
     assert len(traces) == 2
@@ -448,19 +458,9 @@ def test_streamed_requests_are_traced_to_their_send(http, traced):
     srv, path = traced
     before = _files(path)
     _trace_each(http, "add_sub")
+    inputs = _add_sub_inputs(grpcclient)[0]
     for compression in (None, "gzip"):
-        results: list = []
-        with grpcclient.InferenceServerClient(srv.grpc_url) as client:
-            client.start_stream(callback=lambda result, error, got=results: got.append(error or result),
-                                compression_algorithm=compression)
-            inputs, a, b = _add_sub_inputs(grpcclient)
-            for _ in range(3):
-                client.async_stream_infer("add_sub", inputs)
-            deadline = time.monotonic() + 10
-            while len(results) < 3 and time.monotonic() < deadline:
-                time.sleep(0.01)
-            client.stop_stream()
-        assert len(results) == 3 and not any(isinstance(r, Exception) for r in results), results
+        _stream(srv, "add_sub", [inputs] * 3, 3, compression)
     http.get_trace_settings()
     traces = _new_traces(path, before)
     assert len(traces) == 6
