@@ -82,7 +82,7 @@ if ldd "$PA_BIN" 2>&1 | grep -E "not found|GLIBC"; then echo "warning: $PA_BIN m
 STEPS=${STEPS:-gpu backends compare floor}
 [ -n "${SKIP_FLOOR:-}" ] && STEPS=${STEPS//floor/}
 rc=0
-if [[ " $STEPS " == *" backends "* || " $STEPS " == *" compare "* ]]; then
+if [[ " $STEPS " == *" backends "* || ( " $STEPS " == *" compare "* && -z "${BASELINE:-}" ) ]]; then
   step "reference Triton"
   rm -rf "$REF" && mkdir -p "$REF" && tar -xJf "$BUNDLE/reference-triton.tar.xz" -C "$REF" || exit 1
   export REFERENCE_TRITON_CACHE="$REF/reference-triton"

@@ -442,13 +442,12 @@ class _StreamOut:
         conn = stream.conn
         if (not self.queued and not stream.closed and not stream.out and stream.encoding == "identity"
                 and not conn.paused and len(item) <= conn.max_message):
-            if trace is None:
-                conn.send_data(stream, item, 0, False)
-                return
-            trace.stamp("GRPC_SEND_START")
+            if trace is not None:
+                trace.stamp("GRPC_SEND_START")
             conn.send_data(stream, item, 0, False)
-            trace.stamp("GRPC_SEND_END")
-            trace.finish()
+            if trace is not None:
+                trace.stamp("GRPC_SEND_END")
+                trace.finish()
         else:
             self.queued += 1
             self.queue.put_nowait((item, trace))
