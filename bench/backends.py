@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.compare import REPO_ROOT, machine, ours_server, triton_server
+from bench.compare import REPO_ROOT, machine, ours_server, trace_args, triton_server
 from bench.inputs import BenchError
 from bench.stats import model_stats, server_split
 
@@ -370,7 +370,11 @@ def run(args: argparse.Namespace) -> dict:
                 triton = triton_server(triton_repo, tmp, [])
         rows = []
         frame: dict = {}
-        http_server = ours_server(repo, tmp)
+        out = os.path.abspath(args.out)
+        os.makedirs(out, exist_ok=True)
+        trace_file = os.path.join(out, "trace-backends-0.json")  # trace_args' name for it
+        inprocess_trace = os.path.join(out, "trace-backends-inprocess.json")
+        http_server = ours_server(repo, tmp, trace_args(args.trace, out, "backends", 0))
         http_server.start()
         try:
             if triton is not None:
@@ -378,7 +382,9 @@ def run(args: argparse.Namespace) -> dict:
             missing = http_server.wait_ready([m["name"] for m in models] + (list(FRAME_MODES) if frames else []))
             if missing:
                 raise BenchError(f"models not ready: {missing}\n{http_server.log_tail()}")
-            with Server(model_repository=repo) as server:
+            tracing = {"file": inprocess_trace, "level": ["TIMESTAMPS"], "rate": str(args.trace)} if args.trace \
+                else None
+            with Server(model_repository=repo, trace_config=tracing) as server:
                 for m in models:
                     for batch in m["batches"]:
                         result = _measure(m, batch, server, http_server, args.seconds, args.rounds)
@@ -402,9 +408,23 @@ def run(args: argparse.Namespace) -> dict:
             http_server.stop()
             if triton is not None:
                 triton.stop()
+    timelines = {**_timelines(trace_file), **_timelines(inprocess_trace)} if args.trace else {}
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
             "device": device, "seconds": args.seconds, "rounds": args.rounds, "machine": machine(None), "rows": rows,
-            "frame": frame}
+            "frame": frame, "timelines": timelines}
+
+
+def _timelines(path: str) -> dict[str, str]:
+    """Per model and path (HTTP, in process): where a traced request's time went in the server (bench.timeline's
+    table of each event's median µs after the request arrived)."""
+    from bench import timeline
+
+    try:
+        groups = timeline.offsets(timeline.load([path]))
+    except (OSError, ValueError) as e:
+        print(f"warning: no trace from {path}: {e}", file=sys.stderr)
+        return {}
+    return {group: timeline.table({"server": events}) for group, events in sorted(groups.items())}
 
 
 def render(doc: dict) -> str:
@@ -516,13 +536,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the PyTorch model runs")
     p.add_argument("--out", default=os.path.join(REPO_ROOT, "bench", "results", "tmp"), help="folder for the JSON")
     p.add_argument("--no-docs", action="store_true", help="leave docs/performance.md as it is")
+    p.add_argument("--trace", type=int, default=0, metavar="N",
+                   help="trace one request in N, over HTTP and in process (--trace-config), and print where their time "
+                        "went in the server, per model (bench.timeline); latencies then include tracing, so docs/ is "
+                        "left alone")
     args = p.parse_args(argv)
+    if args.trace:
+        args.no_docs = True
     doc = run(args)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "backends.json"), "w", encoding="utf-8") as f:
         json.dump(doc, f, indent=2, default=str)
     section = render(doc)
     print(section)
+    for group, text in doc["timelines"].items():
+        print(f"\n### Traced: {group}\n\n{text}")
     if not args.no_docs:
         write_docs(section)
     return 0

@@ -706,7 +706,7 @@ class Page:
         return page
 
 
-def _trace_args(rate: int, out: str, side: str, start: int) -> list[str]:
+def trace_args(rate: int, out: str, side: str, start: int) -> list[str]:
     """Both servers' flags for tracing one request in ``rate`` into ``out``/trace-<side>-<start>.json."""
     if not rate:
         return []
@@ -800,12 +800,12 @@ def _one_start(args: argparse.Namespace, page: Page, runner: Runner, runnable: l
     """Start both servers afresh, measure every scenario on each, stop them; each row becomes the median
     of its starts so far (median_pair)."""
     repository, out, notes = runner.o.repository, runner.o.out, page.doc["notes"]
-    ours = ours_server(repository, out, _trace_args(args.trace, out, "ours", start))
+    ours = ours_server(repository, out, trace_args(args.trace, out, "ours", start))
     if args.baseline_tree:  # the other side is a build of ours: it answers in the Triton columns
-        triton = ours_server(repository, out, _trace_args(args.trace, out, "triton", start), tree=args.baseline_tree,
+        triton = ours_server(repository, out, trace_args(args.trace, out, "triton", start), tree=args.baseline_tree,
                              name="triton", log="baseline.log")
     else:
-        triton = triton_server(repository, out, [*args.triton_arg, *_trace_args(args.trace, out, "triton", start)])
+        triton = triton_server(repository, out, [*args.triton_arg, *trace_args(args.trace, out, "triton", start)])
     not_ready: dict[str, dict[str, str]] = {"ours": {}, "triton": {}}
     triton_http_c1: dict[str, Any] | None = None
     try:

@@ -2,7 +2,8 @@
 
 ``python -m bench.timeline FILE [FILE ...]`` prints, per model and protocol, the median time of each
 traced event after the request reached the server (HTTP_RECV_START, or GRPC_WAITREAD_END: Triton's
-GRPC_WAITREAD_START is when its handler began waiting for *any* call). An ensemble's steps (child
+GRPC_WAITREAD_START is when its handler began waiting for *any* call; REQUEST_START for the in-process
+API's requests). An ensemble's steps (child
 traces) appear as ``<step model>: <event>`` rows on their ensemble request's clock, which makes the
 pipeline's hops visible. ``bench compare --trace N`` runs both servers with tracing and writes this
 table for every scenario beside Triton's (timeline.md), splitting the traces by the scenario that
@@ -46,7 +47,8 @@ def load(paths: Iterable[str]) -> list[dict[str, Any]]:
 
 
 def _base(ns: dict[str, int]) -> int | None:
-    return ns.get("HTTP_RECV_START", ns.get("GRPC_WAITREAD_END"))
+    """When the request reached the server: its first protocol event, or REQUEST_START in process."""
+    return ns.get("HTTP_RECV_START", ns.get("GRPC_WAITREAD_END", ns.get("REQUEST_START")))
 
 
 def offsets(traces: list[dict[str, Any]], window: tuple[int, int] | None = None) -> dict[str, dict[str, list[int]]]:
@@ -64,7 +66,7 @@ def offsets(traces: list[dict[str, Any]], window: tuple[int, int] | None = None)
             continue
         if window is not None and not window[0] <= ns.get("REQUEST_START", base) <= window[1]:
             continue
-        protocol = "gRPC" if "GRPC_WAITREAD_END" in ns else "HTTP"
+        protocol = "gRPC" if "GRPC_WAITREAD_END" in ns else "HTTP" if "HTTP_RECV_START" in ns else "in process"
         events = out.setdefault(f"{t['model']} {protocol}", {})
         for name, at in ns.items():
             if name in _RANK and name not in ("HTTP_RECV_START", "GRPC_WAITREAD_END"):

@@ -363,6 +363,14 @@ def test_in_process_traces_written_at_shutdown(tmp_path):
     trace = [r for r in records if r["id"] == ids[-1]]
     assert _names(trace) == HTTP_NAMES[2:-2]
     assert not list(tmp_path.glob("trace.json.*"))
+    from bench import timeline  # reads in-process traces from their REQUEST_START
+
+    groups = timeline.offsets(timeline.load([str(path)]))
+    assert list(groups) == ["add_sub in process"]
+    events = groups["add_sub in process"]
+    assert events["REQUEST_START"] == [0] * 4 and len(events["REQUEST_END"]) == 4
+    median = {name: sorted(v)[1] for name, v in events.items()}
+    assert [median[n] for n in HAPPENED[2:-2]] == sorted(median[n] for n in HAPPENED[2:-2]), median
 
 
 def test_timeline_of_our_traces(http, traced):
