@@ -85,10 +85,11 @@ class InferResult(Mapping):
         self._lease = _Lease(release)
         self._arrays: dict[str, np.ndarray] = {}
         for out in response.outputs:
-            array = out.as_numpy()
-            if out.datatype != "BYTES" and out.shm is None:
-                array = array.view(LeasedArray)
+            if out.data is not None and out.shm is None and out.datatype != "BYTES":  # on the arena: leased
+                array = LeasedArray(out.shape, dtypes.NUMPY[out.datatype], buffer=out.data)
                 array._lease = self._lease
+            else:
+                array = out.as_numpy()
             self._arrays[out.name] = array
 
     def __getitem__(self, name: str) -> np.ndarray:
@@ -329,6 +330,7 @@ class Server:
                           else backend_directory, strict_readiness=strict_readiness, exit_timeout=exit_timeout,
                           host_policies=host_policy, trace_config=trace_config)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0  # the thread running _loop
         self._thread: threading.Thread | None = None
         self._stopped: asyncio.Event | None = None
 
@@ -356,7 +358,7 @@ class Server:
         except ImportError:  # pragma: no cover
             loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)
-        self._loop = loop
+        self._loop, self._loop_thread = loop, threading.get_ident()
 
         async def main() -> None:
             self._stopped = asyncio.Event()
@@ -389,7 +391,7 @@ class Server:
         """Start on the running event loop (the caller's)."""
         if self._loop is not None:
             raise RuntimeError("server already started")
-        self._loop = asyncio.get_running_loop()
+        self._loop, self._loop_thread = asyncio.get_running_loop(), threading.get_ident()
         try:
             await self._core.start()
         except BaseException:
@@ -454,10 +456,9 @@ class Server:
 
     # -- plumbing -------------------------------------------------------
     def _on_loop(self) -> bool:
-        try:
-            return asyncio.get_running_loop() is self._loop
-        except RuntimeError:
-            return False
+        """Whether the caller runs on the server's loop thread (a thread runs one loop at a time): compared by
+        thread, as asyncio.get_running_loop() costs a getpid() system call on CPython < 3.12, twice a request."""
+        return self._loop_thread == threading.get_ident() and self._loop is not None
 
     def _check(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:

@@ -152,11 +152,16 @@ class DynamicBatcher(Scheduler):
         if isinstance(requested, int) and requested > 0 and (timeout_us == 0 or requested < timeout_us):
             timeout_us = requested  # a default of 0 means no timeout, so any request timeout is shorter
         pending.deadline = pending.enqueued + timeout_us * 1000 if timeout_us else 0
-        level.queue.append(pending)
-        self.count += 1
         if self.orderer is not None:
             pending.orderer = self.orderer
             self.orderer.waiting.append(pending)
+        if not self.count and not self.delay_ns and not self.timeouts:
+            instance = self._pick()
+            if instance is not None:  # alone, and nothing to wait for: the batch _form would make, made at once
+                self.version.dispatch(instance, [pending])
+                return
+        level.queue.append(pending)
+        self.count += 1
         self._pump()
 
     def queued(self) -> int:

@@ -146,6 +146,8 @@ class BlsClient:
         arrays the model holds no more. The worker calls it after each execute and once a second while
         idle (a model may drop an answer it kept at any time)."""
         gone = self._gone
+        if not gone and not self._ended:  # nothing to tell (a model without BLS calls): no lock taken
+            return
         with self._lock:
             live = self._live
             while gone:
