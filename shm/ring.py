@@ -34,6 +34,8 @@ from shm.region import Region, new_name
 
 _LEN = struct.Struct("<I")
 _pack = msgpack.Packer(use_bin_type=True).pack
+#: free slots a producer takes from ``spaces`` at once beyond what its message needs (Ring._take_credits)
+CREDIT_BATCH = 32
 
 
 class RingFull(Exception):
@@ -77,12 +79,8 @@ class Ring:
         k = -(-n // self.slot_size)
         if k > self.slots:
             raise ValueError(f"message of {n} bytes exceeds the ring capacity of {self._cap} bytes")
-        while self._credits < k:
-            try:
-                self.spaces.acquire(timeout if block else 0)
-            except posix_ipc.BusyError:
-                raise RingFull from None
-            self._credits += 1
+        if self._credits < k:
+            self._take_credits(k, block, timeout)
         start = self._pos * self.slot_size
         buf, cap = self._buf, self._cap
         _LEN.pack_into(buf, start, len(data))
@@ -99,6 +97,23 @@ class Ring:
         post = self.items.release
         for _ in range(k):
             post()
+
+    def _take_credits(self, k: int, block: bool, timeout: float | None) -> None:
+        """Take free slots from ``spaces``: enough for a message of ``k`` slots (waiting if ``block``), then
+        as many more as are free now, up to :data:`CREDIT_BATCH`. The consumer posts ``spaces`` as it reads,
+        so each take moves that semaphore's cache line to this core (about 1 µs measured in the front);
+        taken in batches, the move happens once per batch of messages instead of once per message. Only
+        this producer takes from ``spaces``, so slots it counted free stay free until it takes them."""
+        spaces = self.spaces
+        while self._credits < k:
+            try:
+                spaces.acquire(timeout if block else 0)
+            except posix_ipc.BusyError:
+                raise RingFull from None
+            self._credits += 1
+        for _ in range(min(spaces.value, CREDIT_BATCH)):
+            spaces.acquire(0)
+            self._credits += 1
 
     # -- consumer -------------------------------------------------------
     def recv(self, timeout: float | None = None) -> Any:

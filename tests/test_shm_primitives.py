@@ -88,6 +88,40 @@ def test_ring_full_and_oversized():
         r.unlink()
 
 
+def test_producer_takes_free_slots_in_batches():
+    """The producer takes ``spaces`` a batch at a time (one contended semaphore operation per batch of
+    messages), and what it holds stays usable: messages of any size keep their order and contents."""
+    from shm.ring import CREDIT_BATCH
+
+    r = Ring.create("t-credits", slots=64, slot_size=32)
+    reader = Ring(*r.spec())
+    try:
+        r.send(0)
+        assert r.spaces.value == 64 - 1 - CREDIT_BATCH
+        for i in range(1, CREDIT_BATCH + 1):
+            r.send(i)
+        assert r.spaces.value == 64 - 1 - CREDIT_BATCH  # sent from the credits it held: no semaphore touched
+        assert [reader.try_recv() for _ in range(CREDIT_BATCH + 1)] == list(range(CREDIT_BATCH + 1))
+        rng = random.Random(0)
+        sent = []
+        for i in range(500):  # sizes of 1 to 5 slots, wrapping around the ring many times
+            msg = [i, b"x" * rng.randrange(140)]
+            while True:
+                try:
+                    r.send(msg, block=False)
+                    break
+                except RingFull:  # full (the random walk outran the reads): read one and try again
+                    assert reader.try_recv() == sent.pop(0)
+            sent.append(msg)
+            if rng.random() < 0.4:
+                assert reader.try_recv() == sent.pop(0)
+        assert _drain(reader) == [tuple(m) for m in sent]
+    finally:
+        reader.close()
+        r.close()
+        r.unlink()
+
+
 def test_recv_times_out():
     r = Ring.create("t-timeout", slots=4, slot_size=64)
     try:
