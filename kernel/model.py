@@ -476,9 +476,10 @@ class ModelVersion:
                     spec["rid"] = request.id
                 if request.trace is not None:  # a BLS request the model makes with it is traced as its child
                     spec["tr"] = request.trace.id
-                params = {k: v for k, v in request.parameters.items() if k not in RESERVED_PARAMETERS}
-                if params:
-                    spec["p"] = json.dumps(params)
+                if request.parameters:
+                    params = {k: v for k, v in request.parameters.items() if k not in RESERVED_PARAMETERS}
+                    if params:
+                        spec["p"] = json.dumps(params)
                 reqs.append(spec)
         except Exception as e:  # e.g. /dev/shm full: fail these requests, keep serving
             for block in blocks:
@@ -558,8 +559,11 @@ class Batch:
         # come and been sent when that wait ended (timings[3]), as it would have unchained.
         chained = timings[3] if len(timings) > 3 else 0
         sent = max(self.sent, chained)
-        ran = sum(p.batch_size for p, r in zip(self.pendings, results) if r is None or "skip" not in r) \
-            if chained else sum(p.batch_size for p in self.pendings)  # (only a chained batch is ever skipped)
+        pendings = self.pendings
+        if chained:  # (only a chained batch is ever skipped)
+            ran = sum(p.batch_size for p, r in zip(pendings, results) if r is None or "skip" not in r)
+        else:
+            ran = pendings[0].batch_size if len(pendings) == 1 else sum(p.batch_size for p in pendings)
         if ran:
             stats.execution(ran, ci, cinf, co)
         if not decoupled:

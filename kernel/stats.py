@@ -11,13 +11,16 @@ _DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "com
 class ModelStats:
     """Counters of one model version; all times in nanoseconds."""
 
-    __slots__ = ("inference_count", "execution_count", "last_inference", "durations", "batches", "failures")
+    __slots__ = ("inference_count", "execution_count", "last_inference", "durations", "batches", "failures", "_hot")
 
     def __init__(self) -> None:
         self.inference_count = 0
         self.execution_count = 0
         self.last_inference = 0  # ms since the epoch
         self.durations = {k: [0, 0] for k in _DURATIONS}
+        # the entries a success updates, unrolled there (this runs once per request)
+        self._hot = tuple(self.durations[k] for k in ("success", "queue", "compute_input", "compute_infer",
+                                                      "compute_output"))
         # batch size -> [count, compute_input ns, compute_infer ns, compute_output ns]
         self.batches: dict[int, list[int]] = {}
         self.failures: dict[str, int] = {}  # by Triton's metric reason: BACKEND, REJECTED, OTHER
@@ -27,12 +30,17 @@ class ModelStats:
 
         ``last_inference`` is set by :meth:`execution`, which precedes its requests' successes.
         """
-        d = self.durations
-        for key, ns in (("success", total_ns), ("queue", queue_ns), ("compute_input", ci),
-                        ("compute_infer", cinf), ("compute_output", co)):
-            entry = d[key]
-            entry[0] += 1
-            entry[1] += ns
+        success, queue, compute_input, compute_infer, compute_output = self._hot
+        success[0] += 1
+        success[1] += total_ns
+        queue[0] += 1
+        queue[1] += queue_ns
+        compute_input[0] += 1
+        compute_input[1] += ci
+        compute_infer[0] += 1
+        compute_infer[1] += cinf
+        compute_output[0] += 1
+        compute_output[1] += co
         self.inference_count += batch_size
 
     def failure(self, total_ns: int, reason: str = "BACKEND") -> None:
