@@ -16,7 +16,7 @@
 # and leaves in $OUT: run.log, performance.md (also written to docs/), gpu.log, backends.json,
 # compare/{results.json,performance.md,ours.log,triton.log,client.log} and floor/floor.json.
 # Env: OUT (required), PYTHON (default python3), SITE (default /tmp/site), STEPS, COMPARE_ARGS and BACKENDS_ARGS
-# (extra arguments of those steps, e.g. BACKENDS_ARGS="--trace 1"), COMPARE_TIMEOUT and COMPARE_BUDGET (seconds: the step's limit, default 420, and bench
+# (extra arguments of those steps, e.g. BACKENDS_ARGS="--trace 1"; BACKENDS_TIMEOUT, default 300 s), COMPARE_TIMEOUT and COMPARE_BUDGET (seconds: the step's limit, default 420, and bench
 # compare's --time-budget, default 300), PROBE (a command run after the GPU tests, its output in probe.log;
 # PROBE_TIMEOUT, default 300 s), PERF_ANALYZER (a perf_analyzer binary other than the wheel's), SKIP_FLOOR (non-empty: no floor),
 # BASELINE (non-empty: compare against the build in the bundle's baseline.tar.gz, `scripts/device-bundle --baseline REV`,
@@ -100,7 +100,7 @@ fi
 if [[ " $STEPS " == *" backends "* ]]; then
   step "bench.backends (framework models: served vs called directly)"
   # shellcheck disable=SC2086
-  timeout -s TERM 300 "$PY" -m bench.backends --triton --seconds ${BACKENDS_SECONDS:-3} --out "$OUT" ${BACKENDS_ARGS:-} || rc=1
+  timeout -s TERM ${BACKENDS_TIMEOUT:-300} "$PY" -m bench.backends --triton --seconds ${BACKENDS_SECONDS:-3} --out "$OUT" ${BACKENDS_ARGS:-} || rc=1
 fi
 if [[ " $STEPS " != *" compare "* ]]; then
   cp docs/performance.md "$OUT/performance.md" 2>/dev/null
