@@ -39,6 +39,9 @@ _U32 = struct.Struct("<I")
 
 def from_numpy(dtype: np.dtype) -> str | None:
     """The Triton datatype of a numpy dtype (bytes/str arrays are BYTES)."""
+    name = _BY_NUMPY.get(dtype)  # an array's dtype, the usual case: no np.dtype() call (per tensor)
+    if name is not None:
+        return name
     dtype = np.dtype(dtype)
     name = _BY_NUMPY.get(dtype)
     if name is None and dtype.kind in "SU":

@@ -141,6 +141,11 @@ class BlsClient:
             return _Responses(self, call)
         return await asyncio.wrap_future(call.future)
 
+    def holding(self) -> bool:
+        """Whether the model holds arrays of BLS answers (read without the lock: a holder made meanwhile
+        belongs to a call still running, which a later release covers)."""
+        return bool(self._live)
+
     def release_answers(self) -> None:
         """Tell the front which answers it may free: those of calls that have ended and whose output
         arrays the model holds no more. The worker calls it after each execute and once a second while

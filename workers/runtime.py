@@ -288,7 +288,8 @@ class Worker:
                 results[i] = _error(problem) if problem else self._result(responses[k], requests[k])
         t3 = time.perf_counter_ns()  # CLOCK_MONOTONIC: the front reads it as its own clock
         if bls.client is not None:
-            responses = requests = None  # ours: the BLS answers they hold are not the model's any more
+            if bls.client.holding():  # (else nothing to drop: the batch's objects go after the answer is sent)
+                responses = requests = None  # ours: the BLS answers they hold are not the model's any more
             bls.client.release_answers()  # the outputs are placed: BLS responses may go
         backend._marks = None
         if len(marks) == 2:  # the backend's own split of execute: gathering inputs, inference

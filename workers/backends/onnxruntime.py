@@ -115,6 +115,8 @@ class OnnxRuntimeBackend(Backend):
         self.inputs = [(t["name"], _reshape(t), t["data_type"] == "TYPE_STRING") for t in config["input"]]
         self.outputs = [(t["name"], list(t.get("dims") or []) if "reshape" in t else None)
                         for t in config["output"]]
+        self._names = [name for name, _ in self.outputs]
+        self._reshapes = dict(self.outputs)
 
     def _check_inputs(self, infos: dict, model_inputs: int) -> None:
         model, config = self.model, self.model.config
@@ -191,7 +193,8 @@ class OnnxRuntimeBackend(Backend):
             if reshape is not None:
                 array = array.reshape([rows, *reshape] if self.batched else reshape)
             feed[name] = _text(array, name) if is_string else array
-        names = [name for name, _ in self.outputs if any(r.wants(name) for r in requests)]
+        names = self._names if not any(r.requested_outputs for r in requests) else \
+            [name for name in self._names if any(r.wants(name) for r in requests)]
         self.mark()
         try:
             values = self.session.run(names, feed)
@@ -199,7 +202,7 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError(f"onnx runtime error: {e}") from e
         self.mark()
         responses = [Response({}) for _ in requests]
-        reshapes = dict(self.outputs)
+        reshapes = self._reshapes
         for name, value in zip(names, values):
             dims = reshapes[name]
             if dims is not None:
