@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.request
@@ -371,3 +372,26 @@ def test_compare_against_a_baseline_tree(tmp_path):
     assert (out / "baseline.log").read_text().count("kernel start") == 2  # one baseline server per start
     assert docs.read_bytes() == before
     assert compare.main([*argv[:4], "--baseline-tree", str(tmp_path)]) == 1  # not a checkout of this project
+
+
+def test_inprocess_ab_of_two_trees(tmp_path, capsys):
+    """``bench.inprocess_ab``: each tree's runs are fresh processes that serve the ONNX conv net in process and
+    report async_infer()'s overhead over session.run (here the same tree on both sides, once as a .tar.gz, the
+    way the device bundle carries a baseline); a folder that is no checkout is refused."""
+    import tarfile
+
+    from bench import inprocess_ab
+
+    archive = tmp_path / "baseline.tar.gz"
+    files = subprocess.run(["git", "ls-files", "kernel", "bench", "shm", "workers", "protocol"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()
+    with tarfile.open(archive, "w:gz") as tar:
+        for name in files:
+            tar.add(ROOT / name, arcname=name)
+    assert inprocess_ab.main(["--baseline-tree", str(archive), "--runs", "1", "--calls", "50"]) == 0
+    out = capsys.readouterr().out
+    medians = re.findall(r"^(this build|baseline): median of 1 runs ([\d.\-]+) µs", out, re.M)
+    assert [name for name, _ in medians] == ["this build", "baseline"]
+    assert all(-1000 < float(v) < 100_000 for _, v in medians)
+    with pytest.raises(SystemExit):
+        inprocess_ab.main(["--baseline-tree", str(tmp_path)])  # not a checkout of this project
