@@ -602,11 +602,10 @@ class _Run:
         if not followers or not self.version.prewake:
             return
         core = self.version.server
-        try:
-            running = core.version(step.model, step.version)
-        except ServerError:
+        expect = self._usual_answer_ns(step)
+        if expect is None:
             return
-        expect = _answer_ns(running) or PREWAKE_DEFAULT_NS
+        expect = expect or PREWAKE_DEFAULT_NS
         if expect > PREWAKE_MAX_NS:
             return
         for follower, count in followers:
@@ -625,12 +624,17 @@ class _Run:
         """A chained ``step`` runs now (its producer answered): poll for its answer until it usually comes.
         Sent long before, its batch's own polling (Spinner.kick at the send) ended while it waited; a
         sleeping loop would notice the answer only after a wake-up."""
-        core = self.version.server
+        expect = self._usual_answer_ns(step)
+        if expect is not None:
+            self.version.server.spinner.kick(expect)
+
+    def _usual_answer_ns(self, step: Step) -> int | None:
+        """How long the model of ``step`` usually takes to answer (0: not known yet); None when it is not
+        serving."""
         try:
-            running = core.version(step.model, step.version)
+            return _answer_ns(self.version.server.version(step.model, step.version))
         except ServerError:
-            return
-        core.spinner.kick(_answer_ns(running))
+            return None
 
     def _step_done(self, branch: _Branch, step: Step, future: Any) -> None:
         self.outstanding -= 1
