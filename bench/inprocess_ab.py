@@ -39,6 +39,11 @@ def _child(calls: int) -> None:
     repo = os.path.join(tempfile.mkdtemp(prefix="inprocess-ab-"), "models")
     os.makedirs(repo)
     model = _onnx_models(repo)[0]
+    call = model["direct"]
+    if not callable(call):  # a spec, as bench.backends has it since stop 23: the call is made here all the same
+        from bench.backends import _direct_call
+
+        call = _direct_call(call)
     for name in os.listdir(repo):
         if name != model["name"]:
             import shutil
@@ -58,7 +63,7 @@ def _child(calls: int) -> None:
                 direct, served = [], []
                 for _ in range(calls):
                     t = time.perf_counter_ns()
-                    model["direct"](x)
+                    call(x)
                     direct.append(time.perf_counter_ns() - t)
                 for _ in range(calls):
                     t = time.perf_counter_ns()

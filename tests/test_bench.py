@@ -395,3 +395,26 @@ def test_inprocess_ab_of_two_trees(tmp_path, capsys):
     assert all(-1000 < float(v) < 100_000 for _, v in medians)
     with pytest.raises(SystemExit):
         inprocess_ab.main(["--baseline-tree", str(tmp_path)])  # not a checkout of this project
+
+
+def test_backends_end_to_end(tmp_path):
+    """``bench.backends`` on this machine's CPU, briefly: every model and path measured on each of two in-process
+    server starts, the direct calls made in processes of their own, the median start kept, docs/ left alone."""
+    from bench import backends
+
+    docs = ROOT / "docs" / "performance.md"
+    before = docs.read_bytes()
+    assert backends.main(["--device", "cpu", "--seconds", "0.3", "--rounds", "1", "--starts", "2", "--no-docs",
+                          "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "backends.json").read_text())
+    assert [(r["model"].split(",")[0], r["batch"]) for r in doc["rows"]] == [
+        ("ONNX Runtime", 1), ("ONNX Runtime", 1), ("PyTorch", 1), ("PyTorch", 8)]
+    for row in doc["rows"]:
+        for path in ("direct", "inprocess", "inprocess_async", "http_shm"):
+            assert row[path]["calls"] > 0 and row[path]["p50_us"] > 0, (row["model"], path)
+        assert len(row["starts"]) == 2
+        assert row["inprocess_async"]["p50_us"] - row["direct"]["p50_us"] == sorted(
+            s["inprocess_async"] for s in row["starts"])[1]  # the median start of two: the worse one
+    page = backends.render(doc)
+    assert "in a process of its own" in page and "started 2 times" in page
+    assert docs.read_bytes() == before
