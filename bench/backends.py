@@ -121,16 +121,22 @@ def _onnx_models(repo: str) -> list[dict]:
     with open(os.path.join(repo, "onnx_conv", "config.pbtxt"), "w") as f:
         f.write('backend: "onnxruntime"\nmax_batch_size: 8\ninstance_group [ { kind: KIND_CPU } ]\n')
 
-    # The same model with ONNX Runtime's thread pools spinning (its own default; the backend's is off).
-    shutil.copytree(os.path.join(repo, "onnx_conv"), os.path.join(repo, "onnx_conv_spin"))
-    with open(os.path.join(repo, "onnx_conv_spin", "config.pbtxt"), "a") as f:
-        f.write('parameters { key: "session.intra_op.allow_spinning" value: { string_value: "1" } }\n')
+    # The same model with ONNX Runtime's thread pools spinning (its own default; the backend's is off), and
+    # with a pool of one thread: a net this small gains nothing from more, and runs on the calling thread
+    # with no pool to wake after the pause every served request has (bench.probe_ort).
+    variants = {"onnx_conv_spin": ("thread pools spinning", "session.intra_op.allow_spinning", "1"),
+                "onnx_conv_1t": ("intra_op_thread_count 1", "intra_op_thread_count", "1")}
+    for name, (_, key, value) in variants.items():
+        shutil.copytree(os.path.join(repo, "onnx_conv"), os.path.join(repo, name))
+        with open(os.path.join(repo, name, "config.pbtxt"), "a") as f:
+            f.write(f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}\n')
     base = {"input": "INPUT", "output": "OUTPUT", "shape": [3, 64, 64], "outputs": 10, "batches": [1]}
     direct = {"kind": "onnx", "path": os.path.join(path, "model.onnx"), "input": "INPUT", "output": "OUTPUT"}
-    return [{**base, "name": "onnx_conv", "label": "ONNX Runtime, small conv net, CPU",
-             "direct": {**direct, "options": "backend"}},
-            {**base, "name": "onnx_conv_spin", "label": "ONNX Runtime, small conv net, CPU, thread pools spinning",
-             "direct": {**direct, "options": "defaults"}}]
+    label = "ONNX Runtime, small conv net, CPU"
+    return [{**base, "name": "onnx_conv", "label": label, "direct": {**direct, "parameters": {}}},
+            *({**base, "name": name, "label": f"{label}, {what}",
+               "direct": {**direct, "parameters": {key: {"string_value": value}}}}
+              for name, (what, key, value) in variants.items())]
 
 
 def _SmallCNN() -> Any:  # noqa: N802 - a module class made on demand (torch is imported late)
@@ -181,17 +187,16 @@ def _input(shape: list[int], batch: int) -> np.ndarray:
 
 
 def _direct_call(spec: dict) -> Callable[[np.ndarray], np.ndarray]:
-    """The framework called as its backend calls it (ONNX Runtime's ``session.run`` with the backend's
-    session options, or its own defaults; torch's forward under ``inference_mode`` with the input moved to
-    the device and the output brought back, the work the backend must do as well)."""
+    """The framework called as its backend calls it (ONNX Runtime's ``session.run`` with the session
+    options the backend makes of the model's parameters; torch's forward under ``inference_mode`` with the
+    input moved to the device and the output brought back, the work the backend must do as well)."""
     if spec["kind"] == "onnx":
         import onnxruntime as ort
 
         from workers.backend import Model
         from workers.backends.onnxruntime import _options
 
-        options = _options(Model({"name": "direct", "config": {"parameters": {}}})) \
-            if spec["options"] == "backend" else None
+        options = _options(Model({"name": "direct", "config": {"parameters": spec["parameters"]}}))
         session = ort.InferenceSession(spec["path"], options, providers=["CPUExecutionProvider"])
         return lambda x: session.run([spec["output"]], {spec["input"]: x})[0]
     import torch

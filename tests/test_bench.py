@@ -408,7 +408,7 @@ def test_backends_end_to_end(tmp_path):
                           "--out", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "backends.json").read_text())
     assert [(r["model"].split(",")[0], r["batch"]) for r in doc["rows"]] == [
-        ("ONNX Runtime", 1), ("ONNX Runtime", 1), ("PyTorch", 1), ("PyTorch", 8)]
+        ("ONNX Runtime", 1), ("ONNX Runtime", 1), ("ONNX Runtime", 1), ("PyTorch", 1), ("PyTorch", 8)]
     for row in doc["rows"]:
         for path in ("direct", "inprocess", "inprocess_async", "http_shm"):
             assert row[path]["calls"] > 0 and row[path]["p50_us"] > 0, (row["model"], path)
