@@ -306,7 +306,12 @@ class Trace:
 
 
 class Tracer:
-    """The global and per-model trace settings, and sampling."""
+    """The global and per-model trace settings, and sampling.
+
+    A model's setting is kept by name through its unload, as Triton 2.51 keeps it: the fronts refuse the
+    model's setting URL while it is not ready, and a reload finds its setting again (docs/triton-behaviour.md
+    §15), so nothing here follows model unloads.
+    """
 
     def __init__(self, config: dict[str, Any] | None = None) -> None:
         config = config or {}

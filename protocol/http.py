@@ -93,11 +93,18 @@ def _traced_send(trace: Any, release: Any) -> None:
     trace.finish()
 
 
-def _read_json(request: Request) -> dict:
-    """A control route's JSON body; unreadable JSON is the client's mistake: 400 (Triton: 500)."""
+def _read_json(request: Request, empty: bool = True) -> dict:
+    """A control route's JSON body; unreadable JSON is the client's mistake: 400 (Triton: 500).
+
+    Triton's repository routes read an empty body as ``{}`` (``empty``); its trace and logging routes parse
+    whatever came, so an empty or blank body there is rapidjson's "The document is empty" at the blank's end
+    (docs/triton-behaviour.md §15).
+    """
     body = request.body
-    if not body:
+    if not body and empty:
         return {}
+    if not bytes(body).strip(b" \t\n\r"):  # (rapidjson's whitespace)
+        raise invalid(f"failed to parse the request JSON buffer: The document is empty. at {len(body)}")
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as e:
@@ -359,12 +366,12 @@ class HttpFront:
         if model and not self.core.model_ready(model):
             raise invalid(f"Request for unknown model : {model}")
         if request.method == "POST":
-            self.core.tracer.update(model, tracing.changes_from_json(_read_json(request)))
+            self.core.tracer.update(model, tracing.changes_from_json(_read_json(request, empty=False)))
         return _json(self.core.tracer.settings(model))
 
     def logging(self, request: Request) -> Response:
         if request.method == "POST":
-            doc = _read_json(request)
+            doc = _read_json(request, empty=False)
             if "log_verbose_level" in doc:
                 level = doc["log_verbose_level"]
                 if not isinstance(level, int):

@@ -78,6 +78,16 @@ def traced(tmp_path_factory):
                                                "--backend-config", "ensemble,chain=0"))
 
 
+@pytest.fixture(scope="module")
+def explicit(tmp_path_factory):
+    """A server with explicit model control (so add_sub can be unloaded), its global setting OFF."""
+    base = tmp_path_factory.mktemp("tracing_explicit")
+    shutil.copytree(ROOT / "examples" / "models" / "add_sub", base / "models" / "add_sub")
+    path = base / "trace.json"
+    yield from ((srv, path) for srv in serving(base / "models", base, "--model-control-mode", "explicit",
+                                               "--load-model", "add_sub", "--trace-config", f"triton,file={path}"))
+
+
 @pytest.fixture
 def http(traced):
     srv, _ = traced
@@ -203,6 +213,38 @@ def test_other_methods_are_405(traced):
         assert json.loads(e.value.read()) == {"error": "Method Not Allowed"}
 
 
+@pytest.mark.parametrize("url", ["/v2/trace/setting", "/v2/models/add_sub/trace/setting", "/v2/logging"])
+@pytest.mark.parametrize("body", [b"", b" \t\r\n"])
+def test_empty_post_body_is_400(http, traced, url, body):
+    """An empty or blank POST body to the trace and logging routes is an error, not a read: Triton 2.51 answers
+    500 with rapidjson's words (at the blank's end); the client's mistake, so 400 here with the same text
+    (docs/triton-behaviour.md §15). tritonclient always sends an object (``{}`` for no settings: a read, as an
+    empty gRPC settings map is, in both servers), so the empty body goes raw."""
+    srv, _ = traced
+    logging = url == "/v2/logging"
+    model = "add_sub" if "/models/" in url else None
+    if logging:
+        settings = http.update_log_settings({"log_verbose_level": 0})
+    else:
+        settings = http.update_trace_settings(model_name=model, settings={"trace_rate": "2"})
+    request = urllib.request.Request(f"http://{srv.http_url}{url}", data=body, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(request, timeout=10)
+    assert e.value.code == 400
+    assert json.loads(e.value.read()) == {
+        "error": f"failed to parse the request JSON buffer: The document is empty. at {len(body)}"}
+    if logging:
+        assert http.get_log_settings() == settings  # nothing changed
+        return
+    settings = http.get_trace_settings(model_name=model)
+    assert settings["trace_rate"] == "2"  # nothing changed
+    assert http.update_trace_settings(model_name=model, settings={}) == settings
+    with grpcclient.InferenceServerClient(srv.grpc_url) as client:
+        reply = client.update_trace_settings(model_name=model, settings={}, as_json=True)["settings"]
+    assert {key: value["value"] for key, value in reply.items()} == {
+        key: value if isinstance(value, list) else [value] for key, value in settings.items()}
+
+
 def test_unknown_model_and_no_file():
     with pytest.raises(ServerError, match="trace file name is not given"):
         Tracer({}).update("", {"level": 1})
@@ -216,6 +258,33 @@ def test_unknown_model_http_and_grpc(http, traced):
     with grpcclient.InferenceServerClient(traced[0].grpc_url) as client:
         with pytest.raises(InferenceServerException, match="Request for unknown model : nosuch"):
             client.update_trace_settings(model_name="nosuch", settings={"trace_rate": "1"})
+
+
+def test_model_setting_outlives_its_unload(explicit):
+    """As in Triton 2.51 (docs/triton-behaviour.md §15): an unloaded model's setting is not dropped. While the
+    model is unloaded its URL is 400 (gRPC INVALID_ARGUMENT) ``Request for unknown model``, not the global
+    setting; a global change made meanwhile reaches it; reloaded, the model has its setting again, and traces
+    by it."""
+    srv, path = explicit
+    mine = {"trace_level": ["TIMESTAMPS"], "trace_rate": "1", "log_frequency": "1"}
+    with httpclient.InferenceServerClient(srv.http_url) as http, \
+            grpcclient.InferenceServerClient(srv.grpc_url) as grpc:
+        http.update_trace_settings(model_name="add_sub", settings=mine)
+        http.unload_model("add_sub")
+        for client, status in ((http, "400"), (grpc, "StatusCode.INVALID_ARGUMENT")):
+            for call, kwargs in ((client.get_trace_settings, {}),
+                                 (client.update_trace_settings, {"settings": {"trace_rate": "5"}})):
+                with pytest.raises(InferenceServerException) as e:
+                    call(model_name="add_sub", **kwargs)
+                assert (e.value.status(), e.value.message()) == (status, "Request for unknown model : add_sub")
+        http.update_trace_settings(settings={"trace_count": "7"})
+        http.load_model("add_sub")
+        assert http.get_trace_settings(model_name="add_sub") == {
+            **mine, "trace_count": "7", "trace_file": str(path), "trace_mode": "triton"}
+        http.infer("add_sub", _add_sub_inputs(httpclient)[0], request_id="reloaded")
+        http.get_trace_settings()  # (the trace ends once the answer is sent: this waits for that)
+    traces = _new_traces(path, {})
+    assert [[r["request_id"] for r in t if "request_id" in r] for t in traces] == [["reloaded"]]
 
 
 def test_http_trace_records(http, traced):
