@@ -117,20 +117,31 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--grpc-keepalive-timeout", type=int, default=20000, metavar="MS",
                        help="close a connection whose ping is not answered within this long (default 20000)")
     start.add_argument("--trace-config", action="append", type=_backend_config, default=[],
-                       metavar="[triton,]<setting>=<value>",
+                       metavar="[<mode>,]<setting>=<value>",
                        help="tracing, as tritonserver's: level=OFF|TIMESTAMPS|TENSORS (repeatable to combine), "
                             "rate=<one in N requests>, count=<traces, -1: unlimited>, triton,file=<path>, "
-                            "triton,log-frequency=<traces per numbered file, 0: one file written at shutdown>; "
+                            "triton,log-frequency=<traces per numbered file, 0: one file written at shutdown>, "
+                            "mode=triton|opentelemetry, opentelemetry,url=<OTLP/HTTP endpoint>, "
+                            "opentelemetry,resource=<key>=<value>, opentelemetry,bsp_max_queue_size|"
+                            "bsp_schedule_delay|bsp_max_export_batch_size=<n>; "
                             "the setting can then be changed at /v2/trace/setting")
     return parser
 
 
 def trace_config(settings: list[tuple[str, str, str]]) -> dict[str, Any]:
-    """``--trace-config`` settings as kernel.tracing.Tracer's config (errors raise ValueError)."""
+    """``--trace-config`` settings as kernel.tracing.Tracer's config (errors raise ValueError). As in Triton,
+    the settings of the mode not chosen are ignored (``triton,file`` in mode opentelemetry)."""
     config: dict[str, Any] = {}
     for mode, key, value in settings:
-        if mode not in ("", "triton"):
-            raise ValueError(f"trace mode '{mode}' is not supported by this server (only 'triton')")
+        if mode not in ("", "triton", "opentelemetry"):
+            raise ValueError(f'--trace-config: invalid value for trace mode option: {mode}. Available options are '
+                             '"triton" and "opentelemetry"')
+        if mode == "opentelemetry":  # checked by Tracer (kernel.tracing.otel_settings)
+            if not value:
+                raise ValueError("--trace-config option format is '<trace mode>,<setting>=<value>'. "
+                                 f"Got {mode},{key}=")
+            config.setdefault("opentelemetry", []).append((key, value))
+            continue
         key = key.replace("-", "_")
         if key == "level":
             config.setdefault("level", []).append(value)
@@ -139,7 +150,7 @@ def trace_config(settings: list[tuple[str, str, str]]) -> dict[str, Any]:
         else:
             raise ValueError(f"unknown trace setting '{key}'")
     try:
-        Tracer(config)  # checks the values
+        Tracer(config, export=False)  # checks the values (and, in mode opentelemetry, that the SDK is there)
     except ServerError as e:
         raise ValueError(f"--trace-config: {e}") from None
     return config

@@ -16,6 +16,13 @@ the file when their setting is replaced and at shutdown; with N they go to ``<fi
 Unlike Triton's file, ours is valid JSON after every write (a later write replaces the closing
 bracket), so a trace file can be read while the server runs.
 
+In mode ``opentelemetry`` (``--trace-config mode=opentelemetry``) a trace collects the same stamps
+and, once it is complete, becomes OpenTelemetry spans (kernel.otel, which alone imports the SDK, and
+only in that mode): Triton's ``InferRequest`` span with the front's events, a span per request named
+after its model, a ``compute`` span under it. A W3C ``traceparent`` the client sent (the fronts pass
+their headers through to :meth:`Tracer.sample`) makes the request traced whatever the rate, and its
+spans join the client's trace.
+
 The cost when tracing is off is one attribute read per request (``Tracer.on``) in each front and
 one ``request.trace`` check where the core stamps; traces are formatted as they happen and written
 in batches, so a sampled request costs a few microseconds of string formatting and no syscall.
@@ -41,6 +48,12 @@ log = logging.getLogger("kernel.tracing")
 
 TIMESTAMPS = 1
 TENSORS = 2
+TRITON = "triton"
+OPENTELEMETRY = "opentelemetry"
+#: the BatchSpanProcessor settings: their environment variable (read as Triton does, for a default) and default
+BSP = {"bsp_max_queue_size": ("OTEL_BSP_MAX_QUEUE_SIZE", "2048"),
+       "bsp_schedule_delay": ("OTEL_BSP_SCHEDULE_DELAY", "5000"),
+       "bsp_max_export_batch_size": ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "512")}
 _LEVEL_NAMES = {"TIMESTAMPS": TIMESTAMPS, "TENSORS": TENSORS}
 _U32 = 1 << 32
 _INT32_MAX = (1 << 31) - 1
@@ -84,11 +97,12 @@ class Setting:
     """One trace setting (global or a model's): its values, which of them it specifies itself, and the
     traces it has sampled and collected."""
 
-    __slots__ = ("level", "rate", "count", "log_frequency", "file", "specified", "sample", "created", "collected",
-                 "chunks", "in_stream", "retired")
+    __slots__ = ("level", "rate", "count", "log_frequency", "file", "mode", "specified", "sample", "created",
+                 "collected", "chunks", "in_stream", "retired")
 
     def __init__(self, level: int, rate: int, count: int, log_frequency: int, file: TraceFile,
-                 specified: frozenset[str] = frozenset()) -> None:
+                 specified: frozenset[str] = frozenset(), mode: str = TRITON) -> None:
+        self.mode = mode
         self.level = level
         self.rate = rate
         self.count = count
@@ -108,19 +122,26 @@ class Setting:
             return "tracing is disabled"
         if self.rate == 0:
             return "sample rate must be non-zero"
-        if not self.file.path:
+        if self.mode == TRITON and not self.file.path:
             return "trace file name is not given"
         return ""
 
-    def take(self) -> bool:
-        """Count one request; whether it is traced (every ``rate``-th, while ``count`` lasts)."""
-        if self.count == 0 or self.reason():
+    def take(self, forced: bool = False) -> bool:
+        """Count one request; whether it is traced (every ``rate``-th, while ``count`` lasts). ``forced``
+        (mode opentelemetry: the client sent a trace context) traces it anyway, as Triton's
+        ``SampleTrace(force_sample)``: it still counts towards the rate, and takes from the count only
+        when the rate picked it; with rate 0 (allowed at start in this mode) only forced requests are traced."""
+        if self.rate == 0:
+            return forced
+        if (self.count == 0 or self.reason()) and not forced:
             return False
         self.sample += 1
         if self.sample % self.rate:
-            return False
+            return forced
         if self.count > 0:
             self.count -= 1
+        elif self.count == 0:  # (forced: the count ran out)
+            return True
         self.created += 1
         return True
 
@@ -147,8 +168,11 @@ class Setting:
         self.write(numbered=bool(self.log_frequency))
 
     def values(self) -> dict[str, Any]:
-        """Triton's JSON of the setting."""
+        """Triton's JSON of the setting (mode opentelemetry: no file, no log frequency)."""
         levels = [name for name, bit in _LEVEL_NAMES.items() if self.level & bit] or ["OFF"]
+        if self.mode == OPENTELEMETRY:
+            return {"trace_level": levels, "trace_rate": str(self.rate), "trace_count": str(self.count),
+                    "trace_mode": self.mode}
         return {"trace_level": levels, "trace_rate": str(self.rate), "trace_count": str(self.count),
                 "log_frequency": str(self.log_frequency), "trace_file": self.file.path, "trace_mode": "triton"}
 
@@ -193,7 +217,7 @@ class Trace:
 
     def child(self, tracer: Tracer) -> Trace:
         """The trace of a request this one's request makes (an ensemble step)."""
-        trace = Trace(tracer, self.setting, self, front=False)
+        trace = type(self)(tracer, self.setting, self, front=False)
         self.children.append(trace)
         return trace
 
@@ -305,6 +329,43 @@ class Trace:
         return records
 
 
+class SpanTrace(Trace):
+    """A trace in mode opentelemetry: the same stamps, kept as (name, ns); the root's end makes them spans
+    (kernel.otel.Exporter.emit). Tensors are not traced in this mode, as in Triton."""
+
+    __slots__ = ("stamps", "head", "context", "exporter")
+
+    def __init__(self, tracer: Tracer, setting: Setting, parent: Trace | None = None, front: bool = True) -> None:
+        super().__init__(tracer, setting, parent, front)
+        self.level &= TIMESTAMPS
+        self.stamps: list[tuple[str, int]] = []
+        self.head: tuple[str, int, str] | None = None  # model, version, request id: set once queued
+        self.context: Any = None  # the client's trace context (a root's), or None
+        self.exporter = tracer.exporter
+
+    def stamp(self, name: str, ns: int | None = None) -> None:
+        if self.level:
+            self.stamps.append((name, _clock() if ns is None else ns))
+
+    def begin(self, model: str, version: int, request_id: str, inputs: list, read: Any, ns: int) -> None:
+        self.head = (model, version, request_id)
+        self.stamp("REQUEST_START", ns)
+        self.stamp("QUEUE_START")
+
+    def _outputs(self, outputs: list) -> None:
+        pass
+
+    @_guarded
+    def finish(self) -> None:
+        """The trace is complete: a root's spans (its children's too) go to the exporter."""
+        if self.done:
+            return
+        self.done = True
+        self.live.pop(self.id, None)
+        if self.parent is None and self.exporter is not None:
+            self.exporter.emit(self, _clock())
+
+
 class Tracer:
     """The global and per-model trace settings, and sampling.
 
@@ -313,11 +374,21 @@ class Tracer:
     §15), so nothing here follows model unloads.
     """
 
-    def __init__(self, config: dict[str, Any] | None = None) -> None:
+    def __init__(self, config: dict[str, Any] | None = None, export: bool = True) -> None:
+        """``config``: ``--trace-config``'s settings (kernel.cli.trace_config); in mode opentelemetry, its
+        ``opentelemetry`` item holds the ``(key, value)`` pairs of ``--trace-config opentelemetry,...``.
+        ``export`` False only checks them (no exporter is made)."""
         config = config or {}
-        mode = config.get("mode", "triton")
-        if mode != "triton":
-            raise ServerError(f"trace mode '{mode}' is not supported by this server (only 'triton')", "INVALID_ARG")
+        self.mode = mode = config.get("mode", TRITON)
+        if mode not in (TRITON, OPENTELEMETRY):
+            raise ServerError(f'invalid value for trace mode option: {mode}. Available options are "triton" and '
+                              '"opentelemetry"', "INVALID_ARG")
+        #: mode opentelemetry: the exporter's settings, as Triton reads them back (url, resource, bsp_*)
+        self.otel_settings: list[tuple[str, str]] = []
+        self.exporter: Any = None  # kernel.otel.Exporter in mode opentelemetry
+        if mode == OPENTELEMETRY:
+            self.otel_settings = otel_settings(config.get(OPENTELEMETRY) or ())
+            otel = load_otel()  # (the packages are checked at start, also by a check alone)
         level = 0
         for name in config.get("level", ["OFF"]):
             name = name.upper()
@@ -330,23 +401,50 @@ class Tracer:
         self.default = self.global_ = Setting(
             level, _u32("rate", str(config.get("rate", "1000"))),
             _count_of("trace_count", str(config.get("count", "-1"))),
-            _u32("log_frequency", str(config.get("log_frequency", "0"))), TraceFile(str(config.get("file", ""))))
-        if level and self.global_.reason():  # e.g. a level and no file: it would never trace
+            _u32("log_frequency", str(config.get("log_frequency", "0"))),
+            TraceFile(str(config.get("file", "")) if mode == TRITON else ""), mode=mode)
+        # e.g. a level and no file: it would never trace. (Mode opentelemetry: Triton's rate 0 at start traces
+        # only the requests that bring a trace context.)
+        if level and self.global_.reason() and mode == TRITON:
             raise invalid(f"Attempting to set invalid trace setting :{self.global_.reason()}")
         self.models: dict[str, Setting] = {}
         self.last_id = 0
         self.live: dict[int, Trace] = {}  # traces of requests in flight, by id (kernel.bls: a BLS call's parent)
         self.on = bool(self.global_.level)
+        self._no_tensors()
+        if mode == OPENTELEMETRY and export:  # last: nothing after it can fail and leave its thread running
+            self.exporter = otel.Exporter(self.otel_settings)
 
-    def sample(self, model: str, front: bool = True) -> Trace | None:
-        """The trace of a request to ``model`` entering now, if it is sampled (check ``on`` first)."""
+    def sample(self, model: str, front: bool = True, header: Callable[[str], str | None] | None = None
+               ) -> Trace | None:
+        """The trace of a request to ``model`` entering now, if it is sampled (check ``on`` first).
+        ``header``: the request's header (HTTP) or metadata (gRPC) by lower-case name, where a client's
+        W3C trace context (``traceparent``, ``tracestate``) is read in mode opentelemetry."""
         setting = self.models.get(model, self.global_)
-        if not setting.level or not setting.take():
+        if not setting.level:
             return None
-        return Trace(self, setting, front=front)
+        if self.exporter is None:
+            return Trace(self, setting, front=front) if setting.take() else None
+        context = None
+        if header is not None and (parent := header("traceparent")):
+            context = self.exporter.context(parent, header("tracestate"))
+        if not setting.take(context is not None):
+            return None
+        trace = SpanTrace(self, setting, front=front)
+        trace.context = context
+        return trace
 
     def settings(self, model: str = "") -> dict[str, Any]:
-        return self.models.get(model, self.global_).values()
+        """Triton's trace setting JSON; mode opentelemetry adds the exporter's settings (a ``resource``
+        given more than once: a list, as gRPC gives it; Triton's HTTP JSON repeats the key)."""
+        values = self.models.get(model, self.global_).values()
+        for key, value in self.otel_settings:
+            if key in values:
+                old = values[key]
+                values[key] = [*old, value] if isinstance(old, list) else [old, value]
+            else:
+                values[key] = value
+        return values
 
     def update(self, model: str, changes: dict[str, Any]) -> None:
         """Apply ``changes`` (field -> value, or None to clear it back to the fallback) as Triton does: a
@@ -368,6 +466,11 @@ class Tracer:
             else:
                 self.models[name] = setting
         self.on = bool(self.global_.level) or any(s.level for s in self.models.values())
+        self._no_tensors()
+
+    def _no_tensors(self) -> None:
+        if self.mode == OPENTELEMETRY and any(s.level & TENSORS for s in (self.global_, *self.models.values())):
+            log.error("Tensor level tracing is not supported by the mode: opentelemetry")  # (Triton's words)
 
     def _derive(self, model: str, changes: dict[str, Any], global_: Setting | None = None) -> Setting | None:
         """The setting ``changes`` make of ``model``'s (the global one's for ""); None: the model's setting
@@ -391,16 +494,74 @@ class Tracer:
             else:
                 values[key] = getattr(fallback, key)
         setting = Setting(values["level"], values["rate"], values["count"], values["log_frequency"],
-                          fallback.file, frozenset(specified))
+                          fallback.file, frozenset(specified), self.mode)
         problem = setting.reason()
         if problem and setting.level:
             raise invalid(f"Attempting to set invalid trace setting :{problem}")
         return setting
 
     def close(self) -> None:
-        """The server stops: every setting's collected traces go to their files."""
+        """The server stops: every setting's collected traces go to their files; the spans still queued
+        are exported (mode opentelemetry)."""
         for setting in (self.global_, *self.models.values()):
             setting.retire()
+        if self.exporter is not None:
+            self.exporter.shutdown()
+
+
+def load_otel() -> Any:
+    """kernel.otel, which imports the OpenTelemetry SDK: only mode opentelemetry needs it (the ``otel``
+    extra), so a server without it starts in every other mode and this one says what to install."""
+    try:
+        from kernel import otel
+    except ImportError as e:
+        raise ServerError("trace mode 'opentelemetry' needs the packages opentelemetry-sdk and "
+                          f"opentelemetry-exporter-otlp-proto-http: pip install 'edge-kernel[otel]' ({e})",
+                          "INVALID_ARG") from None
+    return otel
+
+
+def otel_settings(items: Any) -> list[tuple[str, str]]:
+    """``--trace-config opentelemetry,<key>=<value>`` pairs (or a dict) checked, as Triton reads them back:
+    in the order given, the ``bsp_*`` values as numbers, then the ``bsp_*`` defaults not given (from
+    ``OTEL_BSP_*`` when set, as Triton takes them). Stricter than Triton where it would do something
+    unexpected quietly: an unknown key, a resource without ``<key>=``, a zero queue or batch size."""
+    pairs = list(items.items()) if isinstance(items, dict) else list(items)
+    settings: list[tuple[str, str]] = []
+    for key, value in pairs:
+        value = str(value)
+        if key in BSP:
+            settings.append((key, str(_stoul(f"--trace-config opentelemetry,{key}", value, key))))
+        elif key == "url":
+            settings.append((key, value))
+        elif key == "resource":
+            name, eq, _ = value.partition("=")
+            if not eq or not name:
+                raise invalid(f'Bad option: "--trace-config opentelemetry,resource". Expected <key>=<value>, '
+                              f"got {value}")
+            settings.append((key, value))
+        else:
+            raise invalid(f"unknown trace setting 'opentelemetry,{key}' (url, resource, {', '.join(BSP)})")
+    given = {key for key, _ in settings}
+    for key, (env, default) in BSP.items():
+        if key not in given:
+            settings.append((key, str(_stoul(env, os.environ.get(env, default), key))))
+    return settings
+
+
+def _stoul(option: str, text: str, key: str) -> int:
+    """``std::stoul`` to ``uint32_t`` as Triton's parser calls it, with its messages; a zero queue or export
+    batch size is refused (the SDK's processor cannot have one)."""
+    match = _LEADING_INT.match(text)
+    if match is None:
+        raise invalid(f'Bad option: "{option}". Invalid option value. Got {text}')
+    value = int(match.group())
+    if abs(value) >= 1 << 64:
+        raise invalid(f'Bad option: "{option}". Provided option value is out of bound. Got {text}')
+    value = value % (1 << 64) % _U32  # stoul wraps a negative value; the cast keeps the low 32 bits
+    if value == 0 and key != "bsp_schedule_delay":
+        raise invalid(f'Bad option: "{option}". The value must be positive. Got {text}')
+    return value
 
 
 # -- requests to change the settings (HTTP JSON and gRPC), checked with Triton's messages --------

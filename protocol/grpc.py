@@ -186,7 +186,7 @@ class InferenceService:
 
     def _traced(self, request: InferRequest, call: Call, mv: Any) -> Deferred:
         """ModelInfer while tracing is on: the request may be sampled (kernel.tracing)."""
-        trace = self.core.tracer.sample(request.model_name)
+        trace = self.core.tracer.sample(request.model_name, header=call.metadata)  # (a traceparent)
         if trace is None:
             return Deferred(self.core.submit(request, mv), _infer_reply)
         trace.stamp("GRPC_WAITREAD_START", call.born)
@@ -226,7 +226,8 @@ class InferenceService:
             mv = self.core.version(request.model_name, request.model_version)
             if self.core.tracer.on:  # an ordinary model's trace ends once its response is written (_StreamOut);
                 # a decoupled model's, whose responses come one by one, with the request
-                request.trace = self.core.tracer.sample(request.model_name, front=not mv.decoupled)
+                request.trace = self.core.tracer.sample(request.model_name, front=not mv.decoupled,
+                                                        header=out.stream.metadata)  # (the stream's traceparent)
                 if request.trace is not None:
                     request.trace.stamp("GRPC_WAITREAD_START")  # (its message is read: no wait to time)
                     request.trace.stamp("GRPC_WAITREAD_END")

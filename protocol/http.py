@@ -246,7 +246,7 @@ class HttpFront:
             return _error(e, _TEXT)  # Triton answers an unknown model on this route in text/plain
         mv.wake()  # its worker wakes while the request is parsed
         tracer = self.core.tracer
-        trace = tracer.sample(mv.name) if tracer.on else None
+        trace = tracer.sample(mv.name, header=request.headers.get) if tracer.on else None  # (a traceparent)
         if trace is not None:
             trace.stamp("HTTP_RECV_START", request.received)
             trace.stamp("HTTP_RECV_END")
