@@ -715,8 +715,9 @@ def trace_args(rate: int, out: str, side: str, start: int) -> list[str]:
             "--trace-config", f"rate={rate}"]
 
 
-def write_timeline(out: str, windows: list[tuple[str, str, int, int, int]]) -> None:
-    """timeline.md: per scenario, each event's median time after arrival on each server (bench.timeline)."""
+def write_timeline(out: str, windows: list[tuple[str, str, int, int, int]], every: bool = False) -> None:
+    """timeline.md: per scenario, each event's median time after arrival on each server (bench.timeline);
+    ``every`` (``--trace 1``): also when the next request arrived."""
     from bench import timeline
 
     loaded: dict[str, list] = {}
@@ -730,7 +731,7 @@ def write_timeline(out: str, windows: list[tuple[str, str, int, int, int]]) -> N
                 print(f"warning: no trace from {path}: {e}", file=sys.stderr)
                 loaded[path] = []
         events = scenarios.setdefault(name, {}).setdefault(side, {})
-        for group in timeline.offsets(loaded[path], (first, last)).values():
+        for group in timeline.offsets(loaded[path], (first, last), every).values():
             for event, values in group.items():
                 events.setdefault(event, []).extend(values)
     parts = ["# Where the time goes: traced requests, ours and Triton's\n",
@@ -786,7 +787,7 @@ def _compare(args: argparse.Namespace, command: str) -> int:
         text = page.save(docs=bool(page.doc["rows"]))
         if args.trace:
             try:
-                write_timeline(out, runner.windows)
+                write_timeline(out, runner.windows, every=args.trace == 1)
             except Exception as e:  # noqa: BLE001 - the run's own outcome stays what it was
                 print(f"warning: no timeline: {e}", file=sys.stderr)
     print(text)

@@ -3,7 +3,9 @@
 ``python -m bench.timeline FILE [FILE ...]`` prints, per model and protocol, the median time of each
 traced event after the request reached the server (HTTP_RECV_START, or GRPC_WAITREAD_END: Triton's
 GRPC_WAITREAD_START is when its handler began waiting for *any* call; REQUEST_START for the in-process
-API's requests). An ensemble's steps (child
+API's requests). With ``--every`` (every request was traced: rate 1), "next request arrives" is when the
+request after it reached the server: at concurrency 1, its distance from the send events is the client's
+turnaround and its request's way to the server, which no trace event shows. An ensemble's steps (child
 traces) appear as ``<step model>: <event>`` rows on their ensemble request's clock, which makes the
 pipeline's hops visible. ``bench compare --trace N`` runs both servers with tracing and writes this
 table for every scenario beside Triton's (timeline.md), splitting the traces by the scenario that
@@ -22,10 +24,12 @@ import sys
 from collections.abc import Iterable
 from typing import Any
 
+#: the next request's arrival (``--trace 1`` at concurrency 1): the client's turnaround, after the answer left
+NEXT = "next request arrives"
 #: events in the order a request meets them (the file's order differs between servers and runs)
 ORDER = ["HTTP_RECV_START", "GRPC_WAITREAD_END", "HTTP_RECV_END", "REQUEST_START", "QUEUE_START", "COMPUTE_START",
          "COMPUTE_INPUT_END", "COMPUTE_OUTPUT_START", "COMPUTE_END", "INFER_RESPONSE_COMPLETE", "REQUEST_END",
-         "HTTP_SEND_START", "GRPC_SEND_START", "HTTP_SEND_END", "GRPC_SEND_END"]
+         "HTTP_SEND_START", "GRPC_SEND_START", "HTTP_SEND_END", "GRPC_SEND_END", NEXT]
 _RANK = {name: i for i, name in enumerate(ORDER)}
 
 
@@ -51,19 +55,29 @@ def _base(ns: dict[str, int]) -> int | None:
     return ns.get("HTTP_RECV_START", ns.get("GRPC_WAITREAD_END", ns.get("REQUEST_START")))
 
 
-def offsets(traces: list[dict[str, Any]], window: tuple[int, int] | None = None) -> dict[str, dict[str, list[int]]]:
+def offsets(traces: list[dict[str, Any]], window: tuple[int, int] | None = None,
+            every: bool = False) -> dict[str, dict[str, list[int]]]:
     """Per ``"<model> <protocol>"`` of the requests clients made (in ``window``, by REQUEST_START): each
-    event's offsets after the request reached the server, its steps' events as ``"<model>: <event>"``."""
+    event's offsets after the request reached the server, its steps' events as ``"<model>: <event>"``;
+    ``every`` (each request was traced): also when the next request arrived."""
     children: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for t in traces:
         if t["parent"]:
             children.setdefault((t["file"], t["parent"]), []).append(t)
     out: dict[str, dict[str, list[int]]] = {}
+    following: dict[int, int] = {}  # id(trace) -> when the request after it arrived
+    if every:  # (one server's traces, whatever their files; ids rise with each traced request, whatever the
+        # rate: only the caller knows that it was 1)
+        roots = sorted((t["id"], base, id(t)) for t in traces if not t["parent"] and (base := _base(t["ns"])))
+        for (_, _, key), (_, after, _) in zip(roots, roots[1:]):
+            following[key] = after
     for t in traces:
         ns = t["ns"]
         base = _base(ns)
         if t["parent"] or base is None:
             continue
+        if id(t) in following:
+            ns = {**ns, NEXT: following[id(t)]}
         if window is not None and not window[0] <= ns.get("REQUEST_START", base) <= window[1]:
             continue
         protocol = "gRPC" if "GRPC_WAITREAD_END" in ns else "HTTP" if "HTTP_RECV_START" in ns else "in process"
@@ -114,8 +128,10 @@ def _key(sides: dict[str, dict[str, list[int]]]) -> Any:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.timeline", description=__doc__.split("\n\n")[0])
     parser.add_argument("files", nargs="+", help="trace files (Triton's format), one column each")
+    parser.add_argument("--every", action="store_true", help="every request was traced (rate 1): add when the "
+                                                             "next request arrived")
     args = parser.parse_args(argv)
-    per_file = {path: offsets(load([path])) for path in args.files}
+    per_file = {path: offsets(load([path]), every=args.every) for path in args.files}
     groups = sorted({group for result in per_file.values() for group in result})
     for group in groups:
         print(f"\n### {group}\n")

@@ -463,6 +463,11 @@ def test_timeline_of_our_traces(http, traced):
     assert [median[n] for n in order] == sorted(median[n] for n in order), median
     text = timeline.table({"ours": events})
     assert "| double: COMPUTE_START |" in text and "| requests traced | 3 |" in text
+    assert timeline.NEXT not in events  # (only when every request was traced, which the files cannot say)
+    # Every request was traced: the next request's arrival, after this one's answer, for all but the last.
+    arrived = timeline.offsets(timeline.load(files), every=True)["twice HTTP"][timeline.NEXT]
+    assert len(arrived) == 2 and all(a > sent for a, sent in zip(arrived, events["HTTP_SEND_END"])), (
+        arrived, events["HTTP_SEND_END"])  # (the files, and so the lists, in the order of the requests)
 
 
 def test_a_request_given_up_still_ends_its_trace(http, traced):
