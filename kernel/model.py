@@ -476,6 +476,8 @@ class ModelVersion:
                     spec["rid"] = request.id
                 if request.trace is not None:  # a BLS request the model makes with it is traced as its child
                     spec["tr"] = request.trace.id
+                    if request.trace.traceparent is not None:  # mode opentelemetry: get_context()'s answer
+                        spec["tc"] = request.trace.traceparent
                 if request.parameters:
                     params = {k: v for k, v in request.parameters.items() if k not in RESERVED_PARAMETERS}
                     if params:

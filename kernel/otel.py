@@ -24,6 +24,7 @@ from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExport
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -34,6 +35,22 @@ _COMPUTE = frozenset(("COMPUTE_START", "COMPUTE_INPUT_END", "COMPUTE_OUTPUT_STAR
 def _front(name: str) -> bool:
     """An event of the root span (the front's, and the response's completion)."""
     return name.startswith(("HTTP_", "GRPC_")) or name == "INFER_RESPONSE_COMPLETE"
+
+
+class _ChosenIds(RandomIdGenerator):
+    """The ids of the span about to be made, when they were chosen before it (kernel.tracing.SpanTrace: a
+    model may have passed its request span's context on already); random ones otherwise."""
+
+    def __init__(self) -> None:
+        self.span = self.trace = 0
+
+    def generate_span_id(self) -> int:
+        span, self.span = self.span, 0
+        return span or super().generate_span_id()
+
+    def generate_trace_id(self) -> int:
+        trace, self.trace = self.trace, 0
+        return trace or super().generate_trace_id()
 
 
 class Exporter:
@@ -64,7 +81,8 @@ class Exporter:
             # delay of 0 (export at once) and a batch larger than the queue (the queue's size, in effect).
             schedule_delay_millis=max(bsp["bsp_schedule_delay"], 1),
             max_export_batch_size=min(bsp["bsp_max_export_batch_size"], queue))
-        self.provider = TracerProvider(sampler=ALWAYS_ON, resource=Resource.create(attributes))
+        self.ids = _ChosenIds()
+        self.provider = TracerProvider(sampler=ALWAYS_ON, resource=Resource.create(attributes), id_generator=self.ids)
         self.provider.add_span_processor(processor)
         self.tracer = self.provider.get_tracer("triton-server")
         self.propagator = TraceContextTextMapPropagator()
@@ -78,6 +96,11 @@ class Exporter:
         context = self.propagator.extract(carrier)
         return context if api.get_current_span(context).get_span_context().is_valid else None
 
+    @staticmethod
+    def trace_id(context: Any) -> int:
+        """The trace id of a client's context (from :meth:`context`)."""
+        return api.get_current_span(context).get_span_context().trace_id
+
     def emit(self, root: Any, end_ns: int) -> None:
         """A finished root trace (kernel.tracing.SpanTrace) and its children, as spans. ``end_ns``: when it
         finished (the ``InferRequest`` span's end, after the response was sent)."""
@@ -87,6 +110,8 @@ class Exporter:
         events = sorted((ns, name) for name, ns in root.stamps if _front(name))
         start = min(ns for _, ns in root.stamps)
         # (no client context: a new trace, never a child of whatever span the calling thread has open)
+        if root.context is None:  # (with a client's context, the SDK takes the client's trace id)
+            self.ids.trace = root.trace_id
         span = self.tracer.start_span("InferRequest", context=root.context or Context(), kind=_SERVER,
                                       start_time=start + offset)
         for ns, name in events:
@@ -106,6 +131,7 @@ class Exporter:
                       "triton.trace_parent_id": trace.parent.id if trace.parent is not None else 0}
         if request_id:
             attributes["triton.request_id"] = request_id
+        self.ids.span = trace.span_id
         span = self.tracer.start_span(model, context=api.set_span_in_context(parent), kind=_SERVER,
                                       start_time=stamps[0][0] + offset, attributes=attributes)
         for ns, name in own:

@@ -34,6 +34,7 @@ import functools
 import json
 import logging
 import os
+import random
 import re
 import time
 from collections.abc import Callable
@@ -197,6 +198,8 @@ def finish_if_cancelled(trace: Trace) -> Callable[[Any], None]:
 class Trace:
     """One sampled request's records (a root trace also holds its children's)."""
 
+    traceparent: str | None = None  # (mode triton: no OpenTelemetry context to give a model)
+
     __slots__ = ("setting", "id", "parent", "level", "records", "children", "front", "responded", "ended", "done",
                  "live")
 
@@ -333,7 +336,7 @@ class SpanTrace(Trace):
     """A trace in mode opentelemetry: the same stamps, kept as (name, ns); the root's end makes them spans
     (kernel.otel.Exporter.emit). Tensors are not traced in this mode, as in Triton."""
 
-    __slots__ = ("stamps", "head", "context", "exporter")
+    __slots__ = ("stamps", "head", "context", "exporter", "trace_id", "span_id")
 
     def __init__(self, tracer: Tracer, setting: Setting, parent: Trace | None = None, front: bool = True) -> None:
         super().__init__(tracer, setting, parent, front)
@@ -342,6 +345,15 @@ class SpanTrace(Trace):
         self.head: tuple[str, int, str] | None = None  # model, version, request id: set once queued
         self.context: Any = None  # the client's trace context (a root's), or None
         self.exporter = tracer.exporter
+        # The ids of its request's span, chosen now: the spans are made at the end, but the model may ask for
+        # its context while it runs (a python model's request.trace().get_context(), to pass on).
+        self.trace_id: int = parent.trace_id if isinstance(parent, SpanTrace) else random.getrandbits(128) or 1
+        self.span_id: int = random.getrandbits(64) or 1
+
+    @property
+    def traceparent(self) -> str:
+        """The W3C context of its request's span, as a python model's ``get_context()`` gives it."""
+        return f"00-{self.trace_id:032x}-{self.span_id:016x}-01"
 
     def stamp(self, name: str, ns: int | None = None) -> None:
         if self.level:
@@ -431,7 +443,9 @@ class Tracer:
         if not setting.take(context is not None):
             return None
         trace = SpanTrace(self, setting, front=front)
-        trace.context = context
+        if context is not None:
+            trace.context = context
+            trace.trace_id = self.exporter.trace_id(context)  # (its spans join the client's trace)
         return trace
 
     def settings(self, model: str = "") -> dict[str, Any]:

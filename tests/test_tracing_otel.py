@@ -5,6 +5,7 @@ runs, and the official tritonclient sends the requests, over HTTP and gRPC, with
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -113,7 +114,21 @@ def _otel_repository(dest: Path) -> Path:
     # the BLS caller without test_tracing's check that the trace context is None (mode triton's answer)
     _python(dest, "bls_otel", _io([("IN", "FP32", "4")], [("OUT", "FP32", "4")]),
             _BLS_CALLER.replace("            assert r.trace().get_context() is None\n", ""))
+    _python(dest, "context", _io([("IN", "FP32", "4")], [("CONTEXT", "STRING", "1")]), _CONTEXT)
     return dest
+
+
+#: a python model that answers its request's OpenTelemetry context, as a model passes it on
+_CONTEXT = """
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        return [pb_utils.InferenceResponse([pb_utils.Tensor("CONTEXT", np.array(
+            [r.trace().get_context() or "none"], dtype=object))]) for r in requests]
+"""
 
 
 @pytest.fixture(scope="module")
@@ -393,3 +408,25 @@ def test_missing_packages_are_a_clear_error(monkeypatch):
 def test_unknown_model_is_still_refused(http):
     with pytest.raises(InferenceServerException, match="Request for unknown model : nosuch"):
         http.get_trace_settings(model_name="nosuch")
+
+
+def test_a_python_model_gets_its_request_span_context(http, collector):
+    """``request.trace().get_context()`` is Triton's ``{"traceparent": ...}`` of the request's span (the one
+    named after the model) while the model runs, though the spans are made when the trace ends; under a
+    client's context its trace id is the client's. Not traced: None."""
+    inputs = [httpclient.InferInput("IN", [4], "FP32")]
+    inputs[0].set_data_from_numpy(np.zeros(4, np.float32))
+    for client_context in (None, TRACEPARENT):
+        headers = {"traceparent": client_context} if client_context else None  # (tritonclient adds to a dict)
+        answer = http.infer("context", inputs, headers=headers).as_numpy("CONTEXT")[0]
+        context = json.loads(answer)
+        assert list(context) == ["traceparent"]
+        version, trace_id, span_id, flags = context["traceparent"].split("-")
+        spans = _by_name(collector.take(3))
+        assert (version, flags) == ("00", "01")
+        assert (spans["context"]["trace"], spans["context"]["id"]) == (trace_id, span_id)
+        assert spans["compute"]["parent"] == span_id and spans["InferRequest"]["trace"] == trace_id
+        if client_context:
+            assert trace_id == TRACE_ID and spans["InferRequest"]["parent"] == SPAN_ID
+    http.update_trace_settings(settings={"trace_count": "0"})
+    assert http.infer("context", inputs).as_numpy("CONTEXT")[0] == b"none"

@@ -134,7 +134,7 @@ class Request:
     """
 
     __slots__ = ("inputs", "requested_outputs", "id", "correlation_id", "flags", "_parameters", "_spans",
-                 "_dests", "_place", "_placed", "_send", "_board", "_flag", "trace_id")
+                 "_dests", "_place", "_placed", "_send", "_board", "_flag", "trace_id", "trace_context")
 
     def __init__(self, inputs: dict[str, np.ndarray], requested_outputs: list[str], request_id: str = "",
                  correlation_id: int | str = 0, flags: int = 0, parameters: str = "") -> None:
@@ -152,6 +152,8 @@ class Request:
         self._board: memoryview | None = None  # the front's cancel board, and this request's byte on it
         self._flag = -1
         self.trace_id = 0  # the front's trace of it (kernel.tracing), 0: not traced
+        #: its span's W3C ``traceparent`` when the server traces in mode opentelemetry, else None
+        self.trace_context: str | None = None
 
     @property
     def parameters(self) -> dict:

@@ -259,6 +259,7 @@ class Worker:
                               spec.get("fl", 0), spec.get("p", ""))
             request._spans = spans
             request.trace_id = spec.get("tr", 0)
+            request.trace_context = spec.get("tc")
             request._dests = spec.get("shm") or {}
             request._place = place
             request._board = board

@@ -122,7 +122,7 @@ class PythonBackend(Backend):
         inference = pb.InferenceRequest(
             model_name=self.name, inputs=tensors, requested_output_names=request.requested_outputs,
             request_id=request.id, correlation_id=request.correlation_id, flags=request.flags,
-            parameters=request._parameters or "{}", trace=pb.InferenceTrace(request.trace_id))
+            parameters=request._parameters or "{}", trace=pb.InferenceTrace(request.trace_id, request.trace_context))
         inference._is_cancelled = request.is_cancelled
         if self.decoupled:
             inference._sender = pb.InferenceResponseSender(

@@ -274,13 +274,18 @@ class PreferredMemory:
 class InferenceTrace:
     """A request's trace, as Triton's python backend gives it (``request.trace()``): a BLS request made
     with it (``InferenceRequest(..., trace=request.trace())``) is traced as a child of that request when the
-    server traces it. ``get_context()`` is the OpenTelemetry context: None here (Triton's trace mode)."""
+    server traces it. ``get_context()`` is its request span's OpenTelemetry context, as Triton gives it
+    (``{"traceparent": "00-<trace id>-<span id>-01"}``, JSON) when the server traces it in mode
+    opentelemetry; None otherwise."""
 
-    def __init__(self, trace_id: int = 0) -> None:
+    def __init__(self, trace_id: int = 0, context: str | None = None) -> None:
         self._id = trace_id
+        self._context = context
 
-    def get_context(self) -> str | None:
-        return None
+    def get_context(self, mode: str = "opentelemetry") -> str | None:
+        if self._context is None or mode != "opentelemetry":
+            return None
+        return json.dumps({"traceparent": self._context})
 
 
 class InferenceRequest:
