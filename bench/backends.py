@@ -268,7 +268,7 @@ def _http_client(server: Any, model: str, m: dict, x: np.ndarray, out_bytes: int
     import tritonclient.http as httpclient
     import tritonclient.utils.shared_memory as shm
 
-    from protocol import dtypes
+    from shm import dtypes
 
     client = httpclient.InferenceServerClient(server.url("http"))
     key = f"/bench_{model}_{x.shape[0]}_{os.getpid()}"

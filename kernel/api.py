@@ -43,7 +43,7 @@ import numpy as np
 from kernel.errors import ServerError
 from kernel.server import Core, default_repository
 from kernel.types import ArenaRef, InferRequest, InferResponse, InputTensor, RequestedOutput
-from protocol import dtypes
+from shm import dtypes
 
 __all__ = ["InferResult", "Model", "Server", "ServerError"]
 

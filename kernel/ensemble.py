@@ -25,7 +25,7 @@ from kernel.model import ModelVersion, Pending, Skipped, _settle
 from kernel.scheduler import Scheduler
 from kernel.tracing import TENSORS
 from kernel.types import ArenaRef, InferRequest, InferResponse, InputTensor, OutputTensor, RequestedOutput, ShmRef
-from protocol import dtypes
+from shm import dtypes
 from shm.link import FAILED, OK
 
 if TYPE_CHECKING:

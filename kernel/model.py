@@ -19,8 +19,8 @@ from kernel.instance import Instance, Regions
 from kernel.scheduler import Scheduler, make_scheduler
 from kernel.stats import ModelStats
 from kernel.types import ArenaRef, InferRequest, InferResponse, OutputTensor, ShmRef
-from protocol import dtypes
 from protocol.model_config_pb2 import ModelConfig, ModelInstanceGroup
+from shm import dtypes
 from shm.arena import round_up
 
 if TYPE_CHECKING:

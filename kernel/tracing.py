@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from kernel.errors import ServerError, invalid
-from protocol import dtypes
+from shm import dtypes
 
 log = logging.getLogger("kernel.tracing")
 

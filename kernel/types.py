@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from protocol import dtypes
+from shm import dtypes
 
 if TYPE_CHECKING:
     from kernel.shm_registry import Registration

@@ -32,9 +32,9 @@ from google.protobuf.message import DecodeError
 from kernel.errors import ServerError, invalid
 from kernel.shm_registry import SharedMemoryRegistry
 from kernel.types import InferRequest, InferResponse, InputTensor, RequestedOutput
-from protocol import dtypes
 from protocol import grpc_service_pb2 as pb
 from protocol.v2json import shm_ref
+from shm import dtypes
 
 #: Request parameter keys starting with ``triton_`` that clients may send (Triton's list).
 TRITON_RESERVED_REQUEST_PARAMS = ("triton_enable_empty_final_response",)

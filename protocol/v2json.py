@@ -10,7 +10,7 @@ import orjson
 from kernel.errors import ServerError, invalid
 from kernel.shm_registry import SharedMemoryRegistry
 from kernel.types import ArenaRef, InferRequest, InferResponse, InputTensor, RequestedOutput, ShmRef
-from protocol import dtypes
+from shm import dtypes
 
 
 def _parse_error(message: str) -> ServerError:

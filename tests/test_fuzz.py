@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 from kernel import config as cfg
 from kernel.errors import ServerError
 from kernel.shm_registry import SharedMemoryRegistry
-from protocol import dtypes, v2json
+from protocol import v2json
+from shm import dtypes
 from shm.region import Region
 
 EXAMPLES = int(os.environ.get("EK_FUZZ_EXAMPLES", "150"))

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from protocol import dtypes
+from shm import dtypes
 
 #: Triton's error codes, as BackendError takes them.
 CODES = ("UNKNOWN", "INTERNAL", "NOT_FOUND", "INVALID_ARG", "UNAVAILABLE", "UNSUPPORTED", "ALREADY_EXISTS",

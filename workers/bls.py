@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import posix_ipc
 
-from protocol import dtypes
+from shm import dtypes
 from shm.ring import Ring
 
 if TYPE_CHECKING:

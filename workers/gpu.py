@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from protocol import dtypes
+from shm import dtypes
 from shm.region import is_mapping
 
 _KDL_CPU, _KDL_CUDA_HOST = 1, 3  # DLPack device types whose memory the CPU can read

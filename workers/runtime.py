@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import posix_ipc
 
-from protocol import dtypes
+from shm import dtypes
 from shm.arena import Arena, MiB
 from shm.doorbell import Watch
 from shm.doorbell import ring as ring_doorbell

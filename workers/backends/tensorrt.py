@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import tensorrt as trt
 
-from protocol import dtypes
+from shm import dtypes
 from workers import cuda
 from workers.backend import Backend, BackendError, Model, Request, Response, batch_input, batch_sizes, log
 

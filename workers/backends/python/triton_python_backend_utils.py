@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from protocol import dtypes
+from shm import dtypes
 
 TRITONSERVER_REQUEST_FLAG_SEQUENCE_START = 1
 TRITONSERVER_REQUEST_FLAG_SEQUENCE_END = 2

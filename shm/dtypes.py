@@ -1,4 +1,8 @@
-"""Triton datatypes: names, numpy dtypes, sizes and the BYTES wire format."""
+"""Triton datatypes: names, numpy dtypes, sizes and the BYTES wire format.
+
+Here, below kernel/ and workers/, because it is how tensors are laid out in shared memory (a BYTES
+tensor is its elements, each after its 4-byte length): the fronts, the core and the workers all read it.
+"""
 
 from __future__ import annotations
 
