@@ -3,6 +3,8 @@
 # turns: does a pinned worker compute the 1080p frame as fast as the model called in a loop?
 #
 #   bash bench/probe_pinning.sh [rounds]     # perf_analyzer on PATH (or $PERF_ANALYZER); examples/models
+#   (on the device: STEPS=none PROBE="PERF_ANALYZER=/tmp/site/perf_analyzer/bin/perf_analyzer bash
+#   bench/probe_pinning.sh 3" bash bench/device_run.sh)
 #
 # Per run: perf_analyzer's p50 over HTTP + system shm at c=1, and the server's mean compute infer from the
 # statistics extension; then bench.probe_frame's direct call on this machine.
