@@ -599,9 +599,10 @@ def render(doc: dict) -> str:
         elif frame.get("triton_error"):
             lines.append(f"\nThe reference Triton could not serve the frame model: `{frame['triton_error'][-300:]}`")
     lines += ["", "Direct calls, each model in a process of its own (spawned, as a worker is; timed there): ONNX "
-              "Runtime's `session.run` on a numpy input, with the session options the backend uses (for the spinning "
-              "row: ONNX Runtime's defaults); torch's forward under `inference_mode` with the input moved to the "
-              "device and the output brought back to a numpy array (the work the backend must do as well), with "
+              "Runtime's `session.run` on a numpy input, with the session options the backend makes of the row's "
+              "model config (spinning and thread counts included); torch's forward under `inference_mode` with the "
+              "input moved to the device and the output brought back to a numpy array (the work the backend must do "
+              "as well), with "
               "OMP_WAIT_POLICY=PASSIVE as in the backend.", END]
     return "\n".join(lines) + "\n"
 
