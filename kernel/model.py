@@ -18,7 +18,7 @@ from kernel.errors import ServerError, invalid
 from kernel.instance import Instance, Regions
 from kernel.scheduler import Scheduler, make_scheduler
 from kernel.stats import ModelStats
-from kernel.types import ArenaRef, InferRequest, InferResponse, OutputTensor, ShmRef
+from kernel.types import ArenaRef, InferRequest, InferResponse, InputTensor, OutputTensor, ShmRef
 from protocol.model_config_pb2 import ModelConfig, ModelInstanceGroup
 from shm import dtypes
 from shm.arena import round_up
@@ -224,6 +224,95 @@ class ModelVersion:
             inst.on_bls = self.server.bls.handle
             inst.model_name = self.name
         self.scheduler = make_scheduler(self)
+        if self.config.model_warmup:  # Triton warms each instance before the model is READY
+            for outcome in await asyncio.gather(*(self._warm_up(inst) for inst in self.instances),
+                                                return_exceptions=True):
+                if isinstance(outcome, BaseException):
+                    raise outcome
+
+    async def _warm_up(self, instance: Instance) -> None:
+        """Run the ``model_warmup`` samples on ``instance``, as Triton 2.51 does on each instance before the
+        model is READY (docs/triton-behaviour.md, section 16): a sample is ``batch_size`` requests of batch 1
+        executed together, ``max(count, 1)`` times; batch_size 0 is skipped. They take dispatch(), the path
+        a scheduler's batch takes (inputs in shared memory, ordinary requests for the backend), to this
+        instance only, and count in the statistics as Triton's do. Any error fails the load."""
+        loop = asyncio.get_running_loop()
+        # Every sample's data first, as Triton makes it when it creates the instance: a bad file fails the
+        # load before any sample runs.
+        samples = [(s, self._warmup_requests(s)) for s in self.config.model_warmup if s.batch_size]
+        for sample, requests in samples:
+            # Triton checks nothing of the batch; the python backend then fails each request of a batch over
+            # max_batch_size (1 always passes). Said here: a worker never sees such a batch otherwise.
+            size, limit = sample.batch_size, self.max_batch_size
+            errors = [f"batch size {size} for '{instance.name}', max allowed is {limit}"] * size \
+                if size > max(limit, 1) else []
+            for _ in range(max(sample.count, 1)):
+                if errors:
+                    break
+                batch = []
+                for request in requests:
+                    pending = Pending(request, loop.create_future(), 1)
+                    if self.decoupled:  # its responses come through stream(); the final one ends it
+                        pending.stream = partial(_warmup_stream, pending.future, errors)
+                    batch.append(pending)
+                self.dispatch(instance, batch)
+                for outcome in await asyncio.gather(*(p.future for p in batch), return_exceptions=True):
+                    if isinstance(outcome, InferResponse):
+                        outcome.release()
+                    elif isinstance(outcome, BaseException):
+                        errors.append(outcome.message if isinstance(outcome, ServerError) else str(outcome))
+            if errors:
+                raise invalid(f"failed to run warmup sample '{sample.name}': " + "".join(f"{e}; " for e in errors))
+
+    def _warmup_requests(self, sample: Any) -> list[InferRequest]:
+        """One sample's requests, data and checks as Triton's GenerateWarmupData: zero data, random bytes
+        (zeros for BYTES: 4-byte zero lengths, i.e. empty strings), or ``<model dir>/warmup/<file>`` (its
+        first bytes; BYTES: the whole file, serialised). One zero and one random buffer serve every input
+        and request of the sample. Requests are validated like a client's, with the same messages."""
+        prefix = "[request id: <id_unknown>] "
+        specs = []
+        zero_size = random_size = 0
+        for name, spec in sample.inputs.items():
+            dims = list(spec.dims)
+            if any(d < 0 for d in dims):
+                raise invalid(f"warmup setting expects all variable-size dimensions are specified for input '{name}'")
+            datatype = cfg.datatype(spec.data_type)
+            size = 4 * dtypes.element_count(dims) if datatype == "BYTES" else dtypes.byte_size(datatype, dims)
+            kind = spec.WhichOneof("input_data_type")
+            if kind == "zero_data" or (kind == "random_data" and datatype == "BYTES"):
+                zero_size = max(zero_size, size)
+            elif kind == "random_data":
+                random_size = max(random_size, size)
+            specs.append((name, spec, dims, datatype, size, kind))
+        zeros, noise = bytes(zero_size), os.urandom(random_size)
+        requests = []
+        for _ in range(sample.batch_size):
+            inputs = []
+            for name, spec, dims, datatype, size, kind in specs:
+                if kind == "input_data_file":
+                    path = os.path.join(self.model_dir, "warmup", spec.input_data_file)
+                    try:
+                        with open(path, "rb") as f:
+                            data = f.read()
+                    except OSError as e:
+                        raise ServerError(f"failed to open text file for read {path}: {os.strerror(e.errno or 0)}",
+                                          "INTERNAL") from None
+                    if datatype != "BYTES":
+                        if size > len(data):  # (Triton's message lacks the space before "only")
+                            raise invalid(f"{prefix}warmup setting expects {size} bytes, but the data provided from "
+                                          f"{spec.input_data_file}only has {len(data)} bytes")
+                        data = data[:size]
+                elif kind is None:
+                    raise invalid(f"{prefix}warmup setting expects input '{name}' to have input_data_type set")
+                else:
+                    data = (noise if kind == "random_data" and datatype != "BYTES" else zeros)[:size]
+                original = name in self.inputs  # others (sequence controls) go unchecked, without batch dim
+                inputs.append(InputTensor(name, datatype, ([1] if self.max_batch_size and original else []) + dims,
+                                          data))
+            self._validate(InferRequest(self.name, self.version_str,
+                                        inputs=[t for t in inputs if t.name in self.inputs]))
+            requests.append(InferRequest(self.name, self.version_str, inputs=inputs))
+        return requests
 
     def _instance_died(self, instance: Instance) -> None:
         """A worker crashed (its requests already failed): start a fresh one, like Triton restarts a stub."""
@@ -669,6 +758,16 @@ def _deliver(pending: Pending, outcome: Any) -> None:
         future.set_exception(outcome)
     else:
         future.set_result(outcome)
+
+
+def _warmup_stream(future: asyncio.Future, errors: list, response: Any, final: bool) -> None:
+    """A decoupled warmup request's response: its errors are the sample's; the final one ends it."""
+    if isinstance(response, ServerError):
+        errors.append(response.message)
+    elif isinstance(response, InferResponse):
+        response.release()
+    if final and not future.done():
+        future.set_result(None)
 
 
 def _response(version: ModelVersion, instance: Instance, pending: Pending, result: dict) -> InferResponse:
