@@ -11,6 +11,7 @@ from typing import Any
 
 from kernel import __version__, host_policy
 from kernel.api import Server
+from kernel.cache import cache_setting, parse_cache_config
 from kernel.errors import ServerError
 from kernel.restricted import GRPC_PREFIX, Restrictions
 from kernel.server import default_repository
@@ -38,6 +39,13 @@ def _backend_config(text: str) -> tuple[str, str, str]:
     if comma <= 0 or not eq_sign or not key:
         raise argparse.ArgumentTypeError(f"expected <backend>,<key>=<value> or <key>=<value>, got '{text}'")
     return backend, key, value
+
+
+def _cache_setting(text: str) -> tuple[str, str, str]:
+    try:
+        return cache_setting(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _host_policy(text: str) -> tuple[str, str, str]:
@@ -116,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ping each gRPC connection this often (default 7200000, as Triton)")
     start.add_argument("--grpc-keepalive-timeout", type=int, default=20000, metavar="MS",
                        help="close a connection whose ping is not answered within this long (default 20000)")
+    start.add_argument("--cache-config", action="append", type=_cache_setting, default=[],
+                       metavar="<cache>,<key>=<value>",
+                       help="the response cache, as tritonserver's: local,size=<bytes> keeps up to that many bytes "
+                            "of responses (least recently used evicted first) for models whose config has "
+                            "response_cache { enable: true }")
+    start.add_argument("--response-cache-byte-size", type=int, default=None, metavar="BYTES",
+                       help="DEPRECATED (as in tritonserver): same as --cache-config local,size=BYTES")
     start.add_argument("--trace-config", action="append", type=_backend_config, default=[],
                        metavar="[<mode>,]<setting>=<value>",
                        help="tracing, as tritonserver's: level=OFF|TIMESTAMPS|TENSORS (repeatable to combine), "
@@ -219,6 +234,7 @@ async def serve(args: Any) -> int:
         policies.setdefault(name, {})[setting] = value
     try:
         tracing = trace_config(args.trace_config)
+        cache_size = parse_cache_config(args.cache_config, args.response_cache_byte_size)
     except ValueError as e:
         log.error("error: %s", e)
         return 1
@@ -227,7 +243,8 @@ async def serve(args: Any) -> int:
                     model_control_mode=args.model_control_mode, load_models=args.load_model,
                     log_verbose=args.log_verbose, backend_config=backend_config,
                     backend_directory=args.backend_directory, exit_timeout=args.exit_timeout_secs,
-                    strict_readiness=args.strict_readiness, host_policy=policies, trace_config=tracing)
+                    strict_readiness=args.strict_readiness, host_policy=policies, trace_config=tracing,
+                    response_cache_size=cache_size)
     core = server.core
     try:
         core.http_restricted = Restrictions.parse(args.http_restricted_api)

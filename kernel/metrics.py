@@ -33,6 +33,14 @@ _DURATIONS = [
                                                                   "requests)"),
 ]
 FAILURE_REASONS = ("REJECTED", "CANCELED", "BACKEND", "OTHER")
+#: per-model response cache families, exposed (as Triton does) for versions whose config enables the cache
+_CACHE = [
+    ("nv_cache_num_hits_per_model", "cache_hit", 0, "Number of cache hits per model"),
+    ("nv_cache_hit_duration_per_model", "cache_hit", 1, "Total cache hit duration per model, in microseconds"),
+    ("nv_cache_num_misses_per_model", "cache_miss", 0, "Number of cache misses per model"),
+    ("nv_cache_miss_duration_per_model", "cache_miss", 1, "Total cache miss (insert+lookup) duration per model, "
+                                                          "in microseconds"),
+]
 
 
 class TritonCollector:
@@ -57,6 +65,7 @@ class TritonCollector:
                                     "Instantaneous number of pending requests awaiting execution per-model.",
                                     labels=labels)
         durations = [(GaugeMetricFamily(name, doc, labels=labels), key) for name, key, doc in _DURATIONS]
+        caches = [(GaugeMetricFamily(name, doc, labels=labels), key, i) for name, key, i, doc in _CACHE]
         for model in sorted(self.core.models.values(), key=lambda m: m.name):
             for _, mv in sorted(model.versions.items()):
                 if not mv.ready:
@@ -72,8 +81,13 @@ class TritonCollector:
                 pending.add_metric(key, queued + sum(i.inflight for i in mv.instances))
                 for family, name in durations:
                     family.add_metric(key, stats.durations[name][1] // 1000)
+                if mv.config.response_cache.enable:
+                    for family, name, i in caches:
+                        value = stats.durations[name][i]
+                        family.add_metric(key, value // 1000 if i else value)
         yield from (success, failure, count, execs, pending)
         yield from (family for family, _ in durations)
+        yield from (family for family, _, _ in caches if family.samples)
         yield from _cpu_metrics()
 
 

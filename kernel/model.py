@@ -14,6 +14,7 @@ import numpy as np
 
 from kernel import config as cfg
 from kernel import host_policy
+from kernel.cache import CachingScheduler, ModelCache
 from kernel.errors import ServerError, invalid
 from kernel.instance import Instance, Regions
 from kernel.scheduler import Scheduler, make_scheduler
@@ -89,7 +90,7 @@ class Pending:
     """A request waiting for (or in) execution."""
 
     __slots__ = ("request", "future", "batch_size", "enqueued", "deadline", "stream", "shape_key", "orderer",
-                 "outcome", "version", "instance", "flag")
+                 "outcome", "version", "instance", "flag", "cache")
 
     def __init__(self, request: InferRequest, future: asyncio.Future, batch_size: int) -> None:
         self.request = request
@@ -104,6 +105,7 @@ class Pending:
         self.version: ModelVersion | None = None  # set once queued: cancelling the future reaches it
         self.instance: Instance | None = None  # executing there, with its cancellation flag:
         self.flag = -1  # its byte on the instance's cancel board (-1: none)
+        # ``cache`` (unset unless its model caches responses): (key, signature, lookup ns) of a cache miss
 
 
 class ModelVersion:
@@ -120,6 +122,7 @@ class ModelVersion:
         self.instances: list[Instance] = []
         self.stats = ModelStats()
         self.scheduler: Scheduler | None = None
+        self.cache: ModelCache | None = None  # set once loaded when the model and the server enable the cache
         self.status = ""  # what the backend says of its loaded instances (a DLA core, a GPU fallback...)
         self._restarts: set[asyncio.Future] = set()
         self.restarting = False  # every instance crashed and is being restarted: UNAVAILABLE, not gone
@@ -224,6 +227,13 @@ class ModelVersion:
             inst.on_bls = self.server.bls.handle
             inst.model_name = self.name
         self.scheduler = make_scheduler(self)
+        if self.config.response_cache.enable:
+            if self.server.response_cache is not None:
+                self.cache = ModelCache(self, self.server.response_cache)
+                self.scheduler = CachingScheduler(self.scheduler, self.cache)  # type: ignore[assignment]
+            else:  # Triton loads it and silently does not cache
+                log.info("model '%s' enables the response cache but the server has none (--cache-config)",
+                         self.name)
         if self.config.model_warmup:  # Triton warms each instance before the model is READY
             for outcome in await asyncio.gather(*(self._warm_up(inst) for inst in self.instances),
                                                 return_exceptions=True):
@@ -644,6 +654,7 @@ class Batch:
         """The worker answered (``end_ns``: when it finished, on our clock): settle each request."""
         version = self.version
         stats = version.stats
+        cache = version.cache
         now = time.perf_counter_ns()
         ci, cinf, co = timings[:3]
         # A chained step's batch waited for the step before it (kernel.ensemble): it counts as if it had
@@ -677,6 +688,8 @@ class Batch:
                     stats.failure(total, "CANCELED" if code == "CANCELLED" else "BACKEND")
                 else:  # an error response the model chose to send: Triton counts it a success
                     stats.success(total, max(sent - enqueued, 0), ci, cinf, co, pending.batch_size)
+                    if cache is not None:  # a miss, but not cached (docs/triton-behaviour.md)
+                        cache.store(pending, None)
                 _settle(pending, ServerError(message, code))  # a decoupled stream ends with it too
                 continue
             response = _response(version, instance, pending, result)
@@ -684,6 +697,8 @@ class Batch:
             if trace is not None:
                 trace.computed(end_ns, ci, cinf, co, response.outputs)
             stats.success(total, max(sent - enqueued, 0), ci, cinf, co, pending.batch_size)
+            if cache is not None:
+                cache.store(pending, response)
             _settle(pending, response)
         if decoupled:
             self.returned = True

@@ -15,6 +15,8 @@ from typing import Any
 from kernel import __version__
 from kernel import config as cfg
 from kernel.bls import BlsHandler
+from kernel.cache import ResponseCache
+from kernel.cache import check_config as check_cache_config
 from kernel.devices import gpu_count
 from kernel.ensemble import EnsembleVersion, check_scheduling, composing_models, find_cycle, is_ensemble
 from kernel.errors import ServerError
@@ -71,8 +73,10 @@ class Core:
                  backend_directories: list[str] | None = None, exit_timeout: float = 30.0,
                  arena_size: int = 64 * MiB, strict_readiness: bool = True,
                  host_policies: dict[str, dict[str, str]] | None = None,
-                 trace_config: dict[str, Any] | None = None) -> None:
+                 trace_config: dict[str, Any] | None = None, response_cache_size: int = 0) -> None:
         self.repository = Repository(model_repositories)
+        #: ``--cache-config local,size=N``: the responses of models that enable the cache (kernel.cache)
+        self.response_cache = ResponseCache(response_cache_size) if response_cache_size > 0 else None
         self.strict = strict_model_config
         self.control_mode = model_control_mode
         self.startup_models = list(load_models or [])
@@ -519,6 +523,10 @@ class Core:
             cfg.complete(config, path, self.gpus)
             if is_ensemble(config):
                 check_scheduling(config)  # Triton refuses these when it polls the repository
+            check_cache_config(config)  # and these
+            if is_ensemble(config) and config.response_cache.enable and self.response_cache is not None:
+                log.warning("ensemble '%s' enables the response cache: ensembles are not cached by this server "
+                            "(their composing models can be)", name)
             numbers = select_versions(config, path)
         except ServerError as e:
             log.error("Poll failed for model directory '%s': %s", name, e.message)

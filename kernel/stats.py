@@ -43,6 +43,26 @@ class ModelStats:
         compute_output[1] += co
         self.inference_count += batch_size
 
+    def cache_hit(self, total_ns: int, queue_ns: int, hit_ns: int) -> None:
+        """A request answered from the response cache: as Triton counts it, a success with its queue time
+        but no compute, inference or execution (and ``last_inference`` stays)."""
+        success, queue = self._hot[:2]
+        success[0] += 1
+        success[1] += total_ns
+        queue[0] += 1
+        queue[1] += queue_ns
+        entry = self.durations["cache_hit"]
+        entry[0] += 1
+        entry[1] += hit_ns
+
+    def cache_miss(self, miss_ns: int) -> None:
+        """A request that missed the cache was answered (its success already counted): Triton adds the
+        lookup and insertion time to the request's duration too."""
+        self.durations["success"][1] += miss_ns
+        entry = self.durations["cache_miss"]
+        entry[0] += 1
+        entry[1] += miss_ns
+
     def failure(self, total_ns: int, reason: str = "BACKEND") -> None:
         self.failures[reason] = self.failures.get(reason, 0) + 1
         entry = self.durations["fail"]
