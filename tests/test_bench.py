@@ -334,6 +334,9 @@ def _backends_doc(with_pa: bool) -> dict:
 
     row = {"model": "conv", "batch": 1, "direct": lat(100), "inprocess": lat(260), "inprocess_async": lat(190),
            "http_shm": lat(500)}
+    for path, over in (("inprocess", 150), ("inprocess_async", 120), ("http_shm", 400)):
+        row[path]["paired"] = {"pairs": 10, "direct_p50_us": 130, "p50_us": 130 + over, "overhead_us": over}
+    row["paired_overhead_us"] = {"inprocess": 150, "inprocess_async": 120, "http_shm": 400}
     if with_pa:
         row["http_shm_pa"] = {**lat(320), "direct_p50_us": 110, "stable": True}
     return {"date": "today", "seconds": 3, "rounds": 6, "rows": [row], "frame": {},
@@ -349,6 +352,8 @@ def test_backends_page_judges_http_on_perf_analyzer_when_it_ran():
     page = render(_backends_doc(with_pa=True))
     assert "in process **pass**, HTTP+shm **pass**" in page  # perf_analyzer: 320 - 110 = 210 µs
     assert "| conv | 1 | 110 | 320 (640) | 210 |" in page
+    # the pairs are shown, not judged: 120 µs in process in pairs leaves the back-to-back verdict as it is
+    assert "| conv | 1 | 30 | 130 / 280 / 150 | 130 / 250 / 120 | 130 / 530 / 400 | 150 / 120 / 400 |" in page
 
 
 def test_compare_against_a_baseline_tree(tmp_path):
@@ -415,6 +420,10 @@ def test_backends_end_to_end(tmp_path):
         assert len(row["starts"]) == 2
         assert row["inprocess_async"]["p50_us"] - row["direct"]["p50_us"] == sorted(
             s["inprocess_async"] for s in row["starts"])[1]  # the median start of two: the worse one
+        for path in ("inprocess", "inprocess_async", "http_shm"):  # then in pairs with a direct call each
+            paired = row[path]["paired"]
+            assert paired["pairs"] > 0 and paired["p50_us"] > 0 and paired["direct_p50_us"] > 0, (row["model"], path)
+            assert row["paired_overhead_us"][path] == sorted(s["paired"][path] for s in row["starts"])[1]
     page = backends.render(doc)
-    assert "in a process of its own" in page and "started 2 times" in page
+    assert "in a process of its own" in page and "started 2 times" in page and "**In pairs**" in page
     assert docs.read_bytes() == before
