@@ -109,7 +109,9 @@ class ResponseCache:
         self.size = size
         self.used = 0
         self.entries: OrderedDict[bytes, Entry] = OrderedDict()
-        self.evictions = 0
+        #: server-wide counters (Triton's nv_cache_num_* and nv_cache_*_duration metrics)
+        self.lookups = self.hits = self.misses = self.evictions = 0
+        self.lookup_ns = self.insertion_ns = 0
 
     def get(self, key: bytes) -> Entry | None:
         entry = self.entries.get(key)
@@ -196,17 +198,24 @@ class ModelCache:
         if keyed is None:
             return False
         key, signature = keyed
-        entry = self.cache.get(key)
+        cache = self.cache
+        cache.lookups += 1
+        entry = cache.get(key)
         if entry is not None and entry.signature == signature:
             outputs = self._outputs(entry, request.outputs)
             if outputs is not None:
                 from kernel.model import _settle
 
                 end = time.perf_counter_ns()
+                cache.hits += 1
+                cache.lookup_ns += end - start
                 self.version.stats.cache_hit(end - pending.enqueued, start - pending.enqueued, end - start)
                 _settle(pending, InferResponse(self.version.name, self.version.version_str, request.id, outputs))
                 return True
-        pending.cache = (key, signature, time.perf_counter_ns() - start)
+        lookup_ns = time.perf_counter_ns() - start
+        cache.misses += 1
+        cache.lookup_ns += lookup_ns
+        pending.cache = (key, signature, lookup_ns)
         return False
 
     @staticmethod
@@ -252,7 +261,9 @@ class ModelCache:
             error = self.cache.put(key, Entry(outputs, signature))
             if error is not None:
                 log.error("Failed to insert key [%s] into response cache: %s", key.hex(), error)
-        self.version.stats.cache_miss(lookup_ns + time.perf_counter_ns() - start)
+        insertion_ns = time.perf_counter_ns() - start
+        self.cache.insertion_ns += insertion_ns
+        self.version.stats.cache_miss(lookup_ns + insertion_ns)
 
 
 class CachingScheduler:

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 if TYPE_CHECKING:
+    from kernel.cache import ResponseCache
     from kernel.server import Core
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -40,6 +41,17 @@ _CACHE = [
     ("nv_cache_num_misses_per_model", "cache_miss", 0, "Number of cache misses per model"),
     ("nv_cache_miss_duration_per_model", "cache_miss", 1, "Total cache miss (insert+lookup) duration per model, "
                                                           "in microseconds"),
+]
+
+#: the server-wide response cache families (when the server has a cache): name, ResponseCache attribute, help
+_SERVER_CACHE = [
+    ("nv_cache_num_entries", None, "Number of responses stored in response cache"),
+    ("nv_cache_num_lookups", "lookups", "Number of cache lookups in response cache"),
+    ("nv_cache_num_hits", "hits", "Number of cache hits in response cache"),
+    ("nv_cache_num_misses", "misses", "Number of cache misses in response cache"),
+    ("nv_cache_num_evictions", "evictions", "Number of cache evictions in response cache"),
+    ("nv_cache_lookup_duration", "lookup_ns", "Total cache lookup duration (hit and miss), in microseconds"),
+    ("nv_cache_insertion_duration", "insertion_ns", "Total cache insertion duration, in microseconds"),
 ]
 
 
@@ -88,7 +100,23 @@ class TritonCollector:
         yield from (success, failure, count, execs, pending)
         yield from (family for family, _ in durations)
         yield from (family for family, _, _ in caches if family.samples)
+        yield from _server_cache_metrics(self.core.response_cache)
         yield from _cpu_metrics()
+
+
+def _server_cache_metrics(cache: ResponseCache | None) -> Iterator[Metric]:
+    """The server-wide response cache families, as Triton exposes them when it has a cache (2.51 leaves all
+    but ``nv_cache_util`` at 0; these count)."""
+    if cache is None:
+        return
+    for name, attribute, doc in _SERVER_CACHE:
+        family = GaugeMetricFamily(name, doc)
+        value = len(cache.entries) if attribute is None else getattr(cache, attribute)
+        family.add_metric([], value // 1000 if attribute and attribute.endswith("_ns") else value)
+        yield family
+    util = GaugeMetricFamily("nv_cache_util", "Cache utilization [0.0 - 1.0]")
+    util.add_metric([], cache.used / cache.size)
+    yield util
 
 
 def _cpu_metrics() -> Iterator[Metric]:

@@ -255,15 +255,32 @@ def test_model_without_cache_unaffected(grpc, repo: Path) -> None:
     assert count(s, "cache_hit") == 0 and count(s, "cache_miss") == 0
 
 
-def test_metrics(server, http) -> None:
+def scrape(port: int) -> dict[str, float]:
     import urllib.request
 
-    infer(http, "cached", np.arange(4, dtype=np.float32))
-    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics") as r:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as r:
         text = r.read().decode()
-    assert 'nv_cache_num_hits_per_model{model="cached",version="1"}' in text
-    assert 'nv_cache_num_misses_per_model{model="cached",version="1"}' in text
-    assert 'nv_cache_num_hits_per_model{model="plain"' not in text
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
+def test_metrics(server, http) -> None:
+    before = scrape(server.metrics_port)
+    x = np.arange(4, dtype=np.float32) + 12345
+    infer(http, "cached", x)  # a miss, inserted
+    infer(http, "cached", x)  # a hit
+    after = scrape(server.metrics_port)
+    model = '{model="cached",version="1"}'
+    assert after[f"nv_cache_num_hits_per_model{model}"] == before[f"nv_cache_num_hits_per_model{model}"] + 1
+    assert after[f"nv_cache_num_misses_per_model{model}"] == before[f"nv_cache_num_misses_per_model{model}"] + 1
+    assert not any(name.startswith('nv_cache_num_hits_per_model{model="plain"') for name in after)
+    # server-wide, as Triton names them (and counting, where Triton 2.51 leaves them at 0)
+    for name in ("nv_cache_num_lookups", "nv_cache_num_hits", "nv_cache_num_misses"):
+        assert after[name] == before[name] + (2 if name == "nv_cache_num_lookups" else 1), name
+    assert after["nv_cache_num_entries"] >= 1 and after["nv_cache_num_evictions"] >= before["nv_cache_num_evictions"]
+    assert 0 < after["nv_cache_util"] <= 1
+    assert after["nv_cache_lookup_duration"] >= before["nv_cache_lookup_duration"]
+    assert after["nv_cache_insertion_duration"] >= before["nv_cache_insertion_duration"]
 
 
 @pytest.mark.parametrize("model, message", [
@@ -293,6 +310,7 @@ def test_server_without_cache(repo: Path, tmp_path: Path) -> None:
         assert executions(repo, "cached") == runs + 2
         s = stats(client, "cached")
         assert count(s, "cache_hit") == 0 and count(s, "cache_miss") == 0
+        assert "nv_cache_num_lookups" not in scrape(srv.metrics_port)  # no server cache, no server-wide families
         client.close()
     finally:
         next(gen, None)
