@@ -30,7 +30,7 @@ for round in $(seq "$rounds"); do
     server=$!
     for _ in $(seq 120); do curl -sf localhost:$PORT/v2/models/frame_stats/ready && break; sleep 0.5; done
     p50=$("$PA" -m frame_stats -u "$url" -i "$protocol" --shared-memory system --measurement-interval 2000 \
-      --percentile 50 --max-trials 4 2>&1 | grep -m1 "p50 latency:" | awk '{print $3}')
+      --percentile 50 --max-trials 10 2>&1 | grep -m1 "p50 latency:" | awk '{print $3}')
     infer=$(curl -s localhost:$PORT/v2/models/frame_stats/stats | "$PY" -c '
 import json, sys
 s = json.load(sys.stdin)["model_stats"][0]["inference_stats"]["compute_infer"]
