@@ -14,6 +14,7 @@ from kernel.errors import CUDA_SHM_UNSUPPORTED, ServerError, invalid
 from kernel.restricted import http_message
 from kernel.server import Core
 from protocol import v2json
+from protocol.generate import GenerateRoutes
 from protocol.httpserver import Deferred, HttpError, HttpServer, Request, Response, Router, error_body
 from shm.arena import round_up
 
@@ -123,6 +124,7 @@ class HttpFront:
         self.max_body = max_body
         self.body_bytes = 0  # of request bodies in the arena now (see _body_buffer)
         self._infer_routes: set[Any] = set()
+        generate = GenerateRoutes(core)
         add = self._add
         for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version:[0-9]+}"):
             add("POST", base + "/infer", self.infer, "inference")  # first: the hot route matches at once
@@ -135,8 +137,8 @@ class HttpFront:
             add("GET", base + "/ready", self.model_ready, "health")
             add("GET", base + "/config", self.model_config, "model-config")
             add("GET", base + "/stats", self.stats, "statistics")
-            add("POST", base + "/generate", self.unsupported, "inference")
-            add("POST", base + "/generate_stream", self.unsupported, "inference")
+            add("POST", base + "/generate", generate.generate, "inference")  # (protocol.generate)
+            add("POST", base + "/generate_stream", generate.generate_stream, "inference")
         add("POST", "/v2/repository/index", self.repository_index, "model-repository")
         add("POST", "/v2/repository/models/{model}/load", self.load, "model-repository")
         add("POST", "/v2/repository/models/{model}/unload", self.unload, "model-repository")
@@ -297,9 +299,6 @@ class HttpFront:
             return Response(parts[0], 200, _JSON, sent=sent)
         # Binary outputs go to the socket as views on shared memory, released once sent.
         return Response(parts, 200, _BINARY, {"Inference-Header-Content-Length": str(json_length)}, sent=sent)
-
-    def unsupported(self, request: Request) -> Response:
-        raise ServerError("the generate extension is not supported by this server", "UNSUPPORTED")
 
     # -- model repository -----------------------------------------------
     def repository_index(self, request: Request) -> Response:

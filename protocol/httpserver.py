@@ -5,7 +5,9 @@ development VM: canned add_sub answers under perf_analyzer); this server, on the
 parser through httptools, about 17 µs. Requests on one connection are answered in order
 (pipelining), bodies may be chunked or gzip/deflate-compressed, ``Expect: 100-continue`` is
 honoured, and a route may answer at once, with a coroutine, or with a :class:`Deferred`
-(a future plus the function that turns its result into a response: no task per request).
+(a future plus the function that turns its result into a response: no task per request); that
+function may give a :class:`Stream`, a response whose body is sent in chunks as it comes (chunked
+transfer encoding: Server-Sent Events).
 Large bodies of known length can be received straight into a buffer the application provides
 (:class:`BodyBuffer`, e.g. shared memory a worker reads): no joining of chunks, no copy after.
 """
@@ -34,6 +36,7 @@ _INFLATE = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 MAX_HEAD = 64 * 1024  # request line plus headers, bytes (llhttp itself has no limit)
 MAX_HEADERS = 128
 INFLATE_INLINE = 1 << 20  # bytes a compressed body may inflate to on the event loop; the rest in a thread
+STREAM_HIGH = 1 << 20  # bytes of a Stream's chunks the socket may hold before the next chunk waits for it
 
 
 class HttpError(Exception):
@@ -98,17 +101,37 @@ class Response:
         self.sent = sent
 
 
+class Stream:
+    """A response whose body comes later, piece by piece: ``chunks`` is an async iterator of bytes.
+
+    The head goes at once (no Content-Length): each piece is one chunk (``Transfer-Encoding:
+    chunked``), or, when the connection closes after the answer, the plain bytes up to the close.
+    If the client goes, the task reading ``chunks`` is cancelled; ``chunks.aclose()``, where it has
+    one, is awaited however the stream ends (even when the client went before the first chunk), so
+    that it can clean up. Requests behind it on the connection wait for its end.
+    """
+
+    __slots__ = ("status", "content_type", "chunks", "headers")
+
+    def __init__(self, chunks: Any, status: int = 200, content_type: str = "text/event-stream",
+                 headers: dict[str, str] | None = None) -> None:
+        self.status = status
+        self.content_type = content_type
+        self.chunks = chunks
+        self.headers = headers
+
+
 class Deferred:
     """A response that ``finish(future)`` builds once ``future`` is done."""
 
     __slots__ = ("future", "finish")
 
-    def __init__(self, future: asyncio.Future, finish: Callable[[asyncio.Future], Response]) -> None:
+    def __init__(self, future: asyncio.Future, finish: Callable[[asyncio.Future], Response | Stream]) -> None:
         self.future = future
         self.finish = finish
 
 
-Answer = Response | Deferred | Awaitable[Response]
+Answer = Response | Stream | Deferred | Awaitable[Response]
 Handler = Callable[[Request], Answer]
 
 
@@ -209,6 +232,7 @@ class _Connection(asyncio.Protocol):
         self._head = 0
         self._sink: BodyBuffer | None = None  # this body's buffer, while it is received
         self.unsent: list[Callable[[], None]] = []  # ``sent`` callbacks of bodies still buffered
+        self.drained: asyncio.Future | None = None  # a Stream waiting for the socket's buffer to empty
         self.last_active = time.monotonic()
 
     # -- asyncio.Protocol -------------------------------------------------
@@ -244,6 +268,9 @@ class _Connection(asyncio.Protocol):
         unsent, self.unsent = self.unsent, []
         for sent in unsent:
             sent()
+        drained, self.drained = self.drained, None
+        if drained is not None and not drained.done():
+            drained.set_result(None)
 
     def data_received(self, data: bytes) -> None:
         if self.failed:
@@ -453,7 +480,7 @@ class _Connection(asyncio.Protocol):
             answer = handler(request)
         except Exception as e:
             answer = self.server.on_error(request, e)
-        if isinstance(answer, Response):
+        if isinstance(answer, (Response, Stream)):
             self._respond(request, answer)
         elif isinstance(answer, Deferred):
             self.server.pending += 1
@@ -468,7 +495,8 @@ class _Connection(asyncio.Protocol):
             self.server.pending += 1
             task.add_done_callback(lambda f: self._finish(request, asyncio.Future.result, f))
 
-    def _finish(self, request: Request, finish: Callable[[asyncio.Future], Response], future: asyncio.Future) -> None:
+    def _finish(self, request: Request, finish: Callable[[asyncio.Future], Response | Stream],
+                future: asyncio.Future) -> None:
         self.server.pending -= 1
         self.waiting = None
         if self.transport is None and future.cancelled():  # cancelled because the client went: nothing to say
@@ -480,7 +508,10 @@ class _Connection(asyncio.Protocol):
             response = self.server.on_error(request, e)
         self._respond(request, response)
 
-    def _respond(self, request: Request, response: Response) -> None:
+    def _respond(self, request: Request, response: Response | Stream) -> None:
+        if isinstance(response, Stream):
+            self._stream(request, response)
+            return
         transport = self.transport
         sent = response.sent
         try:
@@ -509,6 +540,65 @@ class _Connection(asyncio.Protocol):
             request.release_body()  # answered: whatever read the body is done with it
             if sent is not None:
                 sent()
+        self.last_active = time.monotonic()
+        if not request.keep_alive:
+            transport.close()
+            return
+        self.busy = False
+        self._next()
+
+    def _stream(self, request: Request, response: Stream) -> None:
+        """Send a :class:`Stream`'s head now and its chunks from a task; the connection stays busy until it ends."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            request.release_body()
+            aclose = getattr(response.chunks, "aclose", None)
+            if aclose is not None:
+                asyncio.ensure_future(aclose())
+            return
+        chunked = request.keep_alive  # else the close ends the body
+        head = b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\n%s" % (
+            response.status, _REASONS.get(response.status, b"Unknown"), response.content_type.encode(),
+            b"Transfer-Encoding: chunked\r\n" if chunked else b"Connection: close\r\n")
+        if response.headers:
+            head += b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in response.headers.items())
+        transport.write(head + b"\r\n")
+        self.server.pending += 1
+        task = asyncio.ensure_future(self._send_chunks(transport, response.chunks, chunked, request.method == "HEAD"))
+        self.waiting = task  # cancelled if the client goes
+        task.add_done_callback(lambda f: self._streamed(request, f))
+
+    async def _send_chunks(self, transport: asyncio.Transport, chunks: Any, chunked: bool, head_only: bool) -> None:
+        try:
+            async for chunk in chunks:
+                if transport.is_closing():
+                    return
+                if not chunk or head_only:
+                    continue
+                transport.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+                if transport.get_write_buffer_size() > STREAM_HIGH:  # a slow reader: wait for the socket
+                    self.drained = asyncio.get_running_loop().create_future()
+                    await self.drained
+            if chunked and not transport.is_closing():
+                transport.write(b"0\r\n\r\n")
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    def _streamed(self, request: Request, task: asyncio.Future) -> None:
+        self.server.pending -= 1
+        if self.waiting is task:
+            self.waiting = None
+        request.release_body()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a streamed response failed in %s %s", request.method, request.path, exc_info=task.exception())
+            if self.transport is not None:
+                self.transport.close()  # the body cannot be ended cleanly
+            return
+        transport = self.transport
+        if transport is None:
+            return
         self.last_active = time.monotonic()
         if not request.keep_alive:
             transport.close()
