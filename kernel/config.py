@@ -10,7 +10,7 @@ from google.protobuf import json_format, text_format
 from google.protobuf.descriptor import FieldDescriptor
 
 from kernel.errors import ServerError
-from protocol.model_config_pb2 import DataType, ModelConfig, ModelInstanceGroup
+from kernel.model_config_pb2 import DataType, ModelConfig, ModelInstanceGroup
 from shm import dtypes
 
 # Built-in backends: default model file and platform name, in the order Triton looks for model files

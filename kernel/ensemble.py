@@ -29,7 +29,7 @@ from shm import dtypes
 from shm.link import FAILED, OK
 
 if TYPE_CHECKING:
-    from protocol.model_config_pb2 import ModelConfig
+    from kernel.model_config_pb2 import ModelConfig
 
 log = logging.getLogger("kernel.ensemble")
 

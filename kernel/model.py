@@ -17,10 +17,10 @@ from kernel import host_policy
 from kernel.cache import CachingScheduler, ModelCache
 from kernel.errors import ServerError, invalid
 from kernel.instance import Instance, Regions
+from kernel.model_config_pb2 import ModelConfig, ModelInstanceGroup
 from kernel.scheduler import Scheduler, make_scheduler
 from kernel.stats import ModelStats
 from kernel.types import ArenaRef, InferRequest, InferResponse, InputTensor, OutputTensor, ShmRef
-from protocol.model_config_pb2 import ModelConfig, ModelInstanceGroup
 from shm import dtypes
 from shm.arena import round_up
 

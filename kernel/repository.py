@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from kernel.errors import ServerError
-from protocol.model_config_pb2 import ModelConfig
+from kernel.model_config_pb2 import ModelConfig
 
 
 class Repository:

@@ -24,7 +24,7 @@ from kernel.errors import ServerError
 if TYPE_CHECKING:
     from kernel.instance import Instance
     from kernel.model import ModelVersion, Pending
-    from protocol.model_config_pb2 import ModelDynamicBatching, ModelQueuePolicy
+    from kernel.model_config_pb2 import ModelDynamicBatching, ModelQueuePolicy
 
 #: Batches the default scheduler lets one instance hold: one executing, one
 #: waiting in its ring, so the worker never idles for a round trip through the front.

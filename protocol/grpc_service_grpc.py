@@ -9,7 +9,7 @@ import grpclib.client
 if typing.TYPE_CHECKING:
     import grpclib.server
 
-import protocol.model_config_pb2
+import kernel.model_config_pb2
 import protocol.grpc_service_pb2
 
 

@@ -1,25 +1,30 @@
 #!/usr/bin/env python3
-"""Regenerate the Python protobuf/gRPC modules under ``protocol/``.
+"""Regenerate the Python protobuf/gRPC modules under ``protocol/`` and ``kernel/``.
 
-For every ``protocol/*.proto`` this writes, next to the .proto file:
+The inputs are every ``protocol/*.proto`` and ``kernel/model_config.proto``
+(the model configuration schema, which the kernel uses without depending on
+``protocol/``). For each, this writes, next to the .proto file:
 
 * ``<name>_pb2.py`` and ``<name>_pb2.pyi`` (messages; ``grpc_tools.protoc``)
 * ``<name>_grpc.py`` (grpclib client stub and server base class), for the
   files that define a service (``grpc_service.proto``, ``health.proto``).
 
 protoc runs from the repository root with ``-I .`` and the inputs named as
-``protocol/<name>.proto``; ``grpc_service.proto`` imports
-``protocol/model_config.proto``. The generated code therefore imports its
-siblings as ``from protocol import model_config_pb2`` /
-``import protocol.grpc_service_pb2``, which works when the project root is on
-``sys.path`` (the project imports these modules as ``protocol.*``).
+``protocol/<name>.proto`` / ``kernel/model_config.proto``;
+``grpc_service.proto`` imports ``kernel/model_config.proto``. The generated
+code therefore imports its siblings as ``from kernel import model_config_pb2``
+/ ``import protocol.grpc_service_pb2``, which works when the project root is on
+``sys.path`` (the project imports these modules as ``protocol.*`` and
+``kernel.*``).
 
-The output is what protoc and the grpclib plugin produce, with one rewrite:
-the ``_pb2`` modules register their descriptors in ``protocol._pool.POOL``
-instead of protobuf's default pool, so that they can be imported in the same
-process as ``tritonclient`` or ``grpclib.health``, which register the same
-fully-qualified names. Stale generated files are removed first so that a
-deleted .proto leaves nothing behind. Run it again after editing any .proto file:
+The output is what protoc and the grpclib plugin produce, with one rewrite,
+the same in both directories: the ``_pb2`` modules register their descriptors
+in ``kernel._pool.POOL`` instead of protobuf's default pool, so that they can
+be imported in the same process as ``tritonclient`` or ``grpclib.health``,
+which register the same fully-qualified names (one pool for all of them, since
+``grpc_service.proto`` imports ``model_config.proto``). Stale generated files
+are removed first so that a deleted .proto leaves nothing behind. Run it again
+after editing any .proto file:
 
     python scripts/gen_protos.py            # from anywhere; uses this Python
     python scripts/gen_protos.py --check    # exit 1 if the checked-in files
@@ -41,7 +46,10 @@ import tempfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PROTO_DIR = "protocol"
+#: The .proto inputs, as globs relative to the repository root; each output goes next to its input.
+PROTO_GLOBS = ("protocol/*.proto", "kernel/model_config.proto")
+#: The module every generated _pb2 module takes its descriptor pool from.
+POOL_MODULE = "kernel._pool"
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_grpc.py")
 PLUGIN_NAME = "protoc-gen-grpclib_python"
 SERVICE_RE = re.compile(r"^\s*service\s+\w+", re.MULTILINE)
@@ -63,12 +71,16 @@ def find_grpclib_plugin() -> str:
 
 def proto_files() -> list[str]:
     files = sorted(
-        p.relative_to(REPO_ROOT).as_posix()
-        for p in (REPO_ROOT / PROTO_DIR).glob("*.proto")
+        {p.relative_to(REPO_ROOT).as_posix() for g in PROTO_GLOBS for p in REPO_ROOT.glob(g)}
     )
     if not files:
-        sys.exit(f"error: no .proto files in {REPO_ROOT / PROTO_DIR}")
+        sys.exit(f"error: no .proto files match {', '.join(PROTO_GLOBS)} in {REPO_ROOT}")
     return files
+
+
+def proto_dirs() -> list[str]:
+    """The directories (relative to the repository root) that hold generated modules."""
+    return sorted({g.rsplit("/", 1)[0] for g in PROTO_GLOBS})
 
 
 def defines_service(proto: str) -> bool:
@@ -86,7 +98,7 @@ def run_protoc(args: list[str]) -> None:
 
 
 def generate(out_root: Path) -> list[Path]:
-    """Run protoc for all protocol/*.proto; return generated paths relative to out_root."""
+    """Run protoc for all inputs; return generated paths relative to out_root."""
     protos = proto_files()
     run_protoc([f"--python_out={out_root}", f"--pyi_out={out_root}", *protos])
     service_protos = [p for p in protos if defines_service(p)]
@@ -110,37 +122,41 @@ BUILDER_IMPORT = "from google.protobuf.internal import builder as _builder\n"
 
 
 def use_private_pool(path: Path) -> None:
-    """Make a generated _pb2 module register in protocol._pool.POOL."""
+    """Make a generated _pb2 module register in kernel._pool.POOL."""
     text = path.read_text(encoding="utf-8")
     if DEFAULT_POOL not in text or BUILDER_IMPORT not in text:
         sys.exit(f"error: unexpected protoc output in {path.name}")
     text = text.replace(DEFAULT_POOL, "_POOL.AddSerializedFile(")
-    text = text.replace(BUILDER_IMPORT, BUILDER_IMPORT + "from protocol._pool import POOL as _POOL\n", 1)
+    text = text.replace(BUILDER_IMPORT, BUILDER_IMPORT + f"from {POOL_MODULE} import POOL as _POOL\n", 1)
     path.write_text(text, encoding="utf-8")
 
 
 def generated_files(root: Path) -> list[Path]:
-    """Files under root/protocol that this script generates (or generated before).
+    """Files under root/protocol and root/kernel that this script generates (or generated before).
 
-    Only names derived from a ``<stem>.proto`` that exists now, or files carrying
-    a protoc/grpclib "Generated by" header, count; anything else in protocol/ is
-    left alone.
+    Only names derived from a ``<stem>.proto`` input in the same directory now,
+    or files carrying a protoc/grpclib "Generated by" header, count; anything
+    else in those directories is left alone.
     """
-    stems = {p.stem for p in (REPO_ROOT / PROTO_DIR).glob("*.proto")}
     found = []
-    for path in (root / PROTO_DIR).iterdir():
-        if not path.is_file():
+    for rel_dir in proto_dirs():
+        stems = {Path(p).stem for p in proto_files() if Path(p).parent.as_posix() == rel_dir}
+        directory = root / rel_dir
+        if not directory.is_dir():
             continue
-        stem = next(
-            (path.name[: -len(s)] for s in GENERATED_SUFFIXES if path.name.endswith(s)),
-            None,
-        )
-        if stem is None:
-            continue
-        with path.open("rb") as fh:
-            head = fh.read(300)
-        if stem in stems or b"Generated by the" in head:
-            found.append(path.relative_to(root))
+        for path in directory.iterdir():
+            if not path.is_file():
+                continue
+            stem = next(
+                (path.name[: -len(s)] for s in GENERATED_SUFFIXES if path.name.endswith(s)),
+                None,
+            )
+            if stem is None:
+                continue
+            with path.open("rb") as fh:
+                head = fh.read(300)
+            if stem in stems or b"Generated by the" in head:
+                found.append(path.relative_to(root))
     return sorted(found)
 
 
@@ -155,7 +171,8 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp_root = Path(tmp)
-        (tmp_root / PROTO_DIR).mkdir()
+        for rel_dir in proto_dirs():
+            (tmp_root / rel_dir).mkdir(parents=True)
         fresh = generate(tmp_root)
 
         if args.check:
@@ -170,7 +187,7 @@ def main() -> int:
             if stale:
                 print("out of date: " + ", ".join(sorted(set(stale))), file=sys.stderr)
                 return 1
-            print("generated protocol modules are up to date")
+            print("generated protobuf modules are up to date")
             return 0
 
         for old in generated_files(REPO_ROOT):

@@ -1,12 +1,14 @@
-"""Sanity checks for the Triton-compatible protocol modules in protocol/."""
+"""Sanity checks for the Triton-compatible protobuf modules in protocol/ and kernel/ (model_config)."""
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
 
 from google.protobuf import text_format
 
-from protocol import grpc_service_grpc, grpc_service_pb2, health_pb2, model_config_pb2
+from kernel import model_config_pb2
+from protocol import grpc_service_grpc, grpc_service_pb2, health_pb2
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -154,6 +156,11 @@ def test_config_pbtxt_parses() -> None:
     # Binary round trip, and embedding in a ModelConfigResponse (cross-module import).
     again = model_config_pb2.ModelConfig.FromString(cfg.SerializeToString())
     assert again == cfg
+    # One descriptor pool: grpc_service.proto's ModelConfig is kernel.model_config_pb2's.
+    assert (
+        grpc_service_pb2.ModelConfigResponse.DESCRIPTOR.fields_by_name["config"].message_type
+        is model_config_pb2.ModelConfig.DESCRIPTOR
+    )
     resp = grpc_service_pb2.ModelConfigResponse(config=cfg)
     assert (
         grpc_service_pb2.ModelConfigResponse.FromString(resp.SerializeToString()).config
@@ -223,3 +230,24 @@ def test_generated_code_is_up_to_date() -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_kernel_does_not_import_protocol() -> None:
+    """Dependencies run protocol -> kernel -> shm <- workers: nothing under kernel/, shm/ or workers/
+    imports protocol/ (type-checking imports included), except kernel/cli.py, which starts the fronts."""
+    offenders = []
+    for package in ("kernel", "shm", "workers"):
+        for path in sorted((REPO_ROOT / package).rglob("*.py")):
+            rel = path.relative_to(REPO_ROOT).as_posix()
+            if rel == "kernel/cli.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), rel)):
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                if any(name == "protocol" or name.startswith("protocol.") for name in names):
+                    offenders.append(f"{rel}:{node.lineno}")
+    assert offenders == []
