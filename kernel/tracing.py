@@ -51,10 +51,6 @@ TIMESTAMPS = 1
 TENSORS = 2
 TRITON = "triton"
 OPENTELEMETRY = "opentelemetry"
-#: the BatchSpanProcessor settings: their environment variable (read as Triton does, for a default) and default
-BSP = {"bsp_max_queue_size": ("OTEL_BSP_MAX_QUEUE_SIZE", "2048"),
-       "bsp_schedule_delay": ("OTEL_BSP_SCHEDULE_DELAY", "5000"),
-       "bsp_max_export_batch_size": ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "512")}
 _LEVEL_NAMES = {"TIMESTAMPS": TIMESTAMPS, "TENSORS": TENSORS}
 _U32 = 1 << 32
 _INT32_MAX = (1 << 31) - 1
@@ -395,12 +391,12 @@ class Tracer:
         if mode not in (TRITON, OPENTELEMETRY):
             raise ServerError(f'invalid value for trace mode option: {mode}. Available options are "triton" and '
                               '"opentelemetry"', "INVALID_ARG")
-        #: mode opentelemetry: the exporter's settings, as Triton reads them back (url, resource, bsp_*)
+        #: mode opentelemetry: the exporter's settings as Triton reads them back (kernel.otel.settings)
         self.otel_settings: list[tuple[str, str]] = []
         self.exporter: Any = None  # kernel.otel.Exporter in mode opentelemetry
         if mode == OPENTELEMETRY:
-            self.otel_settings = otel_settings(config.get(OPENTELEMETRY) or ())
             otel = load_otel()  # (the packages are checked at start, also by a check alone)
+            self.otel_settings = otel.settings(config.get(OPENTELEMETRY) or ())
         level = 0
         for name in config.get("level", ["OFF"]):
             name = name.upper()
@@ -533,49 +529,6 @@ def load_otel() -> Any:
                           f"opentelemetry-exporter-otlp-proto-http: pip install 'edge-kernel[otel]' ({e})",
                           "INVALID_ARG") from None
     return otel
-
-
-def otel_settings(items: Any) -> list[tuple[str, str]]:
-    """``--trace-config opentelemetry,<key>=<value>`` pairs (or a dict) checked, as Triton reads them back:
-    in the order given, the ``bsp_*`` values as numbers, then the ``bsp_*`` defaults not given (from
-    ``OTEL_BSP_*`` when set, as Triton takes them). Stricter than Triton where it would do something
-    unexpected quietly: an unknown key, a resource without ``<key>=``, a zero queue or batch size."""
-    pairs = list(items.items()) if isinstance(items, dict) else list(items)
-    settings: list[tuple[str, str]] = []
-    for key, value in pairs:
-        value = str(value)
-        if key in BSP:
-            settings.append((key, str(_stoul(f"--trace-config opentelemetry,{key}", value, key))))
-        elif key == "url":
-            settings.append((key, value))
-        elif key == "resource":
-            name, eq, _ = value.partition("=")
-            if not eq or not name:
-                raise invalid(f'Bad option: "--trace-config opentelemetry,resource". Expected <key>=<value>, '
-                              f"got {value}")
-            settings.append((key, value))
-        else:
-            raise invalid(f"unknown trace setting 'opentelemetry,{key}' (url, resource, {', '.join(BSP)})")
-    given = {key for key, _ in settings}
-    for key, (env, default) in BSP.items():
-        if key not in given:
-            settings.append((key, str(_stoul(env, os.environ.get(env, default), key))))
-    return settings
-
-
-def _stoul(option: str, text: str, key: str) -> int:
-    """``std::stoul`` to ``uint32_t`` as Triton's parser calls it, with its messages; a zero queue or export
-    batch size is refused (the SDK's processor cannot have one)."""
-    match = _LEADING_INT.match(text)
-    if match is None:
-        raise invalid(f'Bad option: "{option}". Invalid option value. Got {text}')
-    value = int(match.group())
-    if abs(value) >= 1 << 64:
-        raise invalid(f'Bad option: "{option}". Provided option value is out of bound. Got {text}')
-    value = value % (1 << 64) % _U32  # stoul wraps a negative value; the cast keeps the low 32 bits
-    if value == 0 and key != "bsp_schedule_delay":
-        raise invalid(f'Bad option: "{option}". The value must be positive. Got {text}')
-    return value
 
 
 # -- requests to change the settings (HTTP JSON and gRPC), checked with Triton's messages --------
