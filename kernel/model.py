@@ -626,7 +626,7 @@ class Batch:
     order; only then are its inputs freed, since the model's threads may still read them.
     """
 
-    __slots__ = ("version", "pendings", "blocks", "sent", "batch_id", "returned")
+    __slots__ = ("version", "pendings", "blocks", "sent", "batch_id", "returned", "streamed")
 
     def __init__(self, version: ModelVersion, pendings: list[Pending], blocks: list) -> None:
         self.version = version
@@ -635,6 +635,9 @@ class Batch:
         self.sent = time.perf_counter_ns()
         self.batch_id = 0  # set by Instance.execute
         self.returned = False
+        #: a decoupled batch's requests answered through stream(), with the batch's timings: counted as
+        #: successes once the batch is over, as Triton counts them (docs/triton-behaviour.md §18)
+        self.streamed: tuple | None = None
 
     def _free_inputs(self, instance: Instance) -> None:
         """The batch is over: its input blocks and its requests' cancellation flags go back."""
@@ -680,8 +683,11 @@ class Batch:
             trace = pending.request.trace
             if trace is not None and (result is None or "err" in result):
                 trace.computed(end_ns, ci, cinf, co, None, decoupled)
-            if result is None:
-                continue  # decoupled: answered through stream()
+            if result is None:  # decoupled: answered through stream(), counted when the batch ends
+                if self.streamed is None:
+                    self.streamed = ([], max(sent, 0), ci, cinf, co)
+                self.streamed[0].append(pending)
+                continue
             if "err" in result:
                 message, code = result["err"]
                 if result.get("fail"):
@@ -729,6 +735,14 @@ class Batch:
             for pending in self.pendings:  # (a decoupled trace ends once execute returned and every final came)
                 if pending.request.trace is not None:
                     pending.request.trace.end()
+            if self.streamed is not None:
+                streamed, sent, ci, cinf, co = self.streamed
+                self.streamed = None
+                stats = self.version.stats
+                now = time.perf_counter_ns()
+                for pending in streamed:
+                    stats.success(now - pending.enqueued, max(sent - pending.enqueued, 0), ci, cinf, co,
+                                  pending.batch_size)
             self._free_inputs(instance)
             instance.batch_finished(self.batch_id)
             self.version._finished(instance)

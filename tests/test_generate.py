@@ -580,6 +580,23 @@ def test_statistics_count_generate_requests(server):
     assert success() == before + 2
 
 
+def test_statistics_count_decoupled_requests(server):
+    """A decoupled model's requests count as successes and inferences once their final response came, as
+    Triton counts them (11 requests to its gen_stream: success 11, inference_count 11, execution_count 11)."""
+    def stats() -> dict:
+        _, _, data = _call(server, "/v2/models/gen_stream/stats", None, method="GET")
+        return json.loads(data)["model_stats"][0]
+
+    before = stats()
+    for _ in range(3):
+        status, _, data = _gen(server, "gen_stream", {"text_input": "abc", "n": 2}, stream=True)
+        assert status == 200 and _events(data)
+    after = stats()
+    assert int(after["inference_stats"]["success"]["count"]) == int(before["inference_stats"]["success"]["count"]) + 3
+    assert int(after["inference_count"]) == int(before["inference_count"]) + 3
+    assert int(after["execution_count"]) == int(before["execution_count"]) + 3
+
+
 def _trace_files(path: Path) -> set[Path]:
     return set(path.parent.glob(path.name + ".*"))
 
