@@ -47,7 +47,7 @@ from kernel.errors import ServerError, invalid
 from kernel.server import Core
 from kernel.types import InferRequest, InferResponse, InputTensor
 from protocol.httpserver import Deferred, Request, Response, Stream
-from shm import dtypes
+from protocol.v2json import flatten_json, json_array
 
 log = logging.getLogger("kernel.http")
 
@@ -58,15 +58,6 @@ _INT64 = (-(1 << 63), (1 << 63) - 1)
 #: What /generate answers when the model does not give exactly one response (Triton's words).
 NOT_ONE = ("generate expects model to produce exactly 1 response, use generate stream for model that generates "
            "various number of responses")
-
-# Which JSON values each family of datatypes accepts, and how Triton names the mismatch.
-_ACCEPTS = {
-    "b": (lambda v: v is True or v is False, "boolean as boolean"),
-    "i": (lambda v: type(v) is int, "signed-integer as signed-integer"),
-    "u": (lambda v: type(v) is int and v >= 0, "unsigned-integer as unsigned-integer"),
-    "f": (lambda v: type(v) is float or type(v) is int, "number as double"),
-}
-
 
 def _error(error: ServerError) -> Response:
     return Response(orjson.dumps({"error": error.message}), error.http_status, _JSON)
@@ -130,7 +121,7 @@ def _map(request: InferRequest, name: str, value: Any, inputs: dict, batched: bo
     if any(t.name == name for t in request.inputs):
         raise invalid(f"[request id: {request.id or '<id_unknown>'}] input '{name}' already exists in request")
     datatype = spec.datatype
-    flat = _flatten(value)
+    flat = flatten_json(value)
     if datatype == "BYTES" and not all(type(s) is str for s in flat):
         raise invalid("Unable to parse JSON bytes array: attempt to access JSON non-string as string")
     count = len(value) if type(value) is list else 1
@@ -140,35 +131,8 @@ def _map(request: InferRequest, name: str, value: Any, inputs: dict, batched: bo
                       f"input {name}")
     if len(flat) != count:  # nested arrays that do not make up the top level's count
         raise invalid("Unable to parse 'data': Shape does not match true shape of 'data' field")
-    if datatype == "BYTES":
-        array = np.empty(count, dtype=np.object_)
-        array[:] = [s.encode("utf-8") for s in flat]
-    else:
-        target = dtypes.NUMPY[datatype]
-        accepts, what = _ACCEPTS[target.kind]
-        if not all(accepts(v) for v in flat):
-            raise invalid(f"Unable to parse 'data': attempt to access JSON non-{what}")
-        try:
-            array = np.array(flat, dtype=target)
-        except OverflowError:
-            raise invalid(f"Unable to parse 'data': value out of range for {datatype}") from None
+    array = json_array(flat, datatype)
     request.inputs.append(InputTensor(name, datatype, shape, array.reshape(shape)))
-
-
-def _flatten(value: Any) -> list:
-    if type(value) is not list:
-        return [value]
-    out: list = []
-    stack = [iter(value)]
-    while stack:
-        for item in stack[-1]:
-            if type(item) is list:
-                stack.append(iter(item))
-                break
-            out.append(item)
-        else:
-            stack.pop()
-    return out
 
 
 def _shape(name: str, count: int, dims: list[int]) -> list[int]:

@@ -280,27 +280,33 @@ _ACCEPTS = {
 
 def _json_tensor(data: Any, datatype: str, shape: list[int]) -> np.ndarray:
     """A JSON ``data`` array (flat or nested) as an array of ``datatype``."""
-    flat = _flatten(data)
-    if datatype == "BYTES":
-        if not all(type(s) is str for s in flat):
-            raise _parse_error("Unable to parse JSON bytes array: attempt to access JSON non-string as string")
-        array = np.empty(len(flat), dtype=np.object_)
-        array[:] = [s.encode("utf-8") for s in flat]
-    else:
-        target = dtypes.NUMPY[datatype]
-        accepts, what = _ACCEPTS["f" if target.kind == "V" else target.kind]  # bfloat16 is a float
-        if not all(accepts(v) for v in flat):
-            raise _parse_error(f"Unable to parse 'data': attempt to access JSON non-{what}")
-        try:
-            array = np.array(flat, dtype=target)
-        except OverflowError:
-            raise _parse_error(f"Unable to parse 'data': value out of range for {datatype}") from None
+    array = json_array(flatten_json(data), datatype)
     if array.size != dtypes.element_count(shape):
         raise _parse_error("Unable to parse 'data': Shape does not match true shape of 'data' field")
     return array.reshape(shape)
 
 
-def _flatten(data: Any) -> list:
+def json_array(flat: list, datatype: str) -> np.ndarray:
+    """The JSON values ``flat`` as a 1-D array of ``datatype``; a value of the wrong JSON type is Triton's
+    400 (shared with the generate extension)."""
+    if datatype == "BYTES":
+        if not all(type(s) is str for s in flat):
+            raise _parse_error("Unable to parse JSON bytes array: attempt to access JSON non-string as string")
+        array = np.empty(len(flat), dtype=np.object_)
+        array[:] = [s.encode("utf-8") for s in flat]
+        return array
+    target = dtypes.NUMPY[datatype]
+    accepts, what = _ACCEPTS["f" if target.kind == "V" else target.kind]  # bfloat16 is a float
+    if not all(accepts(v) for v in flat):
+        raise _parse_error(f"Unable to parse 'data': attempt to access JSON non-{what}")
+    try:
+        return np.array(flat, dtype=target)
+    except OverflowError:
+        raise _parse_error(f"Unable to parse 'data': value out of range for {datatype}") from None
+
+
+def flatten_json(data: Any) -> list:
+    """The leaves of a (nested) JSON array, in order; a scalar is a list of one."""
     if not isinstance(data, list):
         return [data]
     out: list = []
