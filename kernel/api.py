@@ -185,17 +185,22 @@ class Model:
     # -- inference ------------------------------------------------------
     def infer(self, inputs: Mapping[str, np.ndarray], outputs: list[str] | None = None,
               parameters: dict | None = None, *, request_id: str = "", priority: int = 0,
-              timeout_us: int = 0) -> InferResult:
-        """Run one inference and wait for it (from any thread but the server's loop)."""
-        request = self._request(inputs, outputs, parameters, request_id, priority, timeout_us)
+              timeout_us: int = 0, sequence_id: int | str = 0, sequence_start: bool = False,
+              sequence_end: bool = False) -> InferResult:
+        """Run one inference and wait for it (from any thread but the server's loop). ``sequence_*``: a
+        request of a sequence (a stateful model's: kernel.sequence), as tritonclient's arguments."""
+        request = self._request(inputs, outputs, parameters, request_id, priority, timeout_us,
+                                (sequence_id, sequence_start, sequence_end))
         response = self._server._wait(lambda core: core.accept(request))
         return self._server._result(response)
 
     async def async_infer(self, inputs: Mapping[str, np.ndarray], outputs: list[str] | None = None,
                           parameters: dict | None = None, *, request_id: str = "", priority: int = 0,
-                          timeout_us: int = 0) -> InferResult:
+                          timeout_us: int = 0, sequence_id: int | str = 0, sequence_start: bool = False,
+                          sequence_end: bool = False) -> InferResult:
         """Run one inference from a coroutine (on the server's loop or any other)."""
-        request = self._request(inputs, outputs, parameters, request_id, priority, timeout_us)
+        request = self._request(inputs, outputs, parameters, request_id, priority, timeout_us,
+                                (sequence_id, sequence_start, sequence_end))
         server = self._server
         if server._on_loop():
             response = await server._core.accept(request)
@@ -257,8 +262,15 @@ class Model:
         return self._server._arena_array(dtypes.NUMPY[spec["datatype"]], shape)
 
     def _request(self, inputs: Mapping[str, np.ndarray], outputs: list[str] | None, parameters: dict | None,
-                 request_id: str, priority: int, timeout_us: int) -> InferRequest:
+                 request_id: str, priority: int, timeout_us: int, sequence: tuple = (0, False, False)) -> InferRequest:
         params = dict(parameters or {})
+        sequence_id, start, end = sequence
+        if sequence_id:
+            params["sequence_id"] = sequence_id
+            if start:
+                params["sequence_start"] = True
+            if end:
+                params["sequence_end"] = True
         if priority:
             params["priority"] = priority
         if timeout_us:

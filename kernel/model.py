@@ -578,9 +578,15 @@ class ModelVersion:
                     if request.trace.traceparent is not None:  # mode opentelemetry: get_context()'s answer
                         spec["tc"] = request.trace.traceparent
                 if request.parameters:
-                    params = {k: v for k, v in request.parameters.items() if k not in RESERVED_PARAMETERS}
+                    parameters = request.parameters
+                    params = {k: v for k, v in parameters.items() if k not in RESERVED_PARAMETERS}
                     if params:
                         spec["p"] = json.dumps(params)
+                    cid = parameters.get("sequence_id")
+                    if cid:  # the model's correlation_id() and flags() (START 1, END 2), as Triton gives them
+                        spec["cid"] = cid
+                        spec["fl"] = (parameters.get("sequence_start") is True) | \
+                            (parameters.get("sequence_end") is True) << 1
                 reqs.append(spec)
         except Exception as e:  # e.g. /dev/shm full: fail these requests, keep serving
             for block in blocks:
@@ -674,6 +680,10 @@ class Batch:
         if not decoupled:
             self._free_inputs(instance)
         for pending, result in zip(self.pendings, results):
+            if not pending.batch_size:  # a sequence batcher's null request (kernel.sequence): nobody's answer
+                if result is not None and "out" in result:
+                    _response(version, instance, pending, result).release()
+                continue
             enqueued = max(pending.enqueued, chained)
             total = now - enqueued
             if result is not None and "skip" in result:  # a chained step whose input never came: no inference
@@ -751,7 +761,8 @@ class Batch:
         self._free_inputs(instance)
         now = time.perf_counter_ns()
         for pending in self.pendings:
-            self.version.stats.failure(now - pending.enqueued)
+            if pending.batch_size:  # (not a null request)
+                self.version.stats.failure(now - pending.enqueued)
             _settle(pending, error)  # ends a decoupled stream too
         self.version._finished(instance)
 

@@ -310,6 +310,10 @@ def _shape_key(pending: Pending) -> tuple:
 def make_scheduler(version: ModelVersion) -> Scheduler:
     """The scheduler a model version's configuration asks for."""
     config = version.config
+    if config.HasField("sequence_batching"):
+        from kernel.sequence import SequenceBatcher  # (it builds on this module)
+
+        return SequenceBatcher(version, config.sequence_batching)
     if config.HasField("dynamic_batching"):
         return DynamicBatcher(version, config.dynamic_batching)
     return Scheduler(version)

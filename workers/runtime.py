@@ -46,6 +46,7 @@ from shm.region import Region, ShmError
 from shm.ring import Ring
 from workers import bls, gpu
 from workers.backend import Backend, BackendError, Model, Request, Response
+from workers.sequence_state import States
 
 #: How many ended registrations a worker remembers (see :meth:`Worker.region`).
 _FORGOTTEN_KEPT = 4096
@@ -88,6 +89,7 @@ class Worker:
         self.backend_class: type[Backend] | None = None
         self.backend: Backend | None = None
         self.model: Model | None = None
+        self.states: States | None = None  # a sequence model's implicit state
         self._load_msg: dict = {}
         self._artifact = ""  # the model file a third-party python-based backend imposes
         self._spin_until = 0  # a wake hint's deadline (perf_counter ns): poll the inbox until then
@@ -203,6 +205,7 @@ class Worker:
             place(msg["place"])
         self.model = self._model(dict(self._load_msg, config=msg["config"], args=msg["args"]))
         self.backend = self.backend_class(self.model)
+        self.states = States.of(self.model)
         self.send({"t": "ready", "status": self.backend.status})
 
     def _model(self, msg: dict) -> Model:
@@ -232,6 +235,7 @@ class Worker:
         index: list[int] = []
         place = self._output_buffer
         board = self.board
+        states = self.states
         waited = False
         for i, spec in enumerate(specs):
             link = spec.get("w")
@@ -255,6 +259,8 @@ class Worker:
             except (TensorError, ValueError) as e:
                 results[i] = _error(str(e), getattr(e, "code", "INVALID_ARG"))
                 continue
+            if states is not None:  # a sequence model's implicit state (workers.sequence_state)
+                states.add_inputs(spec.get("cid", 0), spec.get("fl", 0), inputs)
             request = Request(inputs, spec.get("out") or [], spec.get("rid", ""), spec.get("cid", 0),
                               spec.get("fl", 0), spec.get("p", ""))
             request._spans = spans
@@ -285,6 +291,9 @@ class Worker:
         t2 = time.perf_counter_ns()
         if requests and not decoupled:
             problem = _check_responses(responses, len(requests))
+            if states is not None and not problem:
+                for request, response in zip(requests, responses):
+                    states.keep(request.correlation_id, request.flags, response)
             for k, i in enumerate(index):
                 results[i] = _error(problem) if problem else self._result(responses[k], requests[k])
         t3 = time.perf_counter_ns()  # CLOCK_MONOTONIC: the front reads it as its own clock
