@@ -10,7 +10,7 @@ from google.protobuf import json_format, text_format
 from google.protobuf.descriptor import FieldDescriptor
 
 from kernel.errors import ServerError
-from kernel.model_config_pb2 import DataType, ModelConfig, ModelInstanceGroup
+from kernel.model_config_pb2 import DataType, ModelConfig, ModelInstanceGroup, ModelSequenceBatching
 from shm import dtypes
 
 # Built-in backends: default model file and platform name, in the order Triton looks for model files
@@ -72,6 +72,12 @@ def complete(config: ModelConfig, model_dir: str, gpu_count: int = 0) -> None:
     if not config.HasField("optimization"):
         config.optimization.input_pinned_memory.enable = True
         config.optimization.output_pinned_memory.enable = True
+    if config.HasField("sequence_batching"):
+        sequence = config.sequence_batching
+        if not sequence.max_sequence_idle_microseconds:
+            sequence.max_sequence_idle_microseconds = 1_000_000
+        if sequence.HasField("oldest") and not sequence.oldest.preferred_batch_size and config.max_batch_size > 0:
+            sequence.oldest.preferred_batch_size.append(config.max_batch_size)
     if config.platform == "ensemble":
         return
     if not config.instance_group:
@@ -143,6 +149,69 @@ def validate(config: ModelConfig) -> None:
             raise ServerError(f"instance group {group.name} of model {model} has kind KIND_CPU but specifies one or "
                               "more GPUs", "INVALID_ARG")
     _validate_queue_policies(config)
+    if config.HasField("sequence_batching"):
+        _validate_sequence_batching(config)
+
+
+_FALSE_TRUE = ("int32_false_true", "fp32_false_true", "bool_false_true")
+_CORRID_TYPES = (DataType.TYPE_UINT64, DataType.TYPE_INT64, DataType.TYPE_UINT32, DataType.TYPE_INT32,
+                 DataType.TYPE_STRING)
+
+
+def _validate_sequence_batching(config: ModelConfig) -> None:
+    """Triton's checks of ``sequence_batching`` (its words; Triton leaves such a model out of the repository at
+    poll time, where this server marks it UNAVAILABLE with the reason)."""
+    sequence, model = config.sequence_batching, config.name
+    kinds: set[int] = set()
+    names: set[str] = set()
+    for control_input in sequence.control_input:
+        if not control_input.name:
+            raise ServerError(f"sequence batching control tensor must have a name for {model}", "INVALID_ARG")
+        if control_input.name in names:
+            raise ServerError(f"sequence batching control tensor '{control_input.name}' is specified for multiple "
+                              f"control kinds for {model}", "INVALID_ARG")
+        names.add(control_input.name)
+        for control in control_input.control:
+            kind = ModelSequenceBatching.Control.Kind.Name(control.kind)
+            if control.kind in kinds:
+                raise ServerError(f"sequence batching specifies multiple {kind} tensors for {model}", "INVALID_ARG")
+            kinds.add(control.kind)
+            if control.kind == ModelSequenceBatching.Control.CONTROL_SEQUENCE_CORRID:
+                if control.data_type not in _CORRID_TYPES:
+                    raise ServerError(f"unexpected data type for control {kind} for {model}. Allowed data types are "
+                                      "TYPE_UINT64, TYPE_INT64, TYPE_UINT32, TYPE_INT32 and TYPE_STRING", "INVALID_ARG")
+                continue
+            given = [field for field in _FALSE_TRUE if len(getattr(control, field))]
+            if not given:
+                raise ServerError(f"sequence batching must specify either 'int32_false_true', 'fp32_false_true' or "
+                                  f"'bool_false_true' for {kind} for {model}", "INVALID_ARG")
+            if len(given) > 1:
+                raise ServerError(f"sequence batching specifies more than one from 'int32_false_true', "
+                                  f"'fp32_false_true' and 'bool_false_true' for {kind} for {model}", "INVALID_ARG")
+            if len(getattr(control, given[0])) != 2:
+                raise ServerError(f"sequence batching control '{given[0]}' must have exactly 2 entries for {kind} for "
+                                  f"{model}", "INVALID_ARG")
+    utilization = sequence.direct.minimum_slot_utilization
+    if utilization < 0 or utilization > 1:
+        raise ServerError(f"sequence batching minimum slot utilization must be in range (0.0, 1.0] for {model}",
+                          "INVALID_ARG")
+    for size in sequence.oldest.preferred_batch_size:
+        if size > config.max_batch_size:
+            raise ServerError(f"sequence batching preferred batch size must be <= max batch size for {model}",
+                              "INVALID_ARG")
+    for state in sequence.state:
+        for initial in state.initial_state:
+            if initial.WhichOneof("state_data") is None:
+                raise ServerError(f"initial_state setting expects state'{state.input_name}' to have state_data set",
+                                  "INVALID_ARG")
+            if list(initial.dims) != list(state.dims):
+                mismatch = next(((a, b) for a, b in zip(initial.dims, state.dims) if a != b),
+                                (len(initial.dims), len(state.dims)))
+                raise ServerError(f"'initial_state' dim for input name '{state.input_name}' doesn't match 'state' dim "
+                                  f"description. {mismatch[0]} != {mismatch[1]}", "INVALID_ARG")
+            if initial.data_type != state.data_type:
+                raise ServerError(f"The data type used for 'initial_state' field of state '{state.input_name}' does "
+                                  "not match the state data type.", "INVALID_ARG")
 
 
 def _validate_queue_policies(config: ModelConfig) -> None:

@@ -674,7 +674,8 @@ class Batch:
         if chained:  # (only a chained batch is ever skipped)
             ran = sum(p.batch_size for p, r in zip(pendings, results) if r is None or "skip" not in r)
         else:
-            ran = pendings[0].batch_size if len(pendings) == 1 else sum(p.batch_size for p in pendings)
+            # (a sequence batcher's null request is a row of the batch: Triton counts the padded size)
+            ran = pendings[0].batch_size if len(pendings) == 1 else sum(p.batch_size or 1 for p in pendings)
         if ran:
             stats.execution(ran, ci, cinf, co)
         if not decoupled:

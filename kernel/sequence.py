@@ -36,7 +36,7 @@ import numpy as np
 from kernel import config as cfg
 from kernel.errors import invalid
 from kernel.model import Pending
-from kernel.model_config_pb2 import ModelSequenceBatching
+from kernel.model_config_pb2 import DataType, ModelSequenceBatching
 from kernel.scheduler import Scheduler, _shape_key
 from kernel.types import InferRequest, InputTensor
 from shm import dtypes
@@ -67,18 +67,24 @@ class _Sequence:
         self.last = 0  # ns (perf_counter) of its last request's arrival or dispatch
 
 
+#: The order Triton gives the control tensors, before the request's own inputs (observed on 2.51).
+_ORDER = (Control.CONTROL_SEQUENCE_READY, Control.CONTROL_SEQUENCE_CORRID, Control.CONTROL_SEQUENCE_END,
+          Control.CONTROL_SEQUENCE_START)
+
+
 class _Controls:
     """The control tensors the configuration asks for, per request."""
 
     def __init__(self, config: ModelSequenceBatching, batched: bool) -> None:
         self.shape = [1, 1] if batched else [1]
-        self.flags: list[tuple[str, int, str, np.ndarray, np.ndarray]] = []  # (input, kind, datatype, false, true)
+        by_name: dict[str, tuple] = {}  # one tensor with two kinds (Triton loads it): the later kind's
         self.corrid: tuple[str, str] | None = None  # (input, datatype)
         for control_input in config.control_input:
             for control in control_input.control:
                 if control.kind == Control.CONTROL_SEQUENCE_CORRID:
-                    self.corrid = (control_input.name, cfg.datatype(control.data_type)
-                                   if control.data_type != 13 else "BYTES")  # TYPE_STRING
+                    self.corrid = (control_input.name, "BYTES" if control.data_type == DataType.TYPE_STRING
+                                   else cfg.datatype(control.data_type))
+                    by_name[control_input.name] = (control_input.name, control.kind, self.corrid[1], None, None)
                     continue
                 if control.int32_false_true:
                     datatype, values = "INT32", control.int32_false_true
@@ -87,21 +93,29 @@ class _Controls:
                 else:
                     datatype, values = "BOOL", control.bool_false_true
                 false, true = (np.array(v, dtype=dtypes.NUMPY[datatype]).reshape(self.shape) for v in values)
-                self.flags.append((control_input.name, control.kind, datatype, false, true))
+                by_name[control_input.name] = (control_input.name, control.kind, datatype, false, true)
+        found = {entry[1]: entry for entry in by_name.values()}
+        if self.corrid is not None and found.get(Control.CONTROL_SEQUENCE_CORRID) is None:
+            self.corrid = None
+        #: (input, kind, datatype, false value, true value), in Triton's order
+        self.order = [found[kind] for kind in _ORDER if kind in found]
+        self.names = {name for name, *_ in self.order}
 
     def tensors(self, cid: int | str, start: bool, end: bool, ready: bool) -> list[InputTensor]:
+        """The control tensors of one request."""
         shape = self.shape
         out = []
-        for name, kind, datatype, false, true in self.flags:
-            on = start if kind == Control.CONTROL_SEQUENCE_START else end if kind == Control.CONTROL_SEQUENCE_END \
-                else ready
-            out.append(InputTensor(name, datatype, list(shape), true if on else false))
-        if self.corrid is not None:
-            name, datatype = self.corrid
-            if datatype == "BYTES":
-                value = np.array([str(cid).encode()], dtype=np.object_).reshape(shape)
+        for name, kind, datatype, false, true in self.order:
+            if kind == Control.CONTROL_SEQUENCE_CORRID:
+                if datatype == "BYTES":
+                    value = np.array([str(cid).encode()], dtype=np.object_).reshape(shape)
+                else:  # an unsigned 64-bit ID (or a negative one over gRPC) wraps into the control's type, as in C
+                    value = np.array([cid % (1 << 64) if type(cid) is int else 0], dtype=np.uint64) \
+                        .astype(dtypes.NUMPY[datatype]).reshape(shape)
             else:
-                value = np.array([cid if isinstance(cid, int) else 0], dtype=dtypes.NUMPY[datatype]).reshape(shape)
+                on = start if kind == Control.CONTROL_SEQUENCE_START else end if kind == Control.CONTROL_SEQUENCE_END \
+                    else ready
+                value = true if on else false
             out.append(InputTensor(name, datatype, list(shape), value))
         return out
 
@@ -160,10 +174,11 @@ class SequenceBatcher(Scheduler):
         if pending.batch_size > 1:
             raise invalid(f"inference request to model '{model}' must specify batch-size 1 due to requirements of "
                           "sequence batcher")
-        if self.string_ids is not None and self.string_ids != (type(cid) is str):
-            expected = "string" if self.string_ids else "unsigned integer"
-            raise invalid(f"inference request to model '{model}' has a correlation ID of the wrong type: the "
-                          f"model's CORRID control expects {expected} correlation IDs")
+        if self.string_ids is not None and self.string_ids != (type(cid) is str):  # (Triton after 2.51)
+            name, datatype = self.controls.corrid
+            given = "BYTES" if type(cid) is str else "UINT64"
+            raise invalid(f"sequence batching control '{name}' data-type is '{given}', but model '{model}' expects "
+                          f"'{datatype}'")
         start, _ = _flags(request)
         seq = self.active.get(cid) or self.backlog.get(cid)
         if seq is None:
@@ -297,7 +312,7 @@ class SequenceBatcher(Scheduler):
         seq.last = now
         request = pending.request
         start, end = _flags(request)
-        request.inputs.extend(self.controls.tensors(seq.cid, start, end, True))
+        request.inputs[:0] = self.controls.tensors(seq.cid, start, end, True)
         if end and not seq.queue:
             self._release(seq)
         return pending
@@ -305,9 +320,7 @@ class SequenceBatcher(Scheduler):
     def _null(self, template: InferRequest) -> Pending:
         """A request for an empty slot: zeros shaped like ``template``'s inputs, READY false."""
         inputs = []
-        names = {name for name, *_ in self.controls.flags}
-        if self.controls.corrid is not None:
-            names.add(self.controls.corrid[0])
+        names = self.controls.names
         for t in template.inputs:
             if t.name in names:
                 continue
@@ -315,7 +328,7 @@ class SequenceBatcher(Scheduler):
             data = np.full(count, b"", dtype=np.object_) if t.datatype == "BYTES" else \
                 np.zeros(count, dtype=dtypes.NUMPY[t.datatype])
             inputs.append(InputTensor(t.name, t.datatype, list(t.shape), data.reshape(t.shape)))
-        inputs.extend(self.controls.tensors(0 if not self.string_ids else "", False, False, False))
+        inputs[:0] = self.controls.tensors(0 if not self.string_ids else "", False, False, False)
         future = (self._loop or asyncio.get_running_loop()).create_future()
         future.cancel()  # nobody waits: its answer is released as it comes
         return Pending(InferRequest(self.version.name, self.version.version_str, inputs=inputs), future, 0)

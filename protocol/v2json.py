@@ -105,6 +105,8 @@ def _parse_plain(model: str, version: str, doc: dict, body: bytes | memoryview, 
         tensors.append(tensor)
     if cursor != (0 if binary is None else len(binary)):
         raise _Unusual
+    if params:
+        _sequence_params(params)
     request = InferRequest(model, version, rid, tensors, None, params)
     outputs = doc.get("outputs")
     if outputs is not None:
@@ -137,7 +139,7 @@ def _parse_checked(model: str, version: str, doc: Any, body: bytes, header_lengt
         request.id = rid
     params = doc.get("parameters")
     if params is not None:
-        request.parameters = _params(params, "parameters")
+        request.parameters = _sequence_params(_params(params, "parameters"))
     inputs = doc.get("inputs")
     if not isinstance(inputs, list):
         raise _parse_error("Unable to parse 'inputs': attempt to access non-existing object member 'inputs'"
@@ -185,6 +187,18 @@ def raw_request(model: str, version: str, body: memoryview, inputs: list) -> Inf
     request.inputs.append(InputTensor(name, datatype, shape, body))
     request.parameters["binary_data_output"] = True
     return request
+
+
+def _sequence_params(params: dict) -> dict:
+    """Triton's JSON types for a request's sequence parameters: ``sequence_id`` an unsigned 64-bit integer or a
+    string, ``sequence_start`` and ``sequence_end`` booleans (400 here, Triton's 500)."""
+    cid = params.get("sequence_id")
+    if cid is not None and type(cid) is not str and (type(cid) is not int or not 0 <= cid < 1 << 64):
+        raise _parse_error("Unable to parse 'sequence_id': attempt to access JSON non-string as string")
+    for key in ("sequence_start", "sequence_end"):
+        if key in params and type(params[key]) is not bool:
+            raise _parse_error(f"Unable to parse '{key}': attempt to access JSON non-boolean as boolean")
+    return params
 
 
 def _params(value: Any, where: str) -> dict:

@@ -48,7 +48,8 @@ class TritonPythonModel:
             x = pb_utils.get_input_tensor_by_name(request, "INPUT").as_numpy()
             cid = request.correlation_id()
             seen = {"batch": len(requests), "row": row, "cid": cid, "flags": request.flags(),
-                    "instance": self.instance, "input": int(x.flatten()[0])}
+                    "instance": self.instance, "input": int(x.flatten()[0]),
+                    "names": [t.name() for t in request.inputs()]}
             for name in ("START", "END", "READY", "CORRID"):
                 seen[name] = _value(request, name)
             with open(self.log, "a") as f:
@@ -117,6 +118,45 @@ MODELS = {
 }
 
 
+def _with_controls(controls: str) -> str:
+    return _config(2, "direct { }").replace(CONTROLS % "TYPE_UINT64", f"control_input [ {controls} ]")
+
+
+def _start(values: str, name: str = "START") -> str:
+    return f'{{ name: "{name}" control [ {{ kind: CONTROL_SEQUENCE_START {values} }} ] }}'
+
+
+_TWO_DIMS = (STATE % "zero_data: true").replace("initial_state { data_type: TYPE_INT32 dims: [ 1 ]",
+                                                "initial_state { data_type: TYPE_INT32 dims: [ 2 ]")
+#: Configurations Triton refuses, and its words (docs/triton-behaviour.md, section 19)
+BAD = {
+    "bad_no_values": _with_controls(_start("")),
+    "bad_two_lists": _with_controls(_start("int32_false_true: [0, 1] fp32_false_true: [0, 1]")),
+    "bad_one_value": _with_controls(_start("int32_false_true: [1]")),
+    "bad_two_starts": _with_controls(_start("int32_false_true: [0, 1]") + ", "
+                                     + _start("int32_false_true: [0, 1]", name="S2")),
+    "bad_corrid_type": _config(2, "direct { }", corrid="TYPE_FP32"),
+    "bad_utilization": _config(2, "direct { minimum_slot_utilization: 1.5 }"),
+    "bad_preferred": _config(2, "oldest { max_candidate_sequences: 2 preferred_batch_size: [ 4 ] }"),
+    "bad_initial_dims": _config(2, "direct { }").replace("sequence_batching {\n", "sequence_batching {\n" + _TWO_DIMS),
+}
+BAD_REASONS = {
+    "bad_no_values": "sequence batching must specify either 'int32_false_true', 'fp32_false_true' or "
+                     "'bool_false_true' for CONTROL_SEQUENCE_START for bad_no_values",
+    "bad_two_lists": "sequence batching specifies more than one from 'int32_false_true', 'fp32_false_true' and "
+                     "'bool_false_true' for CONTROL_SEQUENCE_START for bad_two_lists",
+    "bad_one_value": "sequence batching control 'int32_false_true' must have exactly 2 entries for "
+                     "CONTROL_SEQUENCE_START for bad_one_value",
+    "bad_two_starts": "sequence batching specifies multiple CONTROL_SEQUENCE_START tensors for bad_two_starts",
+    "bad_corrid_type": "unexpected data type for control CONTROL_SEQUENCE_CORRID for bad_corrid_type. Allowed data "
+                       "types are TYPE_UINT64, TYPE_INT64, TYPE_UINT32, TYPE_INT32 and TYPE_STRING",
+    "bad_utilization": "sequence batching minimum slot utilization must be in range (0.0, 1.0] for bad_utilization",
+    "bad_preferred": "sequence batching preferred batch size must be <= max batch size for bad_preferred",
+    "bad_initial_dims": "'initial_state' dim for input name 'INPUT_STATE' doesn't match 'state' dim description. "
+                        "2 != 1",
+}
+
+
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("seq_repo")
@@ -127,6 +167,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         python_model(repo, name, ACCUMULATOR, config)
     (repo / "seq_state_file" / "initial_state").mkdir()
     (repo / "seq_state_file" / "initial_state" / "seven").write_bytes(np.array([7], np.int32).tobytes())
+    for name, config in BAD.items():
+        python_model(repo, name, STATEFUL, config)
     python_model(repo, "plain", STATEFUL, _io(True).replace("dims: [ 1 ]", "dims: [ 1 ]") + "max_batch_size: 2\n")
     return repo
 
@@ -313,6 +355,8 @@ def test_implicit_state_is_fed_back(http, model, initial):
     assert [o["name"] for o in result.get_response()["outputs"]] == ["OUTPUT"]
     assert int(result.as_numpy("OUTPUT")[0, 0]) == initial + 6
     assert _http_infer(http, model, 5, sequence_id=1, sequence_start=True) == initial + 5  # START: initial again
+    assert _http_infer(http, model, 1, sequence_id=1) == initial + 6
+    assert _http_infer(http, model, 2, sequence_id=1, sequence_start=True) == initial + 2  # restarted without END
     _http_infer(http, model, 0, sequence_id=1, sequence_end=True)
 
 
@@ -332,3 +376,59 @@ def test_in_process_api_takes_tritonclients_sequence_arguments(repo):
         assert asyncio.run(last()) == 12
         with pytest.raises(ServerError, match="must specify the START flag"):
             model.infer(one, sequence_id=99)
+
+
+def test_configurations_triton_refuses_are_unavailable_with_its_reason(http):
+    index = {m["name"]: m for m in http.get_model_repository_index()}
+    for name, reason in BAD_REASONS.items():
+        assert index[name]["state"] == "UNAVAILABLE", index[name]
+        assert index[name]["reason"] == f"Invalid argument: {reason}"
+
+
+def test_defaults_in_the_configuration(http):
+    sequence = http.get_model_config("seq_oldest")["sequence_batching"]
+    assert sequence["max_sequence_idle_microseconds"] == 1_000_000
+    assert sequence["oldest"]["preferred_batch_size"] == [4]
+
+
+def test_a_correlation_id_of_the_wrong_type_is_refused(http):
+    with pytest.raises(InferenceServerException) as e:
+        _http_infer(http, "seq_direct", 1, sequence_id="abc", sequence_start=True)
+    assert e.value.status() == "400"
+    assert "sequence batching control 'CORRID' data-type is 'BYTES', but model 'seq_direct' expects 'UINT64'" \
+        in e.value.message()
+
+
+@pytest.mark.parametrize("sequence, message", [
+    ({"sequence_id": -1}, "Unable to parse 'sequence_id': attempt to access JSON non-string as string"),
+    ({"sequence_id": 1.5}, "Unable to parse 'sequence_id': attempt to access JSON non-string as string"),
+    ({"sequence_id": 1 << 64}, "Unable to parse 'sequence_id': attempt to access JSON non-string as string"),
+])
+def test_json_sequence_ids_of_the_wrong_type_are_400(http, sequence, message):
+    with pytest.raises(InferenceServerException) as e:
+        _http_infer(http, "plain", 1, **sequence)
+    assert e.value.status() == "400" and message in e.value.message()
+
+
+def test_controls_come_first_and_statistics_count_null_requests_as_rows(server, http, repo):
+    """Triton's order of request.inputs() (READY, CORRID, END, START, then the client's) and its statistics: a
+    null request pads the batch (batch_stats) but is no inference (inference_count)."""
+    _seen(repo, "seq_direct")
+    before = http.get_inference_statistics("seq_direct")["model_stats"][0]
+    _http_infer(http, "seq_direct", 1, sequence_id=31, sequence_start=True)
+    _http_infer(http, "seq_direct", 1, sequence_id=32, sequence_start=True)
+    _http_infer(http, "seq_direct", 1, sequence_id=32, sequence_end=True)  # slot 1: [null, 32]
+    _http_infer(http, "seq_direct", 1, sequence_id=31, sequence_end=True)
+    after = http.get_inference_statistics("seq_direct")["model_stats"][0]
+    assert after["inference_count"] - before["inference_count"] == 4
+    assert after["execution_count"] - before["execution_count"] == 4
+
+    def rows(stats: dict, size: int) -> int:
+        return next((b["compute_infer"]["count"] for b in stats["batch_stats"] if b["batch_size"] == size), 0)
+
+    assert rows(after, 1) - rows(before, 1) == 2 and rows(after, 2) - rows(before, 2) == 2
+    seen = _seen(repo, "seq_direct")
+    assert {tuple(s["names"]) for s in seen} == {("READY", "CORRID", "END", "START", "INPUT")}
+    nulls = [s for s in seen if s["READY"][0] == [False]]
+    assert [(n["cid"], n["flags"], n["input"], n["START"][0], n["CORRID"][0]) for n in nulls] == \
+        [(0, 0, 0, [0], [0])] * 2

@@ -260,7 +260,7 @@ class Worker:
                 results[i] = _error(str(e), getattr(e, "code", "INVALID_ARG"))
                 continue
             if states is not None:  # a sequence model's implicit state (workers.sequence_state)
-                states.add_inputs(spec.get("cid", 0), spec.get("fl", 0), inputs)
+                inputs = states.add_inputs(spec.get("cid", 0), spec.get("fl", 0), inputs)
             request = Request(inputs, spec.get("out") or [], spec.get("rid", ""), spec.get("cid", 0),
                               spec.get("fl", 0), spec.get("p", ""))
             request._spans = spans

@@ -49,12 +49,16 @@ class States:
         specs = (model.config.get("sequence_batching") or {}).get("state") or []
         return cls(model, specs) if specs else None
 
-    def add_inputs(self, cid: int | str, flags: int, inputs: dict[str, np.ndarray]) -> None:
-        """Give a request its sequence's state (the initial one at START, or for a null request)."""
+    def add_inputs(self, cid: int | str, flags: int, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A request's inputs with its sequence's state first, as Triton orders them (the initial state at
+        START, or for a null request)."""
         kept = None if flags & START or not cid else self.kept.get(cid)
+        out = {}
         for input_name, output_name, initial, _ in self.specs:
             value = kept.get(output_name) if kept is not None else None
-            inputs[input_name] = initial if value is None else value
+            out[input_name] = initial if value is None else value
+        out.update(inputs)
+        return out
 
     def keep(self, cid: int | str, flags: int, response: Any) -> None:
         """Take the new state out of ``response``; forget the sequence at its END."""
