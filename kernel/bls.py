@@ -10,7 +10,8 @@ worker's arena: the caller maps them; the response is held here until the caller
 with it (``bf``: the call has ended and the model holds none of its output arrays any more).
 
 Messages (worker -> front, on the outbox): ``{"t": "b", "q": id, "m": model, "v": version, "in": [loc],
-"out": [names], "rid": request id, "p": parameters (JSON), "d": decoupled, "to": timeout (us)}`` and
+"out": [names], "rid": request id, "p": parameters (JSON), "d": decoupled, "to": timeout (us), "cid": correlation
+ID, "fl": sequence flags}`` and
 ``{"t": "bf", "q": [ids]}``. Front -> worker (on replies): ``{"q": id, "res": {"out": [loc]} |
 {"err": [message, code]} | None, "final": bool}``.
 """
@@ -104,6 +105,9 @@ class BlsHandler:
         parameters = json.loads(msg["p"]) if msg.get("p") else {}
         if msg.get("to"):
             parameters["timeout"] = msg["to"]
+        if msg.get("cid"):  # pb_utils.InferenceRequest(correlation_id=..., flags=...): a request of a sequence
+            parameters["sequence_id"] = msg["cid"]
+            parameters.update({k: True for k, bit in (("sequence_start", 1), ("sequence_end", 2)) if msg["fl"] & bit})
         request = InferRequest(msg["m"], msg.get("v") or "", msg.get("rid") or "", inputs,
                                [RequestedOutput(n) for n in names] or None, parameters)
         if msg.get("tr"):  # made with its caller's trace: traced as that trace's child, as Triton does

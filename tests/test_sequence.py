@@ -109,6 +109,32 @@ STATE = '''
             initial_state { data_type: TYPE_INT32 dims: [ 1 ] %s name: "init" } } ]
 '''
 
+FORWARD = '''
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    """Forwards each request to seq_state through BLS, as a request of the caller's sequence."""
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            called = pb_utils.InferenceRequest(
+                model_name="seq_state", requested_output_names=["OUTPUT"],
+                inputs=[pb_utils.get_input_tensor_by_name(request, "INPUT")],
+                correlation_id=request.correlation_id(), flags=request.flags()).exec()
+            if called.has_error():
+                responses.append(pb_utils.InferenceResponse(error=called.error()))
+                continue
+            responses.append(pb_utils.InferenceResponse([pb_utils.get_output_tensor_by_name(called, "OUTPUT")]))
+        return responses
+'''
+
+ENSEMBLE = ('platform: "ensemble"\nmax_batch_size: 2\n' + _io(True) + '''
+ensemble_scheduling { step [ { model_name: "seq_state" model_version: -1
+    input_map { key: "INPUT" value: "INPUT" } output_map { key: "OUTPUT" value: "OUTPUT" } } ] }
+''')
+
 MODELS = {
     "seq_direct": _config(2, "direct { }"),
     "seq_oldest": _config(4, "oldest { max_candidate_sequences: 4 }", count=2),
@@ -167,6 +193,9 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         python_model(repo, name, ACCUMULATOR, config)
     (repo / "seq_state_file" / "initial_state").mkdir()
     (repo / "seq_state_file" / "initial_state" / "seven").write_bytes(np.array([7], np.int32).tobytes())
+    python_model(repo, "seq_bls", FORWARD, "max_batch_size: 2\n" + _io(True))
+    (repo / "seq_ensemble" / "1").mkdir(parents=True)
+    (repo / "seq_ensemble" / "config.pbtxt").write_text(ENSEMBLE)
     for name, config in BAD.items():
         python_model(repo, name, STATEFUL, config)
     python_model(repo, "plain", STATEFUL, _io(True).replace("dims: [ 1 ]", "dims: [ 1 ]") + "max_batch_size: 2\n")
@@ -432,3 +461,17 @@ def test_controls_come_first_and_statistics_count_null_requests_as_rows(server, 
     nulls = [s for s in seen if s["READY"][0] == [False]]
     assert [(n["cid"], n["flags"], n["input"], n["START"][0], n["CORRID"][0]) for n in nulls] == \
         [(0, 0, 0, [0], [0])] * 2
+
+
+@pytest.mark.parametrize("caller", ["seq_ensemble", "seq_bls"])
+def test_ensembles_and_bls_reach_a_sequence_model_as_the_callers_sequence(http, caller):
+    """An ensemble's step carries the request's sequence; a BLS request carries the correlation_id and flags the
+    model gives it (pb_utils.InferenceRequest(correlation_id=..., flags=...))."""
+    cid = 700 if caller == "seq_ensemble" else 800
+    assert _http_infer(http, caller, 2, sequence_id=cid, sequence_start=True) == 2
+    assert _http_infer(http, caller, 3, sequence_id=cid + 1, sequence_start=True) == 3
+    assert _http_infer(http, caller, 4, sequence_id=cid) == 6
+    assert _http_infer(http, caller, 5, sequence_id=cid, sequence_end=True) == 11
+    with pytest.raises(InferenceServerException, match="must specify the START flag"):
+        _http_infer(http, caller, 1, sequence_id=cid)
+    _http_infer(http, caller, 0, sequence_id=cid + 1, sequence_end=True)

@@ -122,6 +122,8 @@ class BlsClient:
             msg["v"] = str(request._model_version)
         if request.parameters() not in ("", "{}"):
             msg["p"] = request.parameters()
+        if request.correlation_id():  # a request of a sequence (the target's sequence batcher: kernel.sequence)
+            msg["cid"], msg["fl"] = request.correlation_id(), request.flags()
         if request._timeout:
             msg["to"] = int(request._timeout)
         if request._trace._id:  # made with the calling request's trace(): a child of that trace
