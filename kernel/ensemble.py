@@ -20,6 +20,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from kernel import config as cfg
+from kernel.cache import CachingScheduler, ModelCache
 from kernel.errors import ServerError, invalid
 from kernel.model import ModelVersion, Pending, Skipped, _settle
 from kernel.scheduler import Scheduler
@@ -243,6 +244,9 @@ class EnsembleVersion(ModelVersion):
         #: ``--backend-config ensemble,chain=0`` sends every step through the front (see _Run._chain)
         self.chain = _on(settings, "chain") and bool(self.chains)
         self.scheduler = EnsembleScheduler(self)  # type: ignore[assignment]
+        if config.response_cache.enable and core.response_cache is not None:  # Triton caches the ensemble's answer
+            self.cache = ModelCache(self, core.response_cache)
+            self.scheduler = CachingScheduler(self.scheduler, self.cache)  # type: ignore[assignment]
 
     def wake(self) -> None:
         """A request has arrived: wake the workers of the steps that run on the ensemble's inputs alone
@@ -766,7 +770,10 @@ class _Run:
             if not pending.future.done():
                 pending.future.set_result(None)
             return
-        _settle(pending, self._response(self.root, self._release))
+        response = self._response(self.root, self._release)
+        if version.cache is not None:
+            version.cache.store(pending, response)
+        _settle(pending, response)
 
     def _release(self) -> None:
         responses, self.responses = self.responses, []

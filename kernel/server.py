@@ -524,9 +524,6 @@ class Core:
             if is_ensemble(config):
                 check_scheduling(config)  # Triton refuses these when it polls the repository
             check_cache_config(config)  # and these
-            if is_ensemble(config) and config.response_cache.enable and self.response_cache is not None:
-                log.warning("ensemble '%s' enables the response cache: ensembles are not cached by this server "
-                            "(their composing models can be)", name)
             numbers = select_versions(config, path)
         except ServerError as e:
             log.error("Poll failed for model directory '%s': %s", name, e.message)

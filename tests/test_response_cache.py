@@ -72,6 +72,11 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     python_model(repo, "bls_caller", BLS, IO)
     python_model(repo, "cached_dec", COUNTING, IO + CACHE + "model_transaction_policy { decoupled: true }\n")
     python_model(repo, "cached_seq", COUNTING, "max_batch_size: 4\n" + IO + CACHE + "sequence_batching { }\n")
+    ensemble = ('platform: "ensemble"\n' + IO + CACHE + 'ensemble_scheduling { step [ { model_name: "plain" '
+                'model_version: -1 input_map { key: "INPUT0" value: "INPUT0" } '
+                'output_map { key: "OUTPUT0" value: "OUTPUT0" } } ] }\n')
+    (repo / "cached_ensemble" / "1").mkdir(parents=True)
+    (repo / "cached_ensemble" / "config.pbtxt").write_text(ensemble)
     return repo
 
 
@@ -80,7 +85,7 @@ def server(repo: Path, tmp_path_factory: pytest.TempPathFactory):
     # 600 bytes: a few 16-float responses fit, a 256-float one never does
     yield from serving(repo, tmp_path_factory.mktemp("cache_log"), "--cache-config", "local,size=600",
                        "--model-control-mode", "explicit", "--load-model", "cached", "--load-model", "plain",
-                       "--load-model", "bls_caller")
+                       "--load-model", "bls_caller", "--load-model", "cached_ensemble")
 
 
 @pytest.fixture(scope="module")
@@ -331,3 +336,19 @@ def test_bad_cache_config(args: list[str], message: str, tmp_path: Path) -> None
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert message in proc.stderr
+
+
+def test_an_ensemble_caches_its_response(http, repo: Path) -> None:
+    """Triton caches an ensemble's top-level response: a hit runs none of its steps."""
+    x = np.arange(16, dtype=np.float32) + 700
+    runs, before = executions(repo, "plain"), stats(http, "cached_ensemble")
+    first = infer(http, "cached_ensemble", x).as_numpy("OUTPUT0")
+    second = infer(http, "cached_ensemble", x).as_numpy("OUTPUT0")
+    after = stats(http, "cached_ensemble")
+    np.testing.assert_array_equal(first, x * 2)
+    np.testing.assert_array_equal(second, x * 2)
+    assert executions(repo, "plain") == runs + 1
+    assert count(after, "cache_miss") == count(before, "cache_miss") + 1
+    assert count(after, "cache_hit") == count(before, "cache_hit") + 1
+    assert count(after, "success") == count(before, "success") + 2
+    assert int(after["execution_count"]) == int(before["execution_count"]) + 1
