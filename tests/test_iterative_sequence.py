@@ -99,6 +99,31 @@ class TritonPythonModel:
         return responses
 '''
 
+#: Triton's qa/python_models/bls_request_rescheduling, in short: BLS calls to both iterative models.
+BLS = '''
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            steps = pb_utils.get_input_tensor_by_name(request, "STEPS").as_numpy()
+            done = pb_utils.InferenceRequest(model_name="stepper", inputs=[pb_utils.Tensor("STEPS", steps)],
+                                             requested_output_names=["DONE"]).exec()
+            if done.has_error():
+                raise pb_utils.TritonModelException(done.error().message())
+            countdown = pb_utils.InferenceRequest(
+                model_name="countdown", inputs=[pb_utils.Tensor("IN", steps.reshape(1))],
+                requested_output_names=["OUT"]).exec(decoupled=True)
+            values = [int(pb_utils.get_output_tensor_by_name(r, "OUT").as_numpy()[0]) for r in countdown
+                      if r.output_tensors()]
+            out = np.array([[pb_utils.get_output_tensor_by_name(done, "DONE").as_numpy()[0, 0]] + values], np.int32)
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUT", out)]))
+        return responses
+'''
+
 IO4 = ('input [ { name: "INPUT0", data_type: TYPE_FP32, dims: [ 4 ] } ]\n'
        'output [ { name: "OUTPUT0", data_type: TYPE_FP32, dims: [ 4 ] } ]\n')
 #: (idle sequences time out only after a minute: a slot comes free when its request ends, or not at all)
@@ -119,6 +144,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
                  + "sequence_batching { iterative_sequence: true oldest { max_candidate_sequences: 4 } }\n")
     python_model(repo, "stepper_one_slot", STEPPER, "max_batch_size: 1\n" + STEPS_IO + ITERATIVE)
     python_model(repo, "wrong_return_type", WRONG_RETURN, IO4 + ITERATIVE)
+    python_model(repo, "bls_caller", BLS, 'max_batch_size: 1\ninput [ { name: "STEPS", data_type: TYPE_INT32, '
+                 'dims: [ 1 ] } ]\noutput [ { name: "OUT", data_type: TYPE_INT32, dims: [ -1 ] } ]\n')
     python_model(repo, "not_iterative", WRONG_RETURN.replace("responses.append(pb_utils", "responses.append(None)\n"
                                                                "            (pb_utils"), IO4)
     return repo
@@ -202,6 +229,16 @@ def test_a_finished_request_frees_its_slot(server, repo):
         client.close()
     order = [row["cid"] for batch in _seen(repo, "stepper_one_slot") for row in batch]
     assert len(order) == 5 and len(set(order[:3])) == 1 and len(set(order[3:])) == 1 and order[0] != order[3]
+
+
+def test_bls_requests_iterate_too(server):
+    """A python model's BLS requests to both iterative models (Triton's bls_request_rescheduling)."""
+    client = httpclient.InferenceServerClient(server.http_url)
+    try:
+        out = client.infer("bls_caller", [_input(3)]).as_numpy("OUT")
+    finally:
+        client.close()
+    assert out.tolist() == [[3, 2, 1, 0]]
 
 
 def test_a_response_for_a_rescheduled_request_is_an_error(server):
