@@ -43,7 +43,7 @@ from kernel import config as cfg
 from kernel.errors import invalid
 from kernel.model import Pending, _settle
 from kernel.model_config_pb2 import DataType, ModelSequenceBatching
-from kernel.scheduler import Scheduler, _shape_key
+from kernel.scheduler import Batching, _shape_key
 from kernel.types import InferRequest, InputTensor
 from shm import dtypes
 
@@ -132,7 +132,7 @@ def _flags(request: InferRequest) -> tuple[bool, bool]:
     return params.get("sequence_start") is True, params.get("sequence_end") is True
 
 
-class SequenceBatcher(Scheduler):
+class SequenceBatcher(Batching):
     """Triton's sequence batcher (Direct or Oldest) over the instances of one model version."""
 
     def __init__(self, version: ModelVersion, config: ModelSequenceBatching) -> None:
@@ -162,10 +162,7 @@ class SequenceBatcher(Scheduler):
         self.active: dict[int | str, _Sequence] = {}
         self.backlog: dict[int | str, _Sequence] = {}  # in arrival order (dicts keep it)
         self.count = 0
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
         self._reaper: asyncio.TimerHandle | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     def _instance_slots(self, instance: Instance) -> list[_Sequence | None]:
         slots = self.slots.get(id(instance))
@@ -381,22 +378,6 @@ class SequenceBatcher(Scheduler):
         return Pending(InferRequest(self.version.name, self.version.version_str, inputs=inputs), future, 0)
 
     # -- timers ---------------------------------------------------------
-    def _arm(self, wait_ns: int) -> None:
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
-        at = loop.time() + wait_ns / 1e9
-        if self._timer is not None:
-            if self._timer_at <= at:
-                return
-            self._timer.cancel()
-        self._timer_at = at
-        self._timer = loop.call_at(at, self._fire)
-
-    def _fire(self) -> None:
-        self._timer = None
-        self._pump()
-
     def _arm_reaper(self, now: int) -> None:
         """Wake when the sequence idle longest would time out."""
         idle = [seq.last for seq in self.active.values() if not seq.queue and not seq.busy]
