@@ -315,6 +315,10 @@ class Instance:
         if self._board is not None:
             self._flags.append(flag)
 
+    def flag_raised(self, flag: int) -> bool:
+        """Whether the request with this flag was cancelled."""
+        return self._board is not None and self._board.buf[flag] != 0
+
     def raise_flag(self, flag: int) -> None:
         """The request with this flag was cancelled: the model sees it at its next ``is_cancelled()``."""
         if self._board is not None:

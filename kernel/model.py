@@ -123,6 +123,8 @@ class ModelVersion:
         self.stats = ModelStats()
         self.scheduler: Scheduler | None = None
         self.cache: ModelCache | None = None  # set once loaded when the model and the server enable the cache
+        #: the sequence batcher of an ``iterative_sequence`` model (its requests may be rescheduled), else None
+        self.sequencer: Any = None
         self.status = ""  # what the backend says of its loaded instances (a DLA core, a GPU fallback...)
         self._restarts: set[asyncio.Future] = set()
         self.restarting = False  # every instance crashed and is being restarted: UNAVAILABLE, not gone
@@ -227,6 +229,8 @@ class ModelVersion:
             inst.on_bls = self.server.bls.handle
             inst.model_name = self.name
         self.scheduler = make_scheduler(self)
+        if self.config.sequence_batching.iterative_sequence:
+            self.sequencer = self.scheduler
         if self.config.response_cache.enable:
             if self.server.response_cache is not None:
                 self.cache = ModelCache(self, self.server.response_cache)
@@ -597,6 +601,8 @@ class ModelVersion:
             for pending in batch:
                 self.stats.failure(now - pending.enqueued, "OTHER")
                 _settle(pending, error)
+                if self.sequencer is not None:
+                    self.sequencer.ended(pending)
             return
         for pending, spec in zip(batch, reqs):  # where the model reads whether its caller gave up
             flag = spec["c"] = pending.flag = instance.take_flag()
@@ -632,7 +638,7 @@ class Batch:
     order; only then are its inputs freed, since the model's threads may still read them.
     """
 
-    __slots__ = ("version", "pendings", "blocks", "sent", "batch_id", "returned", "streamed")
+    __slots__ = ("version", "pendings", "blocks", "sent", "batch_id", "returned", "streamed", "moved")
 
     def __init__(self, version: ModelVersion, pendings: list[Pending], blocks: list) -> None:
         self.version = version
@@ -644,6 +650,8 @@ class Batch:
         #: a decoupled batch's requests answered through stream(), with the batch's timings: counted as
         #: successes once the batch is over, as Triton counts them (docs/triton-behaviour.md §18)
         self.streamed: tuple | None = None
+        #: a decoupled batch's requests rescheduled to a later batch (an iterative sequence's): not waited for
+        self.moved: list[Pending] | None = None
 
     def _free_inputs(self, instance: Instance) -> None:
         """The batch is over: its input blocks and its requests' cancellation flags go back."""
@@ -678,6 +686,8 @@ class Batch:
             ran = pendings[0].batch_size if len(pendings) == 1 else sum(p.batch_size or 1 for p in pendings)
         if ran:
             stats.execution(ran, ci, cinf, co)
+        sequencer = version.sequencer
+        again = self._rescheduled(instance, results) if sequencer is not None else None
         if not decoupled:
             self._free_inputs(instance)
         for pending, result in zip(self.pendings, results):
@@ -685,6 +695,11 @@ class Batch:
                 if result is not None and "out" in result:
                     _response(version, instance, pending, result).release()
                 continue
+            if sequencer is not None:
+                if result is not None and "re" in result:  # runs again (sequencer.reschedule, below)
+                    continue
+                if result is not None:  # its last step (a decoupled request's ends with its final response)
+                    sequencer.ended(pending)
             enqueued = max(pending.enqueued, chained)
             total = now - enqueued
             if result is not None and "skip" in result:  # a chained step whose input never came: no inference
@@ -717,11 +732,37 @@ class Batch:
             if cache is not None:
                 cache.store(pending, response)
             _settle(pending, response)
+        if again and decoupled:  # the batch ends without their final responses
+            self.moved = again
         if decoupled:
             self.returned = True
             self._finish_decoupled(instance)
         else:
             version._finished(instance)
+        if again:
+            for pending in again:
+                sequencer.reschedule(pending)
+
+    def _rescheduled(self, instance: Instance, results: list) -> list[Pending]:
+        """The requests of an iterative sequence the model asked to run again. They leave this batch
+        (their cancellation flags go back; a decoupled one's stream stays open) for the sequencer to
+        queue them anew; one whose caller gave up meanwhile is answered CANCELLED instead."""
+        again = []
+        for pending, result in zip(self.pendings, results):
+            if result is None or "re" not in result:
+                continue
+            cancelled = pending.future.cancelled()
+            if pending.flag >= 0:
+                cancelled = cancelled or instance.flag_raised(pending.flag)
+                instance.put_flag(pending.flag)
+                pending.flag = -1
+            if cancelled:
+                result["err"], result["fail"] = [f"[request id: {pending.request.id or '<id_unknown>'}] Request was "
+                                                 "cancelled", "CANCELLED"], True
+                del result["re"]
+            else:
+                again.append(pending)
+        return again
 
     def stream(self, instance: Instance, index: int, result: dict | None, final: bool) -> None:
         pending = self.pendings[index]
@@ -739,12 +780,15 @@ class Batch:
             response.release()
         if final:
             pending.stream = None
+            if self.version.sequencer is not None:
+                self.version.sequencer.ended(pending)
             self._finish_decoupled(instance)
 
     def _finish_decoupled(self, instance: Instance) -> None:
-        if self.returned and all(p.stream is None for p in self.pendings):
+        moved = self.moved
+        if self.returned and all(p.stream is None or (moved and p in moved) for p in self.pendings):
             for pending in self.pendings:  # (a decoupled trace ends once execute returned and every final came)
-                if pending.request.trace is not None:
+                if pending.request.trace is not None and not (moved and pending in moved):
                     pending.request.trace.end()
             if self.streamed is not None:
                 streamed, sent, ci, cinf, co = self.streamed
@@ -761,10 +805,15 @@ class Batch:
     def fail(self, instance: Instance, error: ServerError) -> None:
         self._free_inputs(instance)
         now = time.perf_counter_ns()
+        moved = self.moved
         for pending in self.pendings:
+            if moved and pending in moved:  # (answered by the batch it moved to)
+                continue
             if pending.batch_size:  # (not a null request)
                 self.version.stats.failure(now - pending.enqueued)
             _settle(pending, error)  # ends a decoupled stream too
+            if self.version.sequencer is not None:
+                self.version.sequencer.ended(pending)
         self.version._finished(instance)
 
 

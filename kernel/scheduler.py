@@ -112,7 +112,34 @@ class Orderer:
             deliver(head, head.outcome)
 
 
-class DynamicBatcher(Scheduler):
+class Batching(Scheduler):
+    """A scheduler whose batches may wait (a queue delay): one wake-up on the front's loop, the earliest
+    asked for, runs ``_pump`` again."""
+
+    def __init__(self, version: ModelVersion, depth: int = PIPELINE_DEPTH) -> None:
+        super().__init__(version, depth)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _arm(self, wait_ns: int) -> None:
+        loop = self._loop
+        if loop is None:  # kept: asyncio.get_running_loop() makes a getpid() system call on CPython < 3.12
+            loop = self._loop = asyncio.get_running_loop()
+        at = loop.time() + wait_ns / 1e9
+        if self._timer is not None:
+            if self._timer_at <= at:
+                return
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = loop.call_at(at, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        self._pump()
+
+
+class DynamicBatcher(Batching):
     """Triton's dynamic batcher over the instances of one model version."""
 
     def __init__(self, version: ModelVersion, config: ModelDynamicBatching) -> None:
@@ -131,9 +158,6 @@ class DynamicBatcher(Scheduler):
         self.timeouts = any(lv.timeout_us or lv.override for lv in self.order)
         self.orderer = Orderer() if config.preserve_ordering else None
         self.count = 0
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- admission ------------------------------------------------------
     def submit(self, pending: Pending) -> None:
@@ -269,22 +293,6 @@ class DynamicBatcher(Scheduler):
                 else:
                     keep.append(pending)
             level.queue = keep
-
-    def _arm(self, wait_ns: int) -> None:
-        loop = self._loop
-        if loop is None:  # kept: asyncio.get_running_loop() makes a getpid() system call on CPython < 3.12
-            loop = self._loop = asyncio.get_running_loop()
-        at = loop.time() + wait_ns / 1e9
-        if self._timer is not None:
-            if self._timer_at <= at:
-                return
-            self._timer.cancel()
-        self._timer_at = at
-        self._timer = loop.call_at(at, self._fire)
-
-    def _fire(self) -> None:
-        self._timer = None
-        self._pump()
 
     def drain(self) -> list[Pending]:
         out = [p for lv in self.order for q in (lv.queue, lv.delayed) for p in q]

@@ -20,6 +20,12 @@ empty slot below the highest one with a request gets a *null request* (READY fal
 false, inputs of zeros shaped like a real request's), as Triton sends it. Its answer is dropped and it
 counts in no statistic.
 
+An *iterative* sequence (``iterative_sequence: true``, Triton's continuous batching) is one request
+run over several executions: a request without a correlation ID gets one here, and each time the model
+reschedules it (workers.backend.Request.reschedule) it goes back to the head of its sequence's queue,
+so the next batch mixes it with newer requests. Its sequence, slot and implicit state included, ends
+when the request is answered for good (``ended``), not at an END flag.
+
 Everything here runs on the front's event loop, like the other schedulers (kernel.scheduler).
 """
 
@@ -35,9 +41,9 @@ import numpy as np
 
 from kernel import config as cfg
 from kernel.errors import invalid
-from kernel.model import Pending
+from kernel.model import Pending, _settle
 from kernel.model_config_pb2 import DataType, ModelSequenceBatching
-from kernel.scheduler import Scheduler, _shape_key
+from kernel.scheduler import Batching, _shape_key
 from kernel.types import InferRequest, InputTensor
 from shm import dtypes
 
@@ -57,7 +63,7 @@ _INTEGER_IDS = ("UINT64", "INT64", "UINT32", "INT32")
 class _Sequence:
     """One active (or backlogged) sequence: where it runs and its requests not yet dispatched."""
 
-    __slots__ = ("cid", "slots", "slot", "queue", "last")
+    __slots__ = ("cid", "slots", "slot", "queue", "last", "busy")
 
     def __init__(self, cid: int | str) -> None:
         self.cid = cid
@@ -65,6 +71,7 @@ class _Sequence:
         self.slot = -1
         self.queue: collections.deque[Pending] = collections.deque()
         self.last = 0  # ns (perf_counter) of its last request's arrival or dispatch
+        self.busy = 0  # an iterative sequence's requests executing (it is not idle meanwhile)
 
 
 #: The order Triton gives the control tensors, before the request's own inputs (observed on 2.51).
@@ -125,7 +132,7 @@ def _flags(request: InferRequest) -> tuple[bool, bool]:
     return params.get("sequence_start") is True, params.get("sequence_end") is True
 
 
-class SequenceBatcher(Scheduler):
+class SequenceBatcher(Batching):
     """Triton's sequence batcher (Direct or Oldest) over the instances of one model version."""
 
     def __init__(self, version: ModelVersion, config: ModelSequenceBatching) -> None:
@@ -146,6 +153,8 @@ class SequenceBatcher(Scheduler):
             self.preferred = frozenset(strategy.preferred_batch_size)
             self.min_ready = max(self.preferred) if self.preferred else self.max_batch
         self.idle_ns = (config.max_sequence_idle_microseconds or DEFAULT_IDLE_US) * 1000
+        self.iterative = config.iterative_sequence
+        self._next_id = 1  # an iterative model's requests without a sequence get IDs from 1 on, as in Triton
         self.controls = _Controls(config, version.max_batch_size > 0)
         corrid = self.controls.corrid
         self.string_ids: bool | None = None if corrid is None else corrid[1] == "BYTES"
@@ -153,10 +162,7 @@ class SequenceBatcher(Scheduler):
         self.active: dict[int | str, _Sequence] = {}
         self.backlog: dict[int | str, _Sequence] = {}  # in arrival order (dicts keep it)
         self.count = 0
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = 0.0
         self._reaper: asyncio.TimerHandle | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     def _instance_slots(self, instance: Instance) -> list[_Sequence | None]:
         slots = self.slots.get(id(instance))
@@ -169,12 +175,16 @@ class SequenceBatcher(Scheduler):
         request = pending.request
         model = self.version.name
         cid = request.parameters.get("sequence_id", 0)
-        if cid == 0 or cid == "" or type(cid) not in (int, str):
+        if self.iterative and (cid == 0 or cid == ""):  # a sequence of its own, started here
+            cid = self._next_id
+            self._next_id += 1
+            request.parameters = {**request.parameters, "sequence_id": cid, "sequence_start": True}
+        elif cid == 0 or cid == "" or type(cid) not in (int, str):
             raise invalid(f"inference request to model '{model}' must specify a non-zero or non-empty correlation ID")
         if pending.batch_size > 1:
             raise invalid(f"inference request to model '{model}' must specify batch-size 1 due to requirements of "
                           "sequence batcher")
-        if self.string_ids is not None and self.string_ids != (type(cid) is str):  # (Triton after 2.51)
+        elif self.string_ids is not None and self.string_ids != (type(cid) is str):  # (Triton after 2.51)
             name, datatype = self.controls.corrid
             given = "BYTES" if type(cid) is str else "UINT64"
             raise invalid(f"sequence batching control '{name}' data-type is '{given}', but model '{model}' expects "
@@ -243,6 +253,8 @@ class SequenceBatcher(Scheduler):
         self.count -= 1
         if not seq.queue and seq.slots is None:  # a backlogged sequence left with nothing to run
             del self.backlog[cid]
+        elif self.iterative and not seq.queue and not seq.busy:  # its request was all it had
+            self._release(seq)
         return True
 
     def drain(self) -> list[Pending]:
@@ -313,9 +325,41 @@ class SequenceBatcher(Scheduler):
         request = pending.request
         start, end = _flags(request)
         request.inputs[:0] = self.controls.tensors(seq.cid, start, end, True)
+        if self.iterative:
+            seq.busy += 1
         if end and not seq.queue:
             self._release(seq)
         return pending
+
+    # -- iterative sequences (Triton's IterativeSequencer) ---------------
+    def reschedule(self, pending: Pending) -> None:
+        """The model asked for ``pending`` to run again (Request.reschedule): it goes back to the head
+        of its sequence's queue, neither START nor END now, and keeps its slot."""
+        request = pending.request
+        seq = self.active.get(request.parameters.get("sequence_id", 0))
+        if seq is None or seq.busy <= 0:  # its sequence ended meanwhile (an END it carried)
+            _settle(pending, invalid(f"inference request for sequence {request.parameters.get('sequence_id')} to "
+                                     f"model '{self.version.name}' must specify the START flag on the first "
+                                     "request of the sequence"))
+            return
+        seq.busy -= 1
+        del request.inputs[: len(self.controls.order)]  # (added again by _take)
+        request.parameters = {**request.parameters, "sequence_start": False, "sequence_end": False}
+        seq.queue.appendleft(pending)
+        seq.last = time.perf_counter_ns()
+        self.count += 1
+        self._pump()
+
+    def ended(self, pending: Pending) -> None:
+        """An iterative sequence's request was answered for good (or failed): its sequence ends, as
+        Triton ends it with a cancelled END request, and its slot goes to the backlog."""
+        seq = self.active.get(pending.request.parameters.get("sequence_id", 0))
+        if seq is None:
+            return
+        seq.busy = max(seq.busy - 1, 0)
+        if not seq.queue and not seq.busy:
+            self._release(seq)
+            self._pump()
 
     def _null(self, template: InferRequest) -> Pending:
         """A request for an empty slot: zeros shaped like ``template``'s inputs, READY false."""
@@ -334,25 +378,9 @@ class SequenceBatcher(Scheduler):
         return Pending(InferRequest(self.version.name, self.version.version_str, inputs=inputs), future, 0)
 
     # -- timers ---------------------------------------------------------
-    def _arm(self, wait_ns: int) -> None:
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
-        at = loop.time() + wait_ns / 1e9
-        if self._timer is not None:
-            if self._timer_at <= at:
-                return
-            self._timer.cancel()
-        self._timer_at = at
-        self._timer = loop.call_at(at, self._fire)
-
-    def _fire(self) -> None:
-        self._timer = None
-        self._pump()
-
     def _arm_reaper(self, now: int) -> None:
         """Wake when the sequence idle longest would time out."""
-        idle = [seq.last for seq in self.active.values() if not seq.queue]
+        idle = [seq.last for seq in self.active.values() if not seq.queue and not seq.busy]
         if not idle:
             return
         loop = self._loop
@@ -365,7 +393,7 @@ class SequenceBatcher(Scheduler):
         theirs without START is refused, as in Triton."""
         self._reaper = None
         now = time.perf_counter_ns()
-        for seq in [s for s in self.active.values() if not s.queue and now - s.last >= self.idle_ns]:
+        for seq in [s for s in self.active.values() if not s.queue and not s.busy and now - s.last >= self.idle_ns]:
             log.info("sequence %s of model '%s' timed out after %d µs idle", seq.cid, self.version.name,
                      self.idle_ns // 1000)
             self._release(seq)

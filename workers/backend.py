@@ -134,7 +134,8 @@ class Request:
     """
 
     __slots__ = ("inputs", "requested_outputs", "id", "correlation_id", "flags", "_parameters", "_spans",
-                 "_dests", "_place", "_placed", "_send", "_board", "_flag", "trace_id", "trace_context")
+                 "_dests", "_place", "_placed", "_send", "_board", "_flag", "trace_id", "trace_context",
+                 "rescheduled")
 
     def __init__(self, inputs: dict[str, np.ndarray], requested_outputs: list[str], request_id: str = "",
                  correlation_id: int | str = 0, flags: int = 0, parameters: str = "") -> None:
@@ -154,6 +155,8 @@ class Request:
         self.trace_id = 0  # the front's trace of it (kernel.tracing), 0: not traced
         #: its span's W3C ``traceparent`` when the server traces in mode opentelemetry, else None
         self.trace_context: str | None = None
+        #: set by :meth:`reschedule`: the request runs again in a later batch (an iterative sequence)
+        self.rescheduled = False
 
     @property
     def parameters(self) -> dict:
@@ -178,6 +181,14 @@ class Request:
         a long execute() may stop early. One byte of shared memory the front raises: no message."""
         board = self._board
         return board is not None and self._flag >= 0 and board[self._flag] != 0
+
+    def reschedule(self) -> None:
+        """Run this request again in a later batch instead of answering it now: Triton's
+        ``TRITONSERVER_REQUEST_RELEASE_RESCHEDULE``, for models with ``sequence_batching {
+        iterative_sequence: true }`` (continuous batching: each execute is one step of every request in
+        the batch). execute() returns None for it; a decoupled model may have sent responses, not the
+        final one. Its sequence keeps its slot (and implicit state) until a step answers it for good."""
+        self.rescheduled = True
 
     def send(self, response: Response | None = None, final: bool = False) -> None:
         """Send a response of a decoupled model (``final`` ends the request; the last may be None)."""
@@ -225,7 +236,8 @@ class Backend:
         return None
 
     def execute(self, requests: list[Request]) -> list[Response] | None:
-        """Run a batch: one :class:`Response` per request, in order.
+        """Run a batch: one :class:`Response` per request, in order (None for a request it
+        :meth:`rescheduled <Request.reschedule>`).
 
         A decoupled model answers through :meth:`Request.send` instead and returns None.
         """

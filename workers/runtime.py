@@ -46,7 +46,7 @@ from shm.region import Region, ShmError
 from shm.ring import Ring
 from workers import bls, gpu
 from workers.backend import Backend, BackendError, Model, Request, Response
-from workers.sequence_state import States
+from workers.sequence_state import END, States
 
 #: How many ended registrations a worker remembers (see :meth:`Worker.region`).
 _FORGOTTEN_KEPT = 4096
@@ -90,6 +90,7 @@ class Worker:
         self.backend: Backend | None = None
         self.model: Model | None = None
         self.states: States | None = None  # a sequence model's implicit state
+        self.iterative = False  # its requests may be rescheduled: set with the model
         self._load_msg: dict = {}
         self._artifact = ""  # the model file a third-party python-based backend imposes
         self._spin_until = 0  # a wake hint's deadline (perf_counter ns): poll the inbox until then
@@ -206,6 +207,8 @@ class Worker:
         self.model = self._model(dict(self._load_msg, config=msg["config"], args=msg["args"]))
         self.backend = self.backend_class(self.model)
         self.states = States.of(self.model)
+        #: ``sequence_batching { iterative_sequence: true }``: requests may be rescheduled (Request.reschedule)
+        self.iterative = bool((self.model.config.get("sequence_batching") or {}).get("iterative_sequence"))
         self.send({"t": "ready", "status": self.backend.status})
 
     def _model(self, msg: dict) -> Model:
@@ -293,9 +296,17 @@ class Worker:
             problem = _check_responses(responses, len(requests))
             if states is not None and not problem:
                 for request, response in zip(requests, responses):
-                    states.keep(request.correlation_id, request.flags, response)
+                    # (an iterative sequence ends with its request's last step)
+                    end = self.iterative and not request.rescheduled
+                    states.keep(request.correlation_id, request.flags | (END if end else 0), response)
             for k, i in enumerate(index):
-                results[i] = _error(problem) if problem else self._result(responses[k], requests[k])
+                request = requests[k]
+                results[i] = _error(problem) if problem else self._rescheduled(request) if request.rescheduled \
+                    else self._result(responses[k], request)
+        elif requests:  # decoupled: the requests' responses went out through send()
+            for k, i in enumerate(index):
+                if requests[k].rescheduled:
+                    results[i] = self._rescheduled(requests[k])
         t3 = time.perf_counter_ns()  # CLOCK_MONOTONIC: the front reads it as its own clock
         if bls.client is not None:
             if bls.client.holding():  # (else nothing to drop: the batch's objects go after the answer is sent)
@@ -310,6 +321,14 @@ class Worker:
                     self.links.post(spec["k"], OK if _filled(spec, result) else FAILED)
         ts = [t1 - t0, t2 - t1, t3 - t2, t0] if waited else [t1 - t0, t2 - t1, t3 - t2]
         self.send({"t": "r", "id": msg["id"], "res": results, "d": decoupled, "ts": ts, "at": t3}, polled=True)
+
+    def _rescheduled(self, request: Request) -> dict:
+        """A request the model asked to run again (Request.reschedule): the front queues it anew."""
+        self._release_placed(request)
+        if not self.iterative:
+            return _error("Request is released with TRITONSERVER_REQUEST_RELEASE_RESCHEDULE, while the model is "
+                          "not configured to handle such a flag.", "INVALID_ARG")
+        return {"re": 1}
 
     def _front_alive(self) -> bool:
         return os.getppid() == self._parent

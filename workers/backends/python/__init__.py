@@ -99,15 +99,29 @@ class PythonBackend(Backend):
                 for request in batch:
                     if not request._sender._closed:
                         request._sender.send(error, flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                return None
+            for request, inference in zip(requests, batch):
+                if inference._release_flags == pb.TRITONSERVER_REQUEST_RELEASE_RESCHEDULE \
+                        and not inference._sender._closed:
+                    request.reschedule()
             return None
         if not isinstance(responses, (list, tuple)):
             raise BackendError(self._failed(f"Expected a list in the execute return, found type "
                                             f"'{type(responses)}'."))
-        for r in responses:
+        out: list[Response | None] = []
+        for k, r in enumerate(responses):  # (a count that differs from the requests' is the runtime's to word)
+            if k < len(batch) and batch[k]._release_flags == pb.TRITONSERVER_REQUEST_RELEASE_RESCHEDULE:
+                if r is not None:  # (Triton's words, its typo kept)
+                    raise BackendError(self._failed(f"Expected a None object in the execute function return list "
+                                                    f"for reschduled request, found type '{type(r)}'."))
+                requests[k].reschedule()
+                out.append(None)
+                continue
             if not isinstance(r, pb.InferenceResponse):
                 raise BackendError(self._failed(f"Expected an 'InferenceResponse' object in the execute function "
                                                 f"return list, found type '{type(r)}'."))
-        return [_response(r) for r in responses]
+            out.append(_response(r))
+        return out
 
     def _failed(self, message: str) -> str:
         """Triton's python backend words a model's wrong return so (lifecycle_test.test_incorrect_execute_return)."""

@@ -312,6 +312,7 @@ class InferenceRequest:
         self._sender: InferenceResponseSender | None = None
         self._is_cancelled: Callable[[], bool] | None = None  # set on a request handed to execute()
         self._trace = trace if isinstance(trace, InferenceTrace) else InferenceTrace()
+        self._release_flags = TRITONSERVER_REQUEST_RELEASE_ALL
 
     def inputs(self) -> list:
         return self._inputs
@@ -349,8 +350,9 @@ class InferenceRequest:
         return self._is_cancelled is not None and self._is_cancelled()
 
     def set_release_flags(self, flags: int) -> None:
-        if flags != TRITONSERVER_REQUEST_RELEASE_ALL:
-            raise TritonModelException("request rescheduling is not supported")
+        """``TRITONSERVER_REQUEST_RELEASE_RESCHEDULE``: run this request again in a later batch (a model
+        with ``iterative_sequence``); execute() then returns None for it."""
+        self._release_flags = flags
 
     def timeout(self) -> int:
         return self._timeout
