@@ -283,7 +283,8 @@ async def serve(args: Any) -> int:
             registry = metrics.registry(core)
 
             router = Router()
-            router.add("GET", "/metrics", lambda request: Response(metrics.render(registry), 200, metrics.CONTENT_TYPE))
+            router.add("GET", "/metrics", lambda request: Response(metrics.render(registry, core.custom_metrics), 200,
+                                                                   metrics.CONTENT_TYPE))
             scrape = HttpServer(router)
             await scrape.start(args.host, args.metrics_port)
             http_servers.append(scrape)

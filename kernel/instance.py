@@ -141,6 +141,8 @@ class Instance:
         self._replies: Ring | None = None  # answers to the worker's BLS requests (kernel.bls)
         self._reply_backlog: collections.deque[dict] = collections.deque()
         self.on_bls: Any = None  # callback(instance, msg) for a worker's BLS messages
+        #: the server's kernel.custom_metrics.CustomMetrics: its worker's metric operations and questions go there
+        self.custom_metrics: Any = None
         self.model_name = ""  # the model it is an instance of
         self._bell: Doorbell | None = None
         self._control: collections.deque[asyncio.Future] = collections.deque()
@@ -270,6 +272,8 @@ class Instance:
         self._reply_backlog.clear()
         if self.on_bls is not None:
             self.on_bls(self, {"t": "gone"})
+        if self.custom_metrics is not None:  # its metrics go with it, as a Triton stub's
+            self.custom_metrics.forget(self)
         if self.pid:
             # The worker unlinks its arena on a clean exit; after a crash we do.
             prefix = f"/ek.{self.pid}."
@@ -486,6 +490,11 @@ class Instance:
             elif kind == "b" or kind == "bf":
                 if self.on_bls is not None:
                     self.on_bls(self, msg)
+            elif kind == "m" or kind == "mq":  # custom metrics: operations, a question (workers/metrics.py)
+                if self.custom_metrics is not None:
+                    self.custom_metrics.handle(self, msg)
+                elif kind == "mq":
+                    self.reply({"q": msg["q"], "res": {"err": "custom metrics are not available"}, "final": True})
             elif kind == "error" and msg.get("id") in self._batches:
                 self.inflight -= 1
                 self._batches.pop(msg["id"]).fail(self, ServerError(msg["error"], "INTERNAL"))

@@ -4,6 +4,8 @@ Samples carry Triton's exact names and labels (``model``, ``version``, ``reason`
 prometheus_client appends ``_total`` to the family of a counter-typed metric while
 Triton does not, so the families are exposed as gauges: dashboards and queries
 written for Triton (``rate(nv_inference_count[1m])``...) read them unchanged.
+Python models' own families (``pb_utils.MetricFamily``, kernel.custom_metrics) follow,
+with their kinds as Triton gives them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 if TYPE_CHECKING:
     from kernel.cache import ResponseCache
+    from kernel.custom_metrics import CustomMetrics
     from kernel.server import Core
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -53,6 +56,14 @@ _SERVER_CACHE = [
     ("nv_cache_lookup_duration", "lookup_ns", "Total cache lookup duration (hit and miss), in microseconds"),
     ("nv_cache_insertion_duration", "insertion_ns", "Total cache insertion duration, in microseconds"),
 ]
+
+
+#: every family the server exposes itself: no custom metric family may take one of these names
+OWN_FAMILIES = frozenset(
+    ["nv_inference_request_success", "nv_inference_request_failure", "nv_inference_count", "nv_inference_exec_count",
+     "nv_inference_pending_request_count", "nv_cache_util", "nv_cpu_memory_total_bytes", "nv_cpu_memory_used_bytes"]
+    + [name for name, _, _ in _DURATIONS] + [name for name, _, _, _ in _CACHE]
+    + [name for name, _, _ in _SERVER_CACHE])
 
 
 class TritonCollector:
@@ -140,8 +151,12 @@ def registry(core: Core) -> CollectorRegistry:
     return reg
 
 
-def render(reg: CollectorRegistry) -> bytes:
-    return generate_latest(reg)
+def render(reg: CollectorRegistry, custom: CustomMetrics | None = None) -> bytes:
+    """The server's metrics, then the python models' own (``custom``) if given."""
+    text = generate_latest(reg)
+    if custom is not None and custom.families:
+        text += custom.exposition().encode()
+    return text
 
 
 __all__ = ["CONTENT_TYPE", "registry", "render"]

@@ -177,6 +177,7 @@ class ModelVersion:
         options = dict(options, env=server.worker_env(config.backend))
         groups = _groups(config)
         first = Instance(f"{groups[0][0]}_0", groups[0][1], 0, regions, options=options)
+        first.custom_metrics = server.custom_metrics  # (a model's initialize may create metrics)
         self.instances = [first]
         reply = await first.start(load_msg)
         if reply["config"] != self.config_dict:
@@ -206,6 +207,7 @@ class ModelVersion:
         for name, kind, device, secondary, place in placements[1:]:
             self.instances.append(Instance(name, kind, device, regions, options=options, secondary=secondary))
             self.instances[-1].placement = place
+            self.instances[-1].custom_metrics = server.custom_metrics
         for inst in self.instances:  # before any batch: a worker skips the doorbell only for a front that polls
             inst.spinner = server.spinner
         load_msg = dict(load_msg, config=self.config_dict, autocomplete=False)

@@ -17,6 +17,7 @@ from kernel import config as cfg
 from kernel.bls import BlsHandler
 from kernel.cache import ResponseCache
 from kernel.cache import check_config as check_cache_config
+from kernel.custom_metrics import CustomMetrics
 from kernel.devices import gpu_count
 from kernel.ensemble import EnsembleVersion, check_scheduling, composing_models, find_cycle, is_ensemble
 from kernel.errors import ServerError
@@ -117,6 +118,8 @@ class Core:
         #: intermediate tensors pass by reference and never add to it (tests/test_pipelines.py checks).
         self.copied_bytes = 0
         self.bls = BlsHandler(self)  # answers python models' InferenceRequest.exec()
+        #: python models' pb_utils.MetricFamily series, shown on /metrics after the server's own
+        self.custom_metrics = CustomMetrics()
         #: Triton's trace extension (``--trace-config``); the fronts sample requests when ``tracer.on``
         self.tracer = Tracer(trace_config)
 

@@ -9,7 +9,8 @@ Response tensors are read-only numpy arrays over the answering worker's arena. A
 stay valid for as long as the model keeps them (in ``self`` from one call to the next, say): each
 array's base is a :class:`_Holder`, which numpy keeps alive with every view of it; when the last
 holder of a call is gone and the call has ended, the worker tells the front (``bf``, after the next
-``execute`` or within a second of idling), which then frees the bytes.
+``execute`` or within a second of idling), which then frees the bytes. The replies ring also carries the
+answers to custom metrics' questions (:meth:`BlsClient.query`, workers.metrics).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class BlsClient:
         self._ended: set[int] = set()  # calls whose final answer came, with answers the front keeps
         self._gone: collections.deque[int] = collections.deque()  # call ids of holders gone (any thread)
         self._reader: threading.Thread | None = None
+        self._queries: dict[int, concurrent.futures.Future] = {}  # questions of workers.metrics, by id
         #: tensor bytes copied into this worker's arena for BLS requests (tests check that tensors already in
         #: shared memory are passed where they are)
         self.copied_bytes = 0
@@ -113,9 +115,7 @@ class BlsClient:
             self._next += 1
             qid = self._next
             self._calls[qid] = call
-            if self._reader is None:
-                self._reader = threading.Thread(target=self._read, name="bls-replies", daemon=True)
-                self._reader.start()
+            self._start_reader()
         msg = {"t": "b", "q": qid, "m": request.model_name(), "in": locs, "out": request.requested_output_names(),
                "rid": request.request_id(), "d": decoupled}
         if request._model_version > 0:
@@ -130,6 +130,30 @@ class BlsClient:
             msg["tr"] = request._trace._id
         worker.send(msg)
         return call
+
+    def _start_reader(self) -> None:
+        """The thread that reads the replies ring, started by the first call (under the lock)."""
+        if self._reader is None:
+            self._reader = threading.Thread(target=self._read, name="bls-replies", daemon=True)
+            self._reader.start()
+
+    def query(self, msg: dict, timeout: float = 60.0) -> Any:
+        """Ask the front ``msg`` (a custom metric's question: workers.metrics) and wait for its ``res``; the
+        answer comes on the replies ring, like a BLS answer."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            self._next += 1
+            qid = msg["q"] = self._next
+            self._queries[qid] = future
+            self._start_reader()
+        try:
+            self.worker.send(msg)
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"the server did not answer '{msg.get('op')}' in {timeout:g} s") from None
+        finally:
+            with self._lock:
+                self._queries.pop(qid, None)
 
     def exec(self, request: Any, decoupled: bool = False) -> Any:
         call = self.start(request, decoupled)
@@ -182,6 +206,12 @@ class BlsClient:
 
     def _dispatch(self, msg: dict) -> None:
         qid = msg["q"]
+        if self._queries:  # (only while a question waits: its answer cannot come before it is asked)
+            with self._lock:
+                future = self._queries.pop(qid, None)
+            if future is not None:
+                future.set_result(msg["res"])
+                return
         final = msg["final"]
         with self._lock:
             call = self._calls.pop(qid, None) if final else self._calls.get(qid)

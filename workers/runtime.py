@@ -44,7 +44,7 @@ from shm.doorbell import ring as ring_doorbell
 from shm.link import FAILED, OK, LinkBoard
 from shm.region import Region, ShmError
 from shm.ring import Ring
-from workers import bls, gpu
+from workers import bls, gpu, metrics
 from workers.backend import Backend, BackendError, Model, Request, Response
 from workers.sequence_state import END, States
 
@@ -102,16 +102,29 @@ class Worker:
         self._parent = os.getppid()
         if spec.get("replies"):  # the front answers BLS requests there (workers.bls)
             bls.attach(self, spec["replies"])
+        # Custom metrics (pb_utils.MetricFamily): operations buffered here go ahead of the next message sent
+        self.metrics = metrics.attach(self._post, partial(ring_doorbell, self.doorbell_fd),
+                                      bls.client.query if bls.client is not None else None)
+        self._metric_ops = self.metrics.ops
 
     # -- messages -------------------------------------------------------
     def send(self, msg: dict, *, polled: bool = False) -> None:
         """Answer the front (thread-safe: decoupled models send from their threads). ``polled``: a batch's
         answer, which the front polls for while the batch is in flight: no doorbell while it promises to
-        (shm.doorbell.Watch)."""
+        (shm.doorbell.Watch). Custom metric operations the model made since the last message go first
+        (workers.metrics): the front has applied them when it reads this one."""
+        if self._metric_ops:
+            self.metrics.flush(ring=False)
         with self._send_lock:
             self.outbox.send(msg)
         if not (polled and self._watch is not None and self._watch.watched()):
             ring_doorbell(self.doorbell_fd)
+
+    def _post(self, msg: dict) -> None:
+        """Write ``msg`` on the outbox without ringing the doorbell (a message that rings it follows, or the
+        caller rings it)."""
+        with self._send_lock:
+            self.outbox.send(msg)
 
     def _next(self, spin_ns: int) -> Any:
         """The next message; polls for ``spin_ns`` (or until a wake hint's deadline) before sleeping in
@@ -136,6 +149,8 @@ class Worker:
                     return  # the front is gone
                 if bls.client is not None:
                     bls.client.release_answers()  # BLS answers the model let go of since its last execute
+                if self._metric_ops:  # metric operations of the model's own threads while it idles
+                    self.metrics.flush()
                 continue
             except posix_ipc.SignalError:
                 continue

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import json
 import os
+import re as _re
 import sys
 import threading
 import time
 from collections.abc import Callable
+from enum import IntEnum as _IntEnum
 from typing import Any
 
 import numpy as np
 
 from shm import dtypes
+from workers import metrics as _metrics
 
 TRITONSERVER_REQUEST_FLAG_SEQUENCE_START = 1
 TRITONSERVER_REQUEST_FLAG_SEQUENCE_END = 2
@@ -498,6 +501,147 @@ class Logger:
     @staticmethod
     def log_verbose(message: str) -> None:
         Logger.log(message, LogLevel.VERBOSE)
+
+
+class MetricKind(_IntEnum):
+    """The kind of a :class:`MetricFamily` (``pb_utils.MetricFamily.COUNTER`` ...)."""
+
+    COUNTER = 0
+    GAUGE = 1
+    HISTOGRAM = 2
+
+
+_KIND_NAMES = {kind: f"TRITONSERVER_METRIC_KIND_{kind.name}" for kind in MetricKind}
+_CLEARED = ("Invalid metric operation as the corresponding 'MetricFamily' has been deleted. The 'MetricFamily' "
+            "object should be deleted AFTER its corresponding 'Metric' objects have been deleted.")
+_LABEL_NAME = _re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+class _FamilyLife:
+    """Whether a family object still exists: its Metric objects hold this, never the family itself."""
+
+    __slots__ = ("alive",)
+
+    def __init__(self) -> None:
+        self.alive = True
+
+
+class MetricFamily:
+    """Triton's custom metric family: a name, a description and a kind, shared by every model and instance
+    that creates one of the same name (the first description stays; another kind is an error). Its series
+    appear on the server's /metrics; they go when this object goes (or the model unloads). Operations are
+    sent to the server without waiting for it (workers/metrics.py)."""
+
+    COUNTER = MetricKind.COUNTER
+    GAUGE = MetricKind.GAUGE
+    HISTOGRAM = MetricKind.HISTOGRAM
+
+    def __init__(self, name: str, description: str, kind: MetricKind) -> None:
+        if not isinstance(name, str) or not isinstance(description, str):
+            raise TypeError("MetricFamily(): name and description must be strings")
+        try:
+            kind = MetricKind(kind)
+        except (TypeError, ValueError):
+            raise TypeError("MetricFamily(): kind must be MetricFamily.COUNTER, MetricFamily.GAUGE or "
+                            "MetricFamily.HISTOGRAM") from None
+        reporter = _metrics.reporter
+        if reporter is None:
+            raise TritonModelException("Error when creating MetricFamily: custom metrics are only available inside "
+                                       "a model's worker")
+        handle, error = reporter.create_family(name, description, int(kind))
+        if error is not None:
+            raise TritonModelException(f"Error when creating MetricFamily: {error}")
+        self._name = name
+        self._kind = kind
+        self._reporter = reporter
+        self._life = _FamilyLife()
+        self._metrics: dict[tuple, int] = {}  # labels -> the metric handle of this family with them
+        self._handle = handle
+
+    def Metric(self, labels: dict | None = None, buckets: list | None = None) -> Metric:  # noqa: N802 - Triton's
+        """A metric of this family with ``labels`` (all values strings); ``buckets`` (upper bounds, strictly
+        increasing) for a histogram only, and required there. Metrics with the same labels share one series."""
+        if labels is not None and not isinstance(labels, dict):
+            raise TritonModelException("Failed to create metric. Labels must be a dictionary.")
+        pairs = json.loads(json.dumps(labels)) or {}  # as Triton reads them: through JSON
+        bounds: list[float] | None = None
+        if buckets is not None:
+            if not isinstance(buckets, list):
+                raise TritonModelException("Failed to create metric. Buckets must be a list.")
+            if self._kind != MetricKind.HISTOGRAM:
+                raise TritonModelException("Failed to create metric. Unexpected buckets found.")
+            bounds = [float(b) for b in buckets]
+        elif self._kind == MetricKind.HISTOGRAM:
+            raise TritonModelException("Failed to create metric. Missing required buckets.")
+        for value in pairs.values():
+            if not isinstance(value, str):
+                raise TritonModelException("Error when creating Metric: attempt to access JSON non-string as string")
+        if bounds is not None and any(a >= b for a, b in zip(bounds, bounds[1:])):
+            raise TritonModelException("Error when creating Metric: Bucket Boundaries must be strictly sorted")
+        for name in pairs:
+            if not _LABEL_NAME.fullmatch(name) or name.startswith("__") or (
+                    name == "le" and self._kind == MetricKind.HISTOGRAM):
+                raise TritonModelException("Error when creating Metric: Invalid label name")
+        key = tuple(sorted(pairs.items()))
+        handle = self._metrics.get(key)
+        if handle is None:  # (a second Metric with these labels is the same one: nothing to tell the server)
+            handle = self._metrics[key] = self._reporter.new_metric(self._handle, [list(p) for p in key], bounds)
+        return Metric(self._life, handle, self._kind, self._reporter)
+
+    def __del__(self) -> None:
+        handle = getattr(self, "_handle", None)  # (none: its creation failed)
+        if handle is not None:
+            self._life.alive = False
+            self._reporter.record([4, handle], flush=False)  # may run inside a flush: only buffered
+
+
+class Metric:
+    """One series of a :class:`MetricFamily` (made by ``family.Metric(labels=...)``). ``increment``, ``set``
+    and ``observe`` return at once; ``value()`` asks the server (the series may be shared)."""
+
+    __slots__ = ("_life", "_handle", "_kind", "_reporter")
+
+    def __init__(self, life: _FamilyLife, handle: int, kind: MetricKind, reporter: Any) -> None:
+        self._life = life
+        self._handle = handle
+        self._kind = kind
+        self._reporter = reporter
+
+    def _check(self, operation: str, allowed: bool, verb: str) -> None:
+        if not self._life.alive:
+            raise TritonModelException(f"Failed to {operation} metric value: {_CLEARED}")
+        if not allowed:
+            raise TritonModelException(f"Failed to {operation} metric value: {_KIND_NAMES[self._kind]} does not "
+                                       f"support {verb}")
+
+    def increment(self, value: float) -> None:
+        """Add ``value`` (a counter takes no negative value)."""
+        value = float(value)
+        self._check("increment", self._kind != MetricKind.HISTOGRAM, "Increment")
+        if value < 0 and self._kind == MetricKind.COUNTER:
+            raise TritonModelException("Failed to increment metric value: TRITONSERVER_METRIC_KIND_COUNTER can only "
+                                       "be incremented monotonically by non-negative values.")
+        self._reporter.record([1, self._handle, value])
+
+    def set(self, value: float) -> None:
+        """Set a gauge to ``value``."""
+        value = float(value)
+        self._check("set", self._kind == MetricKind.GAUGE, "Set")
+        self._reporter.record([2, self._handle, value])
+
+    def observe(self, value: float) -> None:
+        """Count ``value`` in a histogram."""
+        value = float(value)
+        self._check("observe", self._kind == MetricKind.HISTOGRAM, "Observe")
+        self._reporter.record([3, self._handle, value])
+
+    def value(self) -> float:
+        """The series' value on the server (a counter's or a gauge's; a histogram has none)."""
+        self._check("get", self._kind != MetricKind.HISTOGRAM, "Value")
+        try:
+            return self._reporter.value(self._handle)
+        except (RuntimeError, TimeoutError) as e:
+            raise TritonModelException(f"Failed to get metric value: {e}") from None
 
 
 def get_input_tensor_by_name(inference_request: InferenceRequest, name: str) -> Tensor | None:
