@@ -332,7 +332,9 @@ class Server:
                  backend_config: dict[str, dict[str, str]] | None = None, strict_readiness: bool = True,
                  exit_timeout: float = 30.0, backend_directory: str | list[str] | None = None,
                  host_policy: dict[str, dict[str, str]] | None = None,
-                 trace_config: dict[str, Any] | None = None, response_cache_size: int = 0) -> None:
+                 trace_config: dict[str, Any] | None = None, response_cache_size: int = 0,
+                 repository_poll_secs: float = 15, model_config_name: str = "", model_load_thread_count: int = 0,
+                 model_load_retry_count: int = 0, server_id: str = "triton") -> None:
         repos = model_repository if isinstance(model_repository, list) else \
             [model_repository] if model_repository is not None else [default_repository()]
         self._core = Core([str(r) for r in repos], strict_model_config=strict_model_config,
@@ -341,7 +343,9 @@ class Server:
                           backend_directories=[backend_directory] if isinstance(backend_directory, str)
                           else backend_directory, strict_readiness=strict_readiness, exit_timeout=exit_timeout,
                           host_policies=host_policy, trace_config=trace_config,
-                          response_cache_size=response_cache_size)
+                          response_cache_size=response_cache_size, repository_poll_secs=repository_poll_secs,
+                          model_config_name=model_config_name, model_load_thread_count=model_load_thread_count,
+                          model_load_retry_count=model_load_retry_count, server_id=server_id)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0  # the thread running _loop
         self._thread: threading.Thread | None = None

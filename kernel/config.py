@@ -30,9 +30,19 @@ _PLATFORM_BACKEND = {platform: backend for backend, platform in _BACKEND_PLATFOR
 _PLATFORM_BACKEND["pytorch_torchscript"] = "pytorch"  # Triton's alternative name
 
 
-def load(model_dir: str) -> ModelConfig:
-    """Parse ``<model_dir>/config.pbtxt`` (an empty config if there is none)."""
-    path = os.path.join(model_dir, "config.pbtxt")
+def config_path(model_dir: str, config_name: str = "") -> str:
+    """The configuration file of a model: ``<model_dir>/configs/<config_name>.pbtxt`` where
+    ``--model-config-name`` names one that exists, else ``<model_dir>/config.pbtxt`` (Triton's rule)."""
+    if config_name:
+        custom = os.path.join(model_dir, "configs", config_name + ".pbtxt")
+        if os.path.isfile(custom):
+            return custom
+    return os.path.join(model_dir, "config.pbtxt")
+
+
+def load(model_dir: str, config_name: str = "") -> ModelConfig:
+    """Parse the model's configuration file (:func:`config_path`; an empty config if there is none)."""
+    path = config_path(model_dir, config_name)
     config = ModelConfig()
     if os.path.exists(path):
         try:

@@ -67,10 +67,16 @@ OWN_FAMILIES = frozenset(
 
 
 class TritonCollector:
-    """Reads every loaded model version's statistics at scrape time."""
+    """Reads every loaded model version's statistics at scrape time.
 
-    def __init__(self, core: Core) -> None:
+    ``cpu``: the CPU families (``--allow-cpu-metrics``); ``counter_latencies``: the ``*_duration_us``
+    families (``--metrics-config counter_latencies=false`` leaves them out, as in Triton).
+    """
+
+    def __init__(self, core: Core, cpu: bool = True, counter_latencies: bool = True) -> None:
         self.core = core
+        self.cpu = cpu
+        self.counter_latencies = counter_latencies
 
     def collect(self) -> Iterator[Metric]:
         labels = ["model", "version"]
@@ -109,10 +115,12 @@ class TritonCollector:
                         value = stats.durations[name][i]
                         family.add_metric(key, value // 1000 if i else value)
         yield from (success, failure, count, execs, pending)
-        yield from (family for family, _ in durations)
+        if self.counter_latencies:
+            yield from (family for family, _ in durations)
         yield from (family for family, _, _ in caches if family.samples)
         yield from _server_cache_metrics(self.core.response_cache)
-        yield from _cpu_metrics()
+        if self.cpu:
+            yield from _cpu_metrics()
 
 
 def _server_cache_metrics(cache: ResponseCache | None) -> Iterator[Metric]:
@@ -145,9 +153,10 @@ def _cpu_metrics() -> Iterator[Metric]:
     yield used
 
 
-def registry(core: Core) -> CollectorRegistry:
+def registry(core: Core, cpu: bool = True, counter_latencies: bool = True) -> CollectorRegistry:
+    """The server's families (:class:`TritonCollector`); there are no GPU families to leave out."""
     reg = CollectorRegistry(auto_describe=False)
-    reg.register(TritonCollector(core))
+    reg.register(TritonCollector(core, cpu, counter_latencies))
     return reg
 
 

@@ -8,12 +8,15 @@ Over gRPC Triton expects the metadata key with the prefix ``triton-grpc-protocol
 server, so clients written for Triton keep working.
 
 The protocols own the mapping from their endpoints to a category; this module only parses and checks,
-so that both fronts word the refusal the same way Triton does.
+so that both fronts word the refusal the same way Triton does. It also holds the other header-driven
+policy both fronts share: the headers forwarded to the model as request parameters.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
 
 CATEGORIES = ("health", "metadata", "inference", "shared-memory", "model-config", "model-repository",
               "statistics", "trace", "logging")
@@ -64,3 +67,12 @@ def http_message(key: str) -> str:
 def grpc_message(key: str) -> str:
     """Triton's gRPC answer (UNAVAILABLE) to a refused call."""
     return f"This protocol is restricted, expecting header '{key}'"
+
+
+def forward_headers(pattern: re.Pattern, headers: Iterable[tuple[str, str]], request: Any) -> None:
+    """``--http-header-forward-pattern`` / ``--grpc-header-forward-pattern``: each header whose name matches
+    (anywhere in it, as RE2's PartialMatch) becomes a string parameter of the request, as in Triton. Names
+    are lower-case here (HTTP/2 sends them so; this HTTP/1.1 server folds them); pseudo-headers never match."""
+    for key, value in headers:
+        if not key.startswith(":") and pattern.search(key):
+            request.parameters[key] = value

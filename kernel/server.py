@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,7 @@ from kernel.ensemble import EnsembleVersion, check_scheduling, composing_models,
 from kernel.errors import ServerError
 from kernel.instance import Regions, Spinner
 from kernel.model import ModelVersion, Pending, RequestFuture
+from kernel.poll import Poller
 from kernel.repository import Repository, select_versions
 from kernel.restricted import Restrictions
 from kernel.shm_registry import Registration, SharedMemoryRegistry
@@ -63,6 +65,7 @@ class Model:
         self.error = ""  # why the model as a whole could not load
         self.state = "UNAVAILABLE"
         self.unloaded = False  # explicitly unloaded: not counted against readiness
+        self.removed = False  # its directory went away (poll mode): unloaded, and no longer in the index
 
 
 class Core:
@@ -74,8 +77,20 @@ class Core:
                  backend_directories: list[str] | None = None, exit_timeout: float = 30.0,
                  arena_size: int = 64 * MiB, strict_readiness: bool = True,
                  host_policies: dict[str, dict[str, str]] | None = None,
-                 trace_config: dict[str, Any] | None = None, response_cache_size: int = 0) -> None:
+                 trace_config: dict[str, Any] | None = None, response_cache_size: int = 0,
+                 repository_poll_secs: float = 0, model_config_name: str = "", model_load_thread_count: int = 0,
+                 model_load_retry_count: int = 0, server_id: str = "triton") -> None:
         self.repository = Repository(model_repositories)
+        #: ``--id``: the name GET /v2 and gRPC ServerMetadata report
+        self.server_id = server_id
+        #: ``--model-config-name``: models with ``configs/<name>.pbtxt`` load from it (kernel.config.config_path)
+        self.config_name = model_config_name
+        #: ``--model-load-thread-count``: how many model versions load at once (0: no limit)
+        self._load_slots = asyncio.Semaphore(model_load_thread_count) if model_load_thread_count > 0 else None
+        #: ``--model-load-retry-count``: how many more times a version that failed to load is tried
+        self.load_retries = max(0, model_load_retry_count)
+        #: ``--model-control-mode=poll``: rescans the repositories every ``--repository-poll-secs`` (kernel.poll)
+        self.poller = Poller(self, repository_poll_secs) if model_control_mode == "poll" else None
         #: ``--cache-config local,size=N``: the responses of models that enable the cache (kernel.cache)
         self.response_cache = ResponseCache(response_cache_size) if response_cache_size > 0 else None
         self.strict = strict_model_config
@@ -114,6 +129,10 @@ class Core:
         # Set by the CLI (or an embedding application) before the fronts start; the fronts enforce them.
         self.http_restricted = Restrictions()
         self.grpc_restricted = Restrictions()
+        #: ``--http-header-forward-pattern``, ``--grpc-header-forward-pattern``: headers whose name matches reach
+        #: the model as request parameters (compiled, case-insensitive; None: none)
+        self.http_forward: re.Pattern | None = None
+        self.grpc_forward: re.Pattern | None = None
         #: Tensor bytes the front has copied into its arena for workers (kernel.model.dispatch): a pipeline's
         #: intermediate tensors pass by reference and never add to it (tests/test_pipelines.py checks).
         self.copied_bytes = 0
@@ -136,7 +155,10 @@ class Core:
         self.links = LinkBoard()  # chained pipeline steps (kernel.ensemble)
         self.free_links = list(range(self.links.slots - 1, -1, -1))
         self._trimmer = self._loop.call_later(ARENA_TRIM_PERIOD, self._trim_arena)
-        found, errors = self.repository.scan()
+        if self.poller is not None:  # the files each model loads from, taken before it loads
+            found, errors, prints = await self.poller.scan()
+        else:
+            found, errors = self.repository.scan()
         for name, error in errors.items():
             model = self.models[name] = Model(name, "")
             model.error = error
@@ -147,13 +169,17 @@ class Core:
         # Ensembles after the models they compose (Triton's dependency order); an ensemble's own load
         # loads composing models nobody asked for (explicit mode).
         ensembles = {name for name in names if name in found and self._is_ensemble(name)}
+        loaded = []
         for group in ([n for n in names if n not in ensembles], [n for n in names if n in ensembles]):
-            await asyncio.gather(*(self._load_locked(name) for name in group if name in found),
-                                 return_exceptions=True)
+            group = [name for name in group if name in found]
+            outcomes = await asyncio.gather(*(self._load_locked(name) for name in group), return_exceptions=True)
+            loaded += [name for name, outcome in zip(group, outcomes) if outcome is None]
         for name in names:
             if name not in found and name != "*" and name not in self.models:
                 model = self.models[name] = Model(name, "")
                 model.error = f"failed to load '{name}', failed to poll from model repository"
+        if self.poller is not None:
+            self.poller.start({name: prints[name] for name in loaded})
         self.started = True
 
     def _trim_arena(self) -> None:
@@ -169,6 +195,8 @@ class Core:
 
     async def stop(self) -> None:
         """Unload every model, then remove the shared memory this process made."""
+        if self.poller is not None:
+            await self.poller.stop(self.exit_timeout)
         if self._trimmer is not None:
             self._trimmer.cancel()
             self._trimmer = None
@@ -241,15 +269,21 @@ class Core:
         return True
 
     def ready(self) -> bool:
-        """Triton's strict readiness: started, and every model it tried to load is ready."""
+        """Triton's strict readiness: started, and every model it tried to load is ready. A model that never
+        got as far as its versions (its configuration unreadable, its name in two repositories) does not
+        count, as in Triton, where such a model never reaches the model lifecycle."""
         if not self.started:
             return False
         if not self.strict_readiness:
             return True
+        return all(m.state == "READY" for m in self.models.values() if not m.unloaded and m.versions)
+
+    def all_loaded(self) -> bool:
+        """Whether every model tried at start loaded (``--exit-on-error``: Triton's "failed to load all models")."""
         return all(m.state == "READY" for m in self.models.values() if not m.unloaded)
 
     def metadata(self) -> dict:
-        return {"name": "triton", "version": "2.51.0", "extensions": list(EXTENSIONS),
+        return {"name": self.server_id, "version": "2.51.0", "extensions": list(EXTENSIONS),
                 "edge_kernel_version": __version__}
 
     def version(self, name: str, version: str = "") -> ModelVersion:
@@ -449,6 +483,8 @@ class Core:
         index = []
         for name in sorted(set(found) | set(errors) | set(self.models)):
             model = self.models.get(name)
+            if model is not None and model.removed and name not in found and name not in errors:
+                continue  # as Triton: a model whose directory went away is no longer listed
             versions = sorted(model.versions.items()) if model is not None else []
             if not versions:
                 if not ready_only:
@@ -488,25 +524,47 @@ class Core:
         also unloads an ensemble's composing models that no other loaded ensemble uses.
         """
         self._check_control()
+        await self._unload(name, unload_dependents)
+
+    async def _unload(self, name: str, unload_dependents: bool = False, removed: bool = False) -> list[str]:
+        """Unload ``name`` and the ensembles that use it (and, with ``unload_dependents``, its unused
+        composing models); return the other models unloaded. ``removed``: its directory went away."""
+        others: list[str] = []
         async with self._lock(name):
             model = self.models.get(name)
             if model is None:
-                return
+                return others
             composing = [composing_models(mv.config) for mv in model.versions.values() if mv.ready
                          and isinstance(mv, EnsembleVersion)]
+            unloading = [mv for mv in model.versions.values() if mv.state == "READY"]
+            if removed:  # gone at once: from the index, and from readiness while its versions drain
+                model.removed = model.unloaded = True
             await self._unload_versions(model)
             model.state = "UNAVAILABLE"
             model.unloaded = True
+            if removed:
+                for mv in unloading:
+                    log.info("successfully unloaded '%s' version %s", name, mv.version_str)
         for other in [m.name for m in self.models.values() if m.name != name and any(
                 mv.ready and isinstance(mv, EnsembleVersion) and name in composing_models(mv.config)
                 for mv in m.versions.values())]:
-            await self.unload_model(other)
+            others += [other, *await self._unload(other)]
         if unload_dependents:
             used = {dep for m in self.models.values() for mv in m.versions.values()
                     if mv.ready and isinstance(mv, EnsembleVersion) for dep in composing_models(mv.config)}
             for dep in dict.fromkeys(d for deps in composing for d in deps):
                 if dep not in used and self.model_ready(dep):
-                    await self.unload_model(dep, True)
+                    others += [dep, *await self._unload(dep, True)]
+        return others
+
+    def present(self, name: str) -> bool:
+        """Whether ``name`` is known and its directory has not gone away (poll mode)."""
+        model = self.models.get(name)
+        return model is not None and not model.removed
+
+    async def remove_model(self, name: str) -> list[str]:
+        """Poll mode: ``name``'s directory went away; unload it (and the ensembles that use it, returned)."""
+        return await self._unload(name, removed=True)
 
     def _check_control(self) -> None:
         if self.control_mode != "explicit":
@@ -522,7 +580,7 @@ class Core:
         old = self.models.get(name)
         try:
             path = self.repository.locate(name)
-            config = cfg.from_json(config_override) if config_override else cfg.load(path)
+            config = cfg.from_json(config_override) if config_override else cfg.load(path, self.config_name)
             cfg.complete(config, path, self.gpus)
             if is_ensemble(config):
                 check_scheduling(config)  # Triton refuses these when it polls the repository
@@ -549,8 +607,20 @@ class Core:
                 mv.state, mv.reason = "UNAVAILABLE", e.reason()
                 if isinstance(mv, EnsembleVersion):
                     mv.problem = e.message
-        await asyncio.gather(*(mv.load(not self.strict, self.gpus, self.regions, self.worker_options())
-                               for mv in model.versions.values() if mv.state == "LOADING"))
+        loading = [number for number, mv in model.versions.items() if mv.state == "LOADING"]
+        for attempt in range(self.load_retries + 1):
+            if attempt:  # --model-load-retry-count: a fresh start for each version that failed
+                log.info("retrying to load '%s' version(s) %s (retry %d of %d)", name,
+                         ", ".join(map(str, loading)), attempt, self.load_retries)
+                for number in loading:
+                    copy = type(config)()
+                    copy.CopyFrom(config)
+                    model.versions[number] = ModelVersion(name, number, path, copy, self)
+            await asyncio.gather(*(self._limited(model.versions[number].load(
+                not self.strict, self.gpus, self.regions, self.worker_options())) for number in loading))
+            loading = [] if ensemble else [number for number in loading if not model.versions[number].ready]
+            if not loading:
+                break
         failed = [mv for mv in model.versions.values() if not mv.ready]
         for mv in failed:
             log.error("failed to load '%s' version %s: %s", name, mv.version, mv.reason)
@@ -565,6 +635,13 @@ class Core:
         if failed:
             raise _load_failed(name, failed)
 
+    async def _limited(self, load: Any) -> Any:
+        """A version's load, waiting for one of the ``--model-load-thread-count`` slots if there is a limit."""
+        if self._load_slots is None:
+            return await load
+        async with self._load_slots:
+            return await load
+
     def _is_ensemble(self, name: str) -> bool:
         config = self._repository_config(name)
         return config is not None and is_ensemble(config)
@@ -572,7 +649,7 @@ class Core:
     def _repository_config(self, name: str) -> Any:
         """A model's configuration as its repository has it (None when it cannot be read)."""
         try:
-            return cfg.load(self.repository.locate(name))
+            return cfg.load(self.repository.locate(name), self.config_name)
         except ServerError:
             return None
 

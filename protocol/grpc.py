@@ -19,7 +19,7 @@ from google.protobuf import json_format
 
 from kernel import tracing
 from kernel.errors import CUDA_SHM_UNSUPPORTED, ServerError, invalid
-from kernel.restricted import grpc_message
+from kernel.restricted import forward_headers, grpc_message
 from kernel.server import Core
 from kernel.types import InferRequest, InferResponse
 from protocol import grpc_service_pb2 as pb
@@ -166,6 +166,8 @@ class InferenceService:
         try:
             mv = self._wake(decoded)
             request = v2grpc.parse_request(decoded, self.core.shm)
+            if self.core.grpc_forward is not None:
+                forward_headers(self.core.grpc_forward, call.headers, request)
             if self.core.tracer.on:
                 return self._traced(request, call, mv)
             return Deferred(self.core.submit(request, mv), _infer_reply)
@@ -223,6 +225,8 @@ class InferenceService:
         cell = None
         try:
             request = v2grpc.parse_request(decoded, self.core.shm)
+            if self.core.grpc_forward is not None:
+                forward_headers(self.core.grpc_forward, out.stream.headers, request)
             mv = self.core.version(request.model_name, request.model_version)
             if self.core.tracer.on:  # an ordinary model's trace ends once its response is written (_StreamOut);
                 # a decoupled model's, whose responses come one by one, with the request

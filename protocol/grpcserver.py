@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import struct
 import time
 import zlib
@@ -999,9 +1000,13 @@ class GrpcServer:
         self._server: asyncio.base_events.Server | None = None
         self._idle: asyncio.Event | None = None
 
-    async def start(self, host: str, port: int, reuse_address: bool = True) -> None:
+    async def start(self, host: str, port: int, reuse_address: bool = True, reuse_port: bool = False,
+                    tls: ssl.SSLContext | None = None) -> None:
+        """Listen; ``reuse_port``: with SO_REUSEPORT, so that several servers share the port; ``tls``: over TLS
+        (the context offers h2 by ALPN)."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: Connection(self), host, port, reuse_address=reuse_address)
+        self._server = await loop.create_server(lambda: Connection(self), host, port, reuse_address=reuse_address,
+                                                reuse_port=reuse_port or None, ssl=tls)
 
     @property
     def sockets(self) -> Any:

@@ -11,7 +11,7 @@ import orjson
 
 from kernel import tracing
 from kernel.errors import CUDA_SHM_UNSUPPORTED, ServerError, invalid
-from kernel.restricted import http_message
+from kernel.restricted import forward_headers, http_message
 from kernel.server import Core
 from protocol import v2json
 from protocol.generate import GenerateRoutes
@@ -268,6 +268,8 @@ class HttpFront:
                 trace.finish()  # unparsable: the trace ends with what it has
             raise
         infer_request.trace = trace
+        if self.core.http_forward is not None:
+            forward_headers(self.core.http_forward, request.headers.items(), infer_request)
         future = self.core.submit(infer_request, mv)  # (which ends the trace if it refuses the request)
         return Deferred(future, lambda f: self._infer_response(f, infer_request))
 

@@ -647,9 +647,11 @@ class HttpServer:
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.TimerHandle | None = None
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, reuse_port: bool = False) -> None:
+        """Listen; ``reuse_port``: with SO_REUSEPORT, so that several servers share the port."""
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _Connection(self), host, port, reuse_address=True)
+        self._server = await loop.create_server(lambda: _Connection(self), host, port, reuse_address=True,
+                                                reuse_port=reuse_port or None)
         self._sweep()
 
     def _sweep(self) -> None:

@@ -32,7 +32,6 @@ shared-memory block.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from kernel import logs
 from shm import dtypes
 
 #: Triton's error codes, as BackendError takes them.
@@ -309,10 +309,11 @@ def split(batch_output: Any, sizes: list[int]) -> list[Any]:
 
 
 def log(message: str, level: str = "I") -> None:
-    """A line in the server's log (the worker's stderr), in the front's format; ``level`` I, W or E."""
-    now = time.time()
-    stamp = time.strftime("%m%d %H:%M:%S", time.localtime(now))
-    sys.stderr.write(f"{level}{stamp} {os.getpid()} backend] {message}\n")
+    """A line in the server's log (the worker's stderr), in the front's format; ``level`` I, W or E
+    (dropped where ``--log-info``/``--log-warning``/``--log-error`` turned that level off)."""
+    if not logs.enabled(level):
+        return
+    sys.stderr.write(f"{logs.prefix(level, 'backend')}{message}\n")
     sys.stderr.flush()
 
 

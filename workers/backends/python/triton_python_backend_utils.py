@@ -13,13 +13,13 @@ import os
 import re as _re
 import sys
 import threading
-import time
 from collections.abc import Callable
 from enum import IntEnum as _IntEnum
 from typing import Any
 
 import numpy as np
 
+from kernel import logs as _logs
 from shm import dtypes
 from workers import metrics as _metrics
 
@@ -473,17 +473,15 @@ class Logger:
 
     @staticmethod
     def log(message: str, level: int = LogLevel.INFO) -> None:
-        if level == LogLevel.VERBOSE and not Logger.verbose:
-            return
         tag = "IWEI"[level] if 0 <= level <= 3 else "I"
+        if not Logger.verbose if level == LogLevel.VERBOSE else not _logs.enabled(tag):
+            return
         frame = sys._getframe(1)
         while frame.f_back is not None and frame.f_code.co_filename == __file__:
             frame = frame.f_back
         where = f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"
-        now = time.time()
-        stamp = time.strftime("%m%d %H:%M:%S", time.localtime(now)) + f".{int(now % 1 * 1e6):06d}"
         with Logger._lock:
-            sys.stderr.write(f"{tag}{stamp} {os.getpid()} {where}] {message}\n")
+            sys.stderr.write(f"{_logs.prefix(tag, where)}{message}\n")
             sys.stderr.flush()
 
     @staticmethod
