@@ -183,9 +183,10 @@ class Instance:
         spec = {"instance": self.name, "inbox": self._inbox.spec(), "outbox": self._outbox.spec(),
                 "cancel": self._board.name, "replies": self._replies.spec(),
                 "doorbell_fd": self._bell.write_fd, **self.options}
-        env = dict(os.environ, **self.env)
+        env = {k: v for k, v in dict(os.environ, **self.env).items() if v is not None}  # (None: unset it)
         env["PYTHONPATH"] = _ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        self.proc = subprocess.Popen([sys.executable, "-m", "workers", json.dumps(spec)],
+        # (a python model's own environment brings its interpreter: kernel/execution_env.py)
+        self.proc = subprocess.Popen([self.options.get("python") or sys.executable, "-m", "workers", json.dumps(spec)],
                                      pass_fds=(self._bell.write_fd,), env=env, cwd=_ROOT)
         self.pid = self.proc.pid
         self._arena_prefix = f"/ek.{self.pid}."

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kernel import config as cfg
-from kernel import host_policy
+from kernel import execution_env, host_policy
 from kernel.cache import CachingScheduler, ModelCache
 from kernel.errors import ServerError, invalid
 from kernel.instance import Instance, Regions
@@ -175,6 +175,11 @@ class ModelVersion:
                     "model_file": model_file, "backend_dirs": server.backend_directories,
                     "backend_config": server.backend_settings(config.backend)}
         options = dict(options, env=server.worker_env(config.backend))
+        own = config.parameters.get(execution_env.PARAMETER) if config.backend == "python" else None
+        if own is not None and own.string_value:  # Triton's EXECUTION_ENV_PATH: the model's own Python environment
+            python, env = await asyncio.to_thread(execution_env.environment, own.string_value, self.model_dir,
+                                                  options["env"])
+            options = dict(options, python=python, env={**options["env"], **env})
         groups = _groups(config)
         first = Instance(f"{groups[0][0]}_0", groups[0][1], 0, regions, options=options)
         first.custom_metrics = server.custom_metrics  # (a model's initialize may create metrics)
