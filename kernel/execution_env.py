@@ -14,14 +14,16 @@ the environment's versions win, ours fill the gaps. Compiled packages only load 
 they were built for, so the environment must run this server's Python version (major.minor); Triton has
 the same rule, its stub being built for one Python version. A mismatch is the model's UNAVAILABLE reason.
 
-Archives are extracted once per server, as Triton's python backend does (into one temporary directory,
-removed when the server exits), and again if the archive's modification time changes (a reload after
-the file was replaced). Extraction runs in a thread: a large environment never holds the event loop.
+Archives are extracted once per server, as Triton's python backend does (under one temporary directory,
+removed when the server exits), and again, into a new directory, if the archive's modification time
+changes (a reload after the file was replaced). Extraction runs in a thread: a large environment never
+holds the event loop.
 """
 
 from __future__ import annotations
 
 import atexit
+import itertools
 import os
 import shutil
 import site
@@ -41,6 +43,7 @@ _lock = threading.Lock()
 _base: str | None = None  # this server's extraction directory (made on first use)
 _extracted: dict[str, tuple[str, int]] = {}  # archive's real path -> (its directory, mtime ns when extracted)
 _versions: dict[str, str] = {}  # interpreter -> its "major.minor"
+_count = itertools.count()
 
 
 def environment(parameter: str, model_dir: str,
@@ -86,8 +89,9 @@ def _extract(archive: str) -> str:
         if _base is None:
             _base = tempfile.mkdtemp(prefix="python_env_")
             atexit.register(shutil.rmtree, _base, True)
-        target = known[0] if known is not None else os.path.join(_base, str(len(_extracted)))
-        shutil.rmtree(target, ignore_errors=True)
+        # A changed archive goes to a new directory: the version still serving runs from the old one (removed
+        # at exit with the rest), where Triton extracts over it.
+        target = os.path.join(_base, str(next(_count)))
         os.makedirs(target)
         try:
             with tarfile.open(archive) as tar:  # (gzip, bzip2, xz or plain: tarfile tells them apart)
