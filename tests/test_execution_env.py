@@ -125,3 +125,24 @@ def test_a_broken_environment_is_the_models_reason(server, repo: Path, model: st
         client.close()
     assert index[model]["state"] == "UNAVAILABLE"
     assert reason.format(repo=repo) in index[model]["reason"]
+
+
+def test_a_changed_archive_is_extracted_anew(tmp_path: Path) -> None:
+    """The same archive is extracted once; a replaced one into a new directory, the old one left for the version
+    still serving from it."""
+    from kernel import execution_env
+
+    archive = tmp_path / "model" / "env.tar.gz"
+    archive.parent.mkdir()
+    for value in ("first", "second"):
+        with tarfile.open(archive, "w:gz") as tar:
+            tar.add(_venv(tmp_path / value, value), arcname=".")
+        os.utime(archive, ns=(0, {"first": 1, "second": 2}[value] * 10**18))
+        first = execution_env.environment("$$TRITON_MODEL_DIRECTORY/env.tar.gz", str(archive.parent))
+        again = execution_env.environment("$$TRITON_MODEL_DIRECTORY/env.tar.gz", str(archive.parent))
+        assert first == again
+        root = Path(first[1]["VIRTUAL_ENV"])
+        assert list(root.rglob("ekenvprobe/__init__.py"))[0].read_text() == f"VALUE = {value!r}\n"
+        if value == "first":
+            old = root
+    assert root != old and old.is_dir()
