@@ -704,6 +704,9 @@ class Batch:
                 continue
             if sequencer is not None:
                 if result is not None and "re" in result:  # runs again (sequencer.reschedule, below)
+                    # Triton counts each step a successful inference of the request (2.51, observed)
+                    stats.success(now - pending.enqueued, max(sent - pending.enqueued, 0), ci, cinf, co,
+                                  pending.batch_size)
                     continue
                 if result is not None:  # its last step (a decoupled request's ends with its final response)
                     sequencer.ended(pending)

@@ -346,7 +346,7 @@ class SequenceBatcher(Batching):
         del request.inputs[: len(self.controls.order)]  # (added again by _take)
         request.parameters = {**request.parameters, "sequence_start": False, "sequence_end": False}
         seq.queue.appendleft(pending)
-        seq.last = time.perf_counter_ns()
+        seq.last = pending.enqueued = time.perf_counter_ns()  # (its next step's queue time counts from now)
         self.count += 1
         self._pump()
 

@@ -192,12 +192,18 @@ def test_continuous_batching_mixes_new_and_rescheduled_requests(server, repo):
     _seen(repo, "stepper")
     client = httpclient.InferenceServerClient(server.http_url, concurrency=6)
     try:
+        before = client.get_inference_statistics("stepper")["model_stats"][0]
         counts = [5, 1, 3, 2, 4, 1]
         futures = [client.async_infer("stepper", [_input(n)]) for n in counts]
         answers = [int(f.get_result(timeout=30).as_numpy("DONE")[0, 0]) for f in futures]
+        after = client.get_inference_statistics("stepper")["model_stats"][0]
     finally:
         client.close()
     assert answers == counts
+    # Triton 2.51 counts every step a successful inference (observed: requests of 3, 2 and 4 steps give 9)
+    assert int(after["inference_count"]) - int(before["inference_count"]) == sum(counts)
+    assert int(after["inference_stats"]["success"]["count"]) - int(before["inference_stats"]["success"]["count"]) \
+        == sum(counts)
     batches = _seen(repo, "stepper")
     rows = [row for batch in batches for row in batch]
     by_cid: dict[int, list[dict]] = {}
