@@ -667,7 +667,10 @@ class Batch:
             for block in self.blocks:
                 arena.free(*block[:2])
         self.blocks = []
+        moved = self.moved
         for pending in self.pendings:
+            if moved and pending in moved:  # rescheduled: its flag went back then; a new batch holds it now
+                continue
             if pending.flag >= 0:
                 instance.put_flag(pending.flag)
                 pending.flag = -1
