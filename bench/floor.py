@@ -2,8 +2,8 @@
 
 ``python -m bench.floor measure --out DIR`` starts, one at a time, a server that answers every
 ``add_sub`` inference with a prebuilt response and loads it like the comparison does. The candidates:
-``http`` (this project's HTTP server, :mod:`protocol.httpserver`), ``grpc`` (this project's gRPC
-server, :mod:`protocol.grpcserver`), ``grpclib`` and ``grpcio`` (grpc.aio with generic raw-bytes
+``http`` (this project's HTTP server, :mod:`protocol.http.server`), ``grpc`` (this project's gRPC
+server, :mod:`protocol.grpc.server`), ``grpclib`` and ``grpcio`` (grpc.aio with generic raw-bytes
 handlers). No scheduler, no worker, no model: the server's CPU per request is the cost of that
 protocol stack in one Python process, the throughput its ceiling on this machine.
 The load is perf_analyzer (``--load perf_analyzer``, the device) or, where it is missing, a local
@@ -37,7 +37,7 @@ _CONFIG = {"name": "add_sub", "max_batch_size": 0, "backend": "python",
 
 
 def _serve_http(port: int, counter: list[int]) -> Any:
-    from protocol.httpserver import HttpServer, Response, Router
+    from protocol.http.server import HttpServer, Response, Router
 
     header = orjson.dumps({"model_name": "add_sub", "model_version": "1", "outputs": [
         {"name": f"OUTPUT{i}", "datatype": "INT32", "shape": _SHAPE, "parameters": {"binary_data_size": 64}}
@@ -79,7 +79,7 @@ def _canned() -> dict[str, bytes]:
 
 
 def _serve_grpc(port: int, counter: list[int]) -> Any:
-    from protocol.grpcserver import GrpcServer, Method
+    from protocol.grpc.server import GrpcServer, Method
 
     methods = {}
     for path, data in _canned().items():

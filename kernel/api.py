@@ -188,7 +188,7 @@ class Model:
               timeout_us: int = 0, sequence_id: int | str = 0, sequence_start: bool = False,
               sequence_end: bool = False) -> InferResult:
         """Run one inference and wait for it (from any thread but the server's loop). ``sequence_*``: a
-        request of a sequence (a stateful model's: kernel.sequence), as tritonclient's arguments."""
+        request of a sequence (a stateful model's: kernel.scheduling.sequence), as tritonclient's arguments."""
         request = self._request(inputs, outputs, parameters, request_id, priority, timeout_us,
                                 (sequence_id, sequence_start, sequence_end))
         response = self._server._wait(lambda core: core.accept(request))

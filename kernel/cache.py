@@ -24,7 +24,7 @@ from shm import dtypes
 
 if TYPE_CHECKING:
     from kernel.model import ModelVersion, Pending
-    from kernel.scheduler import Scheduler
+    from kernel.scheduling.scheduler import Scheduler
 
 log = logging.getLogger("kernel")
 

@@ -531,8 +531,8 @@ def raise_fd_limit() -> None:
 async def serve(args: Any) -> int:
     """Run the server until SIGINT/SIGTERM, then shut down cleanly."""
     raise_fd_limit()
-    from protocol.http import HttpFront
-    from protocol.httpserver import HttpServer, Response, Router
+    from protocol.http.front import HttpFront
+    from protocol.http.server import HttpServer, Response, Router
 
     backend_config: dict[str, dict[str, str]] = {}
     for backend, key, value in args.backend_config:
@@ -591,7 +591,7 @@ async def serve(args: Any) -> int:
             return 1
         # HTTP last: once it answers, gRPC and metrics listen too (tests and probes rely on it).
         if args.allow_grpc and args.grpc_port >= 0:
-            from protocol.grpc import GrpcFront
+            from protocol.grpc.front import GrpcFront
 
             grpc_server = GrpcFront(core, max_message_size=args.grpc_max_message_size,
                                     keepalive_time=args.grpc_keepalive_time / 1000,

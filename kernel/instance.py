@@ -138,7 +138,7 @@ class Instance:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inbox: Ring | None = None
         self._outbox: Ring | None = None
-        self._replies: Ring | None = None  # answers to the worker's BLS requests (kernel.bls)
+        self._replies: Ring | None = None  # answers to the worker's BLS requests (kernel.pipelines.bls)
         self._reply_backlog: collections.deque[dict] = collections.deque()
         self.on_bls: Any = None  # callback(instance, msg) for a worker's BLS messages
         #: the server's kernel.custom_metrics.CustomMetrics: its worker's metric operations and questions go there

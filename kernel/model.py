@@ -18,7 +18,7 @@ from kernel.cache import CachingScheduler, ModelCache
 from kernel.errors import ServerError, invalid
 from kernel.instance import Instance, Regions
 from kernel.model_config_pb2 import ModelConfig, ModelInstanceGroup
-from kernel.scheduler import Scheduler, make_scheduler
+from kernel.scheduling.scheduler import Scheduler, make_scheduler
 from kernel.stats import ModelStats
 from kernel.types import ArenaRef, InferRequest, InferResponse, InputTensor, OutputTensor, ShmRef
 from shm import dtypes
@@ -57,7 +57,7 @@ class TensorSpec:
 
 class Skipped(ServerError):
     """A chained pipeline step's batch that did not run: the step it waited for placed no outputs
-    (kernel.ensemble runs it the ordinary way then, or fails with that step's error)."""
+    (kernel.pipelines.ensemble runs it the ordinary way then, or fails with that step's error)."""
 
     def __init__(self) -> None:
         super().__init__("the step before this chained step placed no outputs", "INTERNAL")
@@ -580,7 +580,7 @@ class ModelVersion:
                         dests.update((o.name, [*o.arena[:3], 0, *o.arena[3:]]) for o in request.outputs if o.arena)
                     if dests:
                         spec["shm"] = dests
-                if request.chain is not None:  # the links it waits on or posts (kernel.ensemble)
+                if request.chain is not None:  # the links it waits on or posts (kernel.pipelines.ensemble)
                     request.chain.describe(spec)
                 if request.id:
                     spec["rid"] = request.id
@@ -684,7 +684,7 @@ class Batch:
         cache = version.cache
         now = time.perf_counter_ns()
         ci, cinf, co = timings[:3]
-        # A chained step's batch waited for the step before it (kernel.ensemble): it counts as if it had
+        # A chained step's batch waited for the step before it (kernel.pipelines.ensemble): it counts as if it had
         # come and been sent when that wait ended (timings[3]), as it would have unchained.
         chained = timings[3] if len(timings) > 3 else 0
         sent = max(self.sent, chained)
@@ -701,7 +701,7 @@ class Batch:
         if not decoupled:
             self._free_inputs(instance)
         for pending, result in zip(self.pendings, results):
-            if not pending.batch_size:  # a sequence batcher's null request (kernel.sequence): nobody's answer
+            if not pending.batch_size:  # a sequence batcher's null request: nobody's answer
                 if result is not None and "out" in result:
                     _response(version, instance, pending, result).release()
                 continue

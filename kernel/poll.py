@@ -23,8 +23,8 @@ import logging
 import os
 from typing import TYPE_CHECKING
 
-from kernel.ensemble import composing_models
 from kernel.model_config_pb2 import ModelConfig
+from kernel.pipelines.ensemble import composing_models
 
 if TYPE_CHECKING:
     from kernel.server import Core

@@ -15,15 +15,15 @@ from typing import Any
 
 from kernel import __version__
 from kernel import config as cfg
-from kernel.bls import BlsHandler
 from kernel.cache import ResponseCache
 from kernel.cache import check_config as check_cache_config
 from kernel.custom_metrics import CustomMetrics
 from kernel.devices import gpu_count
-from kernel.ensemble import EnsembleVersion, check_scheduling, composing_models, find_cycle, is_ensemble
 from kernel.errors import ServerError
 from kernel.instance import Regions, Spinner
 from kernel.model import ModelVersion, Pending, RequestFuture
+from kernel.pipelines.bls import BlsHandler
+from kernel.pipelines.ensemble import EnsembleVersion, check_scheduling, composing_models, find_cycle, is_ensemble
 from kernel.poll import Poller
 from kernel.repository import Repository, select_versions
 from kernel.restricted import Restrictions
@@ -107,7 +107,7 @@ class Core:
         self.regions = Regions()
         self.shm = SharedMemoryRegistry(self._forget_region)
         self.arena: Arena | None = None
-        self.links: LinkBoard | None = None  # with its free slots: see kernel.ensemble's chained steps
+        self.links: LinkBoard | None = None  # with its free slots: see kernel.pipelines.ensemble's chained steps
         self.free_links: list[int] = []
         self.arrival_wakes = 0  # workers woken for an arriving request (ModelVersion.wake; tests)
         self.chained_steps = 0  # pipeline steps sent chained, and those of them skipped (tests, probes)
@@ -152,7 +152,7 @@ class Core:
         self.arena = Arena("front", self._arena_size)
         if self.spinner.window_ns:
             self.spinner.watch = Watch()
-        self.links = LinkBoard()  # chained pipeline steps (kernel.ensemble)
+        self.links = LinkBoard()  # chained pipeline steps (kernel.pipelines.ensemble)
         self.free_links = list(range(self.links.slots - 1, -1, -1))
         self._trimmer = self._loop.call_later(ARENA_TRIM_PERIOD, self._trim_arena)
         if self.poller is not None:  # the files each model loads from, taken before it loads

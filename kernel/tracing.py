@@ -417,7 +417,7 @@ class Tracer:
             raise invalid(f"Attempting to set invalid trace setting :{self.global_.reason()}")
         self.models: dict[str, Setting] = {}
         self.last_id = 0
-        self.live: dict[int, Trace] = {}  # traces of requests in flight, by id (kernel.bls: a BLS call's parent)
+        self.live: dict[int, Trace] = {}  # traces of requests in flight, by id (a BLS call's parent)
         self.on = bool(self.global_.level)
         self._no_tensors()
         if mode == OPENTELEMETRY and export:  # last: nothing after it can fail and leave its thread running

@@ -54,7 +54,7 @@ class RequestedOutput:
     shm: ShmRef | None = None
     parameters: dict = field(default_factory=dict)
     #: ``[segment, offset, byte_size, shape, datatype]``: a block of the front's arena the output must fill exactly
-    #: (a chained pipeline step's output, read there by the next step: kernel.ensemble)
+    #: (a chained pipeline step's output, read there by the next step: kernel.pipelines.ensemble)
     arena: list | None = None
 
 
@@ -66,7 +66,7 @@ class InferRequest:
     inputs: list[InputTensor] = field(default_factory=list)
     outputs: list[RequestedOutput] | None = None
     parameters: dict = field(default_factory=dict)
-    chain: Any = None  # a chained pipeline step's links (kernel.ensemble._Ends)
+    chain: Any = None  # a chained pipeline step's links (kernel.pipelines.ensemble._Ends)
     trace: Any = None  # its kernel.tracing.Trace when the request is traced
 
 
@@ -82,7 +82,7 @@ class OutputTensor:
     data: memoryview | None = None
     shm: ShmRef | None = None
     #: (arena segment, offset) of ``data`` in a worker's arena: lets a pipeline hand the tensor to
-    #: the next model by reference (kernel.ensemble, kernel.bls)
+    #: the next model by reference (kernel.pipelines.ensemble, kernel.pipelines.bls)
     ref: tuple[str, int] | None = None
 
     def as_numpy(self) -> np.ndarray:
@@ -105,7 +105,7 @@ class InferResponse:
     final: bool = True
     _release: Callable[[], None] | None = None
     #: (compute_input, compute_infer, compute_output) ns of the execution that answered it: an ensemble's
-    #: statistics add up its steps' (kernel.ensemble)
+    #: statistics add up its steps' (kernel.pipelines.ensemble)
     timings: tuple[int, int, int] | None = None
 
     def release(self) -> None:

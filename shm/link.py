@@ -1,6 +1,6 @@
 """Links: one worker tells another that a batch's inputs are ready, with no message through the front.
 
-A chained pipeline step (kernel.ensemble) is sent to its worker together with the step it reads
+A chained pipeline step (kernel.pipelines.ensemble) is sent to its worker together with the step it reads
 from. Its worker maps its inputs, then waits on a *link*: a process-shared POSIX semaphore and a
 status byte in a board of such slots that the front creates. The producing step's worker places
 its outputs, writes the status (1: placed, 2: it cannot run) and posts the semaphore. The front

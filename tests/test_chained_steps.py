@@ -1,4 +1,4 @@
-"""Chained pipeline steps (kernel.ensemble._Run._chain, shm.link): a step whose only follower reads its
+"""Chained pipeline steps (kernel.pipelines.ensemble._Run._chain, shm.link): a step whose only follower reads its
 fixed-shape outputs alone is sent with that follower, whose worker starts when the step's worker posts
 their link. Every answer must be the one the unchained path gives (``ensemble,chain=0``), errors
 included, and nothing may stay held: link slots and arena blocks all come back."""
@@ -116,7 +116,7 @@ _BOUND_NS = 50_000_000
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
-    from kernel import ensemble
+    from kernel.pipelines import ensemble
 
     repo = build(tmp_path_factory.mktemp("chained") / "models")
     bound, ensemble.PREWAKE_MAX_NS = ensemble.PREWAKE_MAX_NS, _BOUND_NS  # read by _Run._chain at each request

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from kernel import config as cfg
 from kernel.errors import ServerError
 from kernel.shm_registry import SharedMemoryRegistry
-from protocol import v2json
+from protocol.http import v2json
 from shm import dtypes
 from shm.region import Region
 
@@ -231,7 +231,7 @@ _HTTP_PIECES = st.sampled_from([
 @settings(parent=fuzz, max_examples=max(EXAMPLES // 3, 10))
 @given(st.lists(st.one_of(_HTTP_PIECES, st.binary(max_size=24)), max_size=12))
 def test_raw_http_bytes_never_break_the_server(pieces):
-    from protocol.httpserver import HttpServer, Response, Router
+    from protocol.http.server import HttpServer, Response, Router
 
     async def main() -> None:
         router = Router()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from protocol.generate import NOT_ONE
+from protocol.http.generate import NOT_ONE
 from tests.support import python_model, serving
 
 _GEN_ECHO = ("""max_batch_size: 0

@@ -1026,7 +1026,7 @@ class _FakeStream:
 
 
 def test_stream_out_keeps_request_order_and_flow_control_order():
-    from protocol.grpc import _StreamOut
+    from protocol.grpc.front import _StreamOut
 
     async def main() -> None:
         stream = _FakeStream()

@@ -33,8 +33,8 @@ from kernel.errors import ServerError, invalid
 from kernel.shm_registry import SharedMemoryRegistry
 from kernel.types import InferRequest, InputTensor, RequestedOutput, ShmRef
 from protocol import grpc_service_pb2 as pb
-from protocol import v2grpc
-from protocol.v2json import shm_ref
+from protocol.grpc import v2grpc
+from protocol.http.v2json import shm_ref
 
 EXAMPLES = int(os.environ.get("EK_FUZZ_EXAMPLES", "0"))
 
@@ -642,7 +642,7 @@ def test_typed_contents(shm) -> None:
 
 
 def test_stream_error_keeps_the_request_id() -> None:
-    """A streamed request that parse_request refuses is answered with its id (protocol/grpc.py)."""
+    """A streamed request that parse_request refuses is answered with its id (protocol/grpc/front.py)."""
     data = ld(1, b"m") + ld(3, b"req-9") + ld(5, ld(1, b"x"))
     decoded = v2grpc.decode_infer_request(data)
     assert decoded.id == "req-9"

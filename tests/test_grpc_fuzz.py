@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from kernel.errors import ServerError
 from kernel.shm_registry import SharedMemoryRegistry
 from protocol import grpc_service_pb2 as pb
-from protocol import v2grpc
+from protocol.grpc import v2grpc
 from tests.h2client import PREFACE, H2Client
 from tests.test_grpc_transport import Harness, echo_ok
 

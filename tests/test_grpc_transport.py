@@ -1,4 +1,4 @@
-"""The HTTP/2 side of protocol.grpcserver, with test handlers on an in-process server.
+"""The HTTP/2 side of protocol.grpc.server, with test handlers on an in-process server.
 
 A raw-frame client (tests/h2client.py) breaks the rules on purpose; grpcio checks that the rules are
 followed. Triton behaviours over the real server are in tests/test_grpc.py.
@@ -25,8 +25,8 @@ from hyperframe.frame import (
     WindowUpdateFrame,
 )
 
-from protocol import grpcserver
-from protocol.grpcserver import GrpcError, GrpcServer, Method
+from protocol.grpc import server as grpcserver
+from protocol.grpc.server import GrpcError, GrpcServer, Method
 from tests.h2client import PREFACE, H2Client
 from tests.support import free_port
 

@@ -203,7 +203,7 @@ def test_idle_connections_are_closed():
     """A connection without a request in progress goes after ``idle_timeout``; busy ones stay."""
     import asyncio
 
-    from protocol.httpserver import Deferred, HttpServer, Response, Router
+    from protocol.http.server import Deferred, HttpServer, Response, Router
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -258,7 +258,7 @@ def _with_server(scenario, routes: tuple = (), **options) -> None:
     (and ``routes``: ``(method, path, handler)``)."""
     import asyncio
 
-    from protocol.httpserver import Deferred, HttpServer, Response, Router
+    from protocol.http.server import Deferred, HttpServer, Response, Router
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -387,7 +387,7 @@ class _Buffers:
 
 def _with_buffers(scenario, buffers: _Buffers) -> None:
     """``scenario(port, release_slow)`` on a server whose /echo answers where the body was received."""
-    from protocol.httpserver import Response
+    from protocol.http.server import Response
 
     def echo(request):
         where = b"buf" if request.buffer is not None else b"mem"
@@ -479,7 +479,7 @@ def test_request_bodies_in_the_front_arena_are_given_back():
     from tritonclient.utils import InferenceServerException
 
     from kernel.api import Server
-    from protocol.http import HttpFront
+    from protocol.http.front import HttpFront
     from tests.support import ROOT
 
     with Server(model_repository=ROOT / "examples" / "models") as srv:
@@ -528,7 +528,7 @@ def test_request_bodies_in_the_front_arena_are_given_back():
 def test_only_binary_infer_bodies_go_to_the_arena_within_its_room_and_budget(monkeypatch):
     """The arena never shrinks: bodies take only its free room, at most MAX_BODY_ARENA bytes at once,
     and only inference requests with binary tensors (the rest is parsed in memory anyway)."""
-    from protocol import http as front
+    from protocol.http import front
     from shm.arena import Arena
 
     class Core:

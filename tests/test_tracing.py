@@ -556,7 +556,7 @@ def test_streamed_requests_are_traced_to_their_send(http, traced):
 def test_tensors_of_a_pipeline_that_would_chain(tmp_path, monkeypatch):
     """A traced ensemble request at level TENSORS runs its steps unchained: a chained step's inputs are
     not there yet when it is queued. Untraced, the same request chains."""
-    from kernel import ensemble
+    from kernel.pipelines import ensemble
 
     monkeypatch.setattr(ensemble, "PREWAKE_MAX_NS", 50_000_000)  # chain on a loaded machine too
     repo = _repository(tmp_path / "models")

@@ -12,7 +12,7 @@ import numpy as np
 import tritonclient.http as httpclient
 
 from kernel.api import Server
-from protocol.http import HttpFront
+from protocol.http.front import HttpFront
 from tests.pipeline_models import _ensemble, _io, arith
 
 SPIN_US = 300_000  # a worker polls this long after each message (long: the test's own pauses stay shorter)

@@ -1,6 +1,6 @@
 """Business logic scripting (BLS), the worker's side: ``pb_utils.InferenceRequest.exec()``.
 
-A request goes to the front as a ``b`` message on this worker's outbox (kernel.bls has the
+A request goes to the front as a ``b`` message on this worker's outbox (kernel.pipelines.bls has the
 protocol); its inputs are placed in this worker's arena and passed by reference, so the target
 model's worker reads them where they are. Answers come back on the third ring, ``replies``, read
 by one thread that hands each to its waiter: a blocking ``exec()``, an awaiting ``async_exec()``
@@ -122,7 +122,7 @@ class BlsClient:
             msg["v"] = str(request._model_version)
         if request.parameters() not in ("", "{}"):
             msg["p"] = request.parameters()
-        if request.correlation_id():  # a request of a sequence (the target's sequence batcher: kernel.sequence)
+        if request.correlation_id():  # a request of a sequence (its sequence batcher)
             msg["cid"], msg["fl"] = request.correlation_id(), request.flags()
         if request._timeout:
             msg["to"] = int(request._timeout)

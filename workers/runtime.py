@@ -17,7 +17,7 @@ Messages from the front (``t`` is the type):
 * ``f``     -- free blocks of this worker's output arena;
 * ``u``     -- forget mappings: of client regions whose registrations ended (ids) and of segments the
   front's arena gave back (names); ``k``: one id or a list;
-* ``w``     -- wake hint: a batch should come within ``ns`` nanoseconds (kernel.ensemble sends it to the
+* ``w``     -- wake hint: a batch should come within ``ns`` nanoseconds (kernel.pipelines.ensemble sends it to the
   next step's instance while a step runs), so poll the inbox until then instead of sleeping;
 * ``stop``  -- finalise and exit.
 """
@@ -97,7 +97,7 @@ class Worker:
         # The front's cancel board: a byte per executing request, raised when its caller gives up.
         self._board_region = Region(spec["cancel"]) if spec.get("cancel") else None
         self.board = self._board_region.buf if self._board_region is not None else None
-        # Chained pipeline steps (kernel.ensemble): this worker posts or waits on links there.
+        # Chained pipeline steps (kernel.pipelines.ensemble): this worker posts or waits on links there.
         self.links = LinkBoard(spec["links"]) if spec.get("links") else None
         self._parent = os.getppid()
         if spec.get("replies"):  # the front answers BLS requests there (workers.bls)

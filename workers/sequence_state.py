@@ -4,7 +4,7 @@ Triton keeps a stateful model's state tensors for it: each request of a sequence
 previous request produced as an extra input (``input_name``), and the model returns the new state as an
 extra output (``output_name``). The first request of a sequence (START) gets the ``initial_state``:
 zeros (``zero_data``) or the bytes of ``<model dir>/initial_state/<data_file>``, zeros when none is
-configured. The sequence batcher (kernel.sequence) sends all of a sequence's requests to one instance,
+configured. The sequence batcher (kernel.scheduling.sequence) sends all of a sequence's requests to one instance,
 so that instance's worker is where the state lives: it never crosses the front, and costs one copy of
 the state output per request (out of the model's response, which may be gone before the next request).
 

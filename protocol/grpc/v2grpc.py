@@ -33,7 +33,7 @@ from kernel.errors import ServerError, invalid
 from kernel.shm_registry import SharedMemoryRegistry
 from kernel.types import InferRequest, InferResponse, InputTensor, RequestedOutput
 from protocol import grpc_service_pb2 as pb
-from protocol.v2json import shm_ref
+from protocol.http.v2json import shm_ref
 from shm import dtypes
 
 #: Request parameter keys starting with ``triton_`` that clients may send (Triton's list).

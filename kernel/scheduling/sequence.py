@@ -26,7 +26,7 @@ reschedules it (workers.backend.Request.reschedule) it goes back to the head of 
 so the next batch mixes it with newer requests. Its sequence, slot and implicit state included, ends
 when the request is answered for good (``ended``), not at an END flag.
 
-Everything here runs on the front's event loop, like the other schedulers (kernel.scheduler).
+Everything here runs on the front's event loop, like the other schedulers (kernel.scheduling.scheduler).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from kernel import config as cfg
 from kernel.errors import invalid
 from kernel.model import Pending, _settle
 from kernel.model_config_pb2 import DataType, ModelSequenceBatching
-from kernel.scheduler import Batching, _shape_key
+from kernel.scheduling.scheduler import Batching, _shape_key
 from kernel.types import InferRequest, InputTensor
 from shm import dtypes
 

@@ -1,4 +1,4 @@
-"""Triton's HTTP/REST endpoint (KServe v2 plus Triton's extensions) on :mod:`protocol.httpserver`."""
+"""Triton's HTTP/REST endpoint (KServe v2 plus Triton's extensions) on :mod:`protocol.http.server`."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from kernel import tracing
 from kernel.errors import CUDA_SHM_UNSUPPORTED, ServerError, invalid
 from kernel.restricted import forward_headers, http_message
 from kernel.server import Core
-from protocol import v2json
-from protocol.generate import GenerateRoutes
-from protocol.httpserver import Deferred, HttpError, HttpServer, Request, Response, Router, error_body
+from protocol.http import v2json
+from protocol.http.generate import GenerateRoutes
+from protocol.http.server import Deferred, HttpError, HttpServer, Request, Response, Router, error_body
 from shm.arena import round_up
 
 log = logging.getLogger("kernel.http")
@@ -137,7 +137,7 @@ class HttpFront:
             add("GET", base + "/ready", self.model_ready, "health")
             add("GET", base + "/config", self.model_config, "model-config")
             add("GET", base + "/stats", self.stats, "statistics")
-            add("POST", base + "/generate", generate.generate, "inference")  # (protocol.generate)
+            add("POST", base + "/generate", generate.generate, "inference")  # (protocol.http.generate)
             add("POST", base + "/generate_stream", generate.generate_stream, "inference")
         add("POST", "/v2/repository/index", self.repository_index, "model-repository")
         add("POST", "/v2/repository/models/{model}/load", self.load, "model-repository")

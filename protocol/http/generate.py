@@ -26,7 +26,7 @@ How, as Triton 2.51 does it:
   first response, so a later error arrives inside a 200 stream. Errors before the model runs are plain
   JSON errors, ``{"error": "..."}``, with ``application/json``.
 
-The stream is a :class:`protocol.httpserver.Stream` over an async generator of events fed by the core's
+The stream is a :class:`protocol.http.server.Stream` over an async generator of events fed by the core's
 callback: if the client goes, the generator is cancelled and so is the request (its worker stops being
 asked for more; its shared memory is freed as for any cancelled request); responses never sent are
 released.
@@ -46,8 +46,8 @@ import orjson
 from kernel.errors import ServerError, invalid
 from kernel.server import Core
 from kernel.types import InferRequest, InferResponse, InputTensor
-from protocol.httpserver import Deferred, Request, Response, Stream
-from protocol.v2json import flatten_json, json_array
+from protocol.http.server import Deferred, Request, Response, Stream
+from protocol.http.v2json import flatten_json, json_array
 
 log = logging.getLogger("kernel.http")
 
@@ -201,7 +201,7 @@ def _encoded(item: Any) -> tuple[bytes, int]:
 
 # -- routes --------------------------------------------------------------------
 class GenerateRoutes:
-    """The two routes over a :class:`Core` (``protocol.http`` adds them behind its restricted-API check)."""
+    """The two routes over a :class:`Core` (``protocol.http.front`` adds them behind its restricted-API check)."""
 
     def __init__(self, core: Core) -> None:
         self.core = core

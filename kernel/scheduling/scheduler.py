@@ -319,7 +319,7 @@ def make_scheduler(version: ModelVersion) -> Scheduler:
     """The scheduler a model version's configuration asks for."""
     config = version.config
     if config.HasField("sequence_batching"):
-        from kernel.sequence import SequenceBatcher  # (it builds on this module)
+        from kernel.scheduling.sequence import SequenceBatcher  # (it builds on this module)
 
         return SequenceBatcher(version, config.sequence_batching)
     if config.HasField("dynamic_batching"):

@@ -1,4 +1,4 @@
-"""Triton's ``inference.GRPCInferenceService`` and ``grpc.health.v1.Health`` on :mod:`protocol.grpcserver`.
+"""Triton's ``inference.GRPCInferenceService`` and ``grpc.health.v1.Health`` on :mod:`protocol.grpc.server`.
 
 A thin layer over :class:`kernel.server.Core`, like the HTTP endpoint, on the
 same event loop. Errors carry Triton's message text and status code; a bug in
@@ -23,8 +23,9 @@ from kernel.restricted import forward_headers, grpc_message
 from kernel.server import Core
 from kernel.types import InferRequest, InferResponse
 from protocol import grpc_service_pb2 as pb
-from protocol import health_pb2, v2grpc
-from protocol.grpcserver import UNIMPLEMENTED, Call, Deferred, GrpcError, GrpcServer, Method
+from protocol import health_pb2
+from protocol.grpc import v2grpc
+from protocol.grpc.server import UNIMPLEMENTED, Call, Deferred, GrpcError, GrpcServer, Method
 
 log = logging.getLogger("kernel.grpc")
 

@@ -23,7 +23,7 @@ from kernel import config as cfg
 from kernel.cache import CachingScheduler, ModelCache
 from kernel.errors import ServerError, invalid
 from kernel.model import ModelVersion, Pending, Skipped, _settle
-from kernel.scheduler import Scheduler
+from kernel.scheduling.scheduler import Scheduler
 from kernel.tracing import TENSORS
 from kernel.types import ArenaRef, InferRequest, InferResponse, InputTensor, OutputTensor, RequestedOutput, ShmRef
 from shm import dtypes
@@ -32,7 +32,7 @@ from shm.link import FAILED, OK
 if TYPE_CHECKING:
     from kernel.model_config_pb2 import ModelConfig
 
-log = logging.getLogger("kernel.ensemble")
+log = logging.getLogger("kernel.pipelines.ensemble")
 
 ENSEMBLE = "ensemble"
 #: Wake hints (see _Run._prewake): sent for steps answering within PREWAKE_MAX_NS; the worker polls for
