@@ -17,6 +17,7 @@ as they happen), so a request not traced costs nothing here.
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import time
@@ -91,6 +92,10 @@ def _stoul(option: str, text: str, key: str) -> int:
 # -- the exporter ---------------------------------------------------------------------------------------
 
 _SERVER = api.SpanKind.SERVER
+#: How long the server's stop waits for the spans still queued to be exported. A collector that answers takes
+#: far less; with none answering, the SDK's exporter retries with back-off within its 10 s timeout (a stop took
+#: 7 s when nothing listened at the url, 10 s when nothing answered), and a pod or a Ctrl-C should stop promptly.
+STOP_TIMEOUT_MS = 1000
 _COMPUTE = frozenset(("COMPUTE_START", "COMPUTE_INPUT_END", "COMPUTE_OUTPUT_START", "COMPUTE_END"))
 
 
@@ -144,6 +149,7 @@ class Exporter:
             schedule_delay_millis=max(bsp["bsp_schedule_delay"], 1),
             max_export_batch_size=min(bsp["bsp_max_export_batch_size"], queue))
         self.ids = _ChosenIds()
+        self.processor = processor
         self.provider = TracerProvider(sampler=ALWAYS_ON, resource=Resource.create(attributes), id_generator=self.ids)
         self.provider.add_span_processor(processor)
         self.tracer = self.provider.get_tracer("triton-server")
@@ -209,5 +215,14 @@ class Exporter:
         span.end(end_time=stamps[-1][0] + offset)
 
     def shutdown(self) -> None:
-        """Export what is still queued, then stop (the server stops)."""
-        self.provider.shutdown()
+        """Export what is still queued, waiting at most :data:`STOP_TIMEOUT_MS`, then stop (the server stops).
+
+        The SDK's own bounded stop: its batch processor waits that long for its worker's last exports, then
+        shuts the exporter down, which ends a retry's back-off at once and refuses the batches left (a request
+        already on the wire ends at the exporter's timeout, in the SDK's daemon thread, which exits then).
+        ``BatchSpanProcessor.shutdown()`` takes no timeout (30 s), hence the processor it wraps, where the
+        SDK has one with a timeout (opentelemetry-sdk >= 1.36); an older SDK stops as it does."""
+        batch = getattr(self.processor, "_batch_processor", None)
+        if batch is not None and "timeout_millis" in inspect.signature(batch.shutdown).parameters:
+            batch.shutdown(timeout_millis=STOP_TIMEOUT_MS)
+        self.provider.shutdown()  # (the processor's second shutdown does nothing; the SDK's atexit hook goes)

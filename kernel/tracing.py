@@ -512,7 +512,7 @@ class Tracer:
 
     def close(self) -> None:
         """The server stops: every setting's collected traces go to their files; the spans still queued
-        are exported (mode opentelemetry)."""
+        are exported (mode opentelemetry; for at most kernel.otel.STOP_TIMEOUT_MS)."""
         for setting in (self.global_, *self.models.values()):
             setting.retire()
         if self.exporter is not None:

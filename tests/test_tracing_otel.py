@@ -6,6 +6,9 @@ runs, and the official tritonclient sends the requests, over HTTP and gRPC, with
 from __future__ import annotations
 
 import json
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -28,7 +31,7 @@ from kernel.api import Server
 from kernel.errors import ServerError
 from kernel.tracing import Tracer
 from tests.pipeline_models import _io, _python
-from tests.support import ROOT, serving
+from tests.support import ROOT, KernelServer, free_port, serving
 from tests.test_tracing import _BLS_CALLER, _add_sub_inputs, _repository, _vector
 
 TRACE_ID = "0af7651916cd43dd8448eb211c12666c"
@@ -344,6 +347,42 @@ def test_spans_are_flushed_at_shutdown(tmp_path, collector):
         server.model("add_sub").infer({"INPUT0": a, "INPUT1": a})
     names = [s["name"] for s in collector.take(len(collector.spans), timeout=0)]  # (all came: the stop flushed)
     assert 1 <= len(names) < 3, names
+
+
+@pytest.mark.parametrize("collector", ["closed", "silent"])
+def test_stop_is_prompt_without_a_collector(tmp_path, collector):
+    """SIGTERM with a span still queued and no collector answering at the url: nothing listening (the SDK's
+    exporter retries with back-off, 7 s before the bounded stop) or a socket that never answers (the request
+    waits for the exporter's 10 s timeout). The server exits within the stop's bound (kernel.otel
+    STOP_TIMEOUT_MS, 1 s) and what is left of a loaded machine's stop."""
+    shutil.copytree(ROOT / "examples" / "models" / "add_sub", tmp_path / "models" / "add_sub")
+    silent = socket.socket()
+    try:
+        if collector == "silent":  # (the system completes its connections; nobody reads them)
+            silent.bind(("127.0.0.1", 0))
+            silent.listen(8)
+            port = silent.getsockname()[1]
+        else:
+            port = free_port()
+        server = KernelServer(tmp_path / "models", "--trace-config", "mode=opentelemetry",
+                              "--trace-config", "level=TIMESTAMPS", "--trace-config", "rate=1",
+                              "--trace-config", f"opentelemetry,url=127.0.0.1:{port}/v1/traces",
+                              "--trace-config", "opentelemetry,bsp_schedule_delay=60000")  # (queued until the stop)
+        server.start(tmp_path / "server.log")
+        try:
+            client = httpclient.InferenceServerClient(server.http_url)
+            inputs, _, _ = _add_sub_inputs(httpclient)
+            client.infer("add_sub", inputs)
+            client.close()
+        finally:
+            start = time.monotonic()
+            code = server.stop(signal.SIGTERM)
+            took = time.monotonic() - start
+    finally:
+        silent.close()
+    assert code == 0, server.log()
+    assert took < 4.0, f"the stop took {took:.1f} s"
+    assert not server.owned_shm()
 
 
 @pytest.mark.parametrize("settings, message", [
