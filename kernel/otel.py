@@ -1,9 +1,9 @@
 """Mode opentelemetry of Triton's trace extension: a finished trace's stamps as OpenTelemetry spans, exported
 over OTLP/HTTP through the SDK's BatchSpanProcessor (docs/triton-behaviour.md §15).
 
-Imported only in that mode (kernel.tracing.load_otel): the SDK is the optional ``otel`` extra. The mode's
-own settings (``--trace-config opentelemetry,url=|resource=|bsp_*=``) are read and checked here too
-(:func:`settings`, which kernel.tracing.Tracer calls once it has loaded this module).
+Imported only in that mode (kernel.tracing.load_otel), once its settings are checked: the SDK is the
+optional ``otel`` extra. The mode's own settings (``--trace-config opentelemetry,url=|resource=|bsp_*=``)
+are read in kernel.otel_settings, which needs no SDK, so a bad one is reported as such without it.
 
 The spans are Triton 2.51's: ``InferRequest`` (the front's events: ``HTTP_*``/``GRPC_*`` and
 ``INFER_RESPONSE_COMPLETE``), under it a span named after the request's model (``REQUEST_START``,
@@ -18,8 +18,6 @@ as they happen), so a request not traced costs nothing here.
 from __future__ import annotations
 
 import inspect
-import os
-import re
 import time
 from typing import Any
 
@@ -32,62 +30,6 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-
-from kernel.errors import invalid
-
-# -- the settings: ``--trace-config opentelemetry,<key>=<value>`` ---------------------------------------
-
-#: ``std::stoul``'s reading: leading digits count, the rest is ignored
-_LEADING_INT = re.compile(r"\s*[+-]?\d+")
-_U32 = 1 << 32
-#: the BatchSpanProcessor settings: their environment variable (read as Triton does, for a default) and default
-BSP = {"bsp_max_queue_size": ("OTEL_BSP_MAX_QUEUE_SIZE", "2048"),
-       "bsp_schedule_delay": ("OTEL_BSP_SCHEDULE_DELAY", "5000"),
-       "bsp_max_export_batch_size": ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "512")}
-
-
-def settings(items: Any) -> list[tuple[str, str]]:
-    """``--trace-config opentelemetry,<key>=<value>`` pairs (or a dict) checked, as Triton reads them back:
-    in the order given, the ``bsp_*`` values as numbers, then the ``bsp_*`` defaults not given (from
-    ``OTEL_BSP_*`` when set, as Triton takes them). Stricter than Triton where it would do something
-    unexpected quietly: an unknown key, a resource without ``<key>=``, a zero queue or batch size."""
-    pairs = list(items.items()) if isinstance(items, dict) else list(items)
-    checked: list[tuple[str, str]] = []
-    for key, value in pairs:
-        value = str(value)
-        if key in BSP:
-            checked.append((key, str(_stoul(f"--trace-config opentelemetry,{key}", value, key))))
-        elif key == "url":
-            checked.append((key, value))
-        elif key == "resource":
-            name, eq, _ = value.partition("=")
-            if not eq or not name:
-                raise invalid(f'Bad option: "--trace-config opentelemetry,resource". Expected <key>=<value>, '
-                              f"got {value}")
-            checked.append((key, value))
-        else:
-            raise invalid(f"unknown trace setting 'opentelemetry,{key}' (url, resource, {', '.join(BSP)})")
-    given = {key for key, _ in checked}
-    for key, (env, default) in BSP.items():
-        if key not in given:
-            checked.append((key, str(_stoul(env, os.environ.get(env, default), key))))
-    return checked
-
-
-def _stoul(option: str, text: str, key: str) -> int:
-    """``std::stoul`` to ``uint32_t`` as Triton's parser calls it, with its messages; a zero queue or export
-    batch size is refused (the SDK's processor cannot have one)."""
-    match = _LEADING_INT.match(text)
-    if match is None:
-        raise invalid(f'Bad option: "{option}". Invalid option value. Got {text}')
-    value = int(match.group())
-    if abs(value) >= 1 << 64:
-        raise invalid(f'Bad option: "{option}". Provided option value is out of bound. Got {text}')
-    value = value % (1 << 64) % _U32  # stoul wraps a negative value; the cast keeps the low 32 bits
-    if value == 0 and key != "bsp_schedule_delay":
-        raise invalid(f'Bad option: "{option}". The value must be positive. Got {text}')
-    return value
-
 
 # -- the exporter ---------------------------------------------------------------------------------------
 
@@ -122,7 +64,7 @@ class _ChosenIds(RandomIdGenerator):
 
 class Exporter:
     """One server's tracer provider and OTLP/HTTP exporter, made from ``--trace-config opentelemetry,...``
-    (:func:`settings`, already checked).
+    (kernel.otel_settings.settings, already checked).
 
     The provider is the server's own, not the process's global one: an application running the server in
     process keeps its own OpenTelemetry set-up. Its sampler is ALWAYS_ON, as Triton's (the C++ SDK's
