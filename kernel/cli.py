@@ -379,7 +379,7 @@ def trace_config(settings: list[tuple[str, str, str]]) -> dict[str, Any]:
         if mode not in ("", "triton", "opentelemetry"):
             raise ValueError(f'--trace-config: invalid value for trace mode option: {mode}. Available options are '
                              '"triton" and "opentelemetry"')
-        if mode == "opentelemetry":  # checked by Tracer (kernel.otel.settings)
+        if mode == "opentelemetry":  # checked by Tracer (kernel.otel_settings)
             if not value:
                 raise ValueError("--trace-config option format is '<trace mode>,<setting>=<value>'. "
                                  f"Got {mode},{key}=")

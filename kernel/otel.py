@@ -1,9 +1,9 @@
 """Mode opentelemetry of Triton's trace extension: a finished trace's stamps as OpenTelemetry spans, exported
 over OTLP/HTTP through the SDK's BatchSpanProcessor (docs/triton-behaviour.md §15).
 
-Imported only in that mode (kernel.tracing.load_otel): the SDK is the optional ``otel`` extra. The mode's
-own settings (``--trace-config opentelemetry,url=|resource=|bsp_*=``) are read and checked here too
-(:func:`settings`, which kernel.tracing.Tracer calls once it has loaded this module).
+Imported only in that mode (kernel.tracing.load_otel), once its settings are checked: the SDK is the
+optional ``otel`` extra. The mode's own settings (``--trace-config opentelemetry,url=|resource=|bsp_*=``)
+are read in kernel.otel_settings, which needs no SDK, so a bad one is reported as such without it.
 
 The spans are Triton 2.51's: ``InferRequest`` (the front's events: ``HTTP_*``/``GRPC_*`` and
 ``INFER_RESPONSE_COMPLETE``), under it a span named after the request's model (``REQUEST_START``,
@@ -17,8 +17,7 @@ as they happen), so a request not traced costs nothing here.
 
 from __future__ import annotations
 
-import os
-import re
+import inspect
 import time
 from typing import Any
 
@@ -32,65 +31,13 @@ from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from kernel.errors import invalid
-
-# -- the settings: ``--trace-config opentelemetry,<key>=<value>`` ---------------------------------------
-
-#: ``std::stoul``'s reading: leading digits count, the rest is ignored
-_LEADING_INT = re.compile(r"\s*[+-]?\d+")
-_U32 = 1 << 32
-#: the BatchSpanProcessor settings: their environment variable (read as Triton does, for a default) and default
-BSP = {"bsp_max_queue_size": ("OTEL_BSP_MAX_QUEUE_SIZE", "2048"),
-       "bsp_schedule_delay": ("OTEL_BSP_SCHEDULE_DELAY", "5000"),
-       "bsp_max_export_batch_size": ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "512")}
-
-
-def settings(items: Any) -> list[tuple[str, str]]:
-    """``--trace-config opentelemetry,<key>=<value>`` pairs (or a dict) checked, as Triton reads them back:
-    in the order given, the ``bsp_*`` values as numbers, then the ``bsp_*`` defaults not given (from
-    ``OTEL_BSP_*`` when set, as Triton takes them). Stricter than Triton where it would do something
-    unexpected quietly: an unknown key, a resource without ``<key>=``, a zero queue or batch size."""
-    pairs = list(items.items()) if isinstance(items, dict) else list(items)
-    checked: list[tuple[str, str]] = []
-    for key, value in pairs:
-        value = str(value)
-        if key in BSP:
-            checked.append((key, str(_stoul(f"--trace-config opentelemetry,{key}", value, key))))
-        elif key == "url":
-            checked.append((key, value))
-        elif key == "resource":
-            name, eq, _ = value.partition("=")
-            if not eq or not name:
-                raise invalid(f'Bad option: "--trace-config opentelemetry,resource". Expected <key>=<value>, '
-                              f"got {value}")
-            checked.append((key, value))
-        else:
-            raise invalid(f"unknown trace setting 'opentelemetry,{key}' (url, resource, {', '.join(BSP)})")
-    given = {key for key, _ in checked}
-    for key, (env, default) in BSP.items():
-        if key not in given:
-            checked.append((key, str(_stoul(env, os.environ.get(env, default), key))))
-    return checked
-
-
-def _stoul(option: str, text: str, key: str) -> int:
-    """``std::stoul`` to ``uint32_t`` as Triton's parser calls it, with its messages; a zero queue or export
-    batch size is refused (the SDK's processor cannot have one)."""
-    match = _LEADING_INT.match(text)
-    if match is None:
-        raise invalid(f'Bad option: "{option}". Invalid option value. Got {text}')
-    value = int(match.group())
-    if abs(value) >= 1 << 64:
-        raise invalid(f'Bad option: "{option}". Provided option value is out of bound. Got {text}')
-    value = value % (1 << 64) % _U32  # stoul wraps a negative value; the cast keeps the low 32 bits
-    if value == 0 and key != "bsp_schedule_delay":
-        raise invalid(f'Bad option: "{option}". The value must be positive. Got {text}')
-    return value
-
-
 # -- the exporter ---------------------------------------------------------------------------------------
 
 _SERVER = api.SpanKind.SERVER
+#: How long the server's stop waits for the spans still queued to be exported. A collector that answers takes
+#: far less; with none answering, the SDK's exporter retries with back-off within its 10 s timeout (a stop took
+#: 7 s when nothing listened at the url, 10 s when nothing answered), and a pod or a Ctrl-C should stop promptly.
+STOP_TIMEOUT_MS = 1000
 _COMPUTE = frozenset(("COMPUTE_START", "COMPUTE_INPUT_END", "COMPUTE_OUTPUT_START", "COMPUTE_END"))
 
 
@@ -117,7 +64,7 @@ class _ChosenIds(RandomIdGenerator):
 
 class Exporter:
     """One server's tracer provider and OTLP/HTTP exporter, made from ``--trace-config opentelemetry,...``
-    (:func:`settings`, already checked).
+    (kernel.otel_settings.settings, already checked).
 
     The provider is the server's own, not the process's global one: an application running the server in
     process keeps its own OpenTelemetry set-up. Its sampler is ALWAYS_ON, as Triton's (the C++ SDK's
@@ -144,6 +91,7 @@ class Exporter:
             schedule_delay_millis=max(bsp["bsp_schedule_delay"], 1),
             max_export_batch_size=min(bsp["bsp_max_export_batch_size"], queue))
         self.ids = _ChosenIds()
+        self.processor = processor
         self.provider = TracerProvider(sampler=ALWAYS_ON, resource=Resource.create(attributes), id_generator=self.ids)
         self.provider.add_span_processor(processor)
         self.tracer = self.provider.get_tracer("triton-server")
@@ -209,5 +157,14 @@ class Exporter:
         span.end(end_time=stamps[-1][0] + offset)
 
     def shutdown(self) -> None:
-        """Export what is still queued, then stop (the server stops)."""
-        self.provider.shutdown()
+        """Export what is still queued, waiting at most :data:`STOP_TIMEOUT_MS`, then stop (the server stops).
+
+        The SDK's own bounded stop: its batch processor waits that long for its worker's last exports, then
+        shuts the exporter down, which ends a retry's back-off at once and refuses the batches left (a request
+        already on the wire ends at the exporter's timeout, in the SDK's daemon thread, which exits then).
+        ``BatchSpanProcessor.shutdown()`` takes no timeout (30 s), hence the processor it wraps, where the
+        SDK has one with a timeout (opentelemetry-sdk >= 1.36); an older SDK stops as it does."""
+        batch = getattr(self.processor, "_batch_processor", None)
+        if batch is not None and "timeout_millis" in inspect.signature(batch.shutdown).parameters:
+            batch.shutdown(timeout_millis=STOP_TIMEOUT_MS)
+        self.provider.shutdown()  # (the processor's second shutdown does nothing; the SDK's atexit hook goes)

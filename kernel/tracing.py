@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from kernel import otel_settings
 from kernel.errors import ServerError, invalid
 from shm import dtypes
 
@@ -391,12 +392,11 @@ class Tracer:
         if mode not in (TRITON, OPENTELEMETRY):
             raise ServerError(f'invalid value for trace mode option: {mode}. Available options are "triton" and '
                               '"opentelemetry"', "INVALID_ARG")
-        #: mode opentelemetry: the exporter's settings as Triton reads them back (kernel.otel.settings)
+        #: mode opentelemetry: the exporter's settings as Triton reads them back (kernel.otel_settings)
         self.otel_settings: list[tuple[str, str]] = []
         self.exporter: Any = None  # kernel.otel.Exporter in mode opentelemetry
         if mode == OPENTELEMETRY:
-            otel = load_otel()  # (the packages are checked at start, also by a check alone)
-            self.otel_settings = otel.settings(config.get(OPENTELEMETRY) or ())
+            self.otel_settings = otel_settings.settings(config.get(OPENTELEMETRY) or ())
         level = 0
         for name in config.get("level", ["OFF"]):
             name = name.upper()
@@ -420,8 +420,12 @@ class Tracer:
         self.live: dict[int, Trace] = {}  # traces of requests in flight, by id (a BLS call's parent)
         self.on = bool(self.global_.level)
         self._no_tensors()
-        if mode == OPENTELEMETRY and export:  # last: nothing after it can fail and leave its thread running
-            self.exporter = otel.Exporter(self.otel_settings)
+        if mode == OPENTELEMETRY:
+            # Once every setting is checked: without the otel extra, a bad setting is reported as such. The
+            # packages are checked at start, also by a check alone (export False).
+            otel = load_otel()
+            if export:  # last: nothing after it can fail and leave its thread running
+                self.exporter = otel.Exporter(self.otel_settings)
 
     def sample(self, model: str, front: bool = True, header: Callable[[str], str | None] | None = None
                ) -> Trace | None:
@@ -512,7 +516,7 @@ class Tracer:
 
     def close(self) -> None:
         """The server stops: every setting's collected traces go to their files; the spans still queued
-        are exported (mode opentelemetry)."""
+        are exported (mode opentelemetry; for at most kernel.otel.STOP_TIMEOUT_MS)."""
         for setting in (self.global_, *self.models.values()):
             setting.retire()
         if self.exporter is not None:

@@ -6,6 +6,9 @@ runs, and the official tritonclient sends the requests, over HTTP and gRPC, with
 from __future__ import annotations
 
 import json
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -28,7 +31,7 @@ from kernel.api import Server
 from kernel.errors import ServerError
 from kernel.tracing import Tracer
 from tests.pipeline_models import _io, _python
-from tests.support import ROOT, serving
+from tests.support import ROOT, KernelServer, free_port, serving
 from tests.test_tracing import _BLS_CALLER, _add_sub_inputs, _repository, _vector
 
 TRACE_ID = "0af7651916cd43dd8448eb211c12666c"
@@ -346,6 +349,42 @@ def test_spans_are_flushed_at_shutdown(tmp_path, collector):
     assert 1 <= len(names) < 3, names
 
 
+@pytest.mark.parametrize("collector", ["closed", "silent"])
+def test_stop_is_prompt_without_a_collector(tmp_path, collector):
+    """SIGTERM with a span still queued and no collector answering at the url: nothing listening (the SDK's
+    exporter retries with back-off, 7 s before the bounded stop) or a socket that never answers (the request
+    waits for the exporter's 10 s timeout). The server exits within the stop's bound (kernel.otel
+    STOP_TIMEOUT_MS, 1 s) and what is left of a loaded machine's stop."""
+    shutil.copytree(ROOT / "examples" / "models" / "add_sub", tmp_path / "models" / "add_sub")
+    silent = socket.socket()
+    try:
+        if collector == "silent":  # (the system completes its connections; nobody reads them)
+            silent.bind(("127.0.0.1", 0))
+            silent.listen(8)
+            port = silent.getsockname()[1]
+        else:
+            port = free_port()
+        server = KernelServer(tmp_path / "models", "--trace-config", "mode=opentelemetry",
+                              "--trace-config", "level=TIMESTAMPS", "--trace-config", "rate=1",
+                              "--trace-config", f"opentelemetry,url=127.0.0.1:{port}/v1/traces",
+                              "--trace-config", "opentelemetry,bsp_schedule_delay=60000")  # (queued until the stop)
+        server.start(tmp_path / "server.log")
+        try:
+            client = httpclient.InferenceServerClient(server.http_url)
+            inputs, _, _ = _add_sub_inputs(httpclient)
+            client.infer("add_sub", inputs)
+            client.close()
+        finally:
+            start = time.monotonic()
+            code = server.stop(signal.SIGTERM)
+            took = time.monotonic() - start
+    finally:
+        silent.close()
+    assert code == 0, server.log()
+    assert took < 4.0, f"the stop took {took:.1f} s"
+    assert not server.owned_shm()
+
+
 @pytest.mark.parametrize("settings, message", [
     ([("", "mode", "bogus")], 'invalid value for trace mode option: bogus. Available options are "triton" and '
                               '"opentelemetry"'),
@@ -359,11 +398,18 @@ def test_spans_are_flushed_at_shutdown(tmp_path, collector):
                                      "Got opentelemetry,url="),
     ([("opentelemetry", "resource", "service.name")], "Expected <key>=<value>, got service.name"),
     ([("opentelemetry", "bsp_max_queue", "8")], "unknown trace setting 'opentelemetry,bsp_max_queue'"),
+    ([("", "level", "BOGUS")], "invalid trace level 'BOGUS'"),
+    ([("", "count", "-2")], "Unable to parse 'trace_count'. Expecting value >= -1, got:-2"),
 ])
-def test_bad_opentelemetry_settings_are_refused(settings, message):
+@pytest.mark.parametrize("sdk", [True, False], ids=["sdk", "no-sdk"])
+def test_bad_opentelemetry_settings_are_refused(monkeypatch, settings, message, sdk):
+    """Each with its own message, also without the otel extra: the settings are checked before the SDK is
+    needed, so a bad one is not reported as missing packages."""
+    if not sdk:
+        _without_the_sdk(monkeypatch)
     with pytest.raises(ValueError) as e:
         cli.trace_config([("", "mode", "opentelemetry"), *settings])
-    assert message in str(e.value)
+    assert message in str(e.value) and "pip install" not in str(e.value)
 
 
 def test_settings_of_the_mode_and_from_the_environment(monkeypatch):
@@ -380,29 +426,78 @@ def test_settings_of_the_mode_and_from_the_environment(monkeypatch):
         cli.trace_config([("", "mode", "opentelemetry")])
 
 
-def test_a_bad_setting_stops_the_server_at_start(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "kernel", "start", "--model-repository", str(tmp_path),
-                           "--trace-config", "mode=opentelemetry",
-                           "--trace-config", "opentelemetry,bsp_max_queue_size=x"],
+#: ``kernel start`` as without the otel extra: importing the SDK fails
+_START_WITHOUT_THE_SDK = ("import sys; sys.modules['opentelemetry'] = None; "
+                         "from kernel.cli import main; sys.exit(main())")
+
+
+@pytest.mark.parametrize("sdk, setting, message", [
+    (True, "bsp_max_queue_size=x",
+     'Bad option: "--trace-config opentelemetry,bsp_max_queue_size". Invalid option value. Got x'),
+    (False, "bsp_max_queue_size=x",
+     'Bad option: "--trace-config opentelemetry,bsp_max_queue_size". Invalid option value. Got x'),
+    (False, "bsp_max_queue_size=8", "needs the packages opentelemetry-sdk and opentelemetry-exporter-otlp-proto-http: "
+                                    "pip install 'edge-kernel[otel]'"),
+], ids=["sdk", "no-sdk", "no-sdk-valid"])
+def test_a_bad_setting_stops_the_server_at_start(tmp_path, sdk, setting, message):
+    """Without the otel extra too, a bad setting is reported as such; a valid one, as the missing packages."""
+    command = ["-m", "kernel"] if sdk else ["-c", _START_WITHOUT_THE_SDK]
+    proc = subprocess.run([sys.executable, *command, "start", "--model-repository", str(tmp_path),
+                           "--trace-config", "mode=opentelemetry", "--trace-config", f"opentelemetry,{setting}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
-    assert 'Bad option: "--trace-config opentelemetry,bsp_max_queue_size". Invalid option value. Got x' in proc.stderr
+    assert message in proc.stderr, proc.stderr
+    assert ("pip install" in proc.stderr) == ("pip install" in message)
 
 
-def test_missing_packages_are_a_clear_error(monkeypatch):
-    """Without the otel extra: mode opentelemetry is refused at start, naming what to install; the other
-    mode does not need it."""
+def _without_the_sdk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As without the otel extra: importing kernel.otel or the SDK raises ImportError."""
     import kernel
 
     monkeypatch.delattr(kernel, "otel", raising=False)
     monkeypatch.delitem(sys.modules, "kernel.otel", raising=False)
     for name in [n for n in sys.modules if n == "opentelemetry" or n.startswith("opentelemetry.")] + ["opentelemetry"]:
         monkeypatch.setitem(sys.modules, name, None)  # import opentelemetry... raises ImportError
+
+
+def test_missing_packages_are_a_clear_error(monkeypatch):
+    """Without the otel extra: mode opentelemetry is refused at start, naming what to install; the other
+    mode does not need it."""
+    _without_the_sdk(monkeypatch)
     with pytest.raises(ServerError, match=r"pip install 'edge-kernel\[otel\]'"):
         Tracer({"mode": "opentelemetry"})
     with pytest.raises(ValueError, match=r"pip install 'edge-kernel\[otel\]'"):
         cli.trace_config([("", "mode", "opentelemetry"), ("", "level", "TIMESTAMPS")])
     assert Tracer({}).mode == "triton"
+
+
+#: the server's modules, then checks of settings; after each, whether kernel.otel and the SDK are loaded
+_SDK_LOADED = """
+import sys
+from kernel import api, cli
+import protocol.grpc, protocol.http
+
+
+def loaded():
+    print("kernel.otel" in sys.modules, any(m.split(".")[0] == "opentelemetry" for m in sys.modules), end=" ")
+
+
+cli.trace_config([("", "mode", "triton"), ("", "level", "TIMESTAMPS"), ("triton", "file", "/nonexistent/t.json")])
+loaded()
+try:
+    cli.trace_config([("", "mode", "opentelemetry"), ("opentelemetry", "bsp_max_queue_size", "x")])
+except ValueError:
+    loaded()
+cli.trace_config([("", "mode", "opentelemetry")])
+loaded()
+"""
+
+
+def test_the_sdk_is_loaded_only_for_a_valid_configuration_of_the_mode():
+    """The server's modules and its settings' checks import nothing of the SDK in mode triton, nor for a bad
+    setting of mode opentelemetry; a valid configuration of the mode loads it."""
+    proc = subprocess.run([sys.executable, "-c", _SDK_LOADED], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split() == ["False"] * 4 + ["True"] * 2, proc.stdout + proc.stderr
 
 
 def test_unknown_model_is_still_refused(http):
