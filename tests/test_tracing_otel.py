@@ -475,7 +475,7 @@ def test_missing_packages_are_a_clear_error(monkeypatch):
 _SDK_LOADED = """
 import sys
 from kernel import api, cli
-import protocol.grpc, protocol.http
+import protocol.grpc.front, protocol.http.front
 
 
 def loaded():
