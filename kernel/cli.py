@@ -19,6 +19,7 @@ import signal
 import ssl
 import sys
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from kernel import __version__, host_policy, logs
@@ -603,6 +604,7 @@ async def serve(args: Any) -> int:
             from kernel import metrics
 
             registry = metrics.registry(core, cpu=args.allow_cpu_metrics, counter_latencies=counter_latencies)
+            core.custom_metrics.own_value = partial(metrics.sample_value, registry)
 
             router = Router()
             router.add("GET", "/metrics", lambda request: Response(metrics.render(registry, core.custom_metrics), 200,

@@ -273,7 +273,7 @@ class Instance:
         self._reply_backlog.clear()
         if self.on_bls is not None:
             self.on_bls(self, {"t": "gone"})
-        if self.custom_metrics is not None:  # its metrics go with it, as a Triton stub's
+        if self.custom_metrics is not None:  # its metric handles (their series stay, as a Triton stub's)
             self.custom_metrics.forget(self)
         if self.pid:
             # The worker unlinks its arena on a clean exit; after a crash we do.

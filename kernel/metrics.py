@@ -5,7 +5,8 @@ prometheus_client appends ``_total`` to the family of a counter-typed metric whi
 Triton does not, so the families are exposed as gauges: dashboards and queries
 written for Triton (``rate(nv_inference_count[1m])``...) read them unchanged.
 Python models' own families (``pb_utils.MetricFamily``, kernel.custom_metrics) follow,
-with their kinds as Triton gives them.
+with their kinds as Triton gives them; their series of a family of the server's name are shown in
+the server's family, as in Triton's one registry.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.samples import Sample
 
 if TYPE_CHECKING:
     from kernel.cache import ResponseCache
@@ -58,8 +60,8 @@ _SERVER_CACHE = [
 ]
 
 
-#: every family the server exposes itself: no custom metric family may take one of these names
-OWN_FAMILIES = frozenset(
+#: every family TritonCollector may show: the only ones whose samples a custom series can add to (sample_value)
+SERVER_FAMILIES = frozenset(
     ["nv_inference_request_success", "nv_inference_request_failure", "nv_inference_count", "nv_inference_exec_count",
      "nv_inference_pending_request_count", "nv_cache_util", "nv_cpu_memory_total_bytes", "nv_cpu_memory_used_bytes"]
     + [name for name, _, _ in _DURATIONS] + [name for name, _, _, _ in _CACHE]
@@ -160,12 +162,51 @@ def registry(core: Core, cpu: bool = True, counter_latencies: bool = True) -> Co
     return reg
 
 
+class _Collected:
+    """Families already collected, for generate_latest."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
 def render(reg: CollectorRegistry, custom: CustomMetrics | None = None) -> bytes:
-    """The server's metrics, then the python models' own (``custom``) if given."""
-    text = generate_latest(reg)
-    if custom is not None and custom.families:
-        text += custom.exposition().encode()
-    return text
+    """The server's metrics, then the python models' own (``custom``) if given. Custom series of a family of the
+    server's name go into the server's family (one ``# TYPE`` per name), added to the server's sample of the same
+    labels: Triton's models share its registry, and a Metric with a server series' labels counts into it."""
+    if custom is None:
+        return generate_latest(reg)
+    joined = custom.joined()
+    if not joined:
+        return generate_latest(reg) + custom.exposition().encode()
+    families = list(reg.collect())
+    shown: set[str] = set()
+    for family in families:
+        extra = joined.get(family.name)
+        if extra is None:
+            continue
+        shown.add(family.name)
+        index = {tuple(sorted(s.labels.items())): i for i, s in enumerate(family.samples)}
+        for labels, value in extra:
+            i = index.get(tuple(sorted(labels.items())))
+            if i is None:
+                family.samples.append(Sample(family.name, labels, value))
+            else:
+                family.samples[i] = family.samples[i]._replace(value=family.samples[i].value + value)
+    return generate_latest(_Collected(families)) + custom.exposition(shown).encode()
 
 
-__all__ = ["CONTENT_TYPE", "registry", "render"]
+def sample_value(reg: CollectorRegistry, name: str, labels: dict[str, str]) -> float | None:
+    """The server's own value of one sample (None: it has none), for custom series that add to it. Collects every
+    family, but only for the families the server shows: a custom metric of one of their names is a rarity."""
+    if name not in SERVER_FAMILIES:
+        return None
+    for family in reg.collect():
+        if family.name == name:
+            return next((s.value for s in family.samples if s.labels == labels), None)
+    return None
+
+
+__all__ = ["CONTENT_TYPE", "registry", "render", "sample_value"]

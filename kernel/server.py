@@ -138,7 +138,7 @@ class Core:
         self.copied_bytes = 0
         self.bls = BlsHandler(self)  # answers python models' InferenceRequest.exec()
         #: python models' pb_utils.MetricFamily series, shown on /metrics after the server's own
-        self.custom_metrics = CustomMetrics()
+        self.custom_metrics = CustomMetrics(cache=self.response_cache is not None)
         #: Triton's trace extension (``--trace-config``); the fronts sample requests when ``tracer.on``
         self.tracer = Tracer(trace_config)
 

@@ -1,8 +1,9 @@
-"""Triton's python-backend custom metrics (``pb_utils.MetricFamily``), after qa/L0_backend_python/custom_metrics:
-models create families and metrics, and their series appear on the server's /metrics, read here with a plain
-HTTP GET while tritonclient drives the models. Checked: counter, gauge and histogram values and their text,
-labels, families and series shared by name and labels (two instances, two models), Triton's error messages, a
-family deleted by its model, and every series of a model gone when it unloads."""
+"""Triton's python-backend custom metrics (``pb_utils.MetricFamily``), after qa/L0_backend_python/custom_metrics
+and what Triton 2.51 was seen doing (docs/triton-behaviour.md §12a): models create families and metrics, and their
+series appear on the server's /metrics, read here with a plain HTTP GET while tritonclient drives the models.
+Checked: counter, gauge and histogram values and their text, labels, families and series shared by name and labels
+(two instances, two models), Triton's error messages, a family deleted by its model, families registered for good
+and shown only with series, families of the server's own names, and series that outlive an unloaded model."""
 
 from __future__ import annotations
 
@@ -51,6 +52,8 @@ _API = textwrap.dedent('''
                 self.metrics[cmd["key"]] = self.families[cmd["family"]].Metric(**arguments)
             elif do == "drop_family":
                 del self.families[cmd["key"]]
+            elif do == "drop_metric":
+                del self.metrics[cmd["key"]]
             elif do in ("increment", "set", "observe"):
                 for value in cmd["values"]:
                     getattr(self.metrics[cmd["key"]], do)(value)
@@ -98,6 +101,9 @@ _SHARED = textwrap.dedent('''
             self.gauge_family = pb_utils.MetricFamily(name="ek_loaded_" + SOURCE, description="loaded",
                                                       kind=pb_utils.MetricFamily.GAUGE)
             self.gauge_family.Metric().set(1)
+
+        def finalize(self):
+            del self.gauge_family  # its series goes; ek_requests' stay (never deleted)
 
         def execute(self, requests):
             responses = []
@@ -191,6 +197,9 @@ def test_counter_gauge_and_histogram_values_and_their_text(server, http):
     assert "nv_inference_count" in text  # the server's own metrics are still there
 
 
+#: how Triton's python backend words the refusals of its registry (observed on 2.51), naming the instance (a
+#: config without instance_group has one group named after the model)
+_REFUSED = "Failed to process the request for model 'metrics_api_0', message: "
 _CLEARED = ("Invalid metric operation as the corresponding 'MetricFamily' has been deleted. The 'MetricFamily' "
             "object should be deleted AFTER its corresponding 'Metric' objects have been deleted.")
 
@@ -223,7 +232,7 @@ def test_wrong_operations_raise_tritons_errors_and_change_nothing(server, http):
         {"do": "metric", "key": "x", "family": "eh", "labels": {"le": "b"}, "buckets": [1.0]},
         {"do": "family", "key": "x", "name": "ek-bad-name", "kind": "COUNTER"},
         {"do": "family", "key": "x", "name": "ek_errors_counter", "kind": "GAUGE"},
-        {"do": "family", "key": "x", "name": "nv_inference_count", "kind": "COUNTER"},
+        {"do": "family", "key": "x", "name": "nv_inference_count", "kind": "GAUGE"},  # Triton's is a counter
         {"do": "metric", "key": "empty", "family": "eh", "buckets": []},
         {"do": "value", "key": "ec"},
     )
@@ -247,10 +256,9 @@ def test_wrong_operations_raise_tritons_errors_and_change_nothing(server, http):
         {"error": "Error when creating Metric: attempt to access JSON non-string as string"},
         {"error": "Error when creating Metric: Invalid label name"},
         {"error": "Error when creating Metric: Invalid label name"},
-        {"error": "Error when creating MetricFamily: Invalid metric name"},
-        {"error": "Error when creating MetricFamily: Family name already exists with different type"},
-        {"error": "Error when creating MetricFamily: Family name already exists: 'nv_inference_count' is one of "
-                  "the server's own metrics"},
+        {"error": f"Error when creating MetricFamily: {_REFUSED}Invalid metric name"},
+        {"error": f"Error when creating MetricFamily: {_REFUSED}Family name already exists with different type"},
+        {"error": f"Error when creating MetricFamily: {_REFUSED}Family name already exists with different type"},
         None,  # an empty bucket list is allowed: the +Inf bucket alone
         5.0,  # the increment before the refused one counted, the refused one did not
     ]
@@ -290,7 +298,7 @@ def test_same_name_is_one_family_and_same_labels_one_series(server, http):
     assert run(http, "metrics_api", {"do": "drop_family", "key": "d2"}, {"do": "value", "key": "d2a"}) == [
         None, {"error": f"Failed to get metric value: {_CLEARED}"}]
     text = scrape(server)
-    assert "ek_dup" not in text  # no object, no series: the family is gone
+    assert "ek_dup" not in text  # no series: nothing shown (the family stays registered)
 
 
 def test_operations_are_on_metrics_when_the_response_arrives(server, http):
@@ -308,7 +316,9 @@ def test_operations_are_on_metrics_when_the_response_arrives(server, http):
         time.sleep(0.1)
 
 
-def test_instances_and_models_share_series_and_unloading_removes_theirs(server, http):
+def test_instances_and_models_share_series_and_unloaded_models_leave_theirs(server, http):
+    """As Triton 2.51: a worker that stops never deletes the MetricFamily objects it holds, so their series stay
+    with their values (a model loaded again counts on), while a family its finalize deletes goes."""
     run(http, "metrics_api", {"do": "family", "key": "b", "name": "ek_bystander", "kind": "GAUGE"},
         {"do": "metric", "key": "b", "family": "b", "labels": {"source": "shared"}},
         {"do": "set", "key": "b", "values": [7]})
@@ -338,16 +348,92 @@ def test_instances_and_models_share_series_and_unloading_removes_theirs(server, 
         assert samples(scrape(server), "ek_loaded_other") == {"ek_loaded_other": "1"}
         http.unload_model("metrics_other")
         text = scrape(server)
-        assert samples(text, "ek_requests") == {'ek_requests{source="shared"}': "16"}  # metrics_shared holds it
-        assert "ek_loaded_other" not in text
+        assert samples(text, "ek_requests") == {'ek_requests{source="shared"}': "16",
+                                                'ek_requests{source="other"}': "0"}  # never deleted: they stay
+        assert "ek_loaded_other" not in text  # deleted by its finalize
     finally:
         http.unload_model("metrics_shared")
     text = scrape(server)
-    assert "ek_requests" not in text and "ek_loaded_shared" not in text
+    assert samples(text, "ek_requests") == {'ek_requests{source="shared"}': "16", 'ek_requests{source="other"}': "0"}
+    assert "ek_loaded_shared" not in text
     assert samples(text, "ek_bystander") == {'ek_bystander{source="shared"}': "7"}  # another model's: untouched
 
-    http.load_model("metrics_shared")  # loaded again: its series start afresh
+    http.load_model("metrics_shared")  # loaded again: its instances count on from the series left behind
     try:
-        assert samples(scrape(server), "ek_requests") == {'ek_requests{source="shared"}': "2"}
+        assert samples(scrape(server), "ek_requests") == {'ek_requests{source="shared"}': "18",
+                                                          'ek_requests{source="other"}': "0"}
+        assert samples(scrape(server), "ek_loaded_shared") == {"ek_loaded_shared": "1"}
     finally:
         http.unload_model("metrics_shared")
+
+
+def test_a_family_shows_only_with_series_and_stays_registered(server, http):
+    """prometheus-cpp prints no family without series (not even ``# TYPE``), and its registry keeps a family for
+    the server's lifetime: once every object of it is gone, another kind is still refused and the first
+    description still shown (Triton 2.51)."""
+    assert run(http, "metrics_api",
+               {"do": "family", "key": "e", "name": "ek_registered", "kind": "GAUGE", "description": "first"}) == [None]
+    assert "ek_registered" not in scrape(server)  # an object, no series
+    run(http, "metrics_api", {"do": "metric", "key": "e", "family": "e", "labels": {"k": "v"}},
+        {"do": "set", "key": "e", "values": [3]})
+    assert '# HELP ek_registered first\n# TYPE ek_registered gauge\nek_registered{k="v"} 3\n' in scrape(server)
+    run(http, "metrics_api", {"do": "drop_metric", "key": "e"})
+    assert samples(scrape(server), "ek_registered") == {'ek_registered{k="v"}': "3"}  # its family holds it
+    run(http, "metrics_api", {"do": "drop_family", "key": "e"})
+    assert "ek_registered" not in scrape(server)
+
+    assert run(http, "metrics_api",
+               {"do": "family", "key": "e", "name": "ek_registered", "kind": "COUNTER"},
+               {"do": "family", "key": "e", "name": "ek_registered", "kind": "GAUGE", "description": "not this one"},
+               {"do": "metric", "key": "e", "family": "e", "labels": {"k": "w"}},
+               {"do": "set", "key": "e", "values": [4]}) == [
+        {"error": f"Error when creating MetricFamily: {_REFUSED}Family name already exists with different type"},
+        None, None, None]
+    text = scrape(server)
+    assert "# HELP ek_registered first\n# TYPE ek_registered gauge\n" in text and "not this one" not in text
+    assert samples(text, "ek_registered") == {'ek_registered{k="w"}': "4"}
+    run(http, "metrics_api", {"do": "drop_family", "key": "e"})
+
+
+def test_a_family_of_a_server_metric_name_joins_it(server, http):
+    """Triton's models share its registry: a COUNTER ``nv_inference_count`` is the server's family (its
+    description, its one ``# TYPE``), a Metric with a server series' labels counts into that series, others add
+    series to it; another kind, or any kind of a summary's name, is refused (Triton 2.51)."""
+    own = 'nv_inference_count{model="metrics_api",version="1"}'
+    results = run(http, "metrics_api",
+                  {"do": "family", "key": "n", "name": "nv_inference_count", "kind": "COUNTER",
+                   "description": "not shown"},
+                  {"do": "metric", "key": "n", "family": "n", "labels": {"model": "metrics_api", "version": "1"}},
+                  {"do": "value", "key": "n"})
+    assert results[:2] == [None, None]
+    before = results[2]  # the server's count: the requests before this one
+    text = scrape(server)
+    assert float(samples(text, "nv_inference_count")[own]) == before + 1
+    assert run(http, "metrics_api", {"do": "increment", "key": "n", "values": [100]},
+               {"do": "value", "key": "n"},
+               {"do": "metric", "key": "c", "family": "n", "labels": {"custom": "yes"}},
+               {"do": "increment", "key": "c", "values": [7]}) == [None, before + 101, None, None]
+    text = scrape(server)
+    assert float(samples(text, "nv_inference_count")[own]) == before + 102
+    assert float(samples(text, "nv_inference_count")['nv_inference_count{custom="yes"}']) == 7
+    assert text.count("# TYPE nv_inference_count ") == 1 and "not shown" not in text
+    block = text.split("# TYPE nv_inference_count ")[1].split("# HELP")[0]
+    assert 'nv_inference_count{custom="yes"}' in block  # in the server's family, not after the server's metrics
+
+    assert run(http, "metrics_api",
+               {"do": "family", "key": "x", "name": "nv_inference_request_summary_us", "kind": "HISTOGRAM"},
+               {"do": "family", "key": "x", "name": "nv_inference_pending_request_count", "kind": "COUNTER"},
+               {"do": "family", "key": "g", "name": "nv_gpu_utilization", "kind": "GAUGE", "description": "mine"},
+               {"do": "metric", "key": "g", "family": "g", "labels": {"gpu_uuid": "GPU-0"}},
+               {"do": "set", "key": "g", "values": [0.5]}) == [
+        {"error": f"Error when creating MetricFamily: {_REFUSED}Family name already exists with different type"},
+        {"error": f"Error when creating MetricFamily: {_REFUSED}Family name already exists with different type"},
+        None, None, None]
+    text = scrape(server)  # a family of Triton's this server does not show: Triton's description and kind
+    assert ("# HELP nv_gpu_utilization GPU utilization rate [0.0 - 1.0)\n# TYPE nv_gpu_utilization gauge\n"
+            'nv_gpu_utilization{gpu_uuid="GPU-0"} 0.5\n') in text
+
+    run(http, "metrics_api", {"do": "drop_family", "key": "n"}, {"do": "drop_family", "key": "g"})
+    text = scrape(server)
+    assert "custom=" not in text and "nv_gpu_utilization" not in text
+    assert own in samples(text, "nv_inference_count")  # the server's own series stays (Triton's goes)

@@ -25,8 +25,9 @@ metric, value]`` increment, ``[2, metric, value]`` set, ``[3, metric, value]`` o
 MetricFamily object is gone, and its metrics with it); ``{"t": "mq", "q": id, "op": "f", "h": family, "n": name,
 "d": description, "k": kind}`` (kind 0 counter, 1 gauge, 2 histogram) and ``{"t": "mq", "q": id, "op": "v", "h":
 metric}``. Front -> worker on the replies ring: ``{"q": id, "res": {} | {"v": value} | {"err": message}, "final":
-true}``. Handles are this worker's own numbers; the front forgets them, and releases their series, when the worker
-stops or dies.
+true}``. Handles are this worker's own numbers; the front forgets them when the worker stops or dies, and keeps
+their series, as Triton keeps those of a stub's objects that were never deleted. So the operations of ``finalize``
+(a family deleted there) go out with the worker's last message, ``stopped``.
 """
 
 from __future__ import annotations

@@ -527,8 +527,8 @@ class _FamilyLife:
 class MetricFamily:
     """Triton's custom metric family: a name, a description and a kind, shared by every model and instance
     that creates one of the same name (the first description stays; another kind is an error). Its series
-    appear on the server's /metrics; they go when this object goes (or the model unloads). Operations are
-    sent to the server without waiting for it (workers/metrics.py)."""
+    appear on the server's /metrics; they go when this object is deleted, and stay (as in Triton) when the model
+    unloads holding it. Operations are sent to the server without waiting for it (workers/metrics.py)."""
 
     COUNTER = MetricKind.COUNTER
     GAUGE = MetricKind.GAUGE
