@@ -33,7 +33,7 @@ from kernel.types import ArenaRef, InferRequest, InferResponse, ShmRef
 from shm.arena import Arena, MiB
 from shm.doorbell import Watch
 from shm.link import LinkBoard
-from shm.region import remove_stale
+from shm.region import remove_stale, space
 
 log = logging.getLogger("kernel")
 
@@ -53,6 +53,8 @@ DEFAULT_ARRIVAL_WAKE_US = 1000
 ARENA_TRIM_PERIOD = float(os.environ.get("EDGE_KERNEL_ARENA_TRIM_S", "10"))
 DEFAULT_FRONT_POLL_US = 300
 DEFAULT_FRONT_HOLD_US = 5000
+#: A /dev/shm smaller than this gets a warning at start (the front arena alone asks for 64 MiB)
+SMALL_SHM = 256 * MiB
 
 
 class Model:
@@ -148,6 +150,11 @@ class Core:
         self._loop = self.spinner._loop = asyncio.get_running_loop()
         for entry in remove_stale():
             log.info("removed stale shared memory object %s", entry)
+        free, total = space()
+        if total and total < SMALL_SHM:  # (a container's default /dev/shm: 64 MiB)
+            log.warning("/dev/shm holds only %d MiB (%d MiB free): tensors pass between the server's processes "
+                        "there, and large ones will not fit; in a container, give it more (docker run "
+                        "--shm-size=1g, or a memory-backed emptyDir mounted on /dev/shm)", total >> 20, free >> 20)
         self.repository.check()
         self.arena = Arena("front", self._arena_size)
         if self.spinner.window_ns:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from bisect import bisect_left
 
-from shm.region import Region, new_name
+from shm.region import Region, ShmError, new_name, space
 
 ALIGN = 64
 MiB = 1 << 20
+SMALLEST = MiB  # the least a segment reserves when /dev/shm has no room for the size it would rather have
 
 
 def round_up(n: int) -> int:
@@ -155,10 +156,29 @@ class Arena:
         seg_size = max(self._initial, 2 * last)
         while seg_size < size:
             seg_size *= 2
-        seg = _Segment(Region(new_name(self._tag), seg_size, create=True))
+        try:
+            region = Region(new_name(self._tag), seg_size, create=True)
+        except ShmError as e:
+            # A small /dev/shm (Docker's and Kubernetes' default is 64 MiB): what this block needs, if not the
+            # headroom; the arena grows again from there.
+            need = max(SMALLEST, 1 << (size - 1).bit_length())
+            if need >= seg_size:
+                raise _full(e) from None
+            try:
+                region = Region(new_name(self._tag), need, create=True)
+            except ShmError as again:
+                raise _full(again) from None
+        seg = _Segment(region)
         self._segments[seg.region.name] = seg
         self._order.append(seg)
         return seg
+
+
+def _full(error: ShmError) -> ShmError:
+    """``error`` with what /dev/shm holds, and how a container gets more."""
+    free, total = space()
+    return ShmError(f"{error} (/dev/shm: {free // MiB} MiB free of {total // MiB} MiB; in a container, give it more: "
+                    "docker run --shm-size=1g, or a memory-backed emptyDir mounted on /dev/shm)")
 
 
 __all__ = ["ALIGN", "Arena", "MiB", "round_up"]

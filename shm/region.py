@@ -1,7 +1,12 @@
 """Mapped POSIX shared-memory objects.
 
-Every object this server creates is named ``/ek.<pid>.<tag>`` so that a later
-start can remove what a killed server left behind (:func:`remove_stale`).
+Every object this server creates is named ``/ek.<pid>.<start>.<tag>.<n>``, ``<start>`` being when its
+process started (clock ticks since boot), so that a later start can remove what a killed server left
+behind (:func:`remove_stale`). The pid alone does not name a process for long: in a container the server
+is pid 1 at every start, and its workers get the same few pids again, while a memory-backed ``/dev/shm``
+volume outlives the container. After an OOM kill, a restarted server would meet its own names still
+there (``O_EXCL`` refusing them at every restart); with the start time they differ, and the old ones are
+recognised as stale although a live process holds their pid.
 """
 
 from __future__ import annotations
@@ -31,9 +36,26 @@ def valid_key(key: str) -> bool:
     return bool(_KEY_RE.match(key)) and key not in ("/.", "/..")
 
 
+_owner: tuple[int, str] = (0, "")  # (pid, "ek.<pid>.<start>.") of this process, once asked
+
+
+def _start_time(pid: int) -> int:
+    """When process ``pid`` started, in clock ticks since boot (/proc/<pid>/stat's 22nd field); 0 if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2:].split()[19])  # (fields after the command's name start at 3)
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def new_name(tag: str) -> str:
     """A fresh name for an object owned by this process."""
-    return f"/{PREFIX}{os.getpid()}.{tag}.{next(_counter)}"
+    global _owner
+    pid = os.getpid()
+    if _owner[0] != pid:  # (first use, or a forked child)
+        _owner = (pid, f"{PREFIX}{pid}.{_start_time(pid)}.")
+    return f"/{_owner[1]}{tag}.{next(_counter)}"
 
 
 def _libc_mmap() -> tuple[ctypes.CDLL, int]:
@@ -157,6 +179,15 @@ class Region:
         return f"Region({self.name!r}, {self.size})"
 
 
+def space(shm_dir: str = "/dev/shm") -> tuple[int, int]:
+    """Bytes free and in all in ``shm_dir`` (0, 0 if it cannot be read)."""
+    try:
+        st = os.statvfs(shm_dir)
+    except OSError:
+        return 0, 0
+    return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+
+
 def unlink(name: str) -> None:
     """Remove a shared-memory name, ignoring one that is already gone."""
     try:
@@ -166,8 +197,10 @@ def unlink(name: str) -> None:
 
 
 def remove_stale(shm_dir: str = "/dev/shm") -> list[str]:
-    """Remove objects of earlier servers whose process no longer exists."""
+    """Remove objects of earlier servers whose process no longer exists: its pid is gone, or now names a
+    process that started at another time (names of an older form, without the start time, by the pid alone)."""
     removed = []
+    started: dict[int, int] = {}
     try:
         entries = os.listdir(shm_dir)
     except OSError:
@@ -176,9 +209,15 @@ def remove_stale(shm_dir: str = "/dev/shm") -> list[str]:
         stem = entry[4:] if entry.startswith("sem.") else entry
         if not stem.startswith(PREFIX):
             continue
-        pid_text = stem[len(PREFIX):].split(".", 1)[0]
-        if not pid_text.isdigit() or _alive(int(pid_text)):
+        pid_text, start_text = (stem[len(PREFIX):].split(".", 2) + ["", ""])[:2]
+        if not pid_text.isdigit():
             continue
+        pid = int(pid_text)
+        if _alive(pid):
+            start = int(start_text) if start_text.isdigit() else 0
+            now = started.setdefault(pid, _start_time(pid)) if start else 0
+            if not start or not now or now == start:
+                continue  # its process still runs (or one we cannot tell from it)
         try:
             os.unlink(os.path.join(shm_dir, entry))
             removed.append(entry)

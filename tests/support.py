@@ -24,7 +24,7 @@ free_port = compare.free_port
 def shm_entries(pids: set[int] | None = None) -> set[str]:
     """Objects of this server family in /dev/shm (regions and semaphores), of ``pids`` if given.
 
-    Names are ``ek.<pid>.<tag>`` (semaphores ``sem.ek.<pid>...``); filtering by pid keeps
+    Names are ``ek.<pid>.<start>.<tag>.<n>`` (semaphores ``sem.ek.<pid>...``); filtering by pid keeps
     servers that other test runs start at the same time out of the picture.
     """
     found = set()

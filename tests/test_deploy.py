@@ -278,8 +278,6 @@ def test_deployment_runs_as_written(tmp_path):
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert model_dir in mounts and mounts[model_dir].get("readOnly") is True
     shm_volume(pod["volumes"], container["volumeMounts"])
-    # a restarted container must not be PID 1 again (its shared-memory names would be taken)
-    assert pod.get("shareProcessNamespace") is True
     # the grace period covers the preStop sleep, both fronts' drains and the models' finalize
     grace = pod.get("terminationGracePeriodSeconds", DEFAULT_GRACE_S)
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
@@ -339,7 +337,6 @@ def test_kserve_runtime_runs_as_written(tmp_path):
     assert predictor["model"]["runtime"] == runtime["metadata"]["name"]
     assert predictor["model"]["modelFormat"]["name"] in formats
     assert predictor["model"]["protocolVersion"] in spec["protocolVersions"]
-    assert predictor.get("shareProcessNamespace") is True
     shm_volume(spec["volumes"], container["volumeMounts"])
     # KServe's args set no metrics port: the scrape annotation must name the CLI's default
     assert not any(a.startswith("--metrics-port") for a in container["args"])

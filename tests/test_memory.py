@@ -52,7 +52,7 @@ def server(tmp_path_factory):
 
 
 def _front_segments(server) -> list[str]:
-    return sorted(e for e in os.listdir("/dev/shm") if e.startswith(f"ek.{server.proc.pid}.front."))
+    return sorted(e for e in os.listdir("/dev/shm") if e.startswith(f"ek.{server.proc.pid}.") and ".front." in e)
 
 
 def _mapped(pid: int, name: str) -> bool:

@@ -581,7 +581,7 @@ def test_zero_copy_the_model_reads_the_client_region(http, server, regions):
     body = httpclient.InferInput("INPUT0", [1000], "UINT8")
     body.set_data_from_numpy(data)
     result = http.infer("shm_probe", [body])
-    assert re.fullmatch(rf"/dev/shm/ek\.{server.proc.pid}\.front\.\d+", result.as_numpy("MAPPING")[0].decode())
+    assert re.fullmatch(rf"/dev/shm/ek\.{server.proc.pid}\.\d+\.front\.\d+", result.as_numpy("MAPPING")[0].decode())
     assert result.as_numpy("SUM")[0] == data.sum(dtype=np.uint64)
     assert b"binary_data_size" not in result.as_numpy("BEFORE")[0]  # a block of its own
 
@@ -592,7 +592,7 @@ def test_zero_copy_the_model_reads_the_client_region(http, server, regions):
     body.set_data_from_numpy(big)
     for request_id in ("", "a", "abc"):  # the block is given back after each answer and taken anew
         result = http.infer("shm_probe", [body], request_id=request_id)
-        assert re.fullmatch(rf"/dev/shm/ek\.{server.proc.pid}\.front\.\d+", result.as_numpy("MAPPING")[0].decode())
+        assert re.fullmatch(rf"/dev/shm/ek\.{server.proc.pid}\.\d+\.front\.\d+", result.as_numpy("MAPPING")[0].decode())
         assert result.as_numpy("SUM")[0] == big.sum(dtype=np.uint64)
         before = result.as_numpy("BEFORE")[0]
         start = max(before.rfind(b'{"id"'), before.rfind(b'{"inputs"'))

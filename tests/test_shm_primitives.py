@@ -10,7 +10,7 @@ import time
 import posix_ipc
 import pytest
 
-from shm.arena import ALIGN, Arena
+from shm.arena import ALIGN, Arena, MiB
 from shm.doorbell import Doorbell, ring
 from shm.region import Region, ShmError, owned_objects, remove_stale, valid_key
 from shm.ring import Ring, RingFull
@@ -190,3 +190,57 @@ def _make_object_and_exit():
     from shm.region import Region, new_name
 
     Region(new_name("stale"), 4096, create=True)  # never unlinked
+
+
+def test_names_of_a_reused_pid_are_stale_and_never_collide():
+    """A container restarted after a kill: the server is pid 1 again and the memory-backed /dev/shm kept the
+    old server's objects. Its names carry its start time, so they neither collide with the new ones nor
+    survive remove_stale(), although a live process (here: this one) holds their pid."""
+    from shm.region import _start_time, new_name
+
+    pid = os.getpid()
+    start = _start_time(pid)
+    assert start > 0
+    mine = Region(new_name("front"), 4096, create=True)
+    assert mine.name.startswith(f"/ek.{pid}.{start}.front.")
+    old_life = Region(f"/ek.{pid}.{start - 1}.front.{mine.name.rsplit('.', 1)[1]}", 4096, create=True)
+    old_form = Region(f"/ek.{pid}.front.999999", 4096, create=True)  # (names before the start time: by pid)
+    try:
+        removed = remove_stale()
+        assert old_life.name[1:] in removed
+        assert mine.name[1:] not in removed and old_form.name[1:] not in removed
+        assert Region(mine.name).size == 4096  # still there
+    finally:
+        for region in (mine, old_life, old_form):
+            region.close()
+            region.unlink()
+
+
+def test_an_arena_fits_a_small_dev_shm(monkeypatch):
+    """In Docker's or Kubernetes' default 64 MiB /dev/shm the arena's preferred 64 MiB segment cannot be
+    reserved: it takes a segment of what the block needs instead, and says what /dev/shm holds when even
+    that fails. (The refusal is posix_fallocate's ENOSPC, played here by a Region that refuses more than
+    4 MiB: mounting a small /dev/shm needs privileges CI may not have.)"""
+    from shm import arena as arena_module
+
+    class SmallShm(Region):
+        def __init__(self, name: str, size: int | None = None, **kw) -> None:
+            if kw.get("create") and size is not None and size > 4 * MiB:
+                raise ShmError(f"unable to reserve {size} bytes of shared memory for '{name}': [Errno 28] "
+                               "No space left on device")
+            super().__init__(name, size, **kw)
+
+    monkeypatch.setattr(arena_module, "Region", SmallShm)
+    arena = Arena("small", 64 * MiB)
+    try:
+        name, offset = arena.alloc(1000)
+        assert arena.buffer(name).nbytes == MiB  # the smallest segment, not the preferred 64 MiB
+        second = arena.alloc(3 * MiB)  # another segment, of what it needs
+        assert second[0] != name and arena.buffer(second[0]).nbytes == 4 * MiB
+        with pytest.raises(ShmError, match=r"No space left on device \(/dev/shm: \d+ MiB free of \d+ MiB; in a "
+                                           r"container, give it more: docker run --shm-size=1g"):
+            arena.alloc(5 * MiB)
+        arena.free(name, offset)
+        arena.free(*second)
+    finally:
+        arena.close()
