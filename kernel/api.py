@@ -417,11 +417,13 @@ class Server:
             raise
         return self
 
-    async def stop_async(self) -> None:
+    async def stop_async(self, timeout: float | None = None) -> None:
+        """Stop a server started with :meth:`start_async`; ``timeout`` bounds the wait for requests in
+        flight (default: the server's ``exit_timeout``)."""
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self.stop)
             return
-        await self._core.stop()
+        await self._core.stop(timeout)
         self._loop = None
 
     def __enter__(self) -> Server:

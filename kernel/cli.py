@@ -621,12 +621,16 @@ async def serve(args: Any) -> int:
         await stop.wait()
         log.info("Waiting for in-flight requests to complete.")
     finally:
+        # --exit-timeout-secs bounds the whole stop, as Triton's: both fronts stop accepting at once and drain
+        # together, then the models get what is left for their requests in flight (and finalize).
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + args.exit_timeout_secs
+        drains = [http.close(args.exit_timeout_secs) for http in http_servers]
         if grpc_server is not None:
             grpc_server.close()
-            await grpc_server.wait_closed(args.exit_timeout_secs)
-        for http in http_servers:
-            await http.close(args.exit_timeout_secs)
-        await server.stop_async()
+            drains.append(grpc_server.wait_closed(args.exit_timeout_secs))
+        await asyncio.gather(*drains)
+        await server.stop_async(max(deadline - loop.time(), 0.0))
         log.info("All models are stopped, shared memory removed. Exiting.")
     return 0
 

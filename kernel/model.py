@@ -33,6 +33,8 @@ log = logging.getLogger("kernel")
 #: A crash within this many seconds of the previous one counts as "in a row" for the restart back-off.
 CRASH_WINDOW = 10.0
 MAX_BACKOFF = 5.0
+#: Seconds a model's finalize gets at the least when it is stopped after its unload's time ran out
+FINALIZE_FLOOR = 1.0
 
 RESERVED_PARAMETERS = frozenset({
     "sequence_id", "sequence_start", "sequence_end", "priority", "timeout", "binary_data_output",
@@ -379,20 +381,22 @@ class ModelVersion:
         if self.scheduler is not None:
             self.scheduler.on_free(instance)
 
-    async def unload(self) -> None:
-        """Wait (up to 30 s) for queued and in-flight requests, then stop the instances;
-        what is still in flight then fails."""
+    async def unload(self, timeout: float = 30.0) -> None:
+        """Wait (up to ``timeout`` s) for queued and in-flight requests, then stop the instances (their
+        finalize gets what is left of it, FINALIZE_FLOOR s at least); what is still in flight then fails."""
         for task in list(self._restarts):
             task.cancel()
         self.restarting = False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         if self.state == "READY":
             self.state = "UNLOADING"
-            for _ in range(600):
+            while loop.time() < deadline:
                 if not (self.scheduler and self.scheduler.queued()) and not any(i.inflight for i in self.instances):
                     break
                 await asyncio.sleep(0.05)
         self._fail_queued(ServerError(f"Request for unknown model: '{self.name}' is not found", "NOT_FOUND"))
-        await self._stop_instances()
+        await self._stop_instances(max(deadline - loop.time(), FINALIZE_FLOOR))
         self.state = "UNAVAILABLE"
         self.reason = "unloaded"
 
@@ -418,8 +422,8 @@ class ModelVersion:
         self.stats.failure(time.perf_counter_ns() - pending.enqueued, "REJECTED")
         _settle(pending, error)
 
-    async def _stop_instances(self) -> None:
-        await asyncio.gather(*(inst.stop() for inst in self.instances), return_exceptions=True)
+    async def _stop_instances(self, timeout: float = 30.0) -> None:
+        await asyncio.gather(*(inst.stop(timeout) for inst in self.instances), return_exceptions=True)
 
     # -- requests -------------------------------------------------------
     def validate(self, request: InferRequest) -> int:

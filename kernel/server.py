@@ -200,14 +200,19 @@ class Core:
                 self._forget_mapping(name)
         self._trimmer = self._loop.call_later(ARENA_TRIM_PERIOD, self._trim_arena)
 
-    async def stop(self) -> None:
-        """Unload every model, then remove the shared memory this process made."""
+    async def stop(self, timeout: float | None = None) -> None:
+        """Unload every model, then remove the shared memory this process made. ``timeout`` (default
+        ``exit_timeout``, Triton's ``--exit-timeout-secs``) bounds the wait for requests in flight; the
+        models' finalize gets what is left of it (FINALIZE_FLOOR s at least), then their workers are killed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.exit_timeout if timeout is None else timeout)
         if self.poller is not None:
             await self.poller.stop(self.exit_timeout)
         if self._trimmer is not None:
             self._trimmer.cancel()
             self._trimmer = None
-        await asyncio.gather(*(self._unload_versions(m) for m in self.models.values()), return_exceptions=True)
+        await asyncio.gather(*(self._unload_versions(m, max(deadline - loop.time(), 0.0))
+                               for m in self.models.values()), return_exceptions=True)
         try:
             self.tracer.close()  # every request has ended: the traces still held go to their files
         except Exception:  # noqa: BLE001
@@ -697,8 +702,8 @@ class Core:
             raise ServerError(f"ensemble '{ensemble}' depends on '{name}' whose required version {version} is not "
                               "loaded.", "INVALID_ARG") from None
 
-    async def _unload_versions(self, model: Model) -> None:
-        await asyncio.gather(*(mv.unload() for mv in model.versions.values()), return_exceptions=True)
+    async def _unload_versions(self, model: Model, timeout: float = 30.0) -> None:
+        await asyncio.gather(*(mv.unload(timeout) for mv in model.versions.values()), return_exceptions=True)
 
     def _lock(self, name: str) -> asyncio.Lock:
         lock = self._locks.get(name)

@@ -260,11 +260,11 @@ class EnsembleVersion(ModelVersion):
             except ServerError:
                 pass  # its request fails with that reason
 
-    async def unload(self) -> None:
+    async def unload(self, timeout: float = 30.0) -> None:
         if self.state == "READY":
             self.state = "UNLOADING"
             scheduler = self.scheduler
-            for _ in range(600):
+            for _ in range(int(timeout * 20)):
                 if not (scheduler and scheduler.queued()):
                     break
                 await _sleep(0.05)
