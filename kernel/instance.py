@@ -29,6 +29,8 @@ class BatchHandler(Protocol):
 
     batch_id: int
     sent: int  # time.perf_counter_ns() when it was sent
+    pendings: list  # its requests
+    returned: bool  # a decoupled batch whose execute() has returned (its responses may still stream)
 
     def done(self, instance: Instance, results: list, timings: list, decoupled: bool, end_ns: int) -> None: ...
 
@@ -319,6 +321,19 @@ class Instance:
         """A request is over: its flag can serve another."""
         if self._board is not None:
             self._flags.append(flag)
+
+    def waiting(self) -> int:
+        """Requests sent to this instance that its worker has not started: those of the batches behind the one
+        it executes (Triton's pending request count ends when the backend starts a request)."""
+        count = 0
+        started = False
+        for handler in self._batches.values():
+            if handler.returned:  # (decoupled, streaming its responses)
+                continue
+            if started:
+                count += len(handler.pendings)
+            started = True
+        return count
 
     def flag_raised(self, flag: int) -> bool:
         """Whether the request with this flag was cancelled."""

@@ -109,7 +109,7 @@ class TritonCollector:
                 count.add_metric(key, stats.inference_count)
                 execs.add_metric(key, stats.execution_count)
                 queued = mv.scheduler.queued() if mv.scheduler is not None else 0
-                pending.add_metric(key, queued + sum(i.inflight for i in mv.instances))
+                pending.add_metric(key, queued + sum(i.waiting() for i in mv.instances))
                 for family, name in durations:
                     family.add_metric(key, stats.durations[name][1] // 1000)
                 if mv.config.response_cache.enable:

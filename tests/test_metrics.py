@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import threading
+import time
 import urllib.request
 
 import numpy as np
@@ -48,3 +50,26 @@ def test_inference_metrics_count_requests(server, http):
     assert after["nv_inference_pending_request_count" + add_sub] == 0
     assert "nv_inference_queue_duration_us" + key in after
     assert after["nv_cpu_memory_total_bytes"] > 0
+
+
+def test_pending_requests_are_those_not_started(server):
+    """nv_inference_pending_request_count counts requests awaiting execution, as Triton's: queued, or sent to an
+    instance behind the batch it executes, but not the one executing (shm_slow: 0.5 s each, one instance)."""
+    key = 'nv_inference_pending_request_count{model="shm_slow",version="1"}'
+
+    def call() -> None:
+        client = httpclient.InferenceServerClient(server.http_url)
+        t = httpclient.InferInput("INPUT0", [1], "INT32")
+        t.set_data_from_numpy(np.array([1], np.int32))
+        client.infer("shm_slow", [t])
+        client.close()
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.25)  # one executes, three wait
+    during = scrape(server)[key]
+    for thread in threads:
+        thread.join(10)
+    assert during == 3
+    assert scrape(server)[key] == 0
