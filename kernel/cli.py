@@ -432,8 +432,12 @@ def main(argv: list[str] | None = None) -> int:
         from bench.cli import main as bench_main
 
         return bench_main(rest[1:])
+    if rest[:2] == ["start", "tritonserver"]:
+        # A command line written for Triton, program name included, after this image's `kernel start`
+        # entrypoint: KServe's Triton ServingRuntime passes its args so (`tritonserver --model-store=...`).
+        rest = ["start", *rest[2:]]
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(rest)
     if args.command != "start":
         parser.print_help()
         return 0 if args.command is None and argv is not None and not argv else 2

@@ -497,3 +497,25 @@ def test_grpc_over_mutual_tls(tmp_path, certificate):
             refused.close()
     finally:
         stopped(srv)
+
+
+def test_kserve_triton_runtime_args_after_the_entrypoint(monkeypatch):
+    """KServe's Triton ServingRuntime gives its args with the program name first (`tritonserver --model-store=...`);
+    after an image's `kernel start` entrypoint they start the server as Triton's command line would."""
+    from kernel import cli
+
+    seen = []
+
+    async def serve(args):
+        seen.append(args)
+        return 0
+
+    monkeypatch.setattr(cli, "serve", serve)
+    kserve = ["--model-store=/mnt/models", "--grpc-port=9000", "--http-port=8080", "--allow-grpc=true",
+              "--allow-http=true"]
+    assert cli.main(["start", "tritonserver", *kserve]) == 0
+    args = seen[0]
+    assert (args.model_repository, args.grpc_port, args.http_port, args.allow_grpc, args.allow_http) == \
+        (["/mnt/models"], 9000, 8080, True, True)
+    with pytest.raises(SystemExit):  # elsewhere a stray word is still an error
+        cli.main(["start", "--http-port=8080", "tritonserver"])
