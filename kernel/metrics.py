@@ -18,6 +18,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.samples import Sample
 
+from kernel.custom_metrics import CACHE_FAMILIES, TRITON_FAMILIES
+
 if TYPE_CHECKING:
     from kernel.cache import ResponseCache
     from kernel.custom_metrics import CustomMetrics
@@ -25,47 +27,49 @@ if TYPE_CHECKING:
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
+#: the duration families: name, ModelStats.durations key
 _DURATIONS = [
-    ("nv_inference_request_duration_us", "success", "Cumulative inference request duration in microseconds "
-                                                    "(includes cached requests)"),
-    ("nv_inference_queue_duration_us", "queue", "Cumulative inference queuing duration in microseconds "
-                                                "(includes cached requests)"),
-    ("nv_inference_compute_input_duration_us", "compute_input", "Cumulative compute input duration in "
-                                                                "microseconds (does not include cached requests)"),
-    ("nv_inference_compute_infer_duration_us", "compute_infer", "Cumulative compute inference duration in "
-                                                                "microseconds (does not include cached requests)"),
-    ("nv_inference_compute_output_duration_us", "compute_output", "Cumulative inference compute output duration "
-                                                                  "in microseconds (does not include cached "
-                                                                  "requests)"),
+    ("nv_inference_request_duration_us", "success"),
+    ("nv_inference_queue_duration_us", "queue"),
+    ("nv_inference_compute_input_duration_us", "compute_input"),
+    ("nv_inference_compute_infer_duration_us", "compute_infer"),
+    ("nv_inference_compute_output_duration_us", "compute_output"),
 ]
 FAILURE_REASONS = ("REJECTED", "CANCELED", "BACKEND", "OTHER")
-#: per-model response cache families, exposed (as Triton does) for versions whose config enables the cache
+#: per-model response cache families, exposed (as Triton does) for versions whose config enables the cache:
+#: name, ModelStats.durations key, index in its entry (0 the count, 1 the time)
 _CACHE = [
-    ("nv_cache_num_hits_per_model", "cache_hit", 0, "Number of cache hits per model"),
-    ("nv_cache_hit_duration_per_model", "cache_hit", 1, "Total cache hit duration per model, in microseconds"),
-    ("nv_cache_num_misses_per_model", "cache_miss", 0, "Number of cache misses per model"),
-    ("nv_cache_miss_duration_per_model", "cache_miss", 1, "Total cache miss (insert+lookup) duration per model, "
-                                                          "in microseconds"),
+    ("nv_cache_num_hits_per_model", "cache_hit", 0),
+    ("nv_cache_hit_duration_per_model", "cache_hit", 1),
+    ("nv_cache_num_misses_per_model", "cache_miss", 0),
+    ("nv_cache_miss_duration_per_model", "cache_miss", 1),
 ]
 
-#: the server-wide response cache families (when the server has a cache): name, ResponseCache attribute, help
+#: the server-wide response cache families (when the server has a cache): name, ResponseCache attribute
 _SERVER_CACHE = [
-    ("nv_cache_num_entries", None, "Number of responses stored in response cache"),
-    ("nv_cache_num_lookups", "lookups", "Number of cache lookups in response cache"),
-    ("nv_cache_num_hits", "hits", "Number of cache hits in response cache"),
-    ("nv_cache_num_misses", "misses", "Number of cache misses in response cache"),
-    ("nv_cache_num_evictions", "evictions", "Number of cache evictions in response cache"),
-    ("nv_cache_lookup_duration", "lookup_ns", "Total cache lookup duration (hit and miss), in microseconds"),
-    ("nv_cache_insertion_duration", "insertion_ns", "Total cache insertion duration, in microseconds"),
+    ("nv_cache_num_entries", None),
+    ("nv_cache_num_lookups", "lookups"),
+    ("nv_cache_num_hits", "hits"),
+    ("nv_cache_num_misses", "misses"),
+    ("nv_cache_num_evictions", "evictions"),
+    ("nv_cache_lookup_duration", "lookup_ns"),
+    ("nv_cache_insertion_duration", "insertion_ns"),
 ]
+#: Triton's descriptions, from the registry table a python model's MetricFamily of the same name joins
+_HELP = {name: doc for name, (_, doc) in {**TRITON_FAMILIES, **CACHE_FAMILIES}.items()}
+
+
+def _family(name: str, labels: list[str] | None = None) -> GaugeMetricFamily:
+    """The family ``name`` with Triton's description."""
+    return GaugeMetricFamily(name, _HELP[name], labels=labels)
 
 
 #: every family TritonCollector may show: the only ones whose samples a custom series can add to (sample_value)
 SERVER_FAMILIES = frozenset(
     ["nv_inference_request_success", "nv_inference_request_failure", "nv_inference_count", "nv_inference_exec_count",
      "nv_inference_pending_request_count", "nv_cache_util", "nv_cpu_memory_total_bytes", "nv_cpu_memory_used_bytes"]
-    + [name for name, _, _ in _DURATIONS] + [name for name, _, _, _ in _CACHE]
-    + [name for name, _, _ in _SERVER_CACHE])
+    + [name for name, _ in _DURATIONS] + [name for name, _, _ in _CACHE]
+    + [name for name, _ in _SERVER_CACHE])
 
 
 class TritonCollector:
@@ -82,21 +86,13 @@ class TritonCollector:
 
     def collect(self) -> Iterator[Metric]:
         labels = ["model", "version"]
-        success = GaugeMetricFamily("nv_inference_request_success",
-                                    "Number of successful inference requests, all batch sizes", labels=labels)
-        failure = GaugeMetricFamily("nv_inference_request_failure",
-                                    "Number of failed inference requests, all batch sizes",
-                                    labels=["model", "reason", "version"])
-        count = GaugeMetricFamily("nv_inference_count",
-                                  "Number of inferences performed (does not include cached requests)", labels=labels)
-        execs = GaugeMetricFamily("nv_inference_exec_count",
-                                  "Number of model executions performed (does not include cached requests)",
-                                  labels=labels)
-        pending = GaugeMetricFamily("nv_inference_pending_request_count",
-                                    "Instantaneous number of pending requests awaiting execution per-model.",
-                                    labels=labels)
-        durations = [(GaugeMetricFamily(name, doc, labels=labels), key) for name, key, doc in _DURATIONS]
-        caches = [(GaugeMetricFamily(name, doc, labels=labels), key, i) for name, key, i, doc in _CACHE]
+        success = _family("nv_inference_request_success", labels)
+        failure = _family("nv_inference_request_failure", ["model", "reason", "version"])
+        count = _family("nv_inference_count", labels)
+        execs = _family("nv_inference_exec_count", labels)
+        pending = _family("nv_inference_pending_request_count", labels)
+        durations = [(_family(name, labels), key) for name, key in _DURATIONS]
+        caches = [(_family(name, labels), key, i) for name, key, i in _CACHE]
         for model in sorted(self.core.models.values(), key=lambda m: m.name):
             for _, mv in sorted(model.versions.items()):
                 if not mv.ready:
@@ -130,12 +126,12 @@ def _server_cache_metrics(cache: ResponseCache | None) -> Iterator[Metric]:
     but ``nv_cache_util`` at 0; these count)."""
     if cache is None:
         return
-    for name, attribute, doc in _SERVER_CACHE:
-        family = GaugeMetricFamily(name, doc)
+    for name, attribute in _SERVER_CACHE:
+        family = _family(name)
         value = len(cache.entries) if attribute is None else getattr(cache, attribute)
         family.add_metric([], value // 1000 if attribute and attribute.endswith("_ns") else value)
         yield family
-    util = GaugeMetricFamily("nv_cache_util", "Cache utilization [0.0 - 1.0]")
+    util = _family("nv_cache_util")
     util.add_metric([], cache.used / cache.size)
     yield util
 
@@ -147,8 +143,8 @@ def _cpu_metrics() -> Iterator[Metric]:
             info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.count(" ") >= 1}
     except OSError:
         return
-    total = GaugeMetricFamily("nv_cpu_memory_total_bytes", "CPU total memory (RAM), in bytes")
-    used = GaugeMetricFamily("nv_cpu_memory_used_bytes", "CPU used memory (RAM), in bytes")
+    total = _family("nv_cpu_memory_total_bytes")
+    used = _family("nv_cpu_memory_used_bytes")
     total.add_metric([], info.get("MemTotal", 0))
     used.add_metric([], info.get("MemTotal", 0) - info.get("MemAvailable", 0))
     yield total
