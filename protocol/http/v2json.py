@@ -357,8 +357,10 @@ def _output(item: Any, shm: SharedMemoryRegistry) -> tuple[RequestedOutput, int]
 
 def encode_response(response: InferResponse, request: InferRequest) -> tuple[list, int | None]:
     """Body parts and the JSON header length (None when there is no binary data)."""
-    default_binary = bool(request.parameters.get("binary_data_output", False))
     wanted = {o.name: o.parameters for o in request.outputs} if request.outputs else None
+    # Triton applies the request's binary_data_output to the outputs it answers unasked only: a listed output
+    # (a classified one too) is binary when its own binary_data says so
+    default_binary = wanted is None and bool(request.parameters.get("binary_data_output", False))
     outputs = []
     blobs: list = []
     for out in response.outputs:
