@@ -186,21 +186,21 @@ class Model:
     def infer(self, inputs: Mapping[str, np.ndarray], outputs: list[str] | None = None,
               parameters: dict | None = None, *, request_id: str = "", priority: int = 0,
               timeout_us: int = 0, sequence_id: int | str = 0, sequence_start: bool = False,
-              sequence_end: bool = False) -> InferResult:
+              sequence_end: bool = False, classification: Mapping[str, int] | None = None) -> InferResult:
         """Run one inference and wait for it (from any thread but the server's loop). ``sequence_*``: a
         request of a sequence (a stateful model's: kernel.scheduling.sequence), as tritonclient's arguments."""
         request = self._request(inputs, outputs, parameters, request_id, priority, timeout_us,
-                                (sequence_id, sequence_start, sequence_end))
+                                (sequence_id, sequence_start, sequence_end), classification)
         response = self._server._wait(lambda core: core.accept(request))
         return self._server._result(response)
 
     async def async_infer(self, inputs: Mapping[str, np.ndarray], outputs: list[str] | None = None,
                           parameters: dict | None = None, *, request_id: str = "", priority: int = 0,
                           timeout_us: int = 0, sequence_id: int | str = 0, sequence_start: bool = False,
-                          sequence_end: bool = False) -> InferResult:
+                          sequence_end: bool = False, classification: Mapping[str, int] | None = None) -> InferResult:
         """Run one inference from a coroutine (on the server's loop or any other)."""
         request = self._request(inputs, outputs, parameters, request_id, priority, timeout_us,
-                                (sequence_id, sequence_start, sequence_end))
+                                (sequence_id, sequence_start, sequence_end), classification)
         server = self._server
         if server._on_loop():
             response = await server._core.accept(request)
@@ -209,9 +209,10 @@ class Model:
         return server._result(response)
 
     def stream(self, inputs: Mapping[str, np.ndarray], outputs: list[str] | None = None,
-               parameters: dict | None = None, *, request_id: str = "") -> Iterator[InferResult]:
+               parameters: dict | None = None, *, request_id: str = "",
+               classification: Mapping[str, int] | None = None) -> Iterator[InferResult]:
         """The responses of a decoupled model (zero or more), as they come; errors raise."""
-        request = self._request(inputs, outputs, parameters, request_id, 0, 0)
+        request = self._request(inputs, outputs, parameters, request_id, 0, 0, classification=classification)
         server = self._server
         responses = _Responses(SimpleQueue())
         server._call(lambda core: core.stream(request, responses.deliver))
@@ -226,9 +227,10 @@ class Model:
             server._soon(responses.close)  # responses still queued or to come go back as they arrive
 
     async def async_stream(self, inputs: Mapping[str, np.ndarray], outputs: list[str] | None = None,
-                           parameters: dict | None = None, *, request_id: str = "") -> AsyncIterator[InferResult]:
+                           parameters: dict | None = None, *, request_id: str = "",
+                           classification: Mapping[str, int] | None = None) -> AsyncIterator[InferResult]:
         """``stream`` for coroutines on the server's loop."""
-        request = self._request(inputs, outputs, parameters, request_id, 0, 0)
+        request = self._request(inputs, outputs, parameters, request_id, 0, 0, classification=classification)
         server = self._server
         responses = _Responses(asyncio.Queue())
         server._core.stream(request, responses.deliver)
@@ -262,7 +264,10 @@ class Model:
         return self._server._arena_array(dtypes.NUMPY[spec["datatype"]], shape)
 
     def _request(self, inputs: Mapping[str, np.ndarray], outputs: list[str] | None, parameters: dict | None,
-                 request_id: str, priority: int, timeout_us: int, sequence: tuple = (0, False, False)) -> InferRequest:
+                 request_id: str, priority: int, timeout_us: int, sequence: tuple = (0, False, False),
+                 classification: Mapping[str, int] | None = None) -> InferRequest:
+        """The core's request. ``classification`` ({output: k}, Triton's extension: kernel.classification)
+        answers those outputs as their top k labels; they are requested in addition to ``outputs``."""
         params = dict(parameters or {})
         sequence_id, start, end = sequence
         if sequence_id:
@@ -284,7 +289,16 @@ class Model:
             data: Any = _arena_ref(array) or (array if array.dtype.kind in "OSU" else np.ascontiguousarray(array))
             tensors.append(InputTensor(name, datatype, list(array.shape), data))
         requested = [RequestedOutput(n) for n in outputs] if outputs else None
-        return InferRequest(self.name, self.version, request_id, tensors, requested, params)
+        request = InferRequest(self.name, self.version, request_id, tensors, requested, params)
+        if classification:
+            request.classification = {}
+            for name, k in classification.items():
+                if type(k) is not int or k < 1:
+                    raise ServerError("invalid value for 'classification' parameter, expected >= 0", "INVALID_ARG")
+                request.classification[name] = k & 0xFFFFFFFF
+                if requested is not None and all(o.name != name for o in requested):
+                    requested.append(RequestedOutput(name, parameters={"classification": k}))
+        return request
 
 
 class _ArenaBlock:

@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from kernel import classification, execution_env, host_policy
 from kernel import config as cfg
-from kernel import execution_env, host_policy
 from kernel.cache import CachingScheduler, ModelCache
 from kernel.errors import ServerError, invalid
 from kernel.instance import Instance, Regions
@@ -139,6 +139,7 @@ class ModelVersion:
         self.max_batch_size = config.max_batch_size
         self.inputs = {t.name: TensorSpec(t) for t in config.input}
         self.outputs = {t.name: TensorSpec(t) for t in config.output}
+        self.labels: dict[str, list[str]] = {}  # output name -> its label_filename's lines (kernel.classification)
         self.required = [n for n, t in self.inputs.items() if not t.optional]
         self.decoupled = config.model_transaction_policy.decoupled
         batching = self.max_batch_size > 0
@@ -479,6 +480,8 @@ class ModelVersion:
             for out in request.outputs:
                 if out.name not in outputs:
                     return self._validate(request)
+            if request.classification is not None:
+                classification.check(request.classification, outputs)
         return batch
 
     def _validate(self, request: InferRequest) -> int:
@@ -537,6 +540,8 @@ class ModelVersion:
             for out in request.outputs:
                 if out.name not in self.outputs:
                     raise invalid(f"unexpected inference output '{out.name}' for model '{model}'")
+            if request.classification is not None:
+                classification.check(request.classification, self.outputs)
         return batch
 
     def _check_size(self, t: Any, prefix: str) -> None:
@@ -789,6 +794,8 @@ class Batch:
             response: Any = ServerError(message, code)
         elif result is not None:
             response = _response(self.version, instance, pending, result)
+            if pending.request.classification is not None:
+                response = _classified(pending, response, self.version)
         else:
             response = None
         if callback is not None:
@@ -861,10 +868,22 @@ def _deliver(pending: Pending, outcome: Any) -> None:
         if isinstance(outcome, InferResponse):
             outcome.release()  # nobody is waiting any more (client went away)
         return
+    if pending.request.classification is not None and isinstance(outcome, InferResponse):
+        outcome = _classified(pending, outcome, pending.version)
     if isinstance(outcome, BaseException):
         future.set_exception(outcome)
     else:
         future.set_result(outcome)
+
+
+def _classified(pending: Pending, response: InferResponse, version: Any) -> InferResponse | ServerError:
+    """``response`` with the outputs the request asked to classify as their labels; the error (the
+    response released) if an output cannot be classified."""
+    try:
+        return classification.apply(response, pending.request.classification, version)
+    except ServerError as e:
+        response.release()
+        return e
 
 
 def _warmup_stream(future: asyncio.Future, errors: list, response: Any, final: bool) -> None:

@@ -68,6 +68,8 @@ class InferRequest:
     parameters: dict = field(default_factory=dict)
     chain: Any = None  # a chained pipeline step's links (kernel.pipelines.ensemble._Ends)
     trace: Any = None  # its kernel.tracing.Trace when the request is traced
+    #: {output name: k} of the outputs to answer as their top k labels (kernel.classification); None: none
+    classification: dict[str, int] | None = None
 
 
 @dataclass(slots=True)

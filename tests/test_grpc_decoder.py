@@ -29,6 +29,7 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kernel.classification import from_grpc
 from kernel.errors import ServerError, invalid
 from kernel.shm_registry import SharedMemoryRegistry
 from kernel.types import InferRequest, InputTensor, RequestedOutput, ShmRef
@@ -109,6 +110,11 @@ def _old_parse_request(msg: pb.ModelInferRequest, raw: list, shm: SharedMemoryRe
         for o in msg.outputs:
             params = v2grpc.params_dict(o.parameters)
             out = RequestedOutput(o.name, parameters=params)
+            if "classification" in params:  # (added with the classification extension: its member matters)
+                which = o.parameters["classification"].WhichOneof("parameter_choice")
+                classes = from_grpc(which, params["classification"], params)
+                if classes:
+                    request.classification = {**(request.classification or {}), o.name: classes}
             if params.get("shared_memory_region") is not None:
                 out.shm = shm_ref(params, o.name, shm)
             outputs.append(out)
@@ -136,7 +142,7 @@ def _request(r: InferRequest) -> tuple:
     inputs = [(t.name, t.datatype, t.shape, _params(t.parameters), _data(t.data)) for t in r.inputs]
     outputs = None if r.outputs is None else [
         (o.name, _params(o.parameters), None if o.shm is None else _data(o.shm)) for o in r.outputs]
-    return (r.model_name, r.model_version, r.id, _params(r.parameters), inputs, outputs)
+    return (r.model_name, r.model_version, r.id, _params(r.parameters), inputs, outputs, r.classification)
 
 
 def _outcome(decode, parse, data: bytes, shm: SharedMemoryRegistry) -> tuple:
@@ -340,7 +346,8 @@ DATATYPES = st.sampled_from(["FP32", "INT32", "INT8", "UINT16", "INT64", "UINT64
                              "FP16", "", "NOPE"])
 KEYS = st.sampled_from(["sequence_id", "sequence_start", "sequence_end", "priority", "timeout",
                         "triton_enable_empty_final_response", "triton_other", "binary_data_size",
-                        "shared_memory_region", "shared_memory_byte_size", "shared_memory_offset", ""]) \
+                        "shared_memory_region", "shared_memory_byte_size", "shared_memory_offset", "classification",
+                        ""]) \
     | st.text(max_size=6)
 INT64 = st.integers(-(1 << 63), (1 << 63) - 1)
 UINT64 = st.integers(0, _MASK64)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from kernel import config as cfg
 from kernel.cache import CachingScheduler, ModelCache
 from kernel.errors import ServerError, invalid
-from kernel.model import ModelVersion, Pending, Skipped, _settle
+from kernel.model import ModelVersion, Pending, Skipped, _classified, _settle
 from kernel.scheduling.scheduler import Scheduler
 from kernel.tracing import TENSORS
 from kernel.types import ArenaRef, InferRequest, InferResponse, InputTensor, OutputTensor, RequestedOutput, ShmRef
@@ -725,7 +725,10 @@ class _Run:
             return
         self.holds += 1
         self.emitted += 1
-        callback(self._response(branch, _Once(self._drop)), False)
+        response = self._response(branch, _Once(self._drop))
+        if self.pending.request.classification is not None:
+            response = _classified(self.pending, response, self.version)
+        callback(response, False)
 
     def _drop(self) -> None:
         self.holds -= 1

@@ -29,6 +29,8 @@ from typing import Any, NamedTuple
 import numpy as np
 from google.protobuf.message import DecodeError
 
+from kernel.classification import PARAMETER as CLASSIFICATION
+from kernel.classification import from_grpc
 from kernel.errors import ServerError, invalid
 from kernel.shm_registry import SharedMemoryRegistry
 from kernel.types import InferRequest, InferResponse, InputTensor, RequestedOutput
@@ -68,7 +70,8 @@ _CONTENTS_DTYPE = {"bool_contents": np.bool_, "int_contents": np.int32, "int64_c
 #: One input as decoded: name, datatype, shape, parameters (values), typed contents (None when the
 #: field is absent; the merged protobuf message when present, even empty).
 DecodedInput = tuple[str, str, list[int], dict[str, Any], "pb.InferTensorContents | None"]
-#: One requested output as decoded: name, parameters (values).
+#: One requested output as decoded: name, parameters (values; ``classification`` as (member set, value):
+#: its type is checked, and uint64_param 2 is not int64_param 2).
 DecodedOutput = tuple[str, dict[str, Any]]
 
 
@@ -305,9 +308,9 @@ def _decode_output(data: bytes, pos: int, end: int) -> DecodedOutput:
             if tag == 0x0A:
                 name = data[start:pos].decode()
             else:
-                key, _, value = _map_entry(data, start, pos)
+                key, which, value = _map_entry(data, start, pos)
                 if key is not None:
-                    params[key] = value
+                    params[key] = (which, value) if key == CLASSIFICATION else value
         else:
             pos = _skip(data, pos, end, 2)
     if pos != end:
@@ -414,7 +417,13 @@ def _decode_with_protobuf(data: bytes | bytearray) -> InferMessage:
         (item.name, item.datatype, list(item.shape), params_dict(item.parameters),
          item.contents if item.HasField("contents") else None)
         for item in msg.inputs]
-    outputs: list[DecodedOutput] = [(o.name, params_dict(o.parameters)) for o in msg.outputs]
+    outputs: list[DecodedOutput] = []
+    for o in msg.outputs:
+        oparams = params_dict(o.parameters)
+        if CLASSIFICATION in oparams:
+            oparams[CLASSIFICATION] = (o.parameters[CLASSIFICATION].WhichOneof("parameter_choice"),
+                                       oparams[CLASSIFICATION])
+        outputs.append((o.name, oparams))
     raw = [memoryview(contents) for contents in msg.raw_input_contents]
     return InferMessage(msg.model_name, msg.model_version, msg.id, params, inputs, outputs, raw)
 
@@ -498,6 +507,14 @@ def parse_request(decoded: InferMessage, shm: SharedMemoryRegistry) -> InferRequ
         outputs = []
         for name, params in decoded.outputs:
             out = RequestedOutput(name, parameters=dict(params))
+            if CLASSIFICATION in params:
+                which, value = params[CLASSIFICATION]
+                out.parameters[CLASSIFICATION] = value
+                classes = from_grpc(which, value, params)
+                if classes:
+                    if request.classification is None:
+                        request.classification = {}
+                    request.classification[name] = classes
             if params.get("shared_memory_region") is not None:
                 out.shm = shm_ref(params, name, shm)
             outputs.append(out)

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from kernel.classification import PARAMETER, from_json
 from kernel.errors import ServerError, invalid
 from kernel.shm_registry import SharedMemoryRegistry
 from kernel.types import ArenaRef, InferRequest, InferResponse, InputTensor, RequestedOutput, ShmRef
@@ -117,8 +118,8 @@ def _parse_plain(model: str, version: str, doc: dict, body: bytes | memoryview, 
         for item in outputs:
             name = item.get("name") if type(item) is dict else None
             oparams = item.get("parameters", {}) if name is not None else None
-            if type(name) is not str or type(oparams) is not dict or name in names:
-                raise _Unusual
+            if type(name) is not str or type(oparams) is not dict or name in names or PARAMETER in oparams:
+                raise _Unusual  # (classification: read by the checked parser)
             names.add(name)
             ref = shm_ref(_shm_params(oparams), name, shm) if "shared_memory_region" in oparams else None
             requested.append(RequestedOutput(name, ref, oparams))
@@ -159,10 +160,14 @@ def _parse_checked(model: str, version: str, doc: Any, body: bytes, header_lengt
         seen: set[str] = set()
         request.outputs = []
         for item in outputs:
-            out = _output(item, shm)
+            out, classes = _output(item, shm)
             if out.name not in seen:  # Triton answers a repeated output once
                 seen.add(out.name)
                 request.outputs.append(out)
+                if classes:
+                    if request.classification is None:
+                        request.classification = {}
+                    request.classification[out.name] = classes
     return request
 
 
@@ -336,22 +341,26 @@ def flatten_json(data: Any) -> list:
     return out
 
 
-def _output(item: Any, shm: SharedMemoryRegistry) -> RequestedOutput:
+def _output(item: Any, shm: SharedMemoryRegistry) -> tuple[RequestedOutput, int]:
+    """A requested output, and its ``classification`` count (0: none)."""
     if not isinstance(item, dict):
         raise _parse_error("Unable to parse 'outputs': attempt to access JSON non-object as object")
     if not isinstance(_member(item, "name"), str):
         raise _parse_error("Unable to parse 'name': attempt to access JSON non-string as string")
     params = _params(item.get("parameters") or {}, "parameters")
     out = RequestedOutput(item["name"], parameters=params)
+    classes = from_json(params) if PARAMETER in params else 0
     if params.get("shared_memory_region") is not None:
         out.shm = shm_ref(_shm_params(params), item["name"], shm)
-    return out
+    return out, classes
 
 
 def encode_response(response: InferResponse, request: InferRequest) -> tuple[list, int | None]:
     """Body parts and the JSON header length (None when there is no binary data)."""
-    default_binary = bool(request.parameters.get("binary_data_output", False))
     wanted = {o.name: o.parameters for o in request.outputs} if request.outputs else None
+    # Triton applies the request's binary_data_output to the outputs it answers unasked only: a listed output
+    # (a classified one too) is binary when its own binary_data says so
+    default_binary = wanted is None and bool(request.parameters.get("binary_data_output", False))
     outputs = []
     blobs: list = []
     for out in response.outputs:
