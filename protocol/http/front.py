@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from kernel import tracing
+from kernel import logs, tracing
 from kernel.errors import CUDA_SHM_UNSUPPORTED, ServerError, invalid
 from kernel.restricted import forward_headers, http_message
 from kernel.server import Core
@@ -153,7 +153,8 @@ class HttpFront:
         for method in ("GET", "POST"):  # others: 405, as Triton
             add(method, "/v2/trace/setting", self.trace, "trace")
             add(method, "/v2/models/{model}/trace/setting", self.trace, "trace")
-        add("*", "/v2/logging", self.logging, "logging")
+        for method in ("GET", "POST"):
+            add(method, "/v2/logging", self.logging, "logging")
 
     def _add(self, method: str, path: str, handler: Any, category: str) -> None:
         """Route ``path`` to ``handler`` behind Triton's check of its restricted-API category.
@@ -371,12 +372,29 @@ class HttpFront:
         return _json(self.core.tracer.settings(model))
 
     def logging(self, request: Request) -> Response:
+        """Triton's logging extension: each setting checked and applied in Triton's order (a refusal keeps
+        those before it); a JSON ``null`` is no setting. Triton's 500/501/503 refusals are 400 here."""
         if request.method == "POST":
             doc = _read_json(request, empty=False)
-            if "log_verbose_level" in doc:
-                level = doc["log_verbose_level"]
-                if not isinstance(level, int):
-                    raise invalid("log_verbose_level must be an unsigned integer")
-                self.core.verbose = level
-        return _json({"log_file": "", "log_info": True, "log_warning": True, "log_error": True,
-                      "log_verbose_level": self.core.verbose, "log_format": "default"})
+            for key in logs.SETTINGS:
+                value = doc.get(key)
+                if value is None:
+                    continue
+                if key == "log_file":
+                    raise ServerError(logs.LOG_FILE_FIXED, "UNSUPPORTED")
+                if key == "log_verbose_level":
+                    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 64:
+                        raise invalid("attempt to access JSON non-unsigned-integer as unsigned-integer")
+                    self.core.verbose = value & 0xFFFFFFFF  # Triton keeps the low 32 bits
+                    logs.set_verbose(self.core.verbose)
+                elif key == "log_format":
+                    if not isinstance(value, str):
+                        raise invalid("attempt to access JSON non-string as string")
+                    if value not in logs.FORMATS:
+                        raise invalid(f"invalid argument for --log_format, got: {value}")
+                    logs.set_format(value)
+                else:
+                    if not isinstance(value, bool):
+                        raise invalid("attempt to access JSON non-boolean as boolean")
+                    logs.set_level(key, value)
+        return _json(logs.settings(self.core.verbose))
