@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from http.client import HTTPConnection
 
 import ml_dtypes
 import numpy as np
@@ -42,6 +43,34 @@ def raw_post(server, path, body: bytes, headers=None):
 
 
 # -- health and metadata -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(("method", "path", "content_type"), [
+    ("HEAD", "/v2", "application/json"), ("HEAD", "/v2/health/live", "text/plain"),
+    ("HEAD", "/v2/health/ready", "text/plain"), ("HEAD", "/v2/models/add_sub", "application/json"),
+    ("HEAD", "/v2/models/add_sub/ready", "text/plain"), ("HEAD", "/v2/models/nonexistent", "application/json"),
+    ("HEAD", "/v2/models/add_sub/config", "application/json"), ("HEAD", "/v2/logging", "application/json"),
+    ("PUT", "/v2", "application/json"), ("PUT", "/v2/health/live", "text/plain"),
+    ("POST", "/v2/models/add_sub/versions/1/ready", "text/plain"), ("PUT", "/v2/models/add_sub", "application/json"),
+    ("POST", "/v2/models/add_sub/config", "application/json"), ("PUT", "/v2/models/stats", "application/json"),
+    ("PUT", "/v2/models/add_sub/infer", "text/plain"), ("GET", "/v2/models/add_sub/versions/1/infer", "text/plain"),
+    ("PUT", "/v2/models/add_sub/generate", "application/json"), ("GET", "/v2/repository/index", "application/json"),
+    ("PUT", "/v2/repository/models/add_sub/load", "application/json"),
+    ("GET", "/v2/systemsharedmemory/unregister", "application/json"),
+    ("PUT", "/v2/cudasharedmemory/status", "application/json"), ("PUT", "/v2/trace/setting", "application/json"),
+    ("DELETE", "/v2/logging", "application/json")])
+def test_method_not_allowed(server, method, path, content_type):
+    """Triton 2.51 answers HEAD (and any method a route lacks) 405 ``Not Allowed``, application/json except on
+    the health and infer routes (docs/triton-behaviour.md §3)."""
+    conn = HTTPConnection(server.http_url, timeout=30)
+    try:
+        conn.request(method, path)
+        r = conn.getresponse()
+        body = r.read()
+        assert (r.status, r.reason, r.getheader("Content-Type")) == (405, "Not Allowed", content_type)
+        assert body == (b"" if method == "HEAD" else b'{"error":"Method Not Allowed"}')
+    finally:
+        conn.close()
+
+
 def test_live_and_metadata(http):
     assert http.is_server_live()
     meta = http.get_server_metadata()

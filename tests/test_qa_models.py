@@ -229,7 +229,8 @@ def test_log_settings_apply_and_refuse(tmp_path):
                 conn = HTTPConnection(srv.http_url)
                 conn.request(method, "/v2/logging", b"{}")
                 response = conn.getresponse()
-                assert (response.status, response.read()) == (405, b'{"error":"Method Not Allowed"}')
+                assert (response.status, response.getheader("Content-Type"), response.read()) == (
+                    405, "application/json", b'{"error":"Method Not Allowed"}')
                 conn.close()
         finally:
             http.close()

@@ -76,7 +76,7 @@ def _on_error(request: Request, error: BaseException) -> Response:
     if isinstance(error, ServerError):
         return _error(error)
     if isinstance(error, HttpError):
-        return Response(error_body(error.reason), error.status, _TEXT)
+        return Response(error_body(error.reason), error.status, error.content_type)
     log.error("unhandled error in %s %s", request.method, request.path, exc_info=error)
     return _error(ServerError(f"internal error: {type(error).__name__}: {error}", "INTERNAL"))
 
@@ -175,7 +175,9 @@ class HttpFront:
         guarded.category = category  # type: ignore[attr-defined]
         if handler == self.infer:
             self._infer_routes.add(guarded)
-        self.router.add(method, path, guarded)
+        # Triton's 405 is text/plain on the health and infer routes, application/json on the others
+        plain = category == "health" or handler == self.infer
+        self.router.add(method, path, guarded, _TEXT if plain else _JSON)
 
     def server(self) -> HttpServer:
         """An :class:`HttpServer` for these routes (``await server.start(host, port)``)."""
