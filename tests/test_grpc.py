@@ -1053,3 +1053,40 @@ def test_stream_out_keeps_request_order_and_flow_control_order():
         assert stream.sends == 2  # only d2 and d3 went through the writer
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(("version", "message"), [
+    ("abc", "failed to get model version from specified version string 'abc' (details: stol), version should be an "
+            "integral value > 0"),
+    ("99999999999999999999", "failed to get model version from specified version string '99999999999999999999' "
+                             "(details: stol), version should be an integral value > 0"),
+    ("-1", "invalid model version specified '-1' , version should be an integral value > 0")])
+def test_unreadable_model_version(client, version, message):
+    """Triton reads a version string with std::stol before it looks the model up: INVALID_ARGUMENT on every RPC
+    that names a version (ModelReady included), an unknown model's too (docs/triton-behaviour.md §7)."""
+    a = np.arange(16, dtype=np.int32)
+    inputs = [grpcclient.InferInput(n, [16], "INT32") for n in ("INPUT0", "INPUT1")]
+    for i in inputs:
+        i.set_data_from_numpy(a)
+    for call in (lambda: client.is_model_ready("add_sub", version), lambda: client.is_model_ready("nope", version),
+                 lambda: client.get_model_metadata("add_sub", version),
+                 lambda: client.get_model_config("add_sub", version),
+                 lambda: client.get_inference_statistics("add_sub", version),
+                 lambda: client.get_inference_statistics("", version),
+                 lambda: client.infer("add_sub", inputs, model_version=version)):
+        assert expect_error(client, message, "INVALID_ARGUMENT", call).message() == message
+    results: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put(error))
+    try:
+        client.async_stream_infer("add_sub", inputs, model_version=version)
+        assert results.get(timeout=30).message() == message
+    finally:
+        client.stop_stream()
+
+
+@pytest.mark.parametrize("version", ["+1", " 1", "1x", "01"])
+def test_model_version_read_as_stol(client, version):
+    """std::stol's leniency: leading blanks and a sign are read, what follows the digits is ignored."""
+    assert client.is_model_ready("add_sub", version)
+    assert client.get_model_metadata("add_sub", version).versions == ["1"]
+    assert client.get_inference_statistics("add_sub", version).model_stats[0].version == "1"

@@ -378,3 +378,27 @@ def test_concurrent_requests_all_correct(http, server):
 
 def test_np_dtype_names_match():
     assert np_to_triton_dtype(np.int32) == "INT32"
+
+
+def test_unreadable_model_version(http, server):
+    """A version number out of int64's range is Triton's stol error (400) on every route that names one; the
+    ready and infer routes answer it in text/plain (docs/triton-behaviour.md §3)."""
+    version = "99999999999999999999"
+    message = (f"failed to get model version from specified version string '{version}' (details: stol), version "
+               "should be an integral value > 0")
+    a = np.arange(16, dtype=np.int32)
+    for call in (lambda: http.get_model_metadata("add_sub", version), lambda: http.get_model_config("add_sub", version),
+                 lambda: http.get_inference_statistics("add_sub", version),
+                 lambda: http.infer("add_sub", add_sub_inputs(a, a), model_version=version)):
+        with pytest.raises(InferenceServerException) as e:
+            call()
+        assert (e.value.status(), e.value.message()) == ("400", message)
+    for path in (f"/v2/models/add_sub/versions/{version}/ready", f"/v2/models/nope/versions/{version}"):
+        conn = HTTPConnection(server.http_url, timeout=30)
+        conn.request("GET", path)
+        r = conn.getresponse()
+        assert (r.status, r.read()) == (400, json.dumps({"error": message}, separators=(",", ":")).encode())
+        assert r.getheader("Content-Type") == ("text/plain" if path.endswith("/ready") else "application/json")
+        conn.close()
+    assert http.get_model_metadata("add_sub", "01")["versions"] == ["1"]
+    assert http.get_inference_statistics("add_sub", "01")["model_stats"][0]["version"] == "1"

@@ -229,7 +229,11 @@ class HttpFront:
 
     def model_ready(self, request: Request) -> Response:
         m = request.match_info
-        if self.core.model_ready(m["model"], m.get("version", "")):
+        try:
+            ready = self.core.model_ready(m["model"], m.get("version", ""))
+        except ServerError as e:  # a version Triton cannot read: its text, text/plain on this route
+            return _error(e, _TEXT)
+        if ready:
             return _ok()
         return _not_ready(b'{"error":"Model version not ready"}')
 
