@@ -402,3 +402,40 @@ def test_unreadable_model_version(http, server):
         conn.close()
     assert http.get_model_metadata("add_sub", "01")["versions"] == ["1"]
     assert http.get_inference_statistics("add_sub", "01")["model_stats"][0]["version"] == "1"
+
+
+def test_wrong_type_request_parameters(http, server):
+    """Triton types ``binary_data_output``, ``priority``, ``timeout`` and an output's ``binary_data`` (500 there,
+    400 here, Triton's text), checking request parameters in the body's order (docs/triton-behaviour.md §6)."""
+    a = np.arange(16, dtype=np.int32)
+    uint = "attempt to access JSON non-unsigned-integer as unsigned-integer"
+    for kwargs, message in (({"priority": "high"}, f"Unable to parse 'priority': {uint}"),
+                            ({"priority": -1}, f"Unable to parse 'priority': {uint}"),
+                            ({"timeout": -5}, f"Unable to parse 'timeout': {uint}"),
+                            ({"timeout": 5.5}, f"Unable to parse 'timeout': {uint}")):
+        with pytest.raises(InferenceServerException) as e:
+            http.infer("add_sub", add_sub_inputs(a, a), **kwargs)
+        assert (e.value.status(), e.value.message()) == ("400", message)
+    ints = [1] * 16
+    inputs = [{"name": n, "shape": [16], "datatype": "INT32", "data": ints} for n in ("INPUT0", "INPUT1")]
+    boolean = "attempt to access JSON non-boolean as boolean"
+    for extra, message in (
+            ({"parameters": {"binary_data_output": "yes"}}, f"Unable to parse 'binary_data_output': {boolean}"),
+            ({"parameters": {"binary_data_output": None}}, f"Unable to parse 'binary_data_output': {boolean}"),
+            ({"parameters": {"timeout": "x", "priority": "x"}}, f"Unable to parse 'timeout': {uint}"),
+            ({"parameters": {"sequence_start": 1, "binary_data_output": 1}},
+             f"Unable to parse 'sequence_start': {boolean}"),
+            ({"parameters": {"priority": 1 << 64}}, f"Unable to parse 'priority': {uint}"),
+            ({"parameters": None}, "failed to get request params.: attempt to get members for non-object"),
+            ({"parameters": "x"}, "failed to get request params.: attempt to get members for non-object"),
+            ({"outputs": [{"name": "OUTPUT0", "parameters": {"binary_data": "yes"}}]},
+             f"Unable to parse 'binary_data': {boolean}")):
+        status, body = raw_post(server, "/v2/models/add_sub/infer", json.dumps({"inputs": inputs, **extra}).encode())
+        assert (status, json.loads(body)) == (400, {"error": message}), extra
+    for extra in ({"parameters": {"priority": 3, "timeout": (1 << 64) - 1, "binary_data_output": False}},
+                  {"outputs": [{"name": "OUTPUT0", "parameters": "x"}]}):  # Triton ignores those output parameters
+        status, body = raw_post(server, "/v2/models/add_sub/infer", json.dumps({"inputs": inputs, **extra}).encode())
+        assert status == 200 and json.loads(body)["outputs"][0]["data"] == [2] * 16
+    for ready in ("yes", 1, None):
+        status, body = raw_post(server, "/v2/repository/index", json.dumps({"ready": ready}).encode())
+        assert (status, json.loads(body)) == (400, {"error": boolean})

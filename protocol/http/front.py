@@ -312,7 +312,10 @@ class HttpFront:
     # -- model repository -----------------------------------------------
     def repository_index(self, request: Request) -> Response:
         doc = _read_json(request)
-        return _json(self.core.repository_index(bool(doc.get("ready", False))))
+        ready = doc.get("ready", False)
+        if type(ready) is not bool:  # (null too, as Triton's)
+            raise invalid("attempt to access JSON non-boolean as boolean")
+        return _json(self.core.repository_index(ready))
 
     async def load(self, request: Request) -> Response:
         doc = _read_json(request)
