@@ -439,3 +439,38 @@ def test_wrong_type_request_parameters(http, server):
     for ready in ("yes", 1, None):
         status, body = raw_post(server, "/v2/repository/index", json.dumps({"ready": ready}).encode())
         assert (status, json.loads(body)) == (400, {"error": boolean})
+
+
+def test_inference_header_length_read_as_triton(server):
+    """No Inference-Header-Content-Length: the body is JSON, an empty one a raw request; the header is read with C's
+    atoi (``+5``, `` 5``, ``5x`` are 5; ``-0``, ``abc`` are 0: raw), and outside [0, body] it is Triton's range
+    error in text/plain (docs/triton-behaviour.md §6)."""
+    raw = ("[request id: <id_unknown>] Raw request must only have 1 input (found 1) to be deduced but got 2 inputs "
+           "in 'add_sub' model configuration")
+    body = json.dumps({"inputs": [{"name": n, "shape": [16], "datatype": "INT32", "data": [1] * 16}
+                                  for n in ("INPUT0", "INPUT1")]}).encode()
+    cases = [(b"", {}, 400, "application/json", raw),
+             (b"", {"Content-Length": "0"}, 400, "application/json", raw),
+             (b" \n", {}, 400, "application/json",
+              "failed to parse the request JSON buffer: The document is empty. at 2"),
+             (body, {"Inference-Header-Content-Length": "-5"}, 400, "text/plain",
+              f"inference header size should be in range (0, {len(body)}), got: -5"),
+             (b"", {"Inference-Header-Content-Length": "-5"}, 400, "text/plain",
+              "inference header size should be in range (0, 0), got: -5"),
+             (body, {"Inference-Header-Content-Length": "99999999999999999999"}, 400, "text/plain",
+              f"inference header size should be in range (0, {len(body)}), got: 99999999999999999999"),
+             (body, {"Inference-Header-Content-Length": "-0"}, 400, "application/json", raw),
+             (body, {"Inference-Header-Content-Length": f" +{len(body)}x"}, 200, "application/json", None)]
+    for data, headers, status, content_type, message in cases:
+        conn = HTTPConnection(server.http_url, timeout=30)
+        try:
+            conn.request("POST", "/v2/models/add_sub/infer", data, headers)
+            r = conn.getresponse()
+            answer = json.loads(r.read())
+            assert (r.status, r.getheader("Content-Type")) == (status, content_type), (headers, answer)
+            if message is not None:
+                assert answer == {"error": message}
+            else:
+                assert answer["outputs"][0]["data"] == [2] * 16
+        finally:
+            conn.close()

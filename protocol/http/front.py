@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from functools import partial
 from typing import Any
 
@@ -84,6 +85,19 @@ def _on_error(request: Request, error: BaseException) -> Response:
 def _check_uint(value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise invalid("attempt to access JSON non-unsigned-integer as unsigned-integer")
+
+
+_ATOI = re.compile(r"[ \t\n\v\f\r]*([+-]?[0-9]+)")
+
+
+def _atoi(text: str) -> int:
+    """C's ``atoi`` as glibc's (``strtol`` cast to int): leading blanks, a sign, digits, the rest ignored; 0 if
+    there is no number; out of range, ``long``'s limit cut to 32 bits (so 2**63 and more read as -1)."""
+    m = _ATOI.match(text)
+    if m is None:
+        return 0
+    value = max(-(1 << 63), min(int(m[1]), (1 << 63) - 1))
+    return (value + (1 << 31)) % (1 << 32) - (1 << 31)
 
 
 def _traced_send(trace: Any, release: Any) -> None:
@@ -261,15 +275,23 @@ class HttpFront:
             trace.stamp("HTTP_RECV_END")
         body = request.body
         header = request.headers.get("inference-header-content-length")
+        # Triton's reading: no header, the whole body is JSON (an empty one: a raw request); else C's atoi
+        # of it, 0 a raw request, out of [0, body] its range error (text/plain)
+        length = len(body) if header is None else int(header) if header.isdigit() and len(header) < 10 \
+            else _atoi(header)
+        if not 0 <= length <= len(body):
+            if trace is not None:
+                trace.finish()
+            return _error(invalid(f"inference header size should be in range (0, {len(body)}), got: {header}"),
+                          _TEXT)
         try:
-            if header is not None and (not header.isdigit() or int(header) == 0):
+            if length == 0:
                 specs = [(s.name, s.datatype, s.dims, mv.max_batch_size > 0) for s in mv.inputs.values()]
                 infer_request = v2json.raw_request(model, version, memoryview(body), specs)
             else:
                 buffer = request.buffer
                 where = (buffer.key, buffer.offset) if isinstance(buffer, ArenaBody) else None
-                infer_request = v2json.parse_request(model, version, body, int(header) if header else None,
-                                                     self.core.shm, where)
+                infer_request = v2json.parse_request(model, version, body, length, self.core.shm, where)
         except BaseException:
             if trace is not None:
                 trace.finish()  # unparsable: the trace ends with what it has

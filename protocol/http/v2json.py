@@ -35,6 +35,9 @@ def parse_request(model: str, version: str, body: bytes | memoryview, header_len
     try:
         doc = orjson.loads(body if header_length == size else memoryview(body)[:header_length])
     except orjson.JSONDecodeError as e:
+        if not bytes(body[:header_length]).strip(b" \t\n\r"):  # (rapidjson's words and whitespace)
+            raise _parse_error(
+                f"failed to parse the request JSON buffer: The document is empty. at {header_length}") from None
         raise _parse_error(f"failed to parse the request JSON buffer: {e}") from None
     if type(doc) is dict:
         try:
