@@ -474,3 +474,27 @@ def test_inference_header_length_read_as_triton(server):
                 assert answer["outputs"][0]["data"] == [2] * 16
         finally:
             conn.close()
+
+
+def test_request_errors_word_for_word(http):
+    """Triton 2.51's texts over HTTP too: the inputs got listed last first, an empty missing list as ``]``, JSON
+    strings counted as its core counts serialised ones (docs/triton-behaviour.md §6)."""
+    a = np.arange(16, dtype=np.int32)
+    extra = httpclient.InferInput("BOGUS", [16], "INT32")
+    extra.set_data_from_numpy(a)
+    p = "[request id: <id_unknown>] "
+    cases = [("add_sub", add_sub_inputs(a, a) + [extra],
+              f"{p}expected 2 inputs but got 3 inputs for model 'add_sub'. Got input(s) ['BOGUS','INPUT1','INPUT0'], "
+              "but missing required input(s) ]. Please provide all required input(s).")]
+    for count, strings, message in (
+            (1, ["a", "b"], f"{p}unexpected number of string elements 2 for inference input 'TEXT' for model 'upper', "
+                            "expecting 1"),
+            (3, ["a", "b"], f"{p}expected 3 string elements for inference input 'TEXT' for model 'upper', got 2")):
+        text = httpclient.InferInput("TEXT", [len(strings)], "BYTES")
+        text.set_data_from_numpy(np.array(strings, dtype=np.object_), binary_data=False)
+        text.set_shape([count])
+        cases.append(("upper", [text], message))
+    for model, inputs, message in cases:
+        with pytest.raises(InferenceServerException) as e:
+            http.infer(model, inputs)
+        assert (e.value.status(), e.value.message()) == ("400", message)
