@@ -94,5 +94,37 @@ def configure(verbose: int = 0, info: bool = True, warning: bool = True, error: 
         logging.getLogger("kernel").warning("%s; logging to the console", problem)
 
 
-__all__ = ["FORMATS", "FORMAT_ENV", "LEVELS_ENV", "TritonFormatter", "configure", "enabled", "open_log_file",
-           "prefix"]
+#: What a logging-settings request may change, in the order Triton applies them: each is applied before the
+#: next is looked at, so a request refused at ``log_format`` keeps its ``log_info`` (observed on 2.51).
+SETTINGS = ("log_file", "log_info", "log_warning", "log_error", "log_verbose_level", "log_format")
+LOG_FILE_FIXED = "log file location can not be updated through network protocol"
+_LEVEL_OF = {"log_info": "I", "log_warning": "W", "log_error": "E"}
+
+
+def settings(verbose: int) -> dict[str, bool | int | str]:
+    """The settings as Triton's logging extension reports them (``log_file`` is never reported)."""
+    levels = os.environ.get(LEVELS_ENV, "IWE")
+    return {"log_file": "", "log_info": "I" in levels, "log_warning": "W" in levels, "log_error": "E" in levels,
+            "log_verbose_level": verbose, "log_format": os.environ.get(FORMAT_ENV, "default")}
+
+
+def set_level(key: str, on: bool) -> None:
+    """``log_info``, ``log_warning`` or ``log_error`` at run time: the front's lines and those of workers
+    started from now on (running workers keep the settings they started with)."""
+    letter = _LEVEL_OF[key]
+    levels = os.environ.get(LEVELS_ENV, "IWE").replace(letter, "")
+    os.environ[LEVELS_ENV] = "".join(c for c in "IWE" if c in levels or (c == letter and on))
+
+
+def set_format(fmt: str) -> None:
+    """``log_format`` at run time: one of :data:`FORMATS` (Triton's spelling only; the caller checks)."""
+    os.environ[FORMAT_ENV] = fmt
+
+
+def set_verbose(level: int) -> None:
+    """``log_verbose_level`` at run time: the front's verbose records on or off."""
+    logging.getLogger().setLevel(logging.DEBUG if level else logging.INFO)
+
+
+__all__ = ["FORMATS", "FORMAT_ENV", "LEVELS_ENV", "LOG_FILE_FIXED", "SETTINGS", "TritonFormatter", "configure",
+           "enabled", "open_log_file", "prefix", "set_format", "set_level", "set_verbose", "settings"]

@@ -496,7 +496,7 @@ class ModelVersion:
         missing = [n for n in self.required if n not in names]
         count_error = invalid(
             f"{prefix}expected {len(self.required)} inputs but got {len(names)} inputs for model '{model}'. "
-            f"Got input(s) {_names(names)}, but missing required input(s) {_names(missing)}. "
+            f"Got input(s) {_names(names[::-1])}, but missing required input(s) {_names(missing) if missing else ']'}. "
             "Please provide all required input(s).")
         if len(names) > len(inputs) or len(names) < len(self.required):
             raise count_error
@@ -521,20 +521,22 @@ class ModelVersion:
         for t in request.inputs:
             spec = inputs[t.name]
             if t.datatype != spec.datatype:
-                raise invalid(f"{prefix}inference input '{t.name}' data-type is '{t.datatype}', "
+                given = t.datatype if t.datatype in dtypes.NUMPY else "<invalid>"  # Triton's name for no type
+                raise invalid(f"{prefix}inference input '{t.name}' data-type is '{given}', "
                               f"but model '{model}' expects '{spec.datatype}'")
             shape = t.shape
-            if any(d < 0 for d in shape):
-                raise invalid(f"{prefix}All input dimensions should be specified for input '{t.name}' for model "
-                              f"'{model}', got {_shape(shape)}")
             batched = mbs > 0 and not spec.shape_tensor
             if batched and shape and shape[0] != batch:
                 raise invalid(f"{prefix}input '{t.name}' batch size does not match other inputs for '{model}'")
+            # Triton compares the shape first, a -1 on either side matching any size; [-5] is a wrong shape
             if not _matches(shape[1:] if batched else shape, spec.dims) or (batched and not shape):
                 expected = ([-1] if batched else []) + spec.dims
                 note = _BATCH_NOTE if batched else ""
                 raise invalid(f"{prefix}unexpected shape for input '{t.name}' for model '{model}'. "
                               f"Expected {_shape(expected)}, got {_shape(shape)}. {note}")
+            if any(d < 0 for d in shape):
+                raise invalid(f"{prefix}All input dimensions should be specified for input '{t.name}' for model "
+                              f"'{model}', got {_shape(shape)}")
             self._check_size(t, prefix)
         if request.outputs:
             for out in request.outputs:
@@ -549,6 +551,11 @@ class ModelVersion:
         count = dtypes.element_count(t.shape)
         if isinstance(data, np.ndarray):
             size = data.size
+            if size != count and t.datatype == "BYTES":  # (JSON strings) Triton's core counts them as serialised
+                raise invalid(f"{prefix}unexpected number of string elements {count + 1} for inference input "
+                              f"'{t.name}' for model '{self.name}', expecting {count}" if size > count else
+                              f"{prefix}expected {count} string elements for inference input '{t.name}' for model "
+                              f"'{self.name}', got {size}")
             if size != count:
                 raise invalid(f"{prefix}unexpected number of elements for input '{t.name}' for model "
                               f"'{self.name}'. Expected {count}, got {size}")
@@ -559,10 +566,9 @@ class ModelVersion:
                 return  # never read a client's region here: the worker checks the count
             if isinstance(data, ArenaRef):
                 data = data.owner  # our own arena (a request body): the bytes are at hand
-            got = dtypes.count_bytes_elements(data if data is not None else b"")
-            if got != count:
-                raise invalid(f"{prefix}expected {count} string elements for inference input '{t.name}' for "
-                              f"model '{self.name}', got {max(got, 0)}")
+            problem = _bytes_problem(data if data is not None else b"", count, t.name, prefix, self.name)
+            if problem:
+                raise invalid(problem)
             return
         size = data.byte_size if isinstance(data, (ShmRef, ArenaRef)) else (0 if data is None else len(data))
         if size != expected:
@@ -977,10 +983,38 @@ def _groups(config: ModelConfig) -> list[tuple]:
             for g in config.instance_group]
 
 
+def _bytes_problem(buf: Any, count: int, name: str, prefix: str, model: str) -> str:
+    """Triton's words for serialised BYTES data that does not hold ``count`` elements ("" if it does): its core
+    walks the length indicators (an element cut short counts, the walk ending there), and its python backend
+    refuses the data of a last element cut short."""
+    mv = memoryview(buf).cast("B")
+    pos, end, n = 0, len(mv), 0
+    while pos < end:
+        if end - pos < 4:
+            return (f"{prefix}incomplete string length indicator for inference input '{name}' for model '{model}', "
+                    f"expecting 4 bytes but only {end - pos} bytes available. Please make sure the string length "
+                    "indicator is in one buffer.")
+        length = int.from_bytes(mv[pos : pos + 4], "little")
+        pos += 4
+        n += 1
+        if n > count:
+            return (f"{prefix}unexpected number of string elements {n} for inference input '{name}' for model "
+                    f"'{model}', expecting {count}")
+        if length > end - pos:
+            if n == count:
+                return (f"incomplete string data for inference input '{name}', expecting string of length {length} "
+                        f"but only {end - pos} bytes available")
+            break
+        pos += length
+    if n != count:
+        return f"{prefix}expected {count} string elements for inference input '{name}' for model '{model}', got {n}"
+    return ""
+
+
 def _matches(shape: list[int], dims: list[int]) -> bool:
     if len(shape) != len(dims):
         return False
-    return all(d == -1 or s == d for s, d in zip(shape, dims))
+    return all(d == -1 or s == d or s == -1 for s, d in zip(shape, dims))
 
 
 def _shape(shape: list[int]) -> str:

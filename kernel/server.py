@@ -70,6 +70,25 @@ class Model:
         self.removed = False  # its directory went away (poll mode): unloaded, and no longer in the index
 
 
+def parse_version(version: str) -> int:
+    """A request's model version string as Triton reads it (``std::stol``: leading blanks, a sign, digits, the
+    rest ignored: ``" +1x"`` is 1), or its INVALID_ARG error for no number, one out of int64's range, or one < 0."""
+    if version.isdigit() and version.isascii() and len(version) < 19:
+        return int(version)  # the usual case
+    m = _STOL.match(version)
+    if m is None or not -(1 << 63) <= int(m[1]) < 1 << 63:
+        raise ServerError(f"failed to get model version from specified version string '{version}' "
+                          "(details: stol), version should be an integral value > 0", "INVALID_ARG")
+    number = int(m[1])
+    if number < 0:
+        raise ServerError(f"invalid model version specified '{version}' , version should be an integral value > 0",
+                          "INVALID_ARG")
+    return number
+
+
+_STOL = re.compile(r"[ \t\n\v\f\r]*([+-]?[0-9]+)")
+
+
 class Core:
     """Everything behind the protocols."""
 
@@ -300,15 +319,11 @@ class Core:
 
     def version(self, name: str, version: str = "") -> ModelVersion:
         """The ready model version a request names, or Triton's NOT_FOUND error."""
+        number = parse_version(version) if version else 0  # checked first, as Triton's
         model = self.models.get(name)
         if model is None or not model.versions:
             raise ServerError(f"Request for unknown model: '{name}' is not found", "NOT_FOUND")
         if version:
-            try:
-                number = int(version)
-            except ValueError:
-                raise ServerError(f"failed to get model version from specified version string '{version}' "
-                                  "(details: stol), version should be an integral value > 0", "INVALID_ARG") from None
             mv = model.versions.get(number)
             if mv is None:
                 raise ServerError(f"Request for unknown model: '{name}' version {version} is not found", "NOT_FOUND")
@@ -329,6 +344,9 @@ class Core:
         return best
 
     def model_ready(self, name: str, version: str = "") -> bool:
+        """Whether the version is ready; a version string Triton cannot read is its INVALID_ARG error."""
+        if version:
+            parse_version(version)
         try:
             return self.version(name, version).ready
         except ServerError:
@@ -473,6 +491,7 @@ class Core:
     # -- statistics -----------------------------------------------------
     def statistics(self, name: str = "", version: str = "") -> dict:
         """Triton's statistics extension: every ready version, or those of one model."""
+        number = parse_version(version) if version else 0  # checked first, as Triton's
         if not name:
             versions = [mv for m in sorted(self.models.values(), key=lambda m: m.name)
                         for _, mv in sorted(m.versions.items()) if mv.ready]
@@ -482,7 +501,7 @@ class Core:
             if not ready:
                 raise ServerError(f"requested model '{name}' is not available", "INVALID_ARG")
             if version:
-                ready = [mv for mv in ready if mv.version_str == version]
+                ready = [mv for mv in ready if mv.version == number]
                 if not ready:
                     raise ServerError(f"requested model version is not available for model '{name}'", "INVALID_ARG")
             versions = ready

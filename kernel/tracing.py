@@ -583,7 +583,12 @@ def changes_from_grpc(settings: Any) -> dict[str, Any]:
             if not values:
                 changes[field] = None
             elif len(values) == 1:
-                changes[field] = parse(key, values[0])
+                try:
+                    changes[field] = parse(key, values[0])
+                except ServerError as e:
+                    # Triton's gRPC words have a space its HTTP ones lack (observed on 2.51)
+                    raise invalid(str(e).replace("Expecting value >= -1, got:", "Expecting value >= -1, got: ")) \
+                        from None
             else:
                 raise invalid(f"expect only 1 value for '{key}'")
     return changes

@@ -1053,3 +1053,91 @@ def test_stream_out_keeps_request_order_and_flow_control_order():
         assert stream.sends == 2  # only d2 and d3 went through the writer
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(("version", "message"), [
+    ("abc", "failed to get model version from specified version string 'abc' (details: stol), version should be an "
+            "integral value > 0"),
+    ("99999999999999999999", "failed to get model version from specified version string '99999999999999999999' "
+                             "(details: stol), version should be an integral value > 0"),
+    ("-1", "invalid model version specified '-1' , version should be an integral value > 0")])
+def test_unreadable_model_version(client, version, message):
+    """Triton reads a version string with std::stol before it looks the model up: INVALID_ARGUMENT on every RPC
+    that names a version (ModelReady included), an unknown model's too (docs/triton-behaviour.md §7)."""
+    a = np.arange(16, dtype=np.int32)
+    inputs = [grpcclient.InferInput(n, [16], "INT32") for n in ("INPUT0", "INPUT1")]
+    for i in inputs:
+        i.set_data_from_numpy(a)
+    for call in (lambda: client.is_model_ready("add_sub", version), lambda: client.is_model_ready("nope", version),
+                 lambda: client.get_model_metadata("add_sub", version),
+                 lambda: client.get_model_config("add_sub", version),
+                 lambda: client.get_inference_statistics("add_sub", version),
+                 lambda: client.get_inference_statistics("", version),
+                 lambda: client.infer("add_sub", inputs, model_version=version)):
+        assert expect_error(client, message, "INVALID_ARGUMENT", call).message() == message
+    results: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: results.put(error))
+    try:
+        client.async_stream_infer("add_sub", inputs, model_version=version)
+        assert results.get(timeout=30).message() == message
+    finally:
+        client.stop_stream()
+
+
+@pytest.mark.parametrize("version", ["+1", " 1", "1x", "01"])
+def test_model_version_read_as_stol(client, version):
+    """std::stol's leniency: leading blanks and a sign are read, what follows the digits is ignored."""
+    assert client.is_model_ready("add_sub", version)
+    assert client.get_model_metadata("add_sub", version).versions == ["1"]
+    assert client.get_inference_statistics("add_sub", version).model_stats[0].version == "1"
+
+
+def test_request_errors_word_for_word(client, stub):
+    """Triton 2.51's exact texts (docs/triton-behaviour.md §7): the inputs it got listed last first, an empty
+    missing list printed as ``]``, a negative size a wrong shape, an unknown datatype ``<invalid>``, BYTES
+    walked as its core walks them."""
+    a = np.arange(16, dtype=np.int32)
+
+    def infer_error(*tensors) -> str:
+        with pytest.raises(InferenceServerException) as e:
+            client.infer(tensors[0][0], [_infer_input(*t) for t in tensors[1:]])
+        assert e.value.status() == "StatusCode.INVALID_ARGUMENT"
+        return e.value.message()
+
+    p = "[request id: <id_unknown>] "
+    assert infer_error(("add_sub",), ("INPUT0", "INT32", a), ("INPUT1", "INT32", a), ("BOGUS", "INT32", a)) == (
+        f"{p}expected 2 inputs but got 3 inputs for model 'add_sub'. Got input(s) ['BOGUS','INPUT1','INPUT0'], but "
+        "missing required input(s) ]. Please provide all required input(s).")
+    assert infer_error(("add_sub",), ("INPUT1", "INT32", a)) == (
+        f"{p}expected 2 inputs but got 1 inputs for model 'add_sub'. Got input(s) ['INPUT1'], but missing required "
+        "input(s) ['INPUT0']. Please provide all required input(s).")
+    rpc = [("add_sub", [("INPUT0", "INT32", [-5], a.tobytes()), ("INPUT1", "INT32", [16], a.tobytes())],
+            f"{p}unexpected shape for input 'INPUT0' for model 'add_sub'. Expected [16], got [-5]. "),
+           ("add_sub", [("INPUT0", "INT32", [-1], a.tobytes()), ("INPUT1", "INT32", [16], a.tobytes())],
+            f"{p}All input dimensions should be specified for input 'INPUT0' for model 'add_sub', got [-1]"),
+           ("add_sub", [("INPUT0", "FOO", [16], a.tobytes()), ("INPUT1", "INT32", [16], a.tobytes())],
+            f"{p}inference input 'INPUT0' data-type is '<invalid>', but model 'add_sub' expects 'INT32'"),
+           ("upper", [("TEXT", "BYTES", [1], b"\x05\0\0\0a")],
+            "incomplete string data for inference input 'TEXT', expecting string of length 5 but only 1 bytes "
+            "available"),
+           ("upper", [("TEXT", "BYTES", [1], b"\x01\0\0\0a\x01\0\0\0b")],
+            f"{p}unexpected number of string elements 2 for inference input 'TEXT' for model 'upper', expecting 1"),
+           ("upper", [("TEXT", "BYTES", [2], b"\x09\0\0\0a")],
+            f"{p}expected 2 string elements for inference input 'TEXT' for model 'upper', got 1"),
+           ("upper", [("TEXT", "BYTES", [1], b"\x01\0")],
+            f"{p}incomplete string length indicator for inference input 'TEXT' for model 'upper', expecting 4 bytes "
+            "but only 2 bytes available. Please make sure the string length indicator is in one buffer.")]
+    for model, tensors, message in rpc:
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelInfer(raw_request(model, *tensors))
+        assert (e.value.code(), e.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, message)
+    with pytest.raises(InferenceServerException) as e:
+        client.update_trace_settings(settings={"trace_count": "-5"})
+    assert e.value.message() == "Unable to parse 'trace_count'. Expecting value >= -1, got: -5"  # HTTP: "got:-5"
+    assert_serving(client)
+
+
+def _infer_input(name: str, datatype: str, array: np.ndarray) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput(name, list(array.shape), datatype)
+    tensor.set_data_from_numpy(array)
+    return tensor

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from http.client import HTTPConnection
 
 import ml_dtypes
 import numpy as np
@@ -42,6 +43,34 @@ def raw_post(server, path, body: bytes, headers=None):
 
 
 # -- health and metadata -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(("method", "path", "content_type"), [
+    ("HEAD", "/v2", "application/json"), ("HEAD", "/v2/health/live", "text/plain"),
+    ("HEAD", "/v2/health/ready", "text/plain"), ("HEAD", "/v2/models/add_sub", "application/json"),
+    ("HEAD", "/v2/models/add_sub/ready", "text/plain"), ("HEAD", "/v2/models/nonexistent", "application/json"),
+    ("HEAD", "/v2/models/add_sub/config", "application/json"), ("HEAD", "/v2/logging", "application/json"),
+    ("PUT", "/v2", "application/json"), ("PUT", "/v2/health/live", "text/plain"),
+    ("POST", "/v2/models/add_sub/versions/1/ready", "text/plain"), ("PUT", "/v2/models/add_sub", "application/json"),
+    ("POST", "/v2/models/add_sub/config", "application/json"), ("PUT", "/v2/models/stats", "application/json"),
+    ("PUT", "/v2/models/add_sub/infer", "text/plain"), ("GET", "/v2/models/add_sub/versions/1/infer", "text/plain"),
+    ("PUT", "/v2/models/add_sub/generate", "application/json"), ("GET", "/v2/repository/index", "application/json"),
+    ("PUT", "/v2/repository/models/add_sub/load", "application/json"),
+    ("GET", "/v2/systemsharedmemory/unregister", "application/json"),
+    ("PUT", "/v2/cudasharedmemory/status", "application/json"), ("PUT", "/v2/trace/setting", "application/json"),
+    ("DELETE", "/v2/logging", "application/json")])
+def test_method_not_allowed(server, method, path, content_type):
+    """Triton 2.51 answers HEAD (and any method a route lacks) 405 ``Not Allowed``, application/json except on
+    the health and infer routes (docs/triton-behaviour.md §3)."""
+    conn = HTTPConnection(server.http_url, timeout=30)
+    try:
+        conn.request(method, path)
+        r = conn.getresponse()
+        body = r.read()
+        assert (r.status, r.reason, r.getheader("Content-Type")) == (405, "Not Allowed", content_type)
+        assert body == (b"" if method == "HEAD" else b'{"error":"Method Not Allowed"}')
+    finally:
+        conn.close()
+
+
 def test_live_and_metadata(http):
     assert http.is_server_live()
     meta = http.get_server_metadata()
@@ -349,3 +378,123 @@ def test_concurrent_requests_all_correct(http, server):
 
 def test_np_dtype_names_match():
     assert np_to_triton_dtype(np.int32) == "INT32"
+
+
+def test_unreadable_model_version(http, server):
+    """A version number out of int64's range is Triton's stol error (400) on every route that names one; the
+    ready and infer routes answer it in text/plain (docs/triton-behaviour.md §3)."""
+    version = "99999999999999999999"
+    message = (f"failed to get model version from specified version string '{version}' (details: stol), version "
+               "should be an integral value > 0")
+    a = np.arange(16, dtype=np.int32)
+    for call in (lambda: http.get_model_metadata("add_sub", version), lambda: http.get_model_config("add_sub", version),
+                 lambda: http.get_inference_statistics("add_sub", version),
+                 lambda: http.infer("add_sub", add_sub_inputs(a, a), model_version=version)):
+        with pytest.raises(InferenceServerException) as e:
+            call()
+        assert (e.value.status(), e.value.message()) == ("400", message)
+    for path in (f"/v2/models/add_sub/versions/{version}/ready", f"/v2/models/nope/versions/{version}"):
+        conn = HTTPConnection(server.http_url, timeout=30)
+        conn.request("GET", path)
+        r = conn.getresponse()
+        assert (r.status, r.read()) == (400, json.dumps({"error": message}, separators=(",", ":")).encode())
+        assert r.getheader("Content-Type") == ("text/plain" if path.endswith("/ready") else "application/json")
+        conn.close()
+    assert http.get_model_metadata("add_sub", "01")["versions"] == ["1"]
+    assert http.get_inference_statistics("add_sub", "01")["model_stats"][0]["version"] == "1"
+
+
+def test_wrong_type_request_parameters(http, server):
+    """Triton types ``binary_data_output``, ``priority``, ``timeout`` and an output's ``binary_data`` (500 there,
+    400 here, Triton's text), checking request parameters in the body's order (docs/triton-behaviour.md §6)."""
+    a = np.arange(16, dtype=np.int32)
+    uint = "attempt to access JSON non-unsigned-integer as unsigned-integer"
+    for kwargs, message in (({"priority": "high"}, f"Unable to parse 'priority': {uint}"),
+                            ({"priority": -1}, f"Unable to parse 'priority': {uint}"),
+                            ({"timeout": -5}, f"Unable to parse 'timeout': {uint}"),
+                            ({"timeout": 5.5}, f"Unable to parse 'timeout': {uint}")):
+        with pytest.raises(InferenceServerException) as e:
+            http.infer("add_sub", add_sub_inputs(a, a), **kwargs)
+        assert (e.value.status(), e.value.message()) == ("400", message)
+    ints = [1] * 16
+    inputs = [{"name": n, "shape": [16], "datatype": "INT32", "data": ints} for n in ("INPUT0", "INPUT1")]
+    boolean = "attempt to access JSON non-boolean as boolean"
+    for extra, message in (
+            ({"parameters": {"binary_data_output": "yes"}}, f"Unable to parse 'binary_data_output': {boolean}"),
+            ({"parameters": {"binary_data_output": None}}, f"Unable to parse 'binary_data_output': {boolean}"),
+            ({"parameters": {"timeout": "x", "priority": "x"}}, f"Unable to parse 'timeout': {uint}"),
+            ({"parameters": {"sequence_start": 1, "binary_data_output": 1}},
+             f"Unable to parse 'sequence_start': {boolean}"),
+            ({"parameters": {"priority": 1 << 64}}, f"Unable to parse 'priority': {uint}"),
+            ({"parameters": None}, "failed to get request params.: attempt to get members for non-object"),
+            ({"parameters": "x"}, "failed to get request params.: attempt to get members for non-object"),
+            ({"outputs": [{"name": "OUTPUT0", "parameters": {"binary_data": "yes"}}]},
+             f"Unable to parse 'binary_data': {boolean}")):
+        status, body = raw_post(server, "/v2/models/add_sub/infer", json.dumps({"inputs": inputs, **extra}).encode())
+        assert (status, json.loads(body)) == (400, {"error": message}), extra
+    for extra in ({"parameters": {"priority": 3, "timeout": (1 << 64) - 1, "binary_data_output": False}},
+                  {"outputs": [{"name": "OUTPUT0", "parameters": "x"}]}):  # Triton ignores those output parameters
+        status, body = raw_post(server, "/v2/models/add_sub/infer", json.dumps({"inputs": inputs, **extra}).encode())
+        assert status == 200 and json.loads(body)["outputs"][0]["data"] == [2] * 16
+    for ready in ("yes", 1, None):
+        status, body = raw_post(server, "/v2/repository/index", json.dumps({"ready": ready}).encode())
+        assert (status, json.loads(body)) == (400, {"error": boolean})
+
+
+def test_inference_header_length_read_as_triton(server):
+    """No Inference-Header-Content-Length: the body is JSON, an empty one a raw request; the header is read with C's
+    atoi (``+5``, `` 5``, ``5x`` are 5; ``-0``, ``abc`` are 0: raw), and outside [0, body] it is Triton's range
+    error in text/plain (docs/triton-behaviour.md §6)."""
+    raw = ("[request id: <id_unknown>] Raw request must only have 1 input (found 1) to be deduced but got 2 inputs "
+           "in 'add_sub' model configuration")
+    body = json.dumps({"inputs": [{"name": n, "shape": [16], "datatype": "INT32", "data": [1] * 16}
+                                  for n in ("INPUT0", "INPUT1")]}).encode()
+    cases = [(b"", {}, 400, "application/json", raw),
+             (b"", {"Content-Length": "0"}, 400, "application/json", raw),
+             (b" \n", {}, 400, "application/json",
+              "failed to parse the request JSON buffer: The document is empty. at 2"),
+             (body, {"Inference-Header-Content-Length": "-5"}, 400, "text/plain",
+              f"inference header size should be in range (0, {len(body)}), got: -5"),
+             (b"", {"Inference-Header-Content-Length": "-5"}, 400, "text/plain",
+              "inference header size should be in range (0, 0), got: -5"),
+             (body, {"Inference-Header-Content-Length": "99999999999999999999"}, 400, "text/plain",
+              f"inference header size should be in range (0, {len(body)}), got: 99999999999999999999"),
+             (body, {"Inference-Header-Content-Length": "-0"}, 400, "application/json", raw),
+             (body, {"Inference-Header-Content-Length": f" +{len(body)}x"}, 200, "application/json", None)]
+    for data, headers, status, content_type, message in cases:
+        conn = HTTPConnection(server.http_url, timeout=30)
+        try:
+            conn.request("POST", "/v2/models/add_sub/infer", data, headers)
+            r = conn.getresponse()
+            answer = json.loads(r.read())
+            assert (r.status, r.getheader("Content-Type")) == (status, content_type), (headers, answer)
+            if message is not None:
+                assert answer == {"error": message}
+            else:
+                assert answer["outputs"][0]["data"] == [2] * 16
+        finally:
+            conn.close()
+
+
+def test_request_errors_word_for_word(http):
+    """Triton 2.51's texts over HTTP too: the inputs got listed last first, an empty missing list as ``]``, JSON
+    strings counted as its core counts serialised ones (docs/triton-behaviour.md §6)."""
+    a = np.arange(16, dtype=np.int32)
+    extra = httpclient.InferInput("BOGUS", [16], "INT32")
+    extra.set_data_from_numpy(a)
+    p = "[request id: <id_unknown>] "
+    cases = [("add_sub", add_sub_inputs(a, a) + [extra],
+              f"{p}expected 2 inputs but got 3 inputs for model 'add_sub'. Got input(s) ['BOGUS','INPUT1','INPUT0'], "
+              "but missing required input(s) ]. Please provide all required input(s).")]
+    for count, strings, message in (
+            (1, ["a", "b"], f"{p}unexpected number of string elements 2 for inference input 'TEXT' for model 'upper', "
+                            "expecting 1"),
+            (3, ["a", "b"], f"{p}expected 3 string elements for inference input 'TEXT' for model 'upper', got 2")):
+        text = httpclient.InferInput("TEXT", [len(strings)], "BYTES")
+        text.set_data_from_numpy(np.array(strings, dtype=np.object_), binary_data=False)
+        text.set_shape([count])
+        cases.append(("upper", [text], message))
+    for model, inputs, message in cases:
+        with pytest.raises(InferenceServerException) as e:
+            http.infer(model, inputs)
+        assert (e.value.status(), e.value.message()) == ("400", message)

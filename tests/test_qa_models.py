@@ -4,7 +4,10 @@ project's own python models and run through tritonclient (HTTP and gRPC)."""
 from __future__ import annotations
 
 import json
+import re
 import textwrap
+import time
+from http.client import HTTPConnection
 
 import numpy as np
 import pytest
@@ -174,3 +177,68 @@ def test_log_settings_read_and_update(server):
     assert e.value.status() == "400"
     assert c.update_log_settings({"log_verbose_level": 0})["log_verbose_level"] == 0
     c.close()
+
+
+def test_log_settings_apply_and_refuse(tmp_path):
+    """log_info/warning/error and log_format reach the server's lines; refusals keep Triton's order and text
+    (docs/triton-behaviour.md §15a): a setting before the refused one stays applied."""
+    repo = tmp_path / "repo"
+    python_model(repo, "echo", (ROOT / "tests" / "templates" / "echo_model.py").read_text(),
+                 'input [ { name: "INPUT0", data_type: TYPE_FP32, dims: [ -1 ] } ]\n'
+                 'output [ { name: "OUTPUT0", data_type: TYPE_FP32, dims: [ -1 ] } ]\n'
+                 'response_cache { enable: true }\n')  # an info line at each load (no cache configured)
+    line = "model 'echo' enables the response cache but the server has none"
+    for srv in serving(repo, tmp_path, "--model-control-mode=explicit"):
+        http = httpclient.InferenceServerClient(srv.http_url)
+        grpc_ = grpcclient.InferenceServerClient(srv.grpc_url)
+        try:
+            assert http.update_log_settings({"log_format": "ISO8601"})["log_format"] == "ISO8601"
+            http.load_model("echo")
+            assert re.search(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ I \d+ \S+\] " + re.escape(line),
+                             _wait_for(srv, line), re.M)
+            settings = grpc_.update_log_settings({"log_info": False, "log_format": "default"}).settings
+            assert settings["log_info"].bool_param is False
+            assert settings["log_format"].string_param == "default"
+            assert http.get_log_settings()["log_info"] is False
+            http.unload_model("echo")
+            http.load_model("echo")
+            time.sleep(0.5)
+            assert srv.log().count(line) == 1  # info lines are off
+            for body, text in (
+                    ({"log_verbose_level": -1}, "attempt to access JSON non-unsigned-integer as unsigned-integer"),
+                    ({"log_info": True, "log_format": "bogus"}, "invalid argument for --log_format, got: bogus"),
+                    ({"log_format": 5}, "attempt to access JSON non-string as string"),
+                    ({"log_warning": "yes"}, "attempt to access JSON non-boolean as boolean"),
+                    ({"log_file": "x", "log_error": False},
+                     "log file location can not be updated through network protocol")):
+                with pytest.raises(InferenceServerException) as e:
+                    http.update_log_settings(body)
+                assert (e.value.status(), e.value.message()) == ("400", text)
+            assert http.get_log_settings() == {"log_file": "", "log_info": True, "log_warning": True,
+                                               "log_error": True, "log_verbose_level": 0, "log_format": "default"}
+            assert http.update_log_settings({"log_verbose_level": 4294967297})["log_verbose_level"] == 1
+            with pytest.raises(InferenceServerException) as e:
+                grpc_.update_log_settings({"log_file": "x"})
+            assert (e.value.status(), e.value.message()) == (
+                "StatusCode.UNIMPLEMENTED", "log file location can not be updated through network protocol")
+            with pytest.raises(InferenceServerException) as e:
+                grpc_.update_log_settings({"log_warning": False, "log_format": "bogus"})
+            assert e.value.message() == "invalid argument for log_format, got: bogus"
+            assert grpc_.get_log_settings().settings["log_warning"].bool_param is False
+            for method in ("PUT", "DELETE", "PATCH"):
+                conn = HTTPConnection(srv.http_url)
+                conn.request(method, "/v2/logging", b"{}")
+                response = conn.getresponse()
+                assert (response.status, response.getheader("Content-Type"), response.read()) == (
+                    405, "application/json", b'{"error":"Method Not Allowed"}')
+                conn.close()
+        finally:
+            http.close()
+            grpc_.close()
+
+
+def _wait_for(srv, text: str, timeout: float = 10.0) -> str:
+    deadline = time.monotonic() + timeout
+    while text not in srv.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return srv.log()

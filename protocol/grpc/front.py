@@ -17,7 +17,7 @@ from typing import Any
 
 from google.protobuf import json_format
 
-from kernel import tracing
+from kernel import logs, tracing
 from kernel.errors import CUDA_SHM_UNSUPPORTED, ServerError, invalid
 from kernel.restricted import forward_headers, grpc_message
 from kernel.server import Core
@@ -376,26 +376,38 @@ class InferenceService:
 
     @_unary
     async def LogSettings(self, request: pb.LogSettingsRequest) -> pb.LogSettingsResponse:
-        """Only ``log_verbose_level`` takes effect (``core.verbose``); the others are type-checked."""
-        expected = {"log_file": "string_param", "log_info": "bool_param", "log_warning": "bool_param",
-                    "log_error": "bool_param", "log_verbose_level": "uint32_param", "log_format": "string_param"}
+        """Triton's logging extension: each setting checked and applied in Triton's order (a refusal keeps
+        those before it)."""
+        settings = request.settings
         words = {"string_param": "string", "bool_param": "boolean", "uint32_param": "int32"}
-        for key, value in request.settings.items():
-            want = expected.get(key)
-            if want is not None and value.WhichOneof("parameter_choice") != want:
+        for key in logs.SETTINGS:
+            if key not in settings:
+                continue
+            if key == "log_file":
+                raise ServerError(logs.LOG_FILE_FIXED, "UNSUPPORTED")
+            value = settings[key]
+            want = "uint32_param" if key == "log_verbose_level" else "string_param" if key == "log_format" \
+                else "bool_param"
+            if value.WhichOneof("parameter_choice") != want:
                 raise invalid(f"expect {words[want]} for '{key}'")
-            if key == "log_format" and value.string_param not in ("default", "ISO8601"):
-                raise invalid(f"invalid argument for log_format, got: {value.string_param}")
-        if "log_verbose_level" in request.settings:
-            self.core.verbose = request.settings["log_verbose_level"].uint32_param
+            if key == "log_verbose_level":
+                self.core.verbose = value.uint32_param
+                logs.set_verbose(self.core.verbose)
+            elif key == "log_format":
+                if value.string_param not in logs.FORMATS:
+                    raise invalid(f"invalid argument for log_format, got: {value.string_param}")
+                logs.set_format(value.string_param)
+            else:
+                logs.set_level(key, value.bool_param)
         reply = pb.LogSettingsResponse()
         s = reply.settings
-        s["log_file"].string_param = ""
-        s["log_info"].bool_param = True
-        s["log_warning"].bool_param = True
-        s["log_error"].bool_param = True
-        s["log_verbose_level"].uint32_param = self.core.verbose
-        s["log_format"].string_param = "default"
+        for key, current in logs.settings(self.core.verbose).items():
+            if isinstance(current, bool):
+                s[key].bool_param = current
+            elif isinstance(current, int):
+                s[key].uint32_param = current
+            else:
+                s[key].string_param = current
         return reply
 
 

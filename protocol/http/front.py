@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from functools import partial
 from typing import Any
 
 import orjson
 
-from kernel import tracing
+from kernel import logs, tracing
 from kernel.errors import CUDA_SHM_UNSUPPORTED, ServerError, invalid
 from kernel.restricted import forward_headers, http_message
 from kernel.server import Core
@@ -76,7 +77,7 @@ def _on_error(request: Request, error: BaseException) -> Response:
     if isinstance(error, ServerError):
         return _error(error)
     if isinstance(error, HttpError):
-        return Response(error_body(error.reason), error.status, _TEXT)
+        return Response(error_body(error.reason), error.status, error.content_type)
     log.error("unhandled error in %s %s", request.method, request.path, exc_info=error)
     return _error(ServerError(f"internal error: {type(error).__name__}: {error}", "INTERNAL"))
 
@@ -84,6 +85,19 @@ def _on_error(request: Request, error: BaseException) -> Response:
 def _check_uint(value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise invalid("attempt to access JSON non-unsigned-integer as unsigned-integer")
+
+
+_ATOI = re.compile(r"[ \t\n\v\f\r]*([+-]?[0-9]+)")
+
+
+def _atoi(text: str) -> int:
+    """C's ``atoi`` as glibc's (``strtol`` cast to int): leading blanks, a sign, digits, the rest ignored; 0 if
+    there is no number; out of range, ``long``'s limit cut to 32 bits (so 2**63 and more read as -1)."""
+    m = _ATOI.match(text)
+    if m is None:
+        return 0
+    value = max(-(1 << 63), min(int(m[1]), (1 << 63) - 1))
+    return (value + (1 << 31)) % (1 << 32) - (1 << 31)
 
 
 def _traced_send(trace: Any, release: Any) -> None:
@@ -153,7 +167,8 @@ class HttpFront:
         for method in ("GET", "POST"):  # others: 405, as Triton
             add(method, "/v2/trace/setting", self.trace, "trace")
             add(method, "/v2/models/{model}/trace/setting", self.trace, "trace")
-        add("*", "/v2/logging", self.logging, "logging")
+        for method in ("GET", "POST"):
+            add(method, "/v2/logging", self.logging, "logging")
 
     def _add(self, method: str, path: str, handler: Any, category: str) -> None:
         """Route ``path`` to ``handler`` behind Triton's check of its restricted-API category.
@@ -174,7 +189,9 @@ class HttpFront:
         guarded.category = category  # type: ignore[attr-defined]
         if handler == self.infer:
             self._infer_routes.add(guarded)
-        self.router.add(method, path, guarded)
+        # Triton's 405 is text/plain on the health and infer routes, application/json on the others
+        plain = category == "health" or handler == self.infer
+        self.router.add(method, path, guarded, _TEXT if plain else _JSON)
 
     def server(self) -> HttpServer:
         """An :class:`HttpServer` for these routes (``await server.start(host, port)``)."""
@@ -226,7 +243,11 @@ class HttpFront:
 
     def model_ready(self, request: Request) -> Response:
         m = request.match_info
-        if self.core.model_ready(m["model"], m.get("version", "")):
+        try:
+            ready = self.core.model_ready(m["model"], m.get("version", ""))
+        except ServerError as e:  # a version Triton cannot read: its text, text/plain on this route
+            return _error(e, _TEXT)
+        if ready:
             return _ok()
         return _not_ready(b'{"error":"Model version not ready"}')
 
@@ -254,15 +275,23 @@ class HttpFront:
             trace.stamp("HTTP_RECV_END")
         body = request.body
         header = request.headers.get("inference-header-content-length")
+        # Triton's reading: no header, the whole body is JSON (an empty one: a raw request); else C's atoi
+        # of it, 0 a raw request, out of [0, body] its range error (text/plain)
+        length = len(body) if header is None else int(header) if header.isdigit() and len(header) < 10 \
+            else _atoi(header)
+        if not 0 <= length <= len(body):
+            if trace is not None:
+                trace.finish()
+            return _error(invalid(f"inference header size should be in range (0, {len(body)}), got: {header}"),
+                          _TEXT)
         try:
-            if header is not None and (not header.isdigit() or int(header) == 0):
+            if length == 0:
                 specs = [(s.name, s.datatype, s.dims, mv.max_batch_size > 0) for s in mv.inputs.values()]
                 infer_request = v2json.raw_request(model, version, memoryview(body), specs)
             else:
                 buffer = request.buffer
                 where = (buffer.key, buffer.offset) if isinstance(buffer, ArenaBody) else None
-                infer_request = v2json.parse_request(model, version, body, int(header) if header else None,
-                                                     self.core.shm, where)
+                infer_request = v2json.parse_request(model, version, body, length, self.core.shm, where)
         except BaseException:
             if trace is not None:
                 trace.finish()  # unparsable: the trace ends with what it has
@@ -305,7 +334,10 @@ class HttpFront:
     # -- model repository -----------------------------------------------
     def repository_index(self, request: Request) -> Response:
         doc = _read_json(request)
-        return _json(self.core.repository_index(bool(doc.get("ready", False))))
+        ready = doc.get("ready", False)
+        if type(ready) is not bool:  # (null too, as Triton's)
+            raise invalid("attempt to access JSON non-boolean as boolean")
+        return _json(self.core.repository_index(ready))
 
     async def load(self, request: Request) -> Response:
         doc = _read_json(request)
@@ -371,12 +403,29 @@ class HttpFront:
         return _json(self.core.tracer.settings(model))
 
     def logging(self, request: Request) -> Response:
+        """Triton's logging extension: each setting checked and applied in Triton's order (a refusal keeps
+        those before it); a JSON ``null`` is no setting. Triton's 500/501/503 refusals are 400 here."""
         if request.method == "POST":
             doc = _read_json(request, empty=False)
-            if "log_verbose_level" in doc:
-                level = doc["log_verbose_level"]
-                if not isinstance(level, int):
-                    raise invalid("log_verbose_level must be an unsigned integer")
-                self.core.verbose = level
-        return _json({"log_file": "", "log_info": True, "log_warning": True, "log_error": True,
-                      "log_verbose_level": self.core.verbose, "log_format": "default"})
+            for key in logs.SETTINGS:
+                value = doc.get(key)
+                if value is None:
+                    continue
+                if key == "log_file":
+                    raise ServerError(logs.LOG_FILE_FIXED, "UNSUPPORTED")
+                if key == "log_verbose_level":
+                    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 64:
+                        raise invalid("attempt to access JSON non-unsigned-integer as unsigned-integer")
+                    self.core.verbose = value & 0xFFFFFFFF  # Triton keeps the low 32 bits
+                    logs.set_verbose(self.core.verbose)
+                elif key == "log_format":
+                    if not isinstance(value, str):
+                        raise invalid("attempt to access JSON non-string as string")
+                    if value not in logs.FORMATS:
+                        raise invalid(f"invalid argument for --log_format, got: {value}")
+                    logs.set_format(value)
+                else:
+                    if not isinstance(value, bool):
+                        raise invalid("attempt to access JSON non-boolean as boolean")
+                    logs.set_level(key, value)
+        return _json(logs.settings(self.core.verbose))

@@ -42,10 +42,11 @@ STREAM_HIGH = 1 << 20  # bytes of a Stream's chunks the socket may hold before t
 class HttpError(Exception):
     """An error of the HTTP layer itself (no route, bad body): answered as ``{"error": reason}``."""
 
-    def __init__(self, status: int, reason: str | None = None) -> None:
+    def __init__(self, status: int, reason: str | None = None, content_type: str = "text/plain") -> None:
         super().__init__(reason or HTTPStatus(status).phrase)
         self.status = status
         self.reason = reason or HTTPStatus(status).phrase
+        self.content_type = content_type
 
 
 class BodyBuffer(Protocol):
@@ -136,30 +137,33 @@ Handler = Callable[[Request], Answer]
 
 
 class Router:
-    """Paths with ``{name}`` or ``{name:regex}`` segments; first match wins."""
+    """Paths with ``{name}`` or ``{name:regex}`` segments; first match wins.
+
+    A method a path has no handler for is 405 (``HEAD`` included: Triton's routes answer it 405, not as
+    ``GET``), its Content-Type the one given with the path's first ``add`` (Triton: application/json on
+    most routes, text/plain on health, infer and metrics).
+    """
 
     def __init__(self) -> None:
-        self._routes: list[tuple[re.Pattern[str], dict[str, Handler]]] = []
+        self._routes: list[tuple[re.Pattern[str], dict[str, Handler], str]] = []
         self._index: dict[str, dict[str, Handler]] = {}
 
-    def add(self, method: str, path: str, handler: Handler) -> None:
+    def add(self, method: str, path: str, handler: Handler, not_allowed_type: str = "text/plain") -> None:
         """Route ``method`` ("*" for any) on ``path`` to ``handler``."""
         if path not in self._index:
             regex = re.sub(r"\{(\w+)(?::([^{}]+))?\}", lambda m: f"(?P<{m[1]}>{m[2] or '[^/]+'})", path)
             self._index[path] = {}
-            self._routes.append((re.compile(regex + r"\Z"), self._index[path]))
+            self._routes.append((re.compile(regex + r"\Z"), self._index[path], not_allowed_type))
         self._index[path][method] = handler
 
     def resolve(self, method: str, path: str) -> tuple[Handler, dict[str, str]]:
         """The handler and path parameters, or :class:`HttpError` 404 / 405."""
-        for regex, methods in self._routes:
+        for regex, methods, not_allowed_type in self._routes:
             m = regex.match(path)
             if m is not None:
                 handler = methods.get(method) or methods.get("*")
-                if handler is None and method == "HEAD":
-                    handler = methods.get("GET")
                 if handler is None:
-                    raise HttpError(405, "Method Not Allowed")
+                    raise HttpError(405, "Method Not Allowed", not_allowed_type)
                 params = m.groupdict()
                 for k, v in params.items():
                     if "%" in v:
@@ -622,7 +626,7 @@ def error_body(reason: str) -> bytes:
 
 def _default_error(request: Request, error: BaseException) -> Response:
     if isinstance(error, HttpError):
-        return Response(error_body(error.reason), error.status)
+        return Response(error_body(error.reason), error.status, error.content_type)
     log.error("unhandled error in %s %s", request.method, request.path, exc_info=error)
     return Response(b'{"error":"internal error"}', 500)
 

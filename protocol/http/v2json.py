@@ -36,6 +36,9 @@ def parse_request(model: str, version: str, body: bytes | memoryview, header_len
     try:
         doc = orjson.loads(body if header_length == size else memoryview(body)[:header_length])
     except orjson.JSONDecodeError as e:
+        if not bytes(body[:header_length]).strip(b" \t\n\r"):  # (rapidjson's words and whitespace)
+            raise _parse_error(
+                f"failed to parse the request JSON buffer: The document is empty. at {header_length}") from None
         raise _parse_error(f"failed to parse the request JSON buffer: {e}") from None
     if type(doc) is dict:
         try:
@@ -118,7 +121,8 @@ def _parse_plain(model: str, version: str, doc: dict, body: bytes | memoryview, 
         for item in outputs:
             name = item.get("name") if type(item) is dict else None
             oparams = item.get("parameters", {}) if name is not None else None
-            if type(name) is not str or type(oparams) is not dict or name in names or PARAMETER in oparams:
+            if type(name) is not str or type(oparams) is not dict or name in names or PARAMETER in oparams \
+                    or ("binary_data" in oparams and type(oparams["binary_data"]) is not bool):
                 raise _Unusual  # (classification: read by the checked parser)
             names.add(name)
             ref = shm_ref(_shm_params(oparams), name, shm) if "shared_memory_region" in oparams else None
@@ -138,9 +142,11 @@ def _parse_checked(model: str, version: str, doc: Any, body: bytes, header_lengt
         if not isinstance(rid, str):
             raise _parse_error("Unable to parse 'id': attempt to access JSON non-string as string")
         request.id = rid
-    params = doc.get("parameters")
-    if params is not None:
-        request.parameters = _sequence_params(_params(params, "parameters"))
+    if "parameters" in doc:
+        params = doc["parameters"]
+        if not isinstance(params, dict):
+            raise _parse_error("failed to get request params.: attempt to get members for non-object")
+        request.parameters = _sequence_params(params)
     inputs = doc.get("inputs")
     if not isinstance(inputs, list):
         raise _parse_error("Unable to parse 'inputs': attempt to access non-existing object member 'inputs'"
@@ -194,15 +200,25 @@ def raw_request(model: str, version: str, body: memoryview, inputs: list) -> Inf
     return request
 
 
+_BOOLEAN_PARAMS = frozenset(("sequence_start", "sequence_end", "binary_data_output"))
+_UINT_PARAMS = frozenset(("priority", "timeout"))
+
+
 def _sequence_params(params: dict) -> dict:
-    """Triton's JSON types for a request's sequence parameters: ``sequence_id`` an unsigned 64-bit integer or a
-    string, ``sequence_start`` and ``sequence_end`` booleans (400 here, Triton's 500)."""
-    cid = params.get("sequence_id")
-    if cid is not None and type(cid) is not str and (type(cid) is not int or not 0 <= cid < 1 << 64):
-        raise _parse_error("Unable to parse 'sequence_id': attempt to access JSON non-string as string")
-    for key in ("sequence_start", "sequence_end"):
-        if key in params and type(params[key]) is not bool:
-            raise _parse_error(f"Unable to parse '{key}': attempt to access JSON non-boolean as boolean")
+    """Triton's JSON types for a request's parameters (400 here, Triton's 500), checked in the body's order as
+    Triton's: ``sequence_id`` an unsigned 64-bit integer or a string (or null); ``sequence_start``,
+    ``sequence_end``, ``binary_data_output`` booleans; ``priority``, ``timeout`` unsigned 64-bit integers."""
+    for key, value in params.items():
+        if key in _BOOLEAN_PARAMS:
+            if type(value) is not bool:
+                raise _parse_error(f"Unable to parse '{key}': attempt to access JSON non-boolean as boolean")
+        elif key in _UINT_PARAMS:
+            if type(value) is not int or not 0 <= value < 1 << 64:
+                raise _parse_error(f"Unable to parse '{key}': attempt to access JSON non-unsigned-integer as "
+                                   "unsigned-integer")
+        elif key == "sequence_id" and value is not None and type(value) is not str and (
+                type(value) is not int or not 0 <= value < 1 << 64):
+            raise _parse_error("Unable to parse 'sequence_id': attempt to access JSON non-string as string")
     return params
 
 
@@ -301,6 +317,8 @@ def _json_tensor(data: Any, datatype: str, shape: list[int]) -> np.ndarray:
     """A JSON ``data`` array (flat or nested) as an array of ``datatype``."""
     array = json_array(flatten_json(data), datatype)
     if array.size != dtypes.element_count(shape):
+        if datatype == "BYTES":
+            return array  # counted by the model's checks, in Triton's words for string elements
         raise _parse_error("Unable to parse 'data': Shape does not match true shape of 'data' field")
     return array.reshape(shape)
 
@@ -347,7 +365,11 @@ def _output(item: Any, shm: SharedMemoryRegistry) -> tuple[RequestedOutput, int]
         raise _parse_error("Unable to parse 'outputs': attempt to access JSON non-object as object")
     if not isinstance(_member(item, "name"), str):
         raise _parse_error("Unable to parse 'name': attempt to access JSON non-string as string")
-    params = _params(item.get("parameters") or {}, "parameters")
+    params = item.get("parameters")
+    if not isinstance(params, dict):
+        params = {}  # Triton ignores an output's parameters that are not an object
+    elif "binary_data" in params and type(params["binary_data"]) is not bool:
+        raise _parse_error("Unable to parse 'binary_data': attempt to access JSON non-boolean as boolean")
     out = RequestedOutput(item["name"], parameters=params)
     classes = from_json(params) if PARAMETER in params else 0
     if params.get("shared_memory_region") is not None:
