@@ -1053,3 +1053,27 @@ def test_stream_out_keeps_request_order_and_flow_control_order():
         assert stream.sends == 2  # only d2 and d3 went through the writer
 
     asyncio.run(main())
+
+
+# -- tensors with zero elements (docs/triton-behaviour.md, section 6) ---------------------------------------
+def test_zero_batch_is_refused_with_tritons_words(client, stub):
+    """A batching model's batch of 0 rows: INVALID_ARGUMENT, never a request left unanswered (it used to
+    reach the scheduler as a sequence batcher's null request does, and nobody answered it)."""
+    mismatch = "[request id: <id_unknown>] input byte size mismatch for input 'INPUT0' for model 'identity'. " \
+               "Expected 64, got 0"
+    for request in (raw_request("identity", ("INPUT0", "FP32", [0, 16], b"")),
+                    raw_request("identity", ("INPUT0", "FP32", [0, 16], b""), raw=False)):
+        if not request.raw_input_contents:
+            request.inputs[0].contents.fp32_contents.extend([])
+            request.inputs[0].contents.SetInParent()
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelInfer(request, timeout=20)
+        assert (e.value.code(), e.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, mismatch)
+    t = grpcclient.InferInput("INPUT0", [0, 16], "FP32")
+    t.set_data_from_numpy(np.zeros((0, 16), np.float32))
+    expect_error(client, mismatch, "INVALID_ARGUMENT", lambda: client.infer("identity", [t], client_timeout=20))
+    t = grpcclient.InferInput("INPUT0", [0, 0], "FP32")  # Triton never answers this one (dims [-1])
+    t.set_data_from_numpy(np.zeros((0, 0), np.float32))
+    expect_error(client, "[request id: <id_unknown>] inference request batch-size must be >= 1 for 'batch_nodelay'",
+                 "INVALID_ARGUMENT", lambda: client.infer("batch_nodelay", [t], client_timeout=20))
+

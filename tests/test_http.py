@@ -349,3 +349,28 @@ def test_concurrent_requests_all_correct(http, server):
 
 def test_np_dtype_names_match():
     assert np_to_triton_dtype(np.int32) == "INT32"
+
+
+# -- tensors with zero elements (docs/triton-behaviour.md, section 6) ---------------------------------------
+def test_zero_batch_is_refused_with_tritons_words(server):
+    """A batching model's batch of 0 rows: 400, never a 500 or a request left unanswered."""
+    http = httpclient.InferenceServerClient(server.http_url, network_timeout=20.0)
+    try:
+        for binary in (True, False):
+            t = httpclient.InferInput("INPUT0", [0, 16], "FP32")
+            t.set_data_from_numpy(np.zeros((0, 16), np.float32), binary_data=binary)
+            expect_error(http, "identity", [t], "[request id: <id_unknown>] input byte size mismatch for input "
+                                                "'INPUT0' for model 'identity'. Expected 64, got 0")
+        # dims [-1]: [0,0] holds the "row" Triton expects (0 bytes); Triton never answers it, here it is refused
+        t = httpclient.InferInput("INPUT0", [0, 0], "FP32")
+        t.set_data_from_numpy(np.zeros((0, 0), np.float32))
+        expect_error(http, "batch_nodelay", [t], "inference request batch-size must be >= 1 for 'batch_nodelay'")
+        # one row's bytes under a batch of 0 (Triton runs it without the batch dimension): refused as well
+        header = {"inputs": [{"name": "INPUT0", "shape": [0, 16], "datatype": "FP32",
+                              "parameters": {"binary_data_size": 64}}]}
+        status, reply = raw_post(server, "/v2/models/identity/infer", *_binary_body(header, bytes(64)))
+        assert (status, json.loads(reply)["error"]) == (
+            400, "[request id: <id_unknown>] inference request batch-size must be >= 1 for 'identity'")
+    finally:
+        http.close()
+
