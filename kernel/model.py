@@ -942,8 +942,10 @@ def _place_inputs(batch: list[list], arena: Arena, blocks: list) -> list[list[li
             if isinstance(data, np.ndarray):
                 if t.datatype == "BYTES":
                     data = dtypes.serialize_bytes(data)
-                else:
+                elif data.size:
                     data = memoryview(np.ascontiguousarray(data)).cast("B")
+                else:  # no element (a shape with a 0, served as Triton does): nothing to place, and
+                    data = None  # memoryview.cast refuses a view with zeros in its shape
             nbytes = 0 if data is None else len(data) if type(data) is bytes else data.nbytes
             loc = [t.name, t.datatype, t.shape, "", 0, nbytes, 0]
             locs.append(loc)

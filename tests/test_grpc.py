@@ -1077,3 +1077,18 @@ def test_zero_batch_is_refused_with_tritons_words(client, stub):
     expect_error(client, "[request id: <id_unknown>] inference request batch-size must be >= 1 for 'batch_nodelay'",
                  "INVALID_ARGUMENT", lambda: client.infer("batch_nodelay", [t], client_timeout=20))
 
+
+def test_zero_element_tensors_are_served(client, stub):
+    t = grpcclient.InferInput("TEXT", [0], "BYTES")
+    t.set_data_from_numpy(np.array([], dtype=np.object_))
+    result = client.infer("upper", [t], client_timeout=20)
+    assert result.as_numpy("UPPER").shape == (0,) and result.as_numpy("LENGTH").shape == (0,)
+    request = raw_request("upper", ("TEXT", "BYTES", [0], b""), raw=False)
+    request.inputs[0].contents.SetInParent()  # typed contents, no element
+    response = stub.ModelInfer(request, timeout=20)
+    assert [(o.name, list(o.shape)) for o in response.outputs] == [("UPPER", [0]), ("LENGTH", [0])]
+    assert list(response.raw_output_contents) == [b"", b""]
+    t = grpcclient.InferInput("INPUT0", [0], "FP32")
+    t.set_data_from_numpy(np.zeros(0, np.float32))
+    assert client.infer("echo_fp32", [t], client_timeout=20).as_numpy("OUTPUT0").shape == (0,)
+    assert_serving(client)
