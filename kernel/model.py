@@ -473,7 +473,7 @@ class ModelVersion:
             elif not isinstance(data, np.ndarray) or data.size != count:
                 return self._validate(request)
             seen += 1
-        if batch > self.max_batch_size > 0:
+        if not batch or batch > self.max_batch_size > 0:  # (a batch of 0 rows: see _validate)
             return self._validate(request)
         if request.outputs:
             outputs = self.outputs
@@ -485,7 +485,16 @@ class ModelVersion:
         return batch
 
     def _validate(self, request: InferRequest) -> int:
-        """The thorough check, with Triton's messages."""
+        """The thorough check, with Triton's messages.
+
+        A batching model's request of batch size 0 (shape ``[0, ...]``) never passes. Triton 2.51 reads a
+        batch of 0 as "no batch dimension": it expects the bytes of the shape without its first dimension
+        (``[0,16]`` with no data: "Expected 64, got 0", said here with its words), serves one row's bytes
+        as a tensor without the batch dimension, and never answers when that row holds no element either
+        (``[0,0]`` for dims ``[-1]``: the dynamic batcher never runs it). Here both are refused with
+        "batch-size must be >= 1": a request of 0 rows would reach the scheduler, which takes a batch of
+        size 0 for a sequence batcher's null request and answers nobody (docs/triton-behaviour.md, §6).
+        """
         model = self.name
         inputs = self.inputs
         prefix = f"[request id: {request.id or '<id_unknown>'}] "
@@ -537,20 +546,28 @@ class ModelVersion:
             if any(d < 0 for d in shape):
                 raise invalid(f"{prefix}All input dimensions should be specified for input '{t.name}' for model "
                               f"'{model}', got {_shape(shape)}")
-            self._check_size(t, prefix)
+            # Triton's expected size: a batch of 0 counts as no batch dimension
+            self._check_size(t, prefix, shape[1:] if batched and not batch else shape, batched and not batch)
         if request.outputs:
             for out in request.outputs:
                 if out.name not in self.outputs:
                     raise invalid(f"unexpected inference output '{out.name}' for model '{model}'")
             if request.classification is not None:
                 classification.check(request.classification, self.outputs)
+        if not batch:
+            raise invalid(f"{prefix}inference request batch-size must be >= 1 for '{model}'")
         return batch
 
-    def _check_size(self, t: Any, prefix: str) -> None:
+    def _check_size(self, t: Any, prefix: str, shape: list[int], no_rows: bool = False) -> None:
+        """The data of ``t`` must hold ``shape``: its own, but the one without the batch dimension for a
+        batch of 0 (``no_rows``; see _validate)."""
         data = t.data
-        count = dtypes.element_count(t.shape)
+        count = dtypes.element_count(shape)
         if isinstance(data, np.ndarray):
             size = data.size
+            if size != count and no_rows and t.datatype != "BYTES":  # Triton's words for a batch of 0
+                raise invalid(f"{prefix}input byte size mismatch for input '{t.name}' for model '{self.name}'. "
+                              f"Expected {dtypes.byte_size(t.datatype, shape)}, got {data.nbytes}")
             if size != count and t.datatype == "BYTES":  # (JSON strings) Triton's core counts them as serialised
                 raise invalid(f"{prefix}unexpected number of string elements {count + 1} for inference input "
                               f"'{t.name}' for model '{self.name}', expecting {count}" if size > count else
@@ -560,7 +577,7 @@ class ModelVersion:
                 raise invalid(f"{prefix}unexpected number of elements for input '{t.name}' for model "
                               f"'{self.name}'. Expected {count}, got {size}")
             return
-        expected = dtypes.byte_size(t.datatype, t.shape)
+        expected = dtypes.byte_size(t.datatype, shape)
         if expected is None:  # BYTES: the serialised elements must cover the shape
             if isinstance(data, ShmRef):
                 return  # never read a client's region here: the worker checks the count
@@ -716,7 +733,8 @@ class Batch:
         if not decoupled:
             self._free_inputs(instance)
         for pending, result in zip(self.pendings, results):
-            if not pending.batch_size:  # a sequence batcher's null request: nobody's answer
+            if not pending.batch_size:  # a sequence batcher's null request: nobody's answer (validate() lets no
+                # client's request of batch size 0 through: it would never be answered)
                 if result is not None and "out" in result:
                     _response(version, instance, pending, result).release()
                 continue
@@ -949,8 +967,10 @@ def _place_inputs(batch: list[list], arena: Arena, blocks: list) -> list[list[li
             if isinstance(data, np.ndarray):
                 if t.datatype == "BYTES":
                     data = dtypes.serialize_bytes(data)
-                else:
+                elif data.size:
                     data = memoryview(np.ascontiguousarray(data)).cast("B")
+                else:  # no element (a shape with a 0, served as Triton does): nothing to place, and
+                    data = None  # memoryview.cast refuses a view with zeros in its shape
             nbytes = 0 if data is None else len(data) if type(data) is bytes else data.nbytes
             loc = [t.name, t.datatype, t.shape, "", 0, nbytes, 0]
             locs.append(loc)

@@ -7,6 +7,7 @@ import gc
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -295,3 +296,23 @@ def test_streams_left_early_give_their_responses_back(side):
         while len(released) < 5 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert len(released) == 5  # one release per response: none kept
+
+
+def test_zero_element_tensors(server):
+    """A batch of 0 rows is refused with Triton's words, never left unanswered (an input_buffer of
+    shape [0,16] used to reach the scheduler and wait forever); other zero-element tensors are served."""
+    identity = server.model("identity")
+    with pytest.raises(ServerError) as e:
+        identity.infer({"INPUT0": np.zeros((0, 16), np.float32)})
+    assert (e.value.message, e.value.code) == (
+        "[request id: <id_unknown>] input byte size mismatch for input 'INPUT0' for model 'identity'. "
+        "Expected 64, got 0", "INVALID_ARG")
+    with ThreadPoolExecutor(1) as pool:  # (a hang fails the test instead of stopping it)
+        call = pool.submit(identity.infer, {"INPUT0": identity.input_buffer("INPUT0", [0, 16])})
+        with pytest.raises(ServerError) as e:
+            call.result(timeout=20)
+    assert e.value.message.endswith("Expected 64, got 0")
+    result = server.model("upper").infer({"TEXT": np.array([], dtype=np.object_)})
+    assert result["UPPER"].shape == (0,) and result["LENGTH"].shape == (0,)
+    result.release()
+    assert identity.infer({"INPUT0": np.ones((1, 16), np.float32)})["OUTPUT0"].sum() == 16

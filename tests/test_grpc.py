@@ -1141,3 +1141,42 @@ def _infer_input(name: str, datatype: str, array: np.ndarray) -> grpcclient.Infe
     tensor = grpcclient.InferInput(name, list(array.shape), datatype)
     tensor.set_data_from_numpy(array)
     return tensor
+
+
+# -- tensors with zero elements (docs/triton-behaviour.md, section 6) ---------------------------------------
+def test_zero_batch_is_refused_with_tritons_words(client, stub):
+    """A batching model's batch of 0 rows: INVALID_ARGUMENT, never a request left unanswered (it used to
+    reach the scheduler as a sequence batcher's null request does, and nobody answered it)."""
+    mismatch = "[request id: <id_unknown>] input byte size mismatch for input 'INPUT0' for model 'identity'. " \
+               "Expected 64, got 0"
+    for request in (raw_request("identity", ("INPUT0", "FP32", [0, 16], b"")),
+                    raw_request("identity", ("INPUT0", "FP32", [0, 16], b""), raw=False)):
+        if not request.raw_input_contents:
+            request.inputs[0].contents.fp32_contents.extend([])
+            request.inputs[0].contents.SetInParent()
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelInfer(request, timeout=20)
+        assert (e.value.code(), e.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, mismatch)
+    t = grpcclient.InferInput("INPUT0", [0, 16], "FP32")
+    t.set_data_from_numpy(np.zeros((0, 16), np.float32))
+    expect_error(client, mismatch, "INVALID_ARGUMENT", lambda: client.infer("identity", [t], client_timeout=20))
+    t = grpcclient.InferInput("INPUT0", [0, 0], "FP32")  # Triton never answers this one (dims [-1])
+    t.set_data_from_numpy(np.zeros((0, 0), np.float32))
+    expect_error(client, "[request id: <id_unknown>] inference request batch-size must be >= 1 for 'batch_nodelay'",
+                 "INVALID_ARGUMENT", lambda: client.infer("batch_nodelay", [t], client_timeout=20))
+
+
+def test_zero_element_tensors_are_served(client, stub):
+    t = grpcclient.InferInput("TEXT", [0], "BYTES")
+    t.set_data_from_numpy(np.array([], dtype=np.object_))
+    result = client.infer("upper", [t], client_timeout=20)
+    assert result.as_numpy("UPPER").shape == (0,) and result.as_numpy("LENGTH").shape == (0,)
+    request = raw_request("upper", ("TEXT", "BYTES", [0], b""), raw=False)
+    request.inputs[0].contents.SetInParent()  # typed contents, no element
+    response = stub.ModelInfer(request, timeout=20)
+    assert [(o.name, list(o.shape)) for o in response.outputs] == [("UPPER", [0]), ("LENGTH", [0])]
+    assert list(response.raw_output_contents) == [b"", b""]
+    t = grpcclient.InferInput("INPUT0", [0], "FP32")
+    t.set_data_from_numpy(np.zeros(0, np.float32))
+    assert client.infer("echo_fp32", [t], client_timeout=20).as_numpy("OUTPUT0").shape == (0,)
+    assert_serving(client)

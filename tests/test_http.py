@@ -498,3 +498,52 @@ def test_request_errors_word_for_word(http):
         with pytest.raises(InferenceServerException) as e:
             http.infer(model, inputs)
         assert (e.value.status(), e.value.message()) == ("400", message)
+
+
+# -- tensors with zero elements (docs/triton-behaviour.md, section 6) ---------------------------------------
+def test_zero_batch_is_refused_with_tritons_words(server):
+    """A batching model's batch of 0 rows: 400, never a 500 or a request left unanswered."""
+    http = httpclient.InferenceServerClient(server.http_url, network_timeout=20.0)
+    try:
+        for binary in (True, False):
+            t = httpclient.InferInput("INPUT0", [0, 16], "FP32")
+            t.set_data_from_numpy(np.zeros((0, 16), np.float32), binary_data=binary)
+            expect_error(http, "identity", [t], "[request id: <id_unknown>] input byte size mismatch for input "
+                                                "'INPUT0' for model 'identity'. Expected 64, got 0")
+        # dims [-1]: [0,0] holds the "row" Triton expects (0 bytes); Triton never answers it, here it is refused
+        t = httpclient.InferInput("INPUT0", [0, 0], "FP32")
+        t.set_data_from_numpy(np.zeros((0, 0), np.float32))
+        expect_error(http, "batch_nodelay", [t], "inference request batch-size must be >= 1 for 'batch_nodelay'")
+        # one row's bytes under a batch of 0 (Triton runs it without the batch dimension): refused as well
+        header = {"inputs": [{"name": "INPUT0", "shape": [0, 16], "datatype": "FP32",
+                              "parameters": {"binary_data_size": 64}}]}
+        status, reply = raw_post(server, "/v2/models/identity/infer", *_binary_body(header, bytes(64)))
+        assert (status, json.loads(reply)["error"]) == (
+            400, "[request id: <id_unknown>] inference request batch-size must be >= 1 for 'identity'")
+    finally:
+        http.close()
+
+
+def test_zero_element_tensors_are_served(server, http):
+    """Shapes with a 0 that the model accepts run as Triton runs them: outputs of 0 elements, 200."""
+    for binary in (True, False):
+        t = httpclient.InferInput("TEXT", [0], "BYTES")
+        t.set_data_from_numpy(np.array([], dtype=np.object_), binary_data=binary)
+        outputs = [httpclient.InferRequestedOutput(n, binary_data=binary) for n in ("UPPER", "LENGTH")]
+        result = http.infer("upper", [t], outputs=outputs)
+        assert result.as_numpy("UPPER").shape == (0,)
+        assert result.as_numpy("LENGTH").shape == (0,) and result.as_numpy("LENGTH").dtype == np.int32
+    # binary outputs of 0 bytes in all: a plain JSON answer, as Triton's
+    body = json.dumps({"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [0], "data": []}],
+                       "parameters": {"binary_data_output": True}}).encode()
+    status, reply = raw_post(server, "/v2/models/upper/infer", body)
+    assert status == 200
+    assert json.loads(reply)["outputs"][1] == {"name": "LENGTH", "datatype": "INT32", "shape": [0],
+                                               "parameters": {"binary_data_size": 0}}
+    status, reply = raw_post(server, "/v2/models/upper/generate", b'{"TEXT": []}')
+    assert (status, json.loads(reply)) == (200, {"model_name": "upper", "model_version": "1", "UPPER": [],
+                                                 "LENGTH": []})
+    t = httpclient.InferInput("INPUT0", [0], "FP32")  # (echo_fp32 does not batch: dims [-1])
+    t.set_data_from_numpy(np.zeros(0, np.float32))
+    assert http.infer("echo_fp32", [t]).as_numpy("OUTPUT0").shape == (0,)
+    assert_serving(http)

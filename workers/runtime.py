@@ -555,7 +555,8 @@ class Worker:
         loc[2] = list(value.shape)
         offset = loc[4]
         if data is not None:
-            buf[offset : offset + nbytes] = data
+            if nbytes:  # (an empty BYTES tensor's place is a read-only empty view: nothing to write)
+                buf[offset : offset + nbytes] = data
         elif nbytes:
             _copy_into(buf, offset, value)
         return loc

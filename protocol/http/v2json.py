@@ -392,7 +392,8 @@ def encode_response(response: InferResponse, request: InferRequest) -> tuple[lis
             pass
         elif params.get("binary_data", default_binary):
             entry["parameters"] = {"binary_data_size": out.byte_size}
-            blobs.append(out.data)
+            if out.byte_size:  # Triton: no binary bytes at all (tensors of 0 elements) is a plain JSON answer
+                blobs.append(out.data)
         else:
             entry["data"] = _json_data(out)
         outputs.append(entry)
