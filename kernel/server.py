@@ -592,6 +592,16 @@ class Core:
         old = self.models.get(name)
         try:
             path = self.repository.locate(name)
+        except ServerError as e:
+            if e.code != "INTERNAL":  # in several repositories: known, and listed with that reason
+                log.error("Poll failed for model directory '%s': %s", name, e.message)
+                if old is None or not old.versions:
+                    self.models[name] = Model(name, "")
+                    self.models[name].error = e.message
+            else:  # as Triton: a name no repository has is not remembered (nor listed by the index)
+                log.error("failed to poll model '%s': model not found in any model repository.", name)
+            raise poll_error from None
+        try:
             config = cfg.from_json(config_override) if config_override else cfg.load(path, self.config_name)
             cfg.complete(config, path, self.gpus)
             if is_ensemble(config):
@@ -636,16 +646,17 @@ class Core:
         failed = [mv for mv in model.versions.values() if not mv.ready]
         for mv in failed:
             log.error("failed to load '%s' version %s: %s", name, mv.version, mv.reason)
-        if old is not None and failed:
+        # The answer is worded before anything is unloaded: unloading sets each version's reason to "unloaded".
+        error = _load_failed(name, failed) if failed else None
+        if error is not None and old is not None and any(mv.ready for mv in old.versions.values()):
             await self._unload_versions(model)  # keep the version that serves
-            if any(mv.ready for mv in old.versions.values()):
-                raise _load_failed(name, failed)
+            raise error
         self.models[name] = model  # serve the new version while the old one drains
         model.state = "READY" if not failed else "UNAVAILABLE"
         if old is not None:
             await self._unload_versions(old)
-        if failed:
-            raise _load_failed(name, failed)
+        if error is not None:
+            raise error
 
     async def _limited(self, load: Any) -> Any:
         """A version's load, waiting for one of the ``--model-load-thread-count`` slots if there is a limit."""

@@ -311,6 +311,8 @@ class HttpFront:
         doc = _read_json(request)
         params = doc.get("parameters") or {}
         config = params.get("config")
+        if config is not None and not isinstance(config, str):
+            raise invalid("attempt to access JSON non-string as string")  # Triton's words (its status: 500)
         if any(k.startswith("file:") for k in params):
             raise ServerError("loading a model from files sent with the request is not supported", "UNSUPPORTED")
         await self.core.load_model(request.match_info["model"], config)
