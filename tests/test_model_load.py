@@ -22,7 +22,8 @@ from tests.support import ROOT, serving
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     repo = tmp_path_factory.mktemp("repo") / "models"
-    for name in ("identity", "add_sub"):
+    for name in ("identity", "add_sub", "camera_pipeline", "camera_preprocess", "camera_detector",
+                 "camera_postprocess"):
         shutil.copytree(ROOT / "examples" / "models" / name, repo / name)
     run = serving(repo, tmp_path_factory.mktemp("log"), "--model-control-mode=explicit", "--load-model=*")
     srv = next(run)
@@ -192,3 +193,22 @@ def test_sent_files_at_exit_and_malformed_file_parameters(server, http):
         reply = conn.getresponse()
         assert (reply.status, reply.read()) == (400, error)  # Triton: 500 for the first
         conn.close()
+
+
+# -- the configuration as Triton's core normalises it ---------------------------------------------------------
+def test_dynamic_batching_reports_max_batch_size_as_the_preferred_size(http, grpc):
+    # examples' identity: max_batch_size 64, dynamic_batching { max_queue_delay_microseconds: 100 }
+    assert http.get_model_config("identity")["dynamic_batching"]["preferred_batch_size"] == [64]
+    assert list(grpc.get_model_config("identity").config.dynamic_batching.preferred_batch_size) == [64]
+    _identity_serves(http)
+
+
+def test_an_ensemble_config_is_tritons(server, http, grpc):
+    conn = HTTPConnection(server.http_url, timeout=30)
+    conn.request("GET", "/v2/models/camera_pipeline/config")
+    body = conn.getresponse().read().decode()
+    conn.close()
+    assert '"optimization"' not in body and "max_inflight_requests" not in body
+    assert body.endswith(',"model_warmup":[],"model_transaction_policy":{"decoupled":false}}')
+    config = grpc.get_model_config("camera_pipeline").config
+    assert not config.HasField("optimization") and config.HasField("model_transaction_policy")
