@@ -79,9 +79,11 @@ def complete(config: ModelConfig, model_dir: str, gpu_count: int = 0) -> None:
         config.default_model_filename = DEFAULT_FILENAME[config.backend]
     if not config.HasField("version_policy"):
         config.version_policy.latest.num_versions = 1
-    if not config.HasField("optimization"):
-        config.optimization.input_pinned_memory.enable = True
-        config.optimization.output_pinned_memory.enable = True
+    if config.HasField("dynamic_batching") and not config.dynamic_batching.preferred_batch_size \
+            and config.max_batch_size > 0:
+        # Triton's core does this (the configuration it reports says so); the dynamic batcher forms the same
+        # batches with or without it (kernel.scheduling.scheduler: a full batch is sent at once either way).
+        config.dynamic_batching.preferred_batch_size.append(config.max_batch_size)
     if config.HasField("sequence_batching"):
         sequence = config.sequence_batching
         if not sequence.max_sequence_idle_microseconds:
@@ -89,7 +91,12 @@ def complete(config: ModelConfig, model_dir: str, gpu_count: int = 0) -> None:
         if sequence.HasField("oldest") and not sequence.oldest.preferred_batch_size and config.max_batch_size > 0:
             sequence.oldest.preferred_batch_size.append(config.max_batch_size)
     if config.platform == "ensemble":
+        # Triton's ensembles have no optimization settings and show their transaction policy (not decoupled)
+        config.model_transaction_policy.SetInParent()
         return
+    if not config.HasField("optimization"):
+        config.optimization.input_pinned_memory.enable = True
+        config.optimization.output_pinned_memory.enable = True
     if not config.instance_group:
         config.instance_group.add(name=config.name)  # Triton names the group it adds after the model
     for index, group in enumerate(config.instance_group):
@@ -251,10 +258,17 @@ def datatype(enum_value: int) -> str:
     return dtypes.FROM_CONFIG.get(DataType.Name(enum_value), "INVALID")
 
 
+#: Fields Triton 2.51's JSON leaves out when unset (an ensemble's config there has no such key; gRPC's proto3
+#: leaves every unset field off the wire anyway)
+_NOT_IN_TRITON_JSON = {"ModelEnsembling.max_inflight_requests"}
+
+
 def to_dict(message: Any) -> dict:
     """Triton's JSON form of a config message: every field, int64 as numbers."""
     out: dict[str, Any] = {}
     for field in message.DESCRIPTOR.fields:
+        if f"{message.DESCRIPTOR.name}.{field.name}" in _NOT_IN_TRITON_JSON and not getattr(message, field.name):
+            continue
         value = getattr(message, field.name)
         if field.containing_oneof is not None and not message.HasField(field.name):
             continue

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 from kernel.errors import ServerError
 from kernel.model_config_pb2 import ModelConfig
@@ -47,6 +49,37 @@ class Repository:
         if name not in found:
             raise ServerError(f"failed to load '{name}', failed to poll from model repository", "INTERNAL")
         return found[name]
+
+
+def write_override(name: str, files: dict[str, bytes]) -> str:
+    """Write the files a load request sent (``{"file:<path>": content}``) into a private model directory
+    named ``name`` and return it (its parent, a fresh temporary directory, is the server's to remove).
+
+    As Triton's: each path is joined under the model directory and normalised, and one that ends outside it
+    (``file:../../x/model.py``) fails the load; an absolute path stays under the directory too. The directory
+    is new and only this function writes in it, so no link can redirect a write. Blocking: run in a thread.
+    """
+    if not name or name in (".", "..") or "/" in name or "\0" in name:
+        raise ServerError(f"Invalid model name '{name}' for model file override", "INVALID_ARG")
+    root = tempfile.mkdtemp(prefix=f"ek-model-{os.getpid()}-")
+    model_dir = os.path.join(root, name)
+    try:
+        os.mkdir(model_dir)
+        for key, data in files.items():
+            target = os.path.normpath(model_dir + "/" + key[len("file:"):])
+            if not target.startswith(model_dir + os.sep) or "\0" in target:
+                raise ServerError(f"Invalid file parameter '{key}' with normalized path '{target}' must stay "
+                                  "within model directory.", "INVALID_ARG")
+            try:
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                with open(target, "xb") as f:
+                    f.write(data)
+            except OSError as e:
+                raise ServerError(f"failed to write file parameter '{key}': {e.strerror}", "INVALID_ARG") from None
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+    return model_dir
 
 
 def available_versions(model_dir: str) -> list[int]:

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import re
+import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +26,7 @@ from kernel.model import ModelVersion, Pending, RequestFuture
 from kernel.pipelines.bls import BlsHandler
 from kernel.pipelines.ensemble import EnsembleVersion, check_scheduling, composing_models, find_cycle, is_ensemble
 from kernel.poll import Poller
-from kernel.repository import Repository, select_versions
+from kernel.repository import Repository, select_versions, write_override
 from kernel.restricted import Restrictions
 from kernel.shm_registry import Registration, SharedMemoryRegistry
 from kernel.tracing import Tracer, finish_if_cancelled, tensor_array
@@ -68,6 +69,17 @@ class Model:
         self.state = "UNAVAILABLE"
         self.unloaded = False  # explicitly unloaded: not counted against readiness
         self.removed = False  # its directory went away (poll mode): unloaded, and no longer in the index
+        #: loaded from files sent with the load request: Triton's index lists such a model only where a
+        #: repository has one of that name
+        self.from_request = False
+        #: the temporary directory holding those files, removed once no version runs from it
+        self.owned = ""
+
+    def discard_files(self) -> None:
+        """Remove the directory of the files the load request sent (nothing for a repository's model)."""
+        if self.owned:
+            shutil.rmtree(self.owned, ignore_errors=True)
+            self.owned = ""
 
 
 def parse_version(version: str) -> int:
@@ -232,6 +244,8 @@ class Core:
             self._trimmer = None
         await asyncio.gather(*(self._unload_versions(m, max(deadline - loop.time(), 0.0))
                                for m in self.models.values()), return_exceptions=True)
+        for model in self.models.values():
+            model.discard_files()
         try:
             self.tracer.close()  # every request has ended: the traces still held go to their files
         except Exception:  # noqa: BLE001
@@ -514,8 +528,9 @@ class Core:
         index = []
         for name in sorted(set(found) | set(errors) | set(self.models)):
             model = self.models.get(name)
-            if model is not None and model.removed and name not in found and name not in errors:
-                continue  # as Triton: a model whose directory went away is no longer listed
+            if model is not None and (model.removed or model.from_request) and name not in found \
+                    and name not in errors:
+                continue  # as Triton: a model whose directory went away (or never was) is not listed
             versions = sorted(model.versions.items()) if model is not None else []
             if not versions:
                 if not ready_only:
@@ -543,10 +558,16 @@ class Core:
                 rows.append((name, mv.version_str, status))
         return rows
 
-    async def load_model(self, name: str, config_override: str | None = None) -> None:
-        """The model repository extension's load: (re)load a model (explicit control mode)."""
+    async def load_model(self, name: str, config_override: str | None = None,
+                         files: dict[str, bytes] | None = None) -> None:
+        """The model repository extension's load: (re)load a model (explicit control mode).
+
+        ``files`` (``{"file:<path>": content}``, with ``config_override``) are the model's whole directory,
+        as Triton's: the model loads from them instead of its repository (or is new); they are written to a
+        private temporary directory removed when the model unloads, is replaced or the server stops.
+        """
         self._check_control()
-        await self._load_locked(name, config_override)
+        await self._load_locked(name, config_override, files)
 
     async def unload_model(self, name: str, unload_dependents: bool = False) -> None:
         """The model repository extension's unload (explicit control mode).
@@ -571,6 +592,7 @@ class Core:
             if removed:  # gone at once: from the index, and from readiness while its versions drain
                 model.removed = model.unloaded = True
             await self._unload_versions(model)
+            model.discard_files()
             model.state = "UNAVAILABLE"
             model.unloaded = True
             if removed:
@@ -597,20 +619,48 @@ class Core:
         """Poll mode: ``name``'s directory went away; unload it (and the ensembles that use it, returned)."""
         return await self._unload(name, removed=True)
 
+    def _poll_failed(self, name: str, error: ServerError, old: Model | None) -> None:
+        """A load whose model no repository holds (or several do): log Triton's words and remember the
+        model only in the second case (Triton's index lists it; a name no repository has is not listed)."""
+        if error.code != "INTERNAL":
+            log.error("Poll failed for model directory '%s': %s", name, error.message)
+            if old is None or not old.versions:
+                self.models[name] = Model(name, "")
+                self.models[name].error = error.message
+        else:
+            log.error("failed to poll model '%s': model not found in any model repository.", name)
+
     def _check_control(self) -> None:
         if self.control_mode != "explicit":
             raise ServerError("explicit model load / unload is not allowed if polling is enabled", "UNAVAILABLE")
 
-    async def _load_locked(self, name: str, config_override: str | None = None) -> None:
+    async def _load_locked(self, name: str, config_override: str | None = None,
+                           files: dict[str, bytes] | None = None) -> None:
         async with self._lock(name):
-            await self._load(name, config_override)
+            await self._load(name, config_override, files)
 
-    async def _load(self, name: str, config_override: str | None) -> None:
-        """Load ``name`` from the repository; a failed reload keeps the loaded version serving."""
+    async def _load(self, name: str, config_override: str | None, files: dict[str, bytes] | None = None) -> None:
+        """Load ``name`` from the repository (or the request's ``files``); a failed reload keeps the loaded
+        version serving."""
         poll_error = ServerError(f"failed to load '{name}', failed to poll from model repository", "INTERNAL")
         old = self.models.get(name)
+        owned = ""
+        if files:
+            try:  # Triton's poll refuses these (its words go to the log); the client's mistake here: 400
+                if not config_override:
+                    raise ServerError("Load parameter 'config' must be specified for model file override")
+                path = await asyncio.to_thread(write_override, name, files)
+            except ServerError as e:
+                log.error("Poll failed for model directory '%s': %s", name, e.message)
+                raise ServerError(poll_error.message, "INVALID_ARG") from None
+            owned = os.path.dirname(path)
+        else:
+            try:
+                path = self.repository.locate(name)
+            except ServerError as e:
+                self._poll_failed(name, e, old)
+                raise poll_error from None
         try:
-            path = self.repository.locate(name)
             config = cfg.from_json(config_override) if config_override else cfg.load(path, self.config_name)
             cfg.complete(config, path, self.gpus)
             if is_ensemble(config):
@@ -618,12 +668,16 @@ class Core:
             check_cache_config(config)  # and these
             numbers = select_versions(config, path)
         except ServerError as e:
+            if owned:
+                shutil.rmtree(owned, ignore_errors=True)
             log.error("Poll failed for model directory '%s': %s", name, e.message)
             if old is None or not old.versions:
                 self.models[name] = Model(name, "")
                 self.models[name].error = e.message
-            raise poll_error from None
+                self.models[name].from_request = bool(files)
+            raise (ServerError(poll_error.message, "INVALID_ARG") if files else poll_error) from None
         model = Model(name, path)
+        model.owned, model.from_request = owned, bool(files)
         ensemble = is_ensemble(config)
         for number in numbers:
             copy = type(config)()
@@ -655,16 +709,21 @@ class Core:
         failed = [mv for mv in model.versions.values() if not mv.ready]
         for mv in failed:
             log.error("failed to load '%s' version %s: %s", name, mv.version, mv.reason)
-        if old is not None and failed:
+        # The answer is worded before anything is unloaded: unloading sets each version's reason to "unloaded".
+        error = _load_failed(name, failed) if failed else None
+        if error is not None and old is not None and any(mv.ready for mv in old.versions.values()):
             await self._unload_versions(model)  # keep the version that serves
-            if any(mv.ready for mv in old.versions.values()):
-                raise _load_failed(name, failed)
+            model.discard_files()
+            raise error
         self.models[name] = model  # serve the new version while the old one drains
         model.state = "READY" if not failed else "UNAVAILABLE"
+        if not any(mv.ready for mv in model.versions.values()):
+            model.discard_files()
         if old is not None:
             await self._unload_versions(old)
-        if failed:
-            raise _load_failed(name, failed)
+            old.discard_files()
+        if error is not None:
+            raise error
 
     async def _limited(self, load: Any) -> Any:
         """A version's load, waiting for one of the ``--model-load-thread-count`` slots if there is a limit."""

@@ -726,7 +726,9 @@ def test_repository_load_unload(explicit):
         assert_serving(c)
         with pytest.raises(InferenceServerException) as e:
             c.load_model("add_sub", config=json.dumps(config), files={"file:1/model.py": b"x = 1\n"})
-        assert e.value.status() == "StatusCode.UNIMPLEMENTED"
+        # Files sent replace the model's directory: this model.py has no TritonPythonModel; the old one serves on.
+        assert e.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert e.value.message().startswith("load failed for model 'add_sub': version 1 is at UNAVAILABLE state")
         with pytest.raises(InferenceServerException) as e:
             c.load_model("nope")
         assert e.value.status() == "StatusCode.INTERNAL"

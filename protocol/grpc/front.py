@@ -292,6 +292,7 @@ class InferenceService:
         if request.repository_name:
             raise _no_repository_name()
         config = None
+        files = {}
         for key, value in request.parameters.items():
             which = value.WhichOneof("parameter_choice")
             if key == "config":
@@ -301,11 +302,10 @@ class InferenceService:
             elif key.startswith("file:"):
                 if which != "bytes_param":
                     raise invalid(f"invalid value type for load parameter '{key}', expected bytes_param.")
-                raise ServerError("loading a model from files sent with the request is not supported",
-                                  "UNSUPPORTED")
+                files[key] = value.bytes_param
             else:
                 raise invalid(f"unrecognized load parameter '{key}'.")
-        await self.core.load_model(request.model_name, config)
+        await self.core.load_model(request.model_name, config, files or None)
         return pb.RepositoryModelLoadResponse()
 
     @_unary

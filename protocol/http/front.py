@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import logging
 import re
 from functools import partial
@@ -343,9 +345,18 @@ class HttpFront:
         doc = _read_json(request)
         params = doc.get("parameters") or {}
         config = params.get("config")
-        if any(k.startswith("file:") for k in params):
-            raise ServerError("loading a model from files sent with the request is not supported", "UNSUPPORTED")
-        await self.core.load_model(request.match_info["model"], config)
+        if config is not None and not isinstance(config, str):
+            raise invalid("attempt to access JSON non-string as string")  # Triton's words (its status: 500)
+        files = {}
+        for key, value in params.items():
+            if key.startswith("file:"):  # the model's files, base64 (Triton's load from files)
+                if not isinstance(value, str):
+                    raise invalid("attempt to access JSON non-string as string")
+                try:
+                    files[key] = base64.b64decode(value, validate=True)
+                except binascii.Error:
+                    raise invalid(f"failed to decode the base64 content of load parameter '{key}'") from None
+        await self.core.load_model(request.match_info["model"], config, files or None)
         return _ok(_JSON)
 
     async def unload(self, request: Request) -> Response:

@@ -57,7 +57,8 @@ def resolve(name: str, directories: list[str]) -> tuple[type[Backend], str | Non
     if name in BUILTIN:
         return _builtin(name), None
     where = f" (searched {', '.join(directories)} and the built-in backends)" if directories else ""
-    raise BackendError(f"unable to find backend library for backend '{name}'{where}", "INVALID_ARG")
+    raise BackendError(f"unable to find backend library for backend '{name}', try specifying runtime on the model "
+                       f"configuration.{where}", "INVALID_ARG")  # Triton's words, then where this server looked
 
 
 def _builtin(name: str) -> type[Backend]:
