@@ -547,3 +547,57 @@ def test_zero_element_tensors_are_served(server, http):
     t.set_data_from_numpy(np.zeros(0, np.float32))
     assert http.infer("echo_fp32", [t]).as_numpy("OUTPUT0").shape == (0,)
     assert_serving(http)
+
+
+# -- response compression (docs/triton-behaviour.md, section 3) ----------------------------------------------
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_infer_responses_are_compressed_when_asked(http, server, algorithm):
+    """tritonclient's response_compression_algorithm: the answer comes compressed (JSON and binary outputs,
+    and a body large enough to be compressed off the event loop) and decodes to the same tensors."""
+    import zlib
+
+    data = np.arange(4 * 16, dtype=np.float32).reshape(4, 16)
+    for binary in (False, True):
+        t = httpclient.InferInput("INPUT0", [4, 16], "FP32")
+        t.set_data_from_numpy(data, binary_data=binary)
+        out = httpclient.InferRequestedOutput("OUTPUT0", binary_data=binary)
+        result = http.infer("identity", [t], outputs=[out], response_compression_algorithm=algorithm)
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), data)
+    text = np.array([b"camera frame " * 200_000], dtype=np.object_)  # 2.6 MB each way: past INFLATE_INLINE
+    t = httpclient.InferInput("TEXT", [1], "BYTES")
+    t.set_data_from_numpy(text)
+    result = http.infer("upper", [t], response_compression_algorithm=algorithm)
+    assert result.as_numpy("UPPER")[0] == text[0].upper()
+
+    # On the wire: Content-Encoding, and the uncompressed JSON header's length, as Triton sends them.
+    body = json.dumps({"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [4, 16],
+                                   "data": data.ravel().tolist()}],
+                       "outputs": [{"name": "OUTPUT0", "parameters": {"binary_data": True}}]}).encode()
+    conn = HTTPConnection(server.http_url)
+    try:
+        for accept, expected in ((algorithm, algorithm), (f"br, {algorithm};q=0.5", algorithm),
+                                 ("br", None), ("identity", None)):
+            conn.request("POST", "/v2/models/identity/infer", body, {"Accept-Encoding": accept})
+            r = conn.getresponse()
+            raw = r.read()
+            assert r.status == 200
+            assert r.getheader("Content-Encoding") == expected
+            if expected is not None:
+                raw = zlib.decompress(raw, 16 + zlib.MAX_WBITS if expected == "gzip" else zlib.MAX_WBITS)
+            header = int(r.getheader("Inference-Header-Content-Length"))
+            assert json.loads(raw[:header])["outputs"][0]["parameters"]["binary_data_size"] == data.nbytes
+            np.testing.assert_array_equal(np.frombuffer(raw[header:], np.float32).reshape(4, 16), data)
+    finally:
+        conn.close()
+
+
+def test_errors_are_not_compressed(server):
+    conn = HTTPConnection(server.http_url)
+    try:
+        body = json.dumps({"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 3], "data": [1, 2, 3]}]})
+        conn.request("POST", "/v2/models/identity/infer", body, {"Accept-Encoding": "gzip"})
+        r = conn.getresponse()
+        assert (r.status, r.getheader("Content-Encoding")) == (400, None)
+        assert "unexpected shape" in json.loads(r.read())["error"]
+    finally:
+        conn.close()

@@ -18,7 +18,18 @@ from kernel.restricted import forward_headers, http_message
 from kernel.server import Core
 from protocol.http import v2json
 from protocol.http.generate import GenerateRoutes
-from protocol.http.server import Deferred, HttpError, HttpServer, Request, Response, Router, error_body
+from protocol.http.server import (
+    INFLATE_INLINE,
+    Deferred,
+    HttpError,
+    HttpServer,
+    Request,
+    Response,
+    Router,
+    deflate,
+    error_body,
+    response_encoding,
+)
 from shm.arena import round_up
 
 log = logging.getLogger("kernel.http")
@@ -302,7 +313,60 @@ class HttpFront:
         if self.core.http_forward is not None:
             forward_headers(self.core.http_forward, request.headers.items(), infer_request)
         future = self.core.submit(infer_request, mv)  # (which ends the trace if it refuses the request)
+        accept = request.headers.get("accept-encoding")
+        if accept is not None:
+            encoding = response_encoding(accept)
+            if encoding is not None:
+                return self._compressed(future, infer_request, encoding)
         return Deferred(future, lambda f: self._infer_response(f, infer_request))
+
+    def _compressed(self, future: asyncio.Future, infer_request: Any, encoding: str) -> Deferred:
+        """The answer compressed, as Triton compresses /infer responses for ``Accept-Encoding: gzip`` or
+        ``deflate`` (errors are not; binary outputs keep the uncompressed Inference-Header-Content-Length).
+        A body up to INFLATE_INLINE bytes is compressed on the loop, a larger one in the executor."""
+        loop = asyncio.get_running_loop()
+        out = loop.create_future()  # what the connection waits for: cancelled if the client goes
+        out.add_done_callback(lambda o: future.cancel() if o.cancelled() else None)
+
+        def done(response: Response, body: bytes) -> None:
+            if response.sent is not None:
+                response.sent()  # the compressed body is a copy: the outputs' buffers go back now
+                response.sent = None
+            response.body = body
+            response.headers = {**(response.headers or {}), "Content-Encoding": encoding}
+            if not out.done():
+                out.set_result(response)
+
+        def answered(f: asyncio.Future) -> None:
+            if out.done():  # the client went: nothing to answer, whatever came goes back
+                if not f.cancelled() and f.exception() is None:
+                    f.result().release()
+                return
+            try:
+                response = self._infer_response(f, infer_request)
+            except BaseException as e:  # noqa: BLE001 - handed to the connection, which answers it
+                out.set_exception(e)
+                return
+            if response.status != 200:
+                out.set_result(response)
+                return
+            parts = response.body if isinstance(response.body, list) else [response.body]
+            if sum(len(p) for p in parts) <= INFLATE_INLINE:
+                done(response, deflate(parts, encoding))
+                return
+            loop.run_in_executor(None, deflate, parts, encoding).add_done_callback(partial(compressed, response))
+
+        def compressed(response: Response, task: asyncio.Future) -> None:
+            if task.exception() is None:
+                done(response, task.result())
+                return
+            if response.sent is not None:
+                response.sent()
+            if not out.done():
+                out.set_exception(task.exception())
+
+        future.add_done_callback(answered)
+        return Deferred(out, asyncio.Future.result)
 
     @staticmethod
     def _infer_response(future: asyncio.Future, infer_request: Any) -> Response:

@@ -122,6 +122,36 @@ class Stream:
         self.headers = headers
 
 
+def response_encoding(accept: str) -> str | None:
+    """The encoding a response to ``Accept-Encoding: accept`` is compressed with: ``gzip`` or ``deflate``,
+    the one of higher q-value (the first on a tie); None when the client accepts neither (``br``,
+    ``identity``, ``*``: Triton compresses with these two only)."""
+    best, best_q = None, 0.0
+    for item in accept.split(","):
+        name, _, param = item.partition(";")
+        name = name.strip().lower()
+        if name not in _INFLATE:
+            continue
+        q = 1.0
+        param = param.strip().replace(" ", "")
+        if param.startswith("q="):
+            try:
+                q = float(param[2:])
+            except ValueError:
+                q = 0.0
+        if q > best_q:
+            best, best_q = name, q
+    return best
+
+
+def deflate(parts: list, encoding: str) -> bytes:
+    """``parts`` compressed as one body in ``encoding`` (zlib's default level, as Triton's)."""
+    compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, _INFLATE[encoding])
+    out = [compressor.compress(part) for part in parts]
+    out.append(compressor.flush())
+    return b"".join(out)
+
+
 class Deferred:
     """A response that ``finish(future)`` builds once ``future`` is done."""
 
