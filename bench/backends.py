@@ -108,7 +108,7 @@ class _Phases:
 
 # -- models ----------------------------------------------------------------------------------------
 
-def _onnx_models(repo: str) -> list[dict]:
+def _onnx_models(repo: str, threads: list[int] | None = None) -> list[dict]:
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -136,7 +136,9 @@ def _onnx_models(repo: str) -> list[dict]:
     # with a pool of one thread: a net this small gains nothing from more, and runs on the calling thread
     # with no pool to wake after the pause every served request has (bench.probe_ort).
     variants = {"onnx_conv_spin": ("thread pools spinning", "session.intra_op.allow_spinning", "1"),
-                "onnx_conv_1t": ("intra_op_thread_count 1", "intra_op_thread_count", "1")}
+                "onnx_conv_1t": ("intra_op_thread_count 1", "intra_op_thread_count", "1"),
+                **{f"onnx_conv_{n}t": (f"intra_op_thread_count {n}", "intra_op_thread_count", str(n))
+                   for n in threads or () if n != 1}}
     for name, (_, key, value) in variants.items():
         shutil.copytree(os.path.join(repo, "onnx_conv"), os.path.join(repo, name))
         with open(os.path.join(repo, name, "config.pbtxt"), "a") as f:
@@ -495,8 +497,10 @@ def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-backends-") as tmp:
         repo = os.path.join(tmp, "models")
         os.makedirs(repo)
-        models = [*_onnx_models(repo), _torch_model(repo, device)]
-        frames = device == "cuda"
+        models = _onnx_models(repo, args.ort_threads)
+        if not args.onnx_only:
+            models.append(_torch_model(repo, device))
+        frames = device == "cuda" and not args.onnx_only
         triton = None
         if frames:
             triton_repo = os.path.join(tmp, "triton-models")
@@ -748,6 +752,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--triton", action="store_true", help="also run the frame model on the reference Triton "
                                                          "(scripts/reference-triton; GPU machines only)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the PyTorch model runs")
+    p.add_argument("--onnx-only", action="store_true", help="only the ONNX Runtime models (no PyTorch, no frames)")
+    p.add_argument("--ort-threads", type=int, nargs="+", default=[], metavar="N",
+                   help="the conv net once more with intra_op_thread_count N, for each N given")
     p.add_argument("--out", default=os.path.join(REPO_ROOT, "bench", "results", "tmp"), help="folder for the JSON")
     p.add_argument("--no-docs", action="store_true", help="leave docs/performance.md as it is")
     p.add_argument("--trace", type=int, default=0, metavar="N",
