@@ -39,7 +39,6 @@ class Harness:
     def __init__(self, **options) -> None:
         self.cancelled = threading.Event()
         self.started = threading.Event()
-        self.gated: list[tuple[asyncio.Future, bytes]] = []
         self.port = free_port()
         self.loop = asyncio.new_event_loop()
         self.server = GrpcServer(self._methods(), BIG, **options)
@@ -106,12 +105,6 @@ class Harness:
                 raise GrpcError(grpcserver.FAILED_PRECONDITION, "it failed later")
             return b"later " + future.result()
 
-        def gate(request: bytes, call) -> grpcserver.Deferred:
-            """Deferred, held in ``self.gated`` until the test answers them all in one callback (as a batch's)."""
-            future = loop.create_future()
-            self.gated.append((future, request))
-            return grpcserver.Deferred(future, lambda f: b"gated " + f.result())
-
         def now(request: bytes, call) -> bytes:
             if request == b"refuse":
                 raise GrpcError(grpcserver.INVALID_ARGUMENT, "refused at once")
@@ -120,7 +113,6 @@ class Harness:
             return b"now " + request
 
         return {"/t.T/Later": Method(bytes, later, deferred=True), "/t.T/Now": Method(bytes, now, deferred=True),
-                "/t.T/Gate": Method(bytes, gate, deferred=True),
                 "/t.T/Two": Method(bytes, two_writers, stream=True),
                 "/t.T/Echo": Method(bytes, echo), "/t.T/Big": Method(bytes, big), "/t.T/Slow": Method(bytes, slow),
                 "/t.T/Fail": Method(bytes, fail), "/t.T/Bug": Method(bytes, bug),
@@ -342,49 +334,6 @@ def test_many_concurrent_streams_on_one_connection(harness):
             return await asyncio.gather(*(echo(b"%d" % i) for i in range(500)))
 
     assert asyncio.run(many()) == [b"%d" % i for i in range(500)]
-
-
-class CountingTransport:
-    """A connection's transport, counting the writes made to the socket."""
-
-    def __init__(self, transport) -> None:
-        self.transport = transport
-        self.writes = 0
-
-    def write(self, data) -> None:
-        self.writes += 1
-        self.transport.write(data)
-
-    def writelines(self, data) -> None:
-        self.writes += 1
-        self.transport.writelines(data)
-
-    def __getattr__(self, name: str):
-        return getattr(self.transport, name)
-
-
-def test_answers_of_one_turn_share_one_write(harness):
-    """Eight calls answered by one callback (a batch's end) leave in one write, each complete and in order."""
-    c = H2Client(harness.port)
-    sids = [c.call("/t.T/Gate", b"%d" % i) for i in range(8)]
-    deadline = time.monotonic() + 10
-    while len(harness.gated) < 8 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    (conn,) = harness.server.connections
-    counting = CountingTransport(conn.transport)
-
-    async def answer_all() -> None:
-        conn.transport = counting
-        for future, request in harness.gated:
-            future.set_result(request)
-
-    harness.run(answer_all())
-    for i, sid in enumerate(sids):
-        s = c.wait(sid)
-        assert s.status == 0 and s.messages() == [(0, b"gated %d" % i)]
-    assert counting.writes == 1
-    echo_ok(harness.port)
-    c.close()
 
 
 def test_max_concurrent_streams_refuses_the_extra_stream():

@@ -11,8 +11,7 @@ of HTTP/2, so the connection handler here keeps the hot path flat:
   block for every call once their dynamic table is filled, and the cache is dropped whenever the decoder's
   table changes, so a cached block always means what hpack would decode;
 - response headers and the ``grpc-status: 0`` trailers are encoded once, without the dynamic table (so
-  the bytes hold for every connection), and a unary answer is one piece of bytes; all a turn of the event
-  loop sends on a connection leaves in one write at the turn's end, so a batch's answers share a system call;
+  the bytes hold for every connection), and a unary answer leaves in one transport write;
 - a unary call is one task, except a :class:`Deferred` one (ModelInfer): its handler runs as soon as the
   message is in, within the same turn of the event loop, and its answer is sent from the request's future's
   callback: no task, no coroutine frames, one turn of the loop less per request (the HTTP front does the
@@ -229,7 +228,6 @@ class Connection(asyncio.Protocol):
         self.max_message = server.max_message_size
         self.loop = asyncio.get_event_loop()
         self.transport: asyncio.Transport | None = None
-        self.out: list = []  # what this turn of the loop sends, written at its end (see _write)
         self.buf = bytearray()
         self.want = 0
         self.preface = False
@@ -277,38 +275,6 @@ class Connection(asyncio.Protocol):
         self.calls.clear()
         self.server.check_idle()
 
-    def _write(self, data: bytes) -> None:
-        """Queue bytes for the socket. All that a turn of the event loop sends on this connection leaves in
-        one write at the turn's end: the answers of a batch, each completed by its own callback, cost one
-        system call instead of one each (on loopback the sender's write also runs the receiver's TCP
-        stack, about a quarter of the front's time per answer under 16 concurrent calls)."""
-        out = self.out
-        if not out:
-            self.loop.call_soon(self._write_out)
-        out.append(data)
-
-    def _writelines(self, frames: list) -> None:
-        out = self.out
-        if not out:
-            self.loop.call_soon(self._write_out)
-        out += frames
-
-    def _write_out(self) -> None:
-        out = self.out
-        if not out:
-            return
-        self.out = []
-        if not self.transport.is_closing():
-            if len(out) == 1:
-                self.transport.write(out[0])
-            else:
-                self.transport.writelines(out)  # one writev, no join of a big message's pieces
-
-    def _close_transport(self) -> None:
-        """Close after what this turn queued (a GOAWAY) is written."""
-        self._write_out()
-        self.transport.close()
-
     def pause_writing(self) -> None:
         self.paused = True
 
@@ -324,7 +290,7 @@ class Connection(asyncio.Protocol):
     def _ping(self) -> None:
         if self.closing:
             return
-        self._write(_frame(PING, 0, 0, b"keepaliv"))
+        self.transport.write(_frame(PING, 0, 0, b"keepaliv"))
         self.ping_wait = self.loop.call_later(self.server.keepalive_timeout, self._ping_timeout)
 
     def _ping_timeout(self) -> None:
@@ -335,21 +301,21 @@ class Connection(asyncio.Protocol):
         """Tell the peer that no stream after ``last_sid`` will be handled."""
         if not self.going_away and not self.closing:
             self.going_away = True
-            self._write(_frame(GOAWAY, 0, 0, struct.pack(">II", self.last_sid, code) + debug))
+            self.transport.write(_frame(GOAWAY, 0, 0, struct.pack(">II", self.last_sid, code) + debug))
         self.maybe_close()
 
     def maybe_close(self) -> None:
         if self.going_away and not self.calls and not self.closing:
             self.closing = True
-            self._close_transport()
+            self.transport.close()
 
     def close_connection(self, code: int, debug: bytes = b"") -> None:
         """A connection error: GOAWAY with ``code``, then close (calls are cancelled)."""
         if self.closing:
             return
-        self._write(_frame(GOAWAY, 0, 0, struct.pack(">II", self.last_sid, code) + debug))
+        self.transport.write(_frame(GOAWAY, 0, 0, struct.pack(">II", self.last_sid, code) + debug))
         self.closing = True
-        self._close_transport()
+        self.transport.close()
         self.buf.clear()
 
     # -- frames in -------------------------------------------------------------------------------------
@@ -367,14 +333,14 @@ class Connection(asyncio.Protocol):
             if len(data) < 24:
                 if not PREFACE.startswith(data):
                     self.closing = True
-                    self._close_transport()
+                    self.transport.close()
                     return
                 self.buf += data
                 self.want = 24
                 return
             if data[:24] != PREFACE:
                 self.closing = True
-                self._close_transport()
+                self.transport.close()
                 return
             self.preface = True
             data = data[24:]
@@ -408,7 +374,7 @@ class Connection(asyncio.Protocol):
                     if length != 8 or sid:
                         raise _ConnError(FRAME_SIZE_ERROR if length != 8 else PROTOCOL_ERROR, b"bad PING")
                     if not flags & ACK:
-                        self._write(_frame(PING, ACK, 0, bytes(view[start:pos])))
+                        self.transport.write(_frame(PING, ACK, 0, bytes(view[start:pos])))
                     elif self.ping_wait is not None:
                         self.ping_wait.cancel()
                         self.ping_wait = None
@@ -449,7 +415,7 @@ class Connection(asyncio.Protocol):
         """Give the peer back connection credit for what was processed, unless partial messages already
         hold ``max_buffered`` bytes: many big messages arriving at once wait instead of filling memory."""
         if self.recv_unacked >= WINDOW >> 2 and self.buffered <= self.server.max_buffered and not self.closing:
-            self._write(_frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", self.recv_unacked)))
+            self.transport.write(_frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", self.recv_unacked)))
             self.recv_window += self.recv_unacked
             self.recv_unacked = 0
 
@@ -480,7 +446,7 @@ class Connection(asyncio.Protocol):
             elif key == SettingsFrame.ENABLE_PUSH and value > 1:
                 raise _ConnError(PROTOCOL_ERROR, b"ENABLE_PUSH must be 0 or 1")
             # HEADER_TABLE_SIZE: our blocks never use the dynamic table; the others do not bind a server.
-        self._write(_frame(SETTINGS, ACK, 0))
+        self.transport.write(_frame(SETTINGS, ACK, 0))
 
     def _on_window_update(self, data: bytes, start: int, length: int, sid: int) -> None:
         if length != 4:
@@ -594,10 +560,10 @@ class Connection(asyncio.Protocol):
             raise _ConnError(STREAM_CLOSED, b"HEADERS on a closed stream")
         self.last_sid = sid
         if self.going_away:
-            self._write(_frame(RST_STREAM, 0, sid, struct.pack(">I", REFUSED_STREAM)))
+            self.transport.write(_frame(RST_STREAM, 0, sid, struct.pack(">I", REFUSED_STREAM)))
             return
         if len(self.calls) >= self.server.max_concurrent_streams:
-            self._write(_frame(RST_STREAM, 0, sid, struct.pack(">I", REFUSED_STREAM)))
+            self.transport.write(_frame(RST_STREAM, 0, sid, struct.pack(">I", REFUSED_STREAM)))
             return
         call = Call(self, sid, None, headers, "identity")
         self.calls[sid] = call
@@ -671,7 +637,7 @@ class Connection(asyncio.Protocol):
 
     def credit_stream(self, call: Call) -> None:
         if call.recv_credit and not call.closed_remote and not call.closed:
-            self._write(_frame(WINDOW_UPDATE, 0, call.sid, struct.pack(">I", call.recv_credit)))
+            self.transport.write(_frame(WINDOW_UPDATE, 0, call.sid, struct.pack(">I", call.recv_credit)))
         call.recv_credit = 0
 
     def _messages(self, call: Call, payload: memoryview) -> None:
@@ -879,7 +845,7 @@ class Connection(asyncio.Protocol):
             call.started = True
             call.send_window -= size
             self.send_window -= size
-            self._write(b"".join((
+            self.transport.write(b"".join((
                 _HDR.pack(len(head) << 8 | HEADERS, END_HEADERS, sid), head,
                 _HDR.pack(size << 8 | DATA, 0, sid), _PREFIX.pack(flag, n), data,
                 _HDR.pack(len(_OK_TRAILERS) << 8 | HEADERS, END_HEADERS | END_STREAM, sid), _OK_TRAILERS)))
@@ -904,7 +870,7 @@ class Connection(asyncio.Protocol):
             call.started = True
             if status == OK:
                 block = _RESPONSE_HEADERS[call.encoding] + _OK_TRAILERS
-            self._write(_HDR.pack(len(block) << 8 | HEADERS, END_HEADERS | END_STREAM, call.sid) + block)
+            self.transport.write(_HDR.pack(len(block) << 8 | HEADERS, END_HEADERS | END_STREAM, call.sid) + block)
             self._closed_local(call)
             return
         call.out_end = block
@@ -914,7 +880,7 @@ class Connection(asyncio.Protocol):
         """A plain HTTP answer to a request that is not gRPC (gRPC's PROTOCOL-HTTP2.md asks for 415)."""
         block = _stateless_block([(":status", status), ("content-type", "text/plain")])
         call.started = True
-        self._write(_HDR.pack(len(block) << 8 | HEADERS, END_HEADERS | END_STREAM, call.sid) + block)
+        self.transport.write(_HDR.pack(len(block) << 8 | HEADERS, END_HEADERS | END_STREAM, call.sid) + block)
         self._closed_local(call)
 
     def _flush(self, call: Call) -> None:
@@ -951,7 +917,7 @@ class Connection(asyncio.Protocol):
             block, call.out_end = call.out_end, None
             frames += (_HDR.pack(len(block) << 8 | HEADERS, END_HEADERS | END_STREAM, sid), block)
         if frames:
-            self._writelines(frames)
+            self.transport.writelines(frames)
         if out:
             self.blocked[sid] = call
             if sent and call.send_window > 0 and self.send_window > 0 and not self.paused:
@@ -967,13 +933,13 @@ class Connection(asyncio.Protocol):
         """The response is complete: the call is over (RST_STREAM NO_ERROR asks the client to stop sending)."""
         call.closed = True
         if not call.closed_remote and not self.closing:
-            self._write(_frame(RST_STREAM, 0, call.sid, struct.pack(">I", NO_ERROR)))
+            self.transport.write(_frame(RST_STREAM, 0, call.sid, struct.pack(">I", NO_ERROR)))
         self._abandon(call)
         self._forget(call)
 
     def _reset(self, call: Call, code: int) -> None:
         if not self.closing:
-            self._write(_frame(RST_STREAM, 0, call.sid, struct.pack(">I", code)))
+            self.transport.write(_frame(RST_STREAM, 0, call.sid, struct.pack(">I", code)))
         self._abandon(call)
         self._forget(call)
 
@@ -1069,6 +1035,6 @@ class GrpcServer:
         for conn in list(self.connections):
             if not conn.closing:
                 conn.closing = True
-                conn._close_transport()
+                conn.transport.close()
         if self._server is not None:
             await self._server.wait_closed()
