@@ -497,10 +497,10 @@ def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-backends-") as tmp:
         repo = os.path.join(tmp, "models")
         os.makedirs(repo)
-        models = _onnx_models(repo, args.ort_threads)
-        if not args.onnx_only:
-            models.append(_torch_model(repo, device))
-        frames = device == "cuda" and not args.onnx_only
+        models = [*_onnx_models(repo, args.ort_threads), _torch_model(repo, device)]
+        if args.only:
+            models = [m for m in models if m["name"] in args.only]
+        frames = device == "cuda" and not args.only
         triton = None
         if frames:
             triton_repo = os.path.join(tmp, "triton-models")
@@ -752,7 +752,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--triton", action="store_true", help="also run the frame model on the reference Triton "
                                                          "(scripts/reference-triton; GPU machines only)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where the PyTorch model runs")
-    p.add_argument("--onnx-only", action="store_true", help="only the ONNX Runtime models (no PyTorch, no frames)")
+    p.add_argument("--only", nargs="+", default=[], metavar="MODEL",
+                   help="only these models (onnx_conv, onnx_conv_spin, onnx_conv_1t, onnx_conv_<N>t, "
+                        "torch_cnn), and no frames")
     p.add_argument("--ort-threads", type=int, nargs="+", default=[], metavar="N",
                    help="the conv net once more with intra_op_thread_count N, for each N given")
     p.add_argument("--out", default=os.path.join(REPO_ROOT, "bench", "results", "tmp"), help="folder for the JSON")
