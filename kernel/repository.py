@@ -8,6 +8,10 @@ import tempfile
 
 from kernel.errors import ServerError
 from kernel.model_config_pb2 import ModelConfig
+from shm.region import gone, owner_token
+
+#: Directories of models loaded from files sent with the request: ``<tmp>/ek-model-<pid>.<start>-<random>``
+OVERRIDE_PREFIX = "ek-model-"
 
 
 class Repository:
@@ -61,7 +65,7 @@ def write_override(name: str, files: dict[str, bytes]) -> str:
     """
     if not name or name in (".", "..") or "/" in name or "\0" in name:
         raise ServerError(f"Invalid model name '{name}' for model file override", "INVALID_ARG")
-    root = tempfile.mkdtemp(prefix=f"ek-model-{os.getpid()}-")
+    root = tempfile.mkdtemp(prefix=f"{OVERRIDE_PREFIX}{owner_token()}-")
     model_dir = os.path.join(root, name)
     try:
         os.mkdir(model_dir)
@@ -80,6 +84,29 @@ def write_override(name: str, files: dict[str, bytes]) -> str:
         shutil.rmtree(root, ignore_errors=True)
         raise
     return model_dir
+
+
+def remove_stale_overrides(tmp: str | None = None) -> list[str]:
+    """Remove the file-loaded model directories of servers that ended without removing them (killed, or
+    crashed): those whose owner, by the pid and start time in their name, no longer runs."""
+    tmp = tmp or tempfile.gettempdir()
+    removed = []
+    started: dict[int, int] = {}
+    try:
+        entries = os.listdir(tmp)
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.startswith(OVERRIDE_PREFIX):
+            continue
+        pid, _, start = entry[len(OVERRIDE_PREFIX):].partition("-")[0].partition(".")
+        if not pid.isdigit() or not start.isdigit() or not gone(int(pid), int(start), started):
+            continue  # not ours, of an older form, or its server still runs
+        path = os.path.join(tmp, entry)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def available_versions(model_dir: str) -> list[int]:

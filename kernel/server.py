@@ -26,7 +26,7 @@ from kernel.model import ModelVersion, Pending, RequestFuture
 from kernel.pipelines.bls import BlsHandler
 from kernel.pipelines.ensemble import EnsembleVersion, check_scheduling, composing_models, find_cycle, is_ensemble
 from kernel.poll import Poller
-from kernel.repository import Repository, select_versions, write_override
+from kernel.repository import Repository, remove_stale_overrides, select_versions, write_override
 from kernel.restricted import Restrictions
 from kernel.shm_registry import Registration, SharedMemoryRegistry
 from kernel.tracing import Tracer, finish_if_cancelled, tensor_array
@@ -181,6 +181,8 @@ class Core:
         self._loop = self.spinner._loop = asyncio.get_running_loop()
         for entry in remove_stale():
             log.info("removed stale shared memory object %s", entry)
+        for path in await asyncio.to_thread(remove_stale_overrides):
+            log.info("removed the model files of a server that is gone: %s", path)
         free, total = space()
         if total and total < SMALL_SHM:  # (a container's default /dev/shm: 64 MiB)
             log.warning("/dev/shm holds only %d MiB (%d MiB free): tensors pass between the server's processes "

@@ -49,13 +49,35 @@ def _start_time(pid: int) -> int:
         return 0
 
 
-def new_name(tag: str) -> str:
-    """A fresh name for an object owned by this process."""
+def owner_token() -> str:
+    """``<pid>.<start>`` of this process: what the names of its objects carry, so that a later process can tell
+    them from those of a process that has the same pid now (a container's server is PID 1 at every start)."""
+    return _owner_prefix()[len(PREFIX):-1]
+
+
+def gone(pid: int, start: int, started: dict[int, int] | None = None) -> bool:
+    """Whether the process that named objects ``<pid>.<start>`` has ended: ``pid`` is gone, or names a process
+    that started at another time (``start`` 0: names of an older form, by the pid alone). ``started`` caches
+    start times over one sweep."""
+    if not _alive(pid):
+        return True
+    if not start:
+        return False
+    now = started.setdefault(pid, _start_time(pid)) if started is not None else _start_time(pid)
+    return bool(now) and now != start
+
+
+def _owner_prefix() -> str:
     global _owner
     pid = os.getpid()
     if _owner[0] != pid:  # (first use, or a forked child)
         _owner = (pid, f"{PREFIX}{pid}.{_start_time(pid)}.")
-    return f"/{_owner[1]}{tag}.{next(_counter)}"
+    return _owner[1]
+
+
+def new_name(tag: str) -> str:
+    """A fresh name for an object owned by this process."""
+    return f"/{_owner_prefix()}{tag}.{next(_counter)}"
 
 
 def _libc_mmap() -> tuple[ctypes.CDLL, int]:
@@ -212,12 +234,8 @@ def remove_stale(shm_dir: str = "/dev/shm") -> list[str]:
         pid_text, start_text = (stem[len(PREFIX):].split(".", 2) + ["", ""])[:2]
         if not pid_text.isdigit():
             continue
-        pid = int(pid_text)
-        if _alive(pid):
-            start = int(start_text) if start_text.isdigit() else 0
-            now = started.setdefault(pid, _start_time(pid)) if start else 0
-            if not start or not now or now == start:
-                continue  # its process still runs (or one we cannot tell from it)
+        if not gone(int(pid_text), int(start_text) if start_text.isdigit() else 0, started):
+            continue  # its process still runs (or one we cannot tell from it)
         try:
             os.unlink(os.path.join(shm_dir, entry))
             removed.append(entry)

@@ -32,7 +32,7 @@ def server(tmp_path_factory):
     for _ in run:  # stops it (and checks it stopped cleanly)
         pass
     # a model still loaded from sent files at exit: its directory goes too
-    assert glob.glob(os.path.join(tempfile.gettempdir(), f"ek-model-{pid}-*")) == []
+    assert glob.glob(os.path.join(tempfile.gettempdir(), f"ek-model-{pid}.*-*")) == []
 
 
 @pytest.fixture
@@ -105,7 +105,7 @@ FP32x4 = json.dumps({"backend": "python", "max_batch_size": 0,
 
 
 def _private_dirs(server) -> list[str]:
-    return glob.glob(os.path.join(tempfile.gettempdir(), f"ek-model-{server.proc.pid}-*"))
+    return glob.glob(os.path.join(tempfile.gettempdir(), f"ek-model-{server.proc.pid}.*-*"))
 
 
 def _echo4(client, name: str, module=httpclient) -> None:
@@ -212,3 +212,31 @@ def test_an_ensemble_config_is_tritons(server, http, grpc):
     assert body.endswith(',"model_warmup":[],"model_transaction_policy":{"decoupled":false}}')
     config = grpc.get_model_config("camera_pipeline").config
     assert not config.HasField("optimization") and config.HasField("model_transaction_policy")
+
+
+def test_model_files_of_servers_that_are_gone_are_removed(tmp_path):
+    """A server killed with a file-loaded model leaves its directory; the next server to start removes it,
+    never one of a server still running, nor anything not named as ours."""
+    import subprocess
+    import sys
+
+    from kernel.repository import remove_stale_overrides, write_override
+    from shm.region import owner_token
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    names = {"dead": f"ek-model-{dead.pid}.12345-abc", "reused": f"ek-model-{os.getpid()}.1-def",
+             "alive": f"ek-model-{owner_token()}-ghi", "old": f"ek-model-{dead.pid}-jkl", "other": "ek-models-x"}
+    for name in names.values():
+        (tmp_path / name / "m" / "1").mkdir(parents=True)
+    (tmp_path / "ek-model-1.1-file").write_text("not a directory")
+    removed = remove_stale_overrides(str(tmp_path))
+    assert sorted(removed) == sorted(str(tmp_path / names[k]) for k in ("dead", "reused"))
+    assert sorted(os.listdir(tmp_path)) == sorted([names["alive"], names["old"], names["other"], "ek-model-1.1-file"])
+    kept = write_override("m", {"file:1/model.py": b"x"})  # this process's own: named to be kept
+    try:
+        assert os.path.basename(os.path.dirname(kept)).startswith(f"ek-model-{owner_token()}-")
+        assert kept not in remove_stale_overrides(os.path.dirname(os.path.dirname(kept)))
+        assert os.path.isdir(kept)
+    finally:
+        shutil.rmtree(os.path.dirname(kept))
