@@ -811,6 +811,60 @@ def test_system_shared_memory(client, region):
     assert not client.get_system_shared_memory_status().regions
 
 
+def test_shared_memory_parameters_are_checked_as_triton_does(client, stub, region):
+    """Triton 2.51's gRPC front words for shared_memory_* parameters of the wrong type or missing (its
+    ParseSharedMemoryParams), for inputs and outputs; the region is registered, so only the parameters fail."""
+    key, _ = region
+    client.register_system_shared_memory("grpc_params", key, 128)
+    try:
+        def infer(setup_input, setup_output=None):
+            request = raw_request("add_sub", ("INPUT1", "INT32", [16], bytes(64)))
+            tensor = request.inputs.add(name="INPUT0", datatype="INT32", shape=[16])
+            setup_input(tensor.parameters)
+            if setup_output is not None:
+                setup_output(request.outputs.add(name="OUTPUT0").parameters)
+            return request
+
+        def shm(params, region="grpc_params", offset=None, size=64):
+            if region is not None:
+                params["shared_memory_region"].string_param = region
+            if offset is not None:
+                params["shared_memory_offset"].int64_param = offset
+            if size is not None:
+                params["shared_memory_byte_size"].int64_param = size
+
+        cases = [
+            (lambda p: p["shared_memory_region"].MergeFrom(service_pb2.InferParameter(int64_param=1)),
+             "invalid value type for 'shared_memory_region' parameter for tensor 'INPUT0', expected string_param."),
+            (lambda p: shm(p, size=None),
+             "'shared_memory_byte_size' must be specified along with 'shared_memory_region' parameter for tensor "
+             "'INPUT0'"),
+            (lambda p: shm(p, region=None, offset=0, size=None),
+             "'shared_memory_offset' can not be specified without 'shared_memory_region' parameter for tensor "
+             "'INPUT0'"),
+            (lambda p: shm(p, region=None),
+             "'shared_memory_byte_size' can not be specified without 'shared_memory_region' parameter for tensor "
+             "'INPUT0'"),
+            (lambda p: (shm(p, size=None), p["shared_memory_byte_size"].MergeFrom(
+                service_pb2.InferParameter(string_param="64"))),
+             "invalid value type for 'shared_memory_byte_size' parameter for tensor 'INPUT0', expected int64_param."),
+            (lambda p: (shm(p), p["shared_memory_offset"].MergeFrom(service_pb2.InferParameter(bool_param=True))),
+             "invalid value type for 'shared_memory_offset' parameter for tensor 'INPUT0', expected int64_param."),
+        ]
+        for setup, message in cases:
+            with pytest.raises(grpc.RpcError) as e:
+                stub.ModelInfer(infer(setup))
+            assert (e.value.code(), e.value.details()) == (grpc.StatusCode.INVALID_ARGUMENT, message)
+        with pytest.raises(grpc.RpcError) as e:  # an output's parameters, in the same words
+            stub.ModelInfer(infer(shm, lambda p: shm(p, size=None)))
+        assert e.value.details() == ("'shared_memory_byte_size' must be specified along with 'shared_memory_region' "
+                                     "parameter for tensor 'OUTPUT0'")
+        assert len(stub.ModelInfer(infer(shm, shm)).outputs) == 1  # well-formed: served
+    finally:
+        client.unregister_system_shared_memory("grpc_params")
+    assert_serving(client)
+
+
 def test_cuda_shared_memory_is_unsupported(client):
     # Like a CPU-only Triton: no region exists and unregistering succeeds; registering fails clearly.
     assert not client.get_cuda_shared_memory_status().regions

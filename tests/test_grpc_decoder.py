@@ -35,7 +35,6 @@ from kernel.shm_registry import SharedMemoryRegistry
 from kernel.types import InferRequest, InputTensor, RequestedOutput, ShmRef
 from protocol import grpc_service_pb2 as pb
 from protocol.grpc import v2grpc
-from protocol.http.v2json import shm_ref
 
 EXAMPLES = int(os.environ.get("EK_FUZZ_EXAMPLES", "0"))
 
@@ -89,11 +88,11 @@ def _old_parse_request(msg: pb.ModelInferRequest, raw: list, shm: SharedMemoryRe
         params = v2grpc.params_dict(item.parameters)
         tensor = InputTensor(name, item.datatype, list(item.shape), parameters=params)
         has_contents = item.HasField("contents")
-        if params.get("shared_memory_region") is not None:
+        if v2grpc._SHM_KEYS.intersection(params):  # (Triton's checks of these parameters added since)
             if has_contents:
                 raise invalid(f"unexpected 'content' provided when using shared memory for input tensor "
                               f"'{name}' for model '{model}'")
-            tensor.data = shm_ref(params, name, shm)
+            tensor.data = v2grpc._shm_ref(params, name, shm)
         elif has_contents:
             if raw:
                 raise invalid(f"contents field must not be specified when using raw_input_contents for "
@@ -115,8 +114,8 @@ def _old_parse_request(msg: pb.ModelInferRequest, raw: list, shm: SharedMemoryRe
                 classes = from_grpc(which, params["classification"], params)
                 if classes:
                     request.classification = {**(request.classification or {}), o.name: classes}
-            if params.get("shared_memory_region") is not None:
-                out.shm = shm_ref(params, o.name, shm)
+            if v2grpc._SHM_KEYS.intersection(params):
+                out.shm = v2grpc._shm_ref(params, o.name, shm)
             outputs.append(out)
         request.outputs = outputs
     return request

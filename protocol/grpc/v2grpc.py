@@ -33,7 +33,7 @@ from kernel.classification import PARAMETER as CLASSIFICATION
 from kernel.classification import from_grpc
 from kernel.errors import ServerError, invalid
 from kernel.shm_registry import SharedMemoryRegistry
-from kernel.types import InferRequest, InferResponse, InputTensor, RequestedOutput
+from kernel.types import InferRequest, InferResponse, InputTensor, RequestedOutput, ShmRef
 from protocol import grpc_service_pb2 as pb
 from protocol.http.v2json import shm_ref
 from shm import dtypes
@@ -486,11 +486,11 @@ def parse_request(decoded: InferMessage, shm: SharedMemoryRegistry) -> InferRequ
     index = 0
     for name, datatype, shape, params, contents in decoded.inputs:
         tensor = InputTensor(name, datatype, list(shape), parameters=dict(params))
-        if params.get("shared_memory_region") is not None:
+        if params and _SHM_KEYS.intersection(params):
             if contents is not None:
                 raise invalid(f"unexpected 'content' provided when using shared memory for input tensor "
                               f"'{name}' for model '{model}'")
-            tensor.data = shm_ref(params, name, shm)
+            tensor.data = _shm_ref(params, name, shm)
         elif contents is not None:
             if raw:
                 raise invalid(f"contents field must not be specified when using raw_input_contents for "
@@ -515,11 +515,35 @@ def parse_request(decoded: InferMessage, shm: SharedMemoryRegistry) -> InferRequ
                     if request.classification is None:
                         request.classification = {}
                     request.classification[name] = classes
-            if params.get("shared_memory_region") is not None:
-                out.shm = shm_ref(params, name, shm)
+            if _SHM_KEYS.intersection(params):
+                out.shm = _shm_ref(params, name, shm)
             outputs.append(out)
         request.outputs = outputs
     return request
+
+
+_SHM_KEYS = frozenset(("shared_memory_region", "shared_memory_offset", "shared_memory_byte_size"))
+
+
+def _shm_ref(params: dict, name: str, shm: SharedMemoryRegistry) -> ShmRef:
+    """A tensor's shared_memory_* parameters checked in Triton's order and words (its gRPC front's
+    ParseSharedMemoryParams), then resolved like HTTP's. (An integer parameter's wire type is not kept here:
+    uint64_param passes where Triton asks for int64_param; tritonclient sends int64_param.)"""
+    has_region = "shared_memory_region" in params
+    if has_region and type(params["shared_memory_region"]) is not str:
+        raise invalid(f"invalid value type for 'shared_memory_region' parameter for tensor '{name}', expected "
+                      "string_param.")
+    for key in ("shared_memory_offset", "shared_memory_byte_size"):
+        if key in params:
+            if not has_region:
+                raise invalid(f"'{key}' can not be specified without 'shared_memory_region' parameter for tensor "
+                              f"'{name}'")
+            if type(params[key]) is not int:
+                raise invalid(f"invalid value type for '{key}' parameter for tensor '{name}', expected int64_param.")
+    if "shared_memory_byte_size" not in params:
+        raise invalid(f"'shared_memory_byte_size' must be specified along with 'shared_memory_region' parameter for "
+                      f"tensor '{name}'")
+    return shm_ref(params, name, shm)
 
 
 def _typed_contents(name: str, datatype: str, contents: pb.InferTensorContents, model: str) -> memoryview | bytes:
