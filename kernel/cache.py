@@ -190,9 +190,10 @@ class ModelCache:
     def serve(self, pending: Pending) -> bool:
         """Answer ``pending`` from the cache if it can (True); else remember its key for :meth:`store`."""
         request = pending.request
-        if request.chain is not None or any(o.arena or "classification" in o.parameters
-                                            for o in request.outputs or ()):
+        if request.chain is not None or any(o.arena for o in request.outputs or ()):
             return False  # a chained pipeline step's outputs go to a block the next step reads: never cached
+        # (classification is applied to a hit's outputs as to a model's, where the response is delivered: the
+        # entry holds the raw tensors, as Triton's does)
         start = time.perf_counter_ns()
         keyed = self._key(pending)
         if keyed is None:

@@ -352,3 +352,26 @@ def test_an_ensemble_caches_its_response(http, repo: Path) -> None:
     assert count(after, "cache_hit") == count(before, "cache_hit") + 1
     assert count(after, "success") == count(before, "success") + 2
     assert int(after["execution_count"]) == int(before["execution_count"]) + 1
+
+
+@pytest.mark.parametrize("proto", ["http", "grpc"])
+def test_classification_is_served_from_the_raw_entry(proto: str, request: pytest.FixtureRequest, repo: Path) -> None:
+    """As Triton's: the entry holds the model's raw outputs, and classification is applied to a hit's as to a
+    model's, so classified and plain requests of one input share the entry (observed on the reference)."""
+    client = request.getfixturevalue(proto)
+    mod = grpcclient if proto == "grpc" else httpclient
+    x = np.array([3, 9, 1, 7], dtype=np.float32) + (1000 if proto == "grpc" else 2000)
+    runs, before = executions(repo, "cached"), stats(client, "cached")
+
+    def labels(k: int) -> list:
+        out = mod.InferRequestedOutput("OUTPUT0", class_count=k)
+        return [v.decode() for v in infer(client, "cached", x, outputs=[out]).as_numpy("OUTPUT0")]
+
+    top = lambda k: [f"{v:f}:{i}" for i, v in sorted(enumerate(x * 2), key=lambda e: -e[1])[:k]]  # noqa: E731
+    assert labels(2) == top(2)  # a miss: the model runs
+    np.testing.assert_array_equal(infer(client, "cached", x).as_numpy("OUTPUT0"), x * 2)  # a hit, raw
+    assert labels(3) == top(3)  # a hit, classified
+    after = stats(client, "cached")
+    assert executions(repo, "cached") == runs + 1
+    assert (count(after, "cache_miss") - count(before, "cache_miss"), count(after, "cache_hit")
+            - count(before, "cache_hit")) == (1, 2)
