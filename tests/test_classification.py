@@ -80,6 +80,17 @@ X = [0.5, -1.25, 3.0, 2.0, 0.1]
 JSON_ERROR = "Unable to set 'classification': attempt to access JSON non-unsigned-integer as unsigned-integer"
 
 
+# add_sub behind an ensemble, its outputs renamed.
+ENSEMBLE_CONFIG = """
+platform: "ensemble"
+input [ { name: "A", data_type: TYPE_INT32, dims: [ 16 ] }, { name: "B", data_type: TYPE_INT32, dims: [ 16 ] } ]
+output [ { name: "SUM", data_type: TYPE_INT32, dims: [ 16 ] }, { name: "DIFF", data_type: TYPE_INT32, dims: [ 16 ] } ]
+ensemble_scheduling { step [ { model_name: "add_sub" model_version: -1
+  input_map { key: "INPUT0" value: "A" } input_map { key: "INPUT1" value: "B" }
+  output_map { key: "OUTPUT0" value: "SUM" } output_map { key: "OUTPUT1" value: "DIFF" } } ] }
+"""
+
+
 def _model(repo, name: str, model: str, config: str) -> None:
     (repo / name / "1").mkdir(parents=True)
     (repo / name / "1" / "model.py").write_text(model)
@@ -94,6 +105,8 @@ def repo(tmp_path_factory):
     _model(repo, "typed", TYPED_MODEL, TYPED_CONFIG)
     (repo / "typed" / "labels.txt").write_text("cat\ndog\n\nbird\n")  # index 2 has an empty label
     _model(repo, "countdown", COUNTDOWN_MODEL, COUNTDOWN_CONFIG)
+    (repo / "ens" / "1").mkdir(parents=True)
+    (repo / "ens" / "config.pbtxt").write_text(ENSEMBLE_CONFIG)
     return repo
 
 
@@ -336,3 +349,17 @@ def test_in_process_api(repo):
         assert result["OUTPUT0"].tolist() == [b"16:15", b"15:14"]
         np.testing.assert_array_equal(result["OUTPUT1"], np.arange(16) - 1)
         result.release()
+
+
+@pytest.mark.parametrize("module", [httpclient, grpcclient], ids=["http", "grpc"])
+def test_an_ensemble_output_is_classified(module, http, grpc_client):
+    """An ensemble's output is classified like a model's, beside a plain one (the same labels from Triton 2.51)."""
+    client = http if module is httpclient else grpc_client
+    a, b = np.array([5, 1, 9, 3] * 4, dtype=np.int32), np.arange(16, dtype=np.int32)
+    inputs = [module.InferInput("A", [16], "INT32"), module.InferInput("B", [16], "INT32")]
+    inputs[0].set_data_from_numpy(a)
+    inputs[1].set_data_from_numpy(b)
+    result = client.infer("ens", inputs, outputs=[module.InferRequestedOutput("SUM", class_count=3),
+                                                  module.InferRequestedOutput("DIFF")])
+    assert _text(result.as_numpy("SUM")) == ["23:14", "19:10", "18:15"]
+    np.testing.assert_array_equal(result.as_numpy("DIFF"), a - b)
