@@ -337,6 +337,14 @@ def _arena_ref(array: np.ndarray) -> ArenaRef | None:
     return ArenaRef(block.key, block.offset + start, array.nbytes, array)
 
 
+def _load_args(config: dict | None, files: dict[str, bytes] | None) -> tuple[str | None, dict[str, bytes] | None]:
+    """A load's config as the load extension's JSON text, and its files under the extension's ``file:`` keys."""
+    text = json.dumps(config) if config is not None else None
+    if not files:
+        return text, None
+    return text, {key if key.startswith("file:") else f"file:{key}": bytes(data) for key, data in files.items()}
+
+
 class Server:
     """The server in this process: use it as a context manager (sync or async)."""
 
@@ -470,16 +478,20 @@ class Server:
         """A handle on a model; errors (unknown model...) are raised when it is used."""
         return Model(self, name, "" if version is None else str(version))
 
-    def load(self, name: str, config: dict | None = None) -> None:
-        """Load or reload a model (explicit model control mode); ``config`` overrides config.pbtxt."""
-        text = json.dumps(config) if config is not None else None
-        self._wait(lambda core: asyncio.ensure_future(core.load_model(name, text)))
+    def load(self, name: str, config: dict | None = None, files: dict[str, bytes] | None = None) -> None:
+        """Load or reload a model (explicit model control mode); ``config`` overrides config.pbtxt.
+
+        ``files`` (``{"1/model.py": content}``: paths in the model's directory, with ``config``) are the model's
+        whole directory, as the load extension's ``file:`` parameters are: the model loads from them instead
+        of its repository (or is new), from a private temporary directory removed when it unloads."""
+        text, sent = _load_args(config, files)
+        self._wait(lambda core: asyncio.ensure_future(core.load_model(name, text, sent)))
 
     def unload(self, name: str) -> None:
         self._wait(lambda core: asyncio.ensure_future(core.unload_model(name)))
 
-    async def async_load(self, name: str, config: dict | None = None) -> None:
-        await self._core.load_model(name, json.dumps(config) if config is not None else None)
+    async def async_load(self, name: str, config: dict | None = None, files: dict[str, bytes] | None = None) -> None:
+        await self._core.load_model(name, *_load_args(config, files))
 
     async def async_unload(self, name: str) -> None:
         await self._core.unload_model(name)

@@ -200,6 +200,19 @@ def test_model_control_and_clean_shutdown(tmp_path):
         assert srv.model("upper").config()["instance_group"][0]["count"] == 2
         with pytest.raises(ServerError):
             srv.load("does_not_exist")
+        # a new model from files, as the load extension's file: parameters (kernel.api._load_args)
+        doubler = ("import triton_python_backend_utils as pb_utils\n\n\nclass TritonPythonModel:\n"
+                   "    def execute(self, requests):\n        return [pb_utils.InferenceResponse([pb_utils.Tensor("
+                   "'Y', pb_utils.get_input_tensor_by_name(r, 'X').as_numpy() * 2)]) for r in requests]\n")
+        srv.load("sent", config={"backend": "python", "input": [{"name": "X", "data_type": "TYPE_FP32", "dims": [4]}],
+                                 "output": [{"name": "Y", "data_type": "TYPE_FP32", "dims": [4]}]},
+                 files={"1/model.py": doubler.encode()})
+        result = srv.model("sent").infer({"X": np.arange(4, dtype=np.float32)})
+        np.testing.assert_array_equal(result["Y"], np.arange(4, dtype=np.float32) * 2)
+        result.release()
+        with pytest.raises(ServerError) as e:
+            srv.load("sent2", config={"backend": "python"}, files={"../escape.py": b""})
+        assert e.value.message == "failed to load 'sent2', failed to poll from model repository"  # Triton's words
     assert own_shm() <= before
     with pytest.raises(RuntimeError):
         srv.model("upper").metadata()  # stopped
