@@ -403,6 +403,11 @@ class Instance:
         except ShmError as e:
             raise ServerError(str(e), "INTERNAL") from e
 
+    def tell(self, msg: dict) -> None:
+        """A control message that asks for no answer (new log settings): queued behind the worker's work."""
+        if self.alive:
+            self._post_aside(msg)
+
     def _post_aside(self, msg: dict) -> None:
         """A message that asks for no answer (frees, forgets): the worker's polling, ended by it, starts
         again for its spin time only."""

@@ -5,8 +5,10 @@ Triton writes ``I1205 08:37:55.323876 21185 file.cc:123] message`` (``--log-form
 set up for Triton parse these. The front's records and every worker's lines (the backends' and
 ``pb_utils.Logger``'s) use :func:`prefix`, so the whole server reads as one log.
 
-Workers start with the front's environment, so the settings reach them as environment variables
-(:data:`FORMAT_ENV`, :data:`LEVELS_ENV`) set by :func:`configure` before any worker starts.
+Workers read the settings as environment variables (:data:`FORMAT_ENV`, :data:`LEVELS_ENV`,
+:data:`VERBOSE_ENV`): they start with the front's environment, set by :func:`configure` before any
+worker starts, and when the logging extension changes them, each running worker is sent
+:func:`worker_env` (kernel.server.Core.log_settings_changed).
 ``--log-file`` puts the file on the front's descriptors 1 and 2: workers inherit them, so their
 lines, the model table and any traceback land in the file too, as everything Triton logs does.
 """
@@ -22,6 +24,8 @@ import time
 FORMAT_ENV = "EDGE_KERNEL_LOG_FORMAT"
 #: the letters of the enabled levels among I, W, E (``--log-info``, ``--log-warning``, ``--log-error``)
 LEVELS_ENV = "EDGE_KERNEL_LOG_LEVELS"
+#: ``1`` when verbose lines are on (``--log-verbose`` > 0): the python backend's ``Logger.log_verbose``
+VERBOSE_ENV = "EDGE_KERNEL_LOG_VERBOSE"
 FORMATS = ("default", "ISO8601")
 
 
@@ -108,9 +112,15 @@ def settings(verbose: int) -> dict[str, bool | int | str]:
             "log_verbose_level": verbose, "log_format": os.environ.get(FORMAT_ENV, "default")}
 
 
+def worker_env() -> dict[str, str]:
+    """The settings as the workers read them: what a running worker is sent when they change (workers
+    started later inherit them from the front's environment)."""
+    return {key: os.environ[key] for key in (FORMAT_ENV, LEVELS_ENV, VERBOSE_ENV) if key in os.environ}
+
+
 def set_level(key: str, on: bool) -> None:
-    """``log_info``, ``log_warning`` or ``log_error`` at run time: the front's lines and those of workers
-    started from now on (running workers keep the settings they started with)."""
+    """``log_info``, ``log_warning`` or ``log_error`` at run time (the front's lines; the workers' once the
+    caller has sent them :func:`worker_env`)."""
     letter = _LEVEL_OF[key]
     levels = os.environ.get(LEVELS_ENV, "IWE").replace(letter, "")
     os.environ[LEVELS_ENV] = "".join(c for c in "IWE" if c in levels or (c == letter and on))
@@ -122,9 +132,12 @@ def set_format(fmt: str) -> None:
 
 
 def set_verbose(level: int) -> None:
-    """``log_verbose_level`` at run time: the front's verbose records on or off."""
+    """``log_verbose_level`` at run time: the front's verbose records on or off (and the workers', as
+    :func:`set_level`)."""
     logging.getLogger().setLevel(logging.DEBUG if level else logging.INFO)
+    os.environ[VERBOSE_ENV] = "1" if level else "0"
 
 
-__all__ = ["FORMATS", "FORMAT_ENV", "LEVELS_ENV", "LOG_FILE_FIXED", "SETTINGS", "TritonFormatter", "configure",
-           "enabled", "open_log_file", "prefix", "set_format", "set_level", "set_verbose", "settings"]
+__all__ = ["FORMATS", "FORMAT_ENV", "LEVELS_ENV", "LOG_FILE_FIXED", "SETTINGS", "TritonFormatter", "VERBOSE_ENV",
+           "configure", "enabled", "open_log_file", "prefix", "set_format", "set_level", "set_verbose", "settings",
+           "worker_env"]

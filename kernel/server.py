@@ -14,7 +14,7 @@ import shutil
 from collections.abc import Callable
 from typing import Any
 
-from kernel import __version__
+from kernel import __version__, logs
 from kernel import config as cfg
 from kernel.cache import ResponseCache
 from kernel.cache import check_config as check_cache_config
@@ -794,6 +794,14 @@ class Core:
     # -- shared memory --------------------------------------------------
     def _forget_region(self, reg: Registration) -> None:
         self._forget_mapping(reg.id)
+
+    def log_settings_changed(self) -> None:
+        """Running workers take the new log settings (those started later inherit them)."""
+        msg = {"t": "env", "env": logs.worker_env()}
+        for model in self.models.values():
+            for mv in model.versions.values():
+                for instance in mv.instances:
+                    instance.tell(msg)
 
     def _forget_mapping(self, key: int | str) -> None:
         """Every worker drops its mapping of a client region (its registration id) or of an arena segment

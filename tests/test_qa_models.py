@@ -242,3 +242,53 @@ def _wait_for(srv, text: str, timeout: float = 10.0) -> str:
     while text not in srv.log() and time.monotonic() < deadline:
         time.sleep(0.05)
     return srv.log()
+
+
+LOGGING_MODEL = '''
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            x = pb_utils.get_input_tensor_by_name(request, "INPUT0").as_numpy()
+            pb_utils.Logger.log_info(f"info line {int(x[0])}")
+            pb_utils.Logger.log_verbose(f"verbose line {int(x[0])}")
+            responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("OUTPUT0", x)]))
+        return responses
+'''
+
+
+def test_log_settings_reach_running_workers(tmp_path):
+    """A model's Logger lines follow the settings as they change, in a worker started before the change (in
+    Triton the backends share the server's process, so its settings apply to them at once)."""
+    repo = tmp_path / "repo"
+    python_model(repo, "talker", LOGGING_MODEL, 'input [ { name: "INPUT0", data_type: TYPE_FP32, dims: [ 1 ] } ]\n'
+                                                'output [ { name: "OUTPUT0", data_type: TYPE_FP32, dims: [ 1 ] } ]\n')
+    for srv in serving(repo, tmp_path):
+        http = httpclient.InferenceServerClient(srv.http_url)
+        grpc_ = grpcclient.InferenceServerClient(srv.grpc_url)
+
+        def say(n: int, srv=srv, http=http) -> str:
+            inp = httpclient.InferInput("INPUT0", [1], "FP32")
+            inp.set_data_from_numpy(np.array([n], dtype=np.float32))
+            http.infer("talker", [inp])
+            return _wait_for(srv, f"info line {n}" if n in (1, 4) else f"verbose line {n}", 5.0)
+
+        try:
+            log = say(1)
+            assert "info line 1" in log and "verbose line 1" not in log
+            http.update_log_settings({"log_info": False, "log_verbose_level": 1})
+            log = say(2)
+            assert "verbose line 2" in log and "info line 2" not in log
+            grpc_.update_log_settings({"log_format": "ISO8601"})
+            log = say(3)
+            assert re.search(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ I \d+ model\.py:\d+\] verbose line 3$", log, re.M)
+            with pytest.raises(InferenceServerException):  # refused at log_format: log_info before it stays
+                http.update_log_settings({"log_info": True, "log_verbose_level": 0, "log_format": "bogus"})
+            log = say(4)
+            assert "info line 4" in log and "verbose line 4" not in log
+        finally:
+            http.close()
+            grpc_.close()

@@ -171,6 +171,8 @@ class Worker:
                                 self._drop_mapping(region)
                         else:
                             self.forget_region(key)
+                elif kind == "env":  # the server's log settings changed (kernel.logs.worker_env)
+                    os.environ.update(msg["env"])
                 elif kind == "load":
                     self._load(msg)
                 elif kind == "init":

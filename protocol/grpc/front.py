@@ -377,8 +377,24 @@ class InferenceService:
     @_unary
     async def LogSettings(self, request: pb.LogSettingsRequest) -> pb.LogSettingsResponse:
         """Triton's logging extension: each setting checked and applied in Triton's order (a refusal keeps
-        those before it)."""
-        settings = request.settings
+        those before it, and they reach the workers too)."""
+        try:
+            self._apply_log_settings(request.settings)
+        finally:
+            self.core.log_settings_changed()
+        reply = pb.LogSettingsResponse()
+        s = reply.settings
+        for key, current in logs.settings(self.core.verbose).items():
+            if isinstance(current, bool):
+                s[key].bool_param = current
+            elif isinstance(current, int):
+                s[key].uint32_param = current
+            else:
+                s[key].string_param = current
+        return reply
+
+    def _apply_log_settings(self, settings: Any) -> None:
+        """The settings of a request, each checked and applied in Triton's order."""
         words = {"string_param": "string", "bool_param": "boolean", "uint32_param": "int32"}
         for key in logs.SETTINGS:
             if key not in settings:
@@ -399,16 +415,6 @@ class InferenceService:
                 logs.set_format(value.string_param)
             else:
                 logs.set_level(key, value.bool_param)
-        reply = pb.LogSettingsResponse()
-        s = reply.settings
-        for key, current in logs.settings(self.core.verbose).items():
-            if isinstance(current, bool):
-                s[key].bool_param = current
-            elif isinstance(current, int):
-                s[key].uint32_param = current
-            else:
-                s[key].string_param = current
-        return reply
 
 
 _PENDING: Any = object()

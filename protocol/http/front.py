@@ -482,25 +482,32 @@ class HttpFront:
         those before it); a JSON ``null`` is no setting. Triton's 500/501/503 refusals are 400 here."""
         if request.method == "POST":
             doc = _read_json(request, empty=False)
-            for key in logs.SETTINGS:
-                value = doc.get(key)
-                if value is None:
-                    continue
-                if key == "log_file":
-                    raise ServerError(logs.LOG_FILE_FIXED, "UNSUPPORTED")
-                if key == "log_verbose_level":
-                    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 64:
-                        raise invalid("attempt to access JSON non-unsigned-integer as unsigned-integer")
-                    self.core.verbose = value & 0xFFFFFFFF  # Triton keeps the low 32 bits
-                    logs.set_verbose(self.core.verbose)
-                elif key == "log_format":
-                    if not isinstance(value, str):
-                        raise invalid("attempt to access JSON non-string as string")
-                    if value not in logs.FORMATS:
-                        raise invalid(f"invalid argument for --log_format, got: {value}")
-                    logs.set_format(value)
-                else:
-                    if not isinstance(value, bool):
-                        raise invalid("attempt to access JSON non-boolean as boolean")
-                    logs.set_level(key, value)
+            try:
+                self._apply_log_settings(doc)
+            finally:  # (a refusal keeps the settings before it: those reach the workers too)
+                self.core.log_settings_changed()
         return _json(logs.settings(self.core.verbose))
+
+    def _apply_log_settings(self, doc: dict) -> None:
+        """The settings of a POST, each checked and applied in Triton's order."""
+        for key in logs.SETTINGS:
+            value = doc.get(key)
+            if value is None:
+                continue
+            if key == "log_file":
+                raise ServerError(logs.LOG_FILE_FIXED, "UNSUPPORTED")
+            if key == "log_verbose_level":
+                if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 64:
+                    raise invalid("attempt to access JSON non-unsigned-integer as unsigned-integer")
+                self.core.verbose = value & 0xFFFFFFFF  # Triton keeps the low 32 bits
+                logs.set_verbose(self.core.verbose)
+            elif key == "log_format":
+                if not isinstance(value, str):
+                    raise invalid("attempt to access JSON non-string as string")
+                if value not in logs.FORMATS:
+                    raise invalid(f"invalid argument for --log_format, got: {value}")
+                logs.set_format(value)
+            else:
+                if not isinstance(value, bool):
+                    raise invalid("attempt to access JSON non-boolean as boolean")
+                logs.set_level(key, value)

@@ -468,13 +468,14 @@ class LogLevel:
 class Logger:
     """Triton's model logger: lines go to the server's log (stderr)."""
 
-    verbose = bool(int(os.environ.get("EDGE_KERNEL_LOG_VERBOSE", "0") or 0))
     _lock = threading.Lock()
 
     @staticmethod
     def log(message: str, level: int = LogLevel.INFO) -> None:
+        # The settings are read at each line: the server sends new ones when they change (kernel.logs).
         tag = "IWEI"[level] if 0 <= level <= 3 else "I"
-        if not Logger.verbose if level == LogLevel.VERBOSE else not _logs.enabled(tag):
+        if os.environ.get("EDGE_KERNEL_LOG_VERBOSE", "0") in ("", "0") if level == LogLevel.VERBOSE \
+                else not _logs.enabled(tag):
             return
         frame = sys._getframe(1)
         while frame.f_back is not None and frame.f_code.co_filename == __file__:
