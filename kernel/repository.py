@@ -8,7 +8,7 @@ import tempfile
 
 from kernel.errors import ServerError
 from kernel.model_config_pb2 import ModelConfig
-from shm.region import gone, owner_token
+from shm.region import owner_token, stale_entries
 
 #: Directories of models loaded from files sent with the request: ``<tmp>/ek-model-<pid>.<start>-<random>``
 OVERRIDE_PREFIX = "ek-model-"
@@ -91,22 +91,19 @@ def remove_stale_overrides(tmp: str | None = None) -> list[str]:
     crashed): those whose owner, by the pid and start time in their name, no longer runs."""
     tmp = tmp or tempfile.gettempdir()
     removed = []
-    started: dict[int, int] = {}
-    try:
-        entries = os.listdir(tmp)
-    except OSError:
-        return removed
-    for entry in entries:
-        if not entry.startswith(OVERRIDE_PREFIX):
-            continue
-        pid, _, start = entry[len(OVERRIDE_PREFIX):].partition("-")[0].partition(".")
-        if not pid.isdigit() or not start.isdigit() or not gone(int(pid), int(start), started):
-            continue  # not ours, of an older form, or its server still runs
+    for entry in stale_entries(tmp, _override_owner):
         path = os.path.join(tmp, entry)
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
+
+
+def _override_owner(entry: str) -> tuple[int, int] | None:
+    if not entry.startswith(OVERRIDE_PREFIX):
+        return None
+    pid, _, start = entry[len(OVERRIDE_PREFIX):].partition("-")[0].partition(".")
+    return (int(pid), int(start)) if pid.isdigit() and start.isdigit() else None  # (older names: left alone)
 
 
 def available_versions(model_dir: str) -> list[int]:

@@ -18,6 +18,7 @@ import os
 import re
 import time
 import weakref
+from collections.abc import Callable
 
 import posix_ipc
 
@@ -218,24 +219,32 @@ def unlink(name: str) -> None:
         pass
 
 
+def stale_entries(folder: str, owner: Callable[[str], tuple[int, int] | None]) -> list[str]:
+    """The entries of ``folder`` whose owner has ended (:func:`gone`); ``owner(entry)`` reads an entry's
+    ``(pid, start)`` from its name (``start`` 0 if the name has none), or None for a name not ours."""
+    started: dict[int, int] = {}
+    try:
+        entries = os.listdir(folder)
+    except OSError:
+        return []
+    return [entry for entry in entries if (o := owner(entry)) is not None and gone(o[0], o[1], started)]
+
+
+def _shm_owner(entry: str) -> tuple[int, int] | None:
+    stem = entry[4:] if entry.startswith("sem.") else entry
+    if not stem.startswith(PREFIX):
+        return None
+    pid_text, start_text = (stem[len(PREFIX):].split(".", 2) + ["", ""])[:2]
+    if not pid_text.isdigit():
+        return None
+    return int(pid_text), int(start_text) if start_text.isdigit() else 0
+
+
 def remove_stale(shm_dir: str = "/dev/shm") -> list[str]:
     """Remove objects of earlier servers whose process no longer exists: its pid is gone, or now names a
     process that started at another time (names of an older form, without the start time, by the pid alone)."""
     removed = []
-    started: dict[int, int] = {}
-    try:
-        entries = os.listdir(shm_dir)
-    except OSError:
-        return removed
-    for entry in entries:
-        stem = entry[4:] if entry.startswith("sem.") else entry
-        if not stem.startswith(PREFIX):
-            continue
-        pid_text, start_text = (stem[len(PREFIX):].split(".", 2) + ["", ""])[:2]
-        if not pid_text.isdigit():
-            continue
-        if not gone(int(pid_text), int(start_text) if start_text.isdigit() else 0, started):
-            continue  # its process still runs (or one we cannot tell from it)
+    for entry in stale_entries(shm_dir, _shm_owner):
         try:
             os.unlink(os.path.join(shm_dir, entry))
             removed.append(entry)
