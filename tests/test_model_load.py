@@ -78,14 +78,26 @@ def test_a_failed_override_answers_its_own_reason_and_keeps_the_model_serving(ht
     _identity_serves(http)
 
 
-def test_a_config_that_is_not_a_string_is_the_clients_mistake(server):
-    # Triton: 500 with the same words
+@pytest.mark.parametrize("body, error", [
+    (b'{"parameters":{"config":5}}', "attempt to access JSON non-string as string"),
+    (b'{"parameters":{"config":null}}', "attempt to access JSON non-string as string"),
+    (b'{"parameters":{"foo":1}}', "attempt to access JSON non-string as string"),
+    (b'{"parameters":{"unload_dependents":true}}', "attempt to access JSON non-string as string"),
+    (b'{"parameters":{"foo":"x"}}', "unexpected error on creating Triton parameter"),
+    (b'{"parameters":{"foo":"x","config":5}}', "unexpected error on creating Triton parameter"),  # in order
+    (b'{"parameters":{"config":5,"foo":"x"}}', "attempt to access JSON non-string as string"),
+    (b'{"parameters":null}', "attempt to get members for non-object"),
+])
+def test_load_parameters_a_client_got_wrong(server, body, error):
+    """Each refused as Triton 2.51 refuses it, in its words and order (docs/triton-behaviour.md §11), with a 400
+    where Triton answers 500; the model is not touched."""
     conn = HTTPConnection(server.http_url, timeout=30)
-    conn.request("POST", "/v2/repository/models/identity/load", body=b'{"parameters":{"config":5}}')
+    conn.request("POST", "/v2/repository/models/identity/load", body=body)
     reply = conn.getresponse()
-    assert (reply.status, reply.read()) == (400, b'{"error":"attempt to access JSON non-string as string"}')
+    assert (reply.status, json.loads(reply.read())) == (400, {"error": error})
     conn.close()
     assert "Traceback" not in server.log()
+    assert httpclient.InferenceServerClient(server.http_url).is_model_ready("identity")
 
 
 def test_a_model_no_repository_has_is_not_remembered(http, grpc):

@@ -406,20 +406,27 @@ class HttpFront:
         return _json(self.core.repository_index(ready))
 
     async def load(self, request: Request) -> Response:
+        """The model repository extension's load. Its parameters are read as Triton reads them, in order: each
+        must be a string; ``config``, and ``file:<path>`` (base64); any other is refused. Triton's refusals
+        are 500s; a client's mistake is a 400 here, in the same words."""
         doc = _read_json(request)
-        params = doc.get("parameters") or {}
-        config = params.get("config")
-        if config is not None and not isinstance(config, str):
-            raise invalid("attempt to access JSON non-string as string")  # Triton's words (its status: 500)
+        params = doc.get("parameters", {})
+        if not isinstance(params, dict):
+            raise invalid("attempt to get members for non-object")
+        config = None
         files = {}
         for key, value in params.items():
-            if key.startswith("file:"):  # the model's files, base64 (Triton's load from files)
-                if not isinstance(value, str):
-                    raise invalid("attempt to access JSON non-string as string")
+            if not isinstance(value, str):
+                raise invalid("attempt to access JSON non-string as string")
+            if key == "config":
+                config = value
+            elif key.startswith("file:"):  # the model's files, base64 (Triton's load from files)
                 try:
                     files[key] = base64.b64decode(value, validate=True)
                 except binascii.Error:
                     raise invalid(f"failed to decode the base64 content of load parameter '{key}'") from None
+            else:
+                raise invalid("unexpected error on creating Triton parameter")
         await self.core.load_model(request.match_info["model"], config, files or None)
         return _ok(_JSON)
 
