@@ -112,6 +112,11 @@ def settings(verbose: int) -> dict[str, bool | int | str]:
             "log_verbose_level": verbose, "log_format": os.environ.get(FORMAT_ENV, "default")}
 
 
+def verbose() -> bool:
+    """Whether verbose lines are logged (a worker's: the python backend's ``Logger.log_verbose``)."""
+    return os.environ.get(VERBOSE_ENV, "0") not in ("", "0")
+
+
 def worker_env() -> dict[str, str]:
     """The settings as the workers read them: what a running worker is sent when they change (workers
     started later inherit them from the front's environment)."""
@@ -140,4 +145,4 @@ def set_verbose(level: int) -> None:
 
 __all__ = ["FORMATS", "FORMAT_ENV", "LEVELS_ENV", "LOG_FILE_FIXED", "SETTINGS", "TritonFormatter", "VERBOSE_ENV",
            "configure", "enabled", "open_log_file", "prefix", "set_format", "set_level", "set_verbose", "settings",
-           "worker_env"]
+           "verbose", "worker_env"]

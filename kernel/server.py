@@ -11,7 +11,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from kernel import __version__, logs
@@ -21,7 +21,7 @@ from kernel.cache import check_config as check_cache_config
 from kernel.custom_metrics import CustomMetrics
 from kernel.devices import gpu_count
 from kernel.errors import ServerError
-from kernel.instance import Regions, Spinner
+from kernel.instance import Instance, Regions, Spinner
 from kernel.model import ModelVersion, Pending, RequestFuture
 from kernel.pipelines.bls import BlsHandler
 from kernel.pipelines.ensemble import EnsembleVersion, check_scheduling, composing_models, find_cycle, is_ensemble
@@ -798,18 +798,20 @@ class Core:
     def log_settings_changed(self) -> None:
         """Running workers take the new log settings (those started later inherit them)."""
         msg = {"t": "env", "env": logs.worker_env()}
+        for instance in self._instances():
+            instance.tell(msg)
+
+    def _instances(self) -> Iterator[Instance]:
+        """Every instance of every loaded model version."""
         for model in self.models.values():
             for mv in model.versions.values():
-                for instance in mv.instances:
-                    instance.tell(msg)
+                yield from mv.instances
 
     def _forget_mapping(self, key: int | str) -> None:
         """Every worker drops its mapping of a client region (its registration id) or of an arena segment
         the front gave back (its name)."""
-        for model in self.models.values():
-            for mv in model.versions.values():
-                for instance in mv.instances:
-                    instance.forget_region(key)
+        for instance in self._instances():
+            instance.forget_region(key)
 
 
 def _load_failed(name: str, failed: list[ModelVersion]) -> ServerError:

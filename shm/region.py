@@ -56,7 +56,7 @@ def owner_token() -> str:
     return _owner_prefix()[len(PREFIX):-1]
 
 
-def gone(pid: int, start: int, started: dict[int, int] | None = None) -> bool:
+def gone(pid: int, start: int, started: dict[int, int]) -> bool:
     """Whether the process that named objects ``<pid>.<start>`` has ended: ``pid`` is gone, or names a process
     that started at another time (``start`` 0: names of an older form, by the pid alone). ``started`` caches
     start times over one sweep."""
@@ -64,7 +64,7 @@ def gone(pid: int, start: int, started: dict[int, int] | None = None) -> bool:
         return True
     if not start:
         return False
-    now = started.setdefault(pid, _start_time(pid)) if started is not None else _start_time(pid)
+    now = started.setdefault(pid, _start_time(pid))
     return bool(now) and now != start
 
 

@@ -515,7 +515,7 @@ def parse_request(decoded: InferMessage, shm: SharedMemoryRegistry) -> InferRequ
                     if request.classification is None:
                         request.classification = {}
                     request.classification[name] = classes
-            if _SHM_KEYS.intersection(params):
+            if params and _SHM_KEYS.intersection(params):
                 out.shm = _shm_ref(params, name, shm)
             outputs.append(out)
         request.outputs = outputs

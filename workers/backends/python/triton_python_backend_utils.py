@@ -474,8 +474,7 @@ class Logger:
     def log(message: str, level: int = LogLevel.INFO) -> None:
         # The settings are read at each line: the server sends new ones when they change (kernel.logs).
         tag = "IWEI"[level] if 0 <= level <= 3 else "I"
-        if os.environ.get("EDGE_KERNEL_LOG_VERBOSE", "0") in ("", "0") if level == LogLevel.VERBOSE \
-                else not _logs.enabled(tag):
+        if not _logs.verbose() if level == LogLevel.VERBOSE else not _logs.enabled(tag):
             return
         frame = sys._getframe(1)
         while frame.f_back is not None and frame.f_code.co_filename == __file__:
