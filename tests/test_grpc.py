@@ -492,6 +492,24 @@ def test_malformed_message(client, server):
     assert_serving(client)
 
 
+def test_malformed_message_on_a_stream(client, server):
+    """A stream's request messages are taken as they are read (Connection._deliver); one that does not parse
+    still ends the stream with Triton's status, after the good ones before it were answered."""
+    a = np.arange(16, dtype=np.int32).tobytes()
+    good = raw_request("add_sub", ("INPUT0", "INT32", [16], a), ("INPUT1", "INT32", [16], a)).SerializeToString()
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        infer = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer",
+                                      request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        answers = []
+        with pytest.raises(grpc.RpcError) as e:
+            for answer in infer(iter([good, good, b"\x0a\xff\xff\xff\x0f"]), timeout=10):
+                answers.append(service_pb2.ModelStreamInferResponse.FromString(answer))
+        assert e.value.code() == grpc.StatusCode.INTERNAL
+        assert "Failed to parse" in e.value.details()
+    assert len(answers) <= 2 and all(not r.error_message and r.infer_response.model_name == "add_sub" for r in answers)
+    assert_serving(client)
+
+
 # -- streaming ---------------------------------------------------------------------------------------------
 class Collector:
     """A start_stream callback that queues (result, error) pairs."""

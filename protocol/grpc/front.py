@@ -204,6 +204,9 @@ class InferenceService:
         out = _StreamOut(stream)
         inflight: set[asyncio.Future] = set()
         writer = asyncio.ensure_future(out.write())
+        # Requests are started as their messages are read (Connection._deliver); recv() below takes those
+        # that came before this line, and the end of the stream.
+        stream.on_message = lambda decoded: self._stream_request(decoded, out, inflight)
         try:
             while (decoded := await stream.recv()) is not None:
                 self._stream_request(decoded, out, inflight)

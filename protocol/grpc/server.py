@@ -166,7 +166,7 @@ class Call:
 
     __slots__ = ("conn", "sid", "method", "headers", "encoding", "send_window", "out", "out_end", "task",
                  "inbox", "buf", "need", "closed_remote", "closed", "started", "recv_credit", "deadline",
-                 "drained", "reset", "flag", "born")
+                 "drained", "reset", "flag", "born", "on_message")
 
     def __init__(self, conn: Connection, sid: int, method: Method | None, headers: list, encoding: str) -> None:
         self.conn = conn
@@ -190,6 +190,8 @@ class Call:
         self.reset = False
         self.flag = 0
         self.born = time.perf_counter_ns()  # its HEADERS came (a trace's GRPC_WAITREAD_START)
+        #: a streaming handler's synchronous taker of request messages (see Connection._deliver), else None
+        self.on_message: Callable[[Any], None] | None = None
 
     def metadata(self, key: str) -> str | None:
         """The value of a request header (lower-case key), None when absent."""
@@ -692,6 +694,21 @@ class Connection(asyncio.Protocol):
 
     def _deliver(self, call: Call, message: bytes | bytearray, flag: int) -> None:
         if call.method.stream:
+            take = call.on_message
+            if take is not None and call.encoding == "identity" and call.inbox.empty():
+                # Handed over here, in data_received, as a unary request is (_run_deferred): no task wake-up
+                # per message. Only behind an empty inbox, so that messages keep their order; a message
+                # that does not parse goes the inbox's way, where the handler's recv() raises its error.
+                try:
+                    request = call.method.decode(message)
+                except Exception:  # noqa: BLE001 - reported by recv(), below
+                    pass
+                else:
+                    try:
+                        take(request)
+                    except Exception as e:  # noqa: BLE001 - a bug costs the call, never the connection
+                        self._end_with(call, e)
+                    return
             call.inbox.put_nowait((message, flag))
         elif call.task is None:
             if call.method.deferred and not flag and call.encoding == "identity":
