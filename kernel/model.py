@@ -6,7 +6,9 @@ import asyncio
 import json
 import logging
 import os
+import threading
 import time
+from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -74,13 +76,40 @@ class RequestFuture(asyncio.Future):
     it, ``asyncio.wait_for``, a transport abandoning its call) already ends in ``cancel()``.
     """
 
-    __slots__ = ("pending",)  # no per-future dict: as cheap to make as loop.create_future()'s
+    __slots__ = ("pending", "then")  # no per-future dict: as cheap to make as loop.create_future()'s
 
     pending: Pending | None  # set once queued; cleared once the request has its outcome (no cycle left)
+    #: One taker of the outcome, called without a turn of the event loop (protocol.futures.when_done): when
+    #: a worker's answer settles the request, right after that answer is handled (Batch.done), so the reply
+    #: is written before the loop polls for more requests; otherwise (and when cancelled) as a done callback
+    #: would be.
+    then: Callable[[asyncio.Future], None] | None
+
+    def set_result(self, result: Any) -> None:
+        super().set_result(result)
+        self._hand_over()
+
+    def set_exception(self, exception: Any) -> None:
+        super().set_exception(exception)
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        then = getattr(self, "then", None)
+        if then is not None:
+            self.then = None
+            taking = _takers.batch
+            if taking is not None:
+                taking.append((then, self))
+            else:
+                self.get_loop().call_soon(then, self)
 
     def cancel(self, msg: Any = None) -> bool:
         if not super().cancel(msg):
             return False
+        then = getattr(self, "then", None)
+        if then is not None:
+            self.then = None
+            self.get_loop().call_soon(then, self)
         pending = getattr(self, "pending", None)
         self.pending = None
         if pending is not None and pending.version is not None:
@@ -710,7 +739,21 @@ class Batch:
                 pending.request.chain.ended()
 
     def done(self, instance: Instance, results: list, timings: list, decoupled: bool, end_ns: int) -> None:
-        """The worker answered (``end_ns``: when it finished, on our clock): settle each request."""
+        """The worker answered (``end_ns``: when it finished, on our clock): settle each request; then their
+        takers (RequestFuture.then) have their outcomes, before the event loop polls again."""
+        takers = _takers
+        if takers.batch is not None:  # (settled within another batch's: that one calls the takers)
+            self._done(instance, results, timings, decoupled, end_ns)
+            return
+        taking = takers.batch = []
+        try:
+            self._done(instance, results, timings, decoupled, end_ns)
+        finally:
+            takers.batch = None
+            if taking:
+                _take(taking)
+
+    def _done(self, instance: Instance, results: list, timings: list, decoupled: bool, end_ns: int) -> None:
         version = self.version
         stats = version.stats
         cache = version.cache
@@ -898,6 +941,25 @@ def _deliver(pending: Pending, outcome: Any) -> None:
         future.set_exception(outcome)
     else:
         future.set_result(outcome)
+
+
+class _Takers(threading.local):
+    """The takers (RequestFuture.then) of the requests settled while a batch's answer is handled on this
+    thread (each in-process server runs its loop on a thread of its own), called once it is."""
+
+    batch: list | None = None
+
+
+_takers = _Takers()
+
+
+def _take(batch: list) -> None:
+    for then, future in batch:
+        try:
+            then(future)
+        except Exception as e:  # noqa: BLE001 - as the loop reports a failing callback, and goes on
+            future.get_loop().call_exception_handler({"message": "a request's taker failed", "exception": e,
+                                                      "future": future})
 
 
 def _classified(pending: Pending, response: InferResponse, version: Any) -> InferResponse | ServerError:

@@ -462,7 +462,7 @@ class Core:
                     error = future.exception()
                     callback(error if error is not None else future.result(), True)
 
-                pending.future.add_done_callback(finish)
+                pending.future.then = finish  # (kernel.model.RequestFuture: called as soon as it is settled)
                 ends = pending.future
             self.shm.hold(request, ends)
             ends.pending = pending  # cancelling what the caller holds cancels the request

@@ -39,6 +39,8 @@ import hpack
 from hpack import HPACKError
 from hyperframe.frame import SettingsFrame
 
+from protocol.futures import when_done
+
 log = logging.getLogger("kernel.grpc")
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -767,7 +769,7 @@ class Connection(asyncio.Protocol):
             return
         if isinstance(answer, Deferred):
             call.task = answer.future
-            answer.future.add_done_callback(lambda future: self._deferred_done(call, answer.finish, future))
+            when_done(answer.future, lambda future: self._deferred_done(call, answer.finish, future))
         else:
             self.loop.call_soon(self._reply, call, answer)
 

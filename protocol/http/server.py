@@ -28,6 +28,8 @@ from urllib.parse import unquote
 import httptools
 import orjson
 
+from protocol.futures import when_done
+
 log = logging.getLogger("kernel.http")
 
 _REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
@@ -519,7 +521,7 @@ class _Connection(asyncio.Protocol):
         elif isinstance(answer, Deferred):
             self.server.pending += 1
             self.waiting = answer.future
-            answer.future.add_done_callback(lambda f: self._finish(request, answer.finish, f))
+            when_done(answer.future, lambda f: self._finish(request, answer.finish, f))
         else:
             try:
                 task = asyncio.ensure_future(answer)
