@@ -85,6 +85,12 @@ class RequestFuture(asyncio.Future):
     #: would be.
     then: Callable[[asyncio.Future], None] | None
 
+    @classmethod
+    def new(cls, loop: asyncio.AbstractEventLoop) -> RequestFuture:
+        future = cls(loop=loop)
+        future.then = None  # (set: reading it never raises)
+        return future
+
     def set_result(self, result: Any) -> None:
         super().set_result(result)
         self._hand_over()

@@ -409,7 +409,7 @@ class Core:
             if mv.decoupled:
                 raise ServerError("ModelInfer RPC doesn't support models with decoupled transaction policy",
                                   "UNSUPPORTED")
-            pending = Pending(request, RequestFuture(loop=self._loop), mv.validate(request))
+            pending = Pending(request, RequestFuture.new(self._loop), mv.validate(request))
             if trace is not None:
                 self._begin_trace(request, mv, pending)
             self.shm.hold(request, pending.future)  # client regions stay mapped until it ends
@@ -439,11 +439,11 @@ class Core:
         try:
             mv = self.version(request.model_name, request.model_version)
             batch = mv.validate(request)
-            pending = Pending(request, RequestFuture(loop=self._loop), batch)
+            pending = Pending(request, RequestFuture.new(self._loop), batch)
             if trace is not None:
                 self._begin_trace(request, mv, pending)
             if mv.decoupled:
-                done = RequestFuture(loop=self._loop)
+                done = RequestFuture.new(self._loop)
 
                 def wrapped(response: Any, final: bool) -> None:
                     callback(response, final)

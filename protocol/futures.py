@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 def when_done(future: asyncio.Future, fn: Callable[[asyncio.Future], None]) -> None:
     """``fn(future)`` once ``future`` is done: as its taker where it offers one (and has none yet)."""
-    if hasattr(type(future), "then") and not future.done() and getattr(future, "then", None) is None:
+    if getattr(future, "then", 0) is None and not future.done():  # (a request's, with no taker yet)
         future.then = fn
     else:
         future.add_done_callback(fn)
