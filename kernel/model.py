@@ -109,6 +109,17 @@ class RequestFuture(asyncio.Future):
             else:
                 self.get_loop().call_soon(then, self)
 
+    @staticmethod
+    def after_takers(fn: Callable[[], None]) -> bool:
+        """Have ``fn()`` called once the takers now being called (this future's among them) have all run,
+        and say so; False when no batch of takers is running (then nothing is kept). A transport writes
+        a batch's answers on one connection at once this way (protocol.grpc.server.Connection)."""
+        after = _takers.after
+        if after is None:
+            return False
+        after.append(fn)
+        return True
+
     def cancel(self, msg: Any = None) -> bool:
         if not super().cancel(msg):
             return False
@@ -757,7 +768,7 @@ class Batch:
         finally:
             takers.batch = None
             if taking:
-                _take(taking)
+                _take(taking, takers)
 
     def _done(self, instance: Instance, results: list, timings: list, decoupled: bool, end_ns: int) -> None:
         version = self.version
@@ -954,18 +965,30 @@ class _Takers(threading.local):
     thread (each in-process server runs its loop on a thread of its own), called once it is."""
 
     batch: list | None = None
+    after: list | None = None  # what the takers being called asked to run after them (RequestFuture.after_takers)
 
 
 _takers = _Takers()
 
 
-def _take(batch: list) -> None:
-    for then, future in batch:
-        try:
-            then(future)
-        except Exception as e:  # noqa: BLE001 - as the loop reports a failing callback, and goes on
-            future.get_loop().call_exception_handler({"message": "a request's taker failed", "exception": e,
-                                                      "future": future})
+def _take(batch: list, takers: _Takers) -> None:
+    outer, after = takers.after, []
+    takers.after = after
+    try:
+        for then, future in batch:
+            try:
+                then(future)
+            except Exception as e:  # noqa: BLE001 - as the loop reports a failing callback, and goes on
+                future.get_loop().call_exception_handler({"message": "a request's taker failed", "exception": e,
+                                                          "future": future})
+    finally:
+        takers.after = outer
+        for fn in after:
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001
+                asyncio.get_running_loop().call_exception_handler({"message": "a takers' follow-up failed",
+                                                                   "exception": e})
 
 
 def _classified(pending: Pending, response: InferResponse, version: Any) -> InferResponse | ServerError:

@@ -2,7 +2,9 @@
 transports' way to hear an answer. It is called as soon as the worker's answer that settles the request
 has been handled (within Batch.done, before the event loop polls for more requests), not on a later
 turn as a done callback is; one taker that fails costs only its own request; a request cancelled before
-its answer still reaches its taker; any other future gets a plain done callback."""
+its answer still reaches its taker; any other future gets a plain done callback. What a taker asks to
+run after them (RequestFuture.after_takers) runs once the batch's takers all have: the gRPC connection
+writes a batch's answers at once that way."""
 
 from __future__ import annotations
 
@@ -40,9 +42,14 @@ def test_takers_run_as_the_batch_answer_is_handled(tmp_path):
             model = srv.model("double")
             taken: dict[int, tuple] = {}
 
+            order: list = []
+
             def taker(i: int):
                 def take(future: asyncio.Future) -> None:
                     taken[i] = (future, _within_batch_done())
+                    order.append(i)
+                    if i == 0:  # what runs once every taker of the batch has
+                        assert future.after_takers(lambda: order.append("after"))
                     if i == 1:
                         raise RuntimeError("this taker fails")
                 return take
@@ -63,6 +70,8 @@ def test_takers_run_as_the_batch_answer_is_handled(tmp_path):
                 np.testing.assert_array_equal(future.result().outputs[0].as_numpy(), np.full((1, 3), 2 * i))
                 future.result().release()
             assert taken[3][0].cancelled() and not taken[3][1]
+            assert order == [3, 0, 1, 2, "after"]  # (the cancelled one at once; then one batch: 0, 1 and 2)
+            assert not futures[0].after_takers(lambda: None)  # no batch's takers running now
             assert [c["exception"].args for c in reported] == [("this taker fails",)]
 
             plain = loop.create_future()  # not a request's: a done callback
@@ -75,3 +84,67 @@ def test_takers_run_as_the_batch_answer_is_handled(tmp_path):
             assert (await model.async_infer({"IN": np.ones((1, 3), np.float32)}))["OUT"].tolist() == [[2, 2, 2]]
 
     asyncio.run(main())
+
+
+class _Transport:
+    """A transport that records each write (one entry per system call it would make)."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+    def writelines(self, frames: list) -> None:
+        self.writes.append(b"".join(bytes(f) for f in frames))
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_batch_of_unary_grpc_answers_leaves_in_one_write():
+    """The gRPC connection holds the answers of one batch's takers and writes them at once when they have
+    all run (RequestFuture.after_takers); an answer that comes alone is written at once."""
+    from protocol.grpc.server import Call, Connection, GrpcServer
+
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        conn = Connection(GrpcServer({}))
+        conn.transport = transport = _Transport()
+        after: list = []
+
+        class BatchFuture:  # a core request's future, as its taker sees it while a batch's takers run
+            @staticmethod
+            def after_takers(fn) -> bool:
+                after.append(fn)
+                return True
+
+            def cancelled(self) -> bool:
+                return False
+
+        def answer(sid: int) -> None:
+            call = Call(conn, sid, None, [], "identity")
+            call.closed_remote = True  # (the request's END_STREAM came)
+            conn.calls[sid] = call
+            conn._deferred_done(call, lambda _: b"answer-%d" % sid, future)
+
+        future = BatchFuture()
+        for sid in (1, 3, 5):
+            answer(sid)
+        assert transport.writes == [] and len(after) == 1  # held; one follow-up for the connection
+        after[0]()
+        assert len(transport.writes) == 1
+        assert all(b"answer-%d" % sid in transport.writes[0] for sid in (1, 3, 5))
+        assert transport.writes[0].index(b"answer-1") < transport.writes[0].index(b"answer-3")
+
+        future = loop.create_future()  # an answer outside a batch's takers
+        future.set_result(None)
+        answer(7)
+        assert len(transport.writes) == 2 and b"answer-7" in transport.writes[1] and len(after) == 1
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()

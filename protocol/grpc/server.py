@@ -256,6 +256,46 @@ class Connection(asyncio.Protocol):
         #: ``Call.task`` of a deferred call answered at once: a done future (a second message is refused)
         self.started: asyncio.Future = self.loop.create_future()
         self.started.set_result(None)
+        self.corked: list | None = None  # writes held until a batch's takers have run (cork)
+
+    # -- writing -----------------------------------------------------------------------------------
+    # Answers that a batch's takers write (kernel.model.RequestFuture.after_takers) are held and leave in
+    # one write once they all have: one system call, and one wake-up of the client, per batch.
+    def _write(self, data: bytes) -> None:
+        corked = self.corked
+        if corked is None:
+            self.transport.write(data)
+        else:
+            corked.append(data)
+
+    def _writelines(self, frames: list) -> None:
+        corked = self.corked
+        if corked is None:
+            self.transport.writelines(frames)
+        else:
+            corked.extend(frames)
+
+    def cork(self, future: asyncio.Future) -> None:
+        """Hold this connection's writes until the takers ``future``'s answer came with have run, where
+        the future can say when that is (a core request's); else nothing changes."""
+        if self.corked is None:
+            after = getattr(future, "after_takers", None)
+            if after is not None and after(self.uncork):
+                self.corked = []
+
+    def uncork(self) -> None:
+        corked, self.corked = self.corked, None
+        if corked and self.transport is not None and not self.transport.is_closing():
+            if len(corked) == 1:
+                self.transport.write(corked[0])
+            elif sum(len(c) for c in corked) < 65536:  # small: one copy, one write
+                self.transport.write(b"".join(corked))
+            else:
+                self.transport.writelines(corked)
+
+    def _close(self) -> None:
+        self.uncork()
+        self.transport.close()
 
     # -- connection ------------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -294,7 +334,7 @@ class Connection(asyncio.Protocol):
     def _ping(self) -> None:
         if self.closing:
             return
-        self.transport.write(_frame(PING, 0, 0, b"keepaliv"))
+        self._write(_frame(PING, 0, 0, b"keepaliv"))
         self.ping_wait = self.loop.call_later(self.server.keepalive_timeout, self._ping_timeout)
 
     def _ping_timeout(self) -> None:
@@ -305,21 +345,21 @@ class Connection(asyncio.Protocol):
         """Tell the peer that no stream after ``last_sid`` will be handled."""
         if not self.going_away and not self.closing:
             self.going_away = True
-            self.transport.write(_frame(GOAWAY, 0, 0, struct.pack(">II", self.last_sid, code) + debug))
+            self._write(_frame(GOAWAY, 0, 0, struct.pack(">II", self.last_sid, code) + debug))
         self.maybe_close()
 
     def maybe_close(self) -> None:
         if self.going_away and not self.calls and not self.closing:
             self.closing = True
-            self.transport.close()
+            self._close()
 
     def close_connection(self, code: int, debug: bytes = b"") -> None:
         """A connection error: GOAWAY with ``code``, then close (calls are cancelled)."""
         if self.closing:
             return
-        self.transport.write(_frame(GOAWAY, 0, 0, struct.pack(">II", self.last_sid, code) + debug))
+        self._write(_frame(GOAWAY, 0, 0, struct.pack(">II", self.last_sid, code) + debug))
         self.closing = True
-        self.transport.close()
+        self._close()
         self.buf.clear()
 
     # -- frames in -------------------------------------------------------------------------------------
@@ -337,14 +377,14 @@ class Connection(asyncio.Protocol):
             if len(data) < 24:
                 if not PREFACE.startswith(data):
                     self.closing = True
-                    self.transport.close()
+                    self._close()
                     return
                 self.buf += data
                 self.want = 24
                 return
             if data[:24] != PREFACE:
                 self.closing = True
-                self.transport.close()
+                self._close()
                 return
             self.preface = True
             data = data[24:]
@@ -378,7 +418,7 @@ class Connection(asyncio.Protocol):
                     if length != 8 or sid:
                         raise _ConnError(FRAME_SIZE_ERROR if length != 8 else PROTOCOL_ERROR, b"bad PING")
                     if not flags & ACK:
-                        self.transport.write(_frame(PING, ACK, 0, bytes(view[start:pos])))
+                        self._write(_frame(PING, ACK, 0, bytes(view[start:pos])))
                     elif self.ping_wait is not None:
                         self.ping_wait.cancel()
                         self.ping_wait = None
@@ -419,7 +459,7 @@ class Connection(asyncio.Protocol):
         """Give the peer back connection credit for what was processed, unless partial messages already
         hold ``max_buffered`` bytes: many big messages arriving at once wait instead of filling memory."""
         if self.recv_unacked >= WINDOW >> 2 and self.buffered <= self.server.max_buffered and not self.closing:
-            self.transport.write(_frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", self.recv_unacked)))
+            self._write(_frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", self.recv_unacked)))
             self.recv_window += self.recv_unacked
             self.recv_unacked = 0
 
@@ -450,7 +490,7 @@ class Connection(asyncio.Protocol):
             elif key == SettingsFrame.ENABLE_PUSH and value > 1:
                 raise _ConnError(PROTOCOL_ERROR, b"ENABLE_PUSH must be 0 or 1")
             # HEADER_TABLE_SIZE: our blocks never use the dynamic table; the others do not bind a server.
-        self.transport.write(_frame(SETTINGS, ACK, 0))
+        self._write(_frame(SETTINGS, ACK, 0))
 
     def _on_window_update(self, data: bytes, start: int, length: int, sid: int) -> None:
         if length != 4:
@@ -564,10 +604,10 @@ class Connection(asyncio.Protocol):
             raise _ConnError(STREAM_CLOSED, b"HEADERS on a closed stream")
         self.last_sid = sid
         if self.going_away:
-            self.transport.write(_frame(RST_STREAM, 0, sid, struct.pack(">I", REFUSED_STREAM)))
+            self._write(_frame(RST_STREAM, 0, sid, struct.pack(">I", REFUSED_STREAM)))
             return
         if len(self.calls) >= self.server.max_concurrent_streams:
-            self.transport.write(_frame(RST_STREAM, 0, sid, struct.pack(">I", REFUSED_STREAM)))
+            self._write(_frame(RST_STREAM, 0, sid, struct.pack(">I", REFUSED_STREAM)))
             return
         call = Call(self, sid, None, headers, "identity")
         self.calls[sid] = call
@@ -641,7 +681,7 @@ class Connection(asyncio.Protocol):
 
     def credit_stream(self, call: Call) -> None:
         if call.recv_credit and not call.closed_remote and not call.closed:
-            self.transport.write(_frame(WINDOW_UPDATE, 0, call.sid, struct.pack(">I", call.recv_credit)))
+            self._write(_frame(WINDOW_UPDATE, 0, call.sid, struct.pack(">I", call.recv_credit)))
         call.recv_credit = 0
 
     def _messages(self, call: Call, payload: memoryview) -> None:
@@ -774,6 +814,7 @@ class Connection(asyncio.Protocol):
             self.loop.call_soon(self._reply, call, answer)
 
     def _deferred_done(self, call: Call, finish: Callable[[asyncio.Future], bytes], future: asyncio.Future) -> None:
+        self.cork(future)
         if future.cancelled():
             self.finish(call, CANCELLED, "Cancelled")  # reset or deadline: nothing goes out
             return
@@ -864,7 +905,7 @@ class Connection(asyncio.Protocol):
             call.started = True
             call.send_window -= size
             self.send_window -= size
-            self.transport.write(b"".join((
+            self._write(b"".join((
                 _HDR.pack(len(head) << 8 | HEADERS, END_HEADERS, sid), head,
                 _HDR.pack(size << 8 | DATA, 0, sid), _PREFIX.pack(flag, n), data,
                 _HDR.pack(len(_OK_TRAILERS) << 8 | HEADERS, END_HEADERS | END_STREAM, sid), _OK_TRAILERS)))
@@ -889,7 +930,7 @@ class Connection(asyncio.Protocol):
             call.started = True
             if status == OK:
                 block = _RESPONSE_HEADERS[call.encoding] + _OK_TRAILERS
-            self.transport.write(_HDR.pack(len(block) << 8 | HEADERS, END_HEADERS | END_STREAM, call.sid) + block)
+            self._write(_HDR.pack(len(block) << 8 | HEADERS, END_HEADERS | END_STREAM, call.sid) + block)
             self._closed_local(call)
             return
         call.out_end = block
@@ -899,7 +940,7 @@ class Connection(asyncio.Protocol):
         """A plain HTTP answer to a request that is not gRPC (gRPC's PROTOCOL-HTTP2.md asks for 415)."""
         block = _stateless_block([(":status", status), ("content-type", "text/plain")])
         call.started = True
-        self.transport.write(_HDR.pack(len(block) << 8 | HEADERS, END_HEADERS | END_STREAM, call.sid) + block)
+        self._write(_HDR.pack(len(block) << 8 | HEADERS, END_HEADERS | END_STREAM, call.sid) + block)
         self._closed_local(call)
 
     def _flush(self, call: Call) -> None:
@@ -936,7 +977,7 @@ class Connection(asyncio.Protocol):
             block, call.out_end = call.out_end, None
             frames += (_HDR.pack(len(block) << 8 | HEADERS, END_HEADERS | END_STREAM, sid), block)
         if frames:
-            self.transport.writelines(frames)
+            self._writelines(frames)
         if out:
             self.blocked[sid] = call
             if sent and call.send_window > 0 and self.send_window > 0 and not self.paused:
@@ -952,13 +993,13 @@ class Connection(asyncio.Protocol):
         """The response is complete: the call is over (RST_STREAM NO_ERROR asks the client to stop sending)."""
         call.closed = True
         if not call.closed_remote and not self.closing:
-            self.transport.write(_frame(RST_STREAM, 0, call.sid, struct.pack(">I", NO_ERROR)))
+            self._write(_frame(RST_STREAM, 0, call.sid, struct.pack(">I", NO_ERROR)))
         self._abandon(call)
         self._forget(call)
 
     def _reset(self, call: Call, code: int) -> None:
         if not self.closing:
-            self.transport.write(_frame(RST_STREAM, 0, call.sid, struct.pack(">I", code)))
+            self._write(_frame(RST_STREAM, 0, call.sid, struct.pack(">I", code)))
         self._abandon(call)
         self._forget(call)
 
@@ -1054,6 +1095,6 @@ class GrpcServer:
         for conn in list(self.connections):
             if not conn.closing:
                 conn.closing = True
-                conn.transport.close()
+                conn._close()
         if self._server is not None:
             await self._server.wait_closed()
