@@ -261,19 +261,14 @@ class Connection(asyncio.Protocol):
     # -- writing -----------------------------------------------------------------------------------
     # Answers that a batch's takers write (kernel.model.RequestFuture.after_takers) are held and leave in
     # one write once they all have: one system call, and one wake-up of the client, per batch.
-    def _write(self, data: bytes) -> None:
+    def _write(self, *parts: bytes | memoryview) -> None:
         corked = self.corked
-        if corked is None:
-            self.transport.write(data)
+        if corked is not None:
+            corked.extend(parts)
+        elif len(parts) == 1:
+            self.transport.write(parts[0])
         else:
-            corked.append(data)
-
-    def _writelines(self, frames: list) -> None:
-        corked = self.corked
-        if corked is None:
-            self.transport.writelines(frames)
-        else:
-            corked.extend(frames)
+            self.transport.writelines(parts)
 
     def cork(self, future: asyncio.Future) -> None:
         """Hold this connection's writes until the takers ``future``'s answer came with have run, where
@@ -977,7 +972,7 @@ class Connection(asyncio.Protocol):
             block, call.out_end = call.out_end, None
             frames += (_HDR.pack(len(block) << 8 | HEADERS, END_HEADERS | END_STREAM, sid), block)
         if frames:
-            self._writelines(frames)
+            self._write(*frames)
         if out:
             self.blocked[sid] = call
             if sent and call.send_window > 0 and self.send_window > 0 and not self.paused:
