@@ -269,7 +269,9 @@ def test_http_off_and_own_addresses(tmp_path):
     try:
         assert not listening(srv.http_port)
         assert not listening(srv.grpc_port)  # on 127.0.0.2 only
-        assert not listening(srv.metrics_port) and listening(srv.metrics_port, "127.0.0.3")
+        # (the metrics front starts after the gRPC one that the launch probed)
+        wait_for(lambda: listening(srv.metrics_port, "127.0.0.3"), timeout=30, what="metrics on 127.0.0.3")
+        assert not listening(srv.metrics_port)
         client = grpcclient.InferenceServerClient(f"127.0.0.2:{srv.grpc_port}")
         assert client.get_server_metadata().name == "edge-02"
         assert client.is_model_ready("m")
