@@ -93,17 +93,18 @@ class RequestFuture(asyncio.Future):
 
     def set_result(self, result: Any) -> None:
         super().set_result(result)
-        self._hand_over()
+        self._hand_over(_takers.batch)
 
     def set_exception(self, exception: Any) -> None:
         super().set_exception(exception)
-        self._hand_over()
+        self._hand_over(_takers.batch)
 
-    def _hand_over(self) -> None:
+    def _hand_over(self, taking: list | None) -> None:
+        """The taker, if any, gets the outcome: with the batch's takers being gathered (``taking``), else on
+        the loop's next turn."""
         then = getattr(self, "then", None)
         if then is not None:
             self.then = None
-            taking = _takers.batch
             if taking is not None:
                 taking.append((then, self))
             else:
@@ -123,10 +124,7 @@ class RequestFuture(asyncio.Future):
     def cancel(self, msg: Any = None) -> bool:
         if not super().cancel(msg):
             return False
-        then = getattr(self, "then", None)
-        if then is not None:
-            self.then = None
-            self.get_loop().call_soon(then, self)
+        self._hand_over(None)
         pending = getattr(self, "pending", None)
         self.pending = None
         if pending is not None and pending.version is not None:
