@@ -516,7 +516,8 @@ def run(args: argparse.Namespace) -> dict:
         os.makedirs(out, exist_ok=True)
         trace_file = os.path.join(out, "trace-backends-0.json")  # trace_args' name for it
         inprocess_trace = os.path.join(out, "trace-backends-inprocess.json")
-        http_server = ours_server(repo, tmp, trace_args(args.trace, out, "backends", 0))
+        http_server = ours_server(repo, tmp, trace_args(args.trace, out, "backends", 0)
+                                  + [f"--backend-config={c}" for c in args.backend_config])
         http_server.start()
         try:
             if triton is not None:
@@ -526,9 +527,14 @@ def run(args: argparse.Namespace) -> dict:
                 raise BenchError(f"models not ready: {missing}\n{http_server.log_tail()}")
             tracing = {"file": inprocess_trace, "level": ["TIMESTAMPS"], "rate": str(args.trace)} if args.trace \
                 else None
+            config: dict[str, dict[str, str]] = {}
+            for item in args.backend_config:  # as the server's --backend-config=<backend>,<key>=<value>
+                backend, _, setting = item.partition(",")
+                key, _, value = setting.partition("=")
+                config.setdefault(backend, {})[key] = value
             runs: list[list[dict]] = []
             for start in range(args.starts):  # a fresh in-process server each time: its placement varies
-                with Server(model_repository=repo, trace_config=tracing) as server:
+                with Server(model_repository=repo, trace_config=tracing, backend_config=config) as server:
                     runs.append([])
                     for m in models:
                         for batch in m["batches"]:
@@ -757,6 +763,8 @@ def main(argv: list[str] | None = None) -> int:
                         "torch_cnn), and no frames")
     p.add_argument("--ort-threads", type=int, nargs="+", default=[], metavar="N",
                    help="the conv net once more with intra_op_thread_count N, for each N given")
+    p.add_argument("--backend-config", action="append", default=[], metavar="BACKEND,KEY=VALUE",
+                   help="a --backend-config of both servers measured (repeatable), e.g. python,front-poll-us=0")
     p.add_argument("--out", default=os.path.join(REPO_ROOT, "bench", "results", "tmp"), help="folder for the JSON")
     p.add_argument("--no-docs", action="store_true", help="leave docs/performance.md as it is")
     p.add_argument("--trace", type=int, default=0, metavar="N",
@@ -768,7 +776,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--starts must be at least 1")
     if args.paired is None:
         args.paired = args.seconds
-    if args.trace:
+    if args.trace or args.backend_config:  # not the servers' defaults: docs/ keeps what they measure
         args.no_docs = True
     doc = run(args)
     os.makedirs(args.out, exist_ok=True)
