@@ -10,6 +10,7 @@ import pytest
 import torch
 import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
+from tritonclient.utils import InferenceServerException
 
 from tests.framework_models import onnx_bytes, write_model
 from tests.support import ROOT, KernelServer
@@ -29,10 +30,14 @@ def server(tmp_path_factory):
     resnet = torch.jit.script(torchvision.models.resnet18(weights=None).eval())
     (repo / "resnet18" / "1").mkdir(parents=True)
     torch.jit.save(resnet, str(repo / "resnet18" / "1" / "model.pt"))
-    (repo / "resnet18" / "config.pbtxt").write_text(
-        'backend: "pytorch"\nmax_batch_size: 8\ninstance_group [ { kind: KIND_GPU, gpus: [ 0 ] } ]\n'
-        'input [ { name: "INPUT__0", data_type: TYPE_FP32, dims: [ 3, 224, 224 ] } ]\n'
-        'output [ { name: "OUTPUT__0", data_type: TYPE_FP32, dims: [ 1000 ] } ]\n')
+    resnet_config = ('backend: "pytorch"\nmax_batch_size: 8\ninstance_group [ { kind: KIND_GPU, gpus: [ 0 ] } ]\n'
+                     'input [ { name: "INPUT__0", data_type: TYPE_FP32, dims: [ 3, 224, 224 ] } ]\n'
+                     'output [ { name: "OUTPUT__0", data_type: TYPE_FP32, dims: [ 1000 ] } ]\n')
+    (repo / "resnet18" / "config.pbtxt").write_text(resnet_config)
+    (repo / "resnet18_batched" / "1").mkdir(parents=True)
+    torch.jit.save(resnet, str(repo / "resnet18_batched" / "1" / "model.pt"))
+    (repo / "resnet18_batched" / "config.pbtxt").write_text(
+        resnet_config + 'dynamic_batching { max_queue_delay_microseconds: 200000 }\n')
     dlpack_repository(repo, "dlpack_gpu", 'instance_group [ { kind: KIND_GPU, gpus: [ 0 ] } ]\n'
                       'parameters { key: "FORCE_CPU_ONLY_INPUT_TENSORS" value: { string_value: "no" } }\n')
     from tests.framework_models import add_sub_graph
@@ -87,6 +92,45 @@ def test_gpu_output_lands_in_the_clients_region(server):
                                    atol=1e-3)
     finally:
         client.unregister_system_shared_memory("resnet_out")
+        shm.destroy_shared_memory_region(region)
+        client.close()
+
+
+def test_each_request_of_a_gpu_batch_gets_its_own_rows(server):
+    """The backend copies each request's rows of a batched GPU output into that request's place."""
+    xs = [np.random.default_rng(10 + i).standard_normal((1, 3, 224, 224)).astype(np.float32) for i in range(4)]
+    client = httpclient.InferenceServerClient(server.http_url, concurrency=4)
+    pending = []
+    for x in xs:
+        inp = httpclient.InferInput("INPUT__0", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x, binary_data=True)
+        pending.append(client.async_infer("resnet18_batched", [inp]))
+    results = [p.get_result().as_numpy("OUTPUT__0") for p in pending]
+    with torch.inference_mode():
+        want = server.resnet(torch.from_numpy(np.concatenate(xs)).cuda()).cpu().numpy()
+    for i, result in enumerate(results):
+        np.testing.assert_allclose(result, want[i : i + 1], rtol=1e-3, atol=1e-3)
+    stats = client.get_inference_statistics("resnet18_batched")["model_stats"][0]
+    assert any(b["batch_size"] > 1 for b in stats["batch_stats"]), stats["batch_stats"]
+    client.close()
+
+
+def test_a_clients_region_too_small_for_a_gpu_output_fails_that_request(server):
+    x = np.ones((1, 3, 224, 224), np.float32)
+    client = httpclient.InferenceServerClient(server.http_url)
+    region = shm.create_shared_memory_region("resnet_small", "/resnet_small", 100)
+    try:
+        client.register_system_shared_memory("resnet_small", "/resnet_small", 100)
+        inp = httpclient.InferInput("INPUT__0", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x, binary_data=True)
+        out = httpclient.InferRequestedOutput("OUTPUT__0")
+        out.set_shared_memory("resnet_small", 100)
+        with pytest.raises(InferenceServerException, match="at least 4000 bytes"):
+            client.infer("resnet18", [inp], outputs=[out])
+        result = client.infer("resnet18", [inp])  # the instance serves on
+        assert result.as_numpy("OUTPUT__0").shape == (1, 1000)
+    finally:
+        client.unregister_system_shared_memory("resnet_small")
         shm.destroy_shared_memory_region(region)
         client.close()
 
