@@ -165,19 +165,14 @@ def host_view(dest: np.ndarray) -> Any:
         return torch.from_numpy(dest)
 
 
-def copy_to_host(value: Any, dest: np.ndarray, wait: bool = True) -> None:
-    """Copy device tensor ``value`` into the host array ``dest`` (its final place in shared memory).
-
-    ``wait`` False (torch): the copy is queued on the tensor's stream and may still run when this returns;
-    the caller synchronizes before ``dest`` is read. (Into memory that could not be page-locked the copy
-    completes before returning anyway.)"""
+def copy_to_host(value: Any, dest: np.ndarray) -> None:
+    """Copy device tensor ``value`` into the host array ``dest`` (its final place in shared memory)."""
     if _is_cupy(value):
         value.get(out=dest)
         return
     pin(dest)
     tensor = _as_torch(value)
-    host_view(dest).copy_(tensor if tuple(tensor.shape) == dest.shape else tensor.reshape(dest.shape),
-                          non_blocking=not wait)
+    host_view(dest).copy_(tensor if tuple(tensor.shape) == dest.shape else tensor.reshape(dest.shape))
 
 
 def as_host_array(value: Any) -> np.ndarray:

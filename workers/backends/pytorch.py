@@ -13,11 +13,9 @@ and neither does this backend.
 A KIND_CPU instance runs on tensors that *are* the shared memory the inputs arrived
 in, except inputs in a client's registered region: torch has no read-only tensors,
 and a model writing into its input must never write into the client's frame, so those
-are copied. A KIND_GPU instance (``cuda:<device id>``) queues the copies of its outputs
-from the GPU straight into their place in shared memory (Request.output_buffer: the
-worker's arena, or the client's region) right behind the forward, and synchronizes once
-for both: no host tensor in between, and no second wait for the GPU. Its statistics count
-those copies in compute infer. Some builds of torch need an OpenMP
+are copied. A KIND_GPU instance (``cuda:<device id>``) returns its outputs as device
+tensors, which the runtime copies from the GPU straight into their place in shared
+memory (workers.gpu): no host tensor in between. Some builds of torch need an OpenMP
 runtime loaded before anything else (Jetson's "cannot allocate memory in static TLS
 block"): ``--backend-config=pytorch,libomp-path=<libgomp.so.1>`` preloads it in the
 worker (kernel.server.Core.worker_env).
@@ -212,8 +210,11 @@ class PyTorchBackend(Backend):
         try:
             with torch.inference_mode(self.inference_mode), torch.no_grad():
                 result = self.module.forward(by_name) if self.dict_input else self.module.forward(*arguments)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
         except Exception as e:
             raise BackendError(f"PyTorch execute failure: {e}") from e
+        self.mark()
         results = self._results(result)
         responses = [Response({}) for _ in requests]
         for name, position, datatype, dims in self.outputs:
@@ -223,32 +224,12 @@ class PyTorchBackend(Backend):
                 raise BackendError(f"The output {name} in the model configuration refers to an output index which "
                                    f"doesn't exist. This model has {len(results)} outputs", "INVALID_ARG")
             value = self._output(name, results[position], datatype, dims, rows)
-            fetch = isinstance(value, torch.Tensor) and value.device == self.device  # (else a host array)
             for request, response, part in zip(requests, responses, split(value, sizes)):
                 if request.wants(name):
-                    response.outputs[name] = self._fetch(request, name, datatype, part) if fetch else part
-        if self.device.type == "cuda":
-            try:  # the forward and the copies of its outputs, queued on the device's stream, end here
-                torch.cuda.synchronize(self.device)
-            except Exception as e:
-                raise BackendError(f"PyTorch execute failure: {e}") from e
-        self.mark()
+                    response.outputs[name] = part
         if self.cache_cleaning and self.device.type == "cuda":
             torch.cuda.empty_cache()
         return responses
-
-    @staticmethod
-    def _fetch(request: Request, name: str, datatype: str, part: Any) -> Any:
-        """A GPU output's rows for ``request``, copied into their place in shared memory (the worker's arena,
-        or the client's region) by a copy queued behind the forward: the batch's one synchronize waits for
-        both, where a copy after the forward's synchronize would wait once more. Where no place can be had
-        (a client's region too small), the device tensor goes to the worker runtime, which says why."""
-        try:
-            dest = request.output_buffer(name, datatype.removeprefix("TYPE_"), list(part.shape))
-        except Exception:
-            return part
-        gpu.copy_to_host(part, dest, wait=False)
-        return dest
 
     def _tensor(self, array: np.ndarray, dtype: Any) -> Any:
         """An input as forward takes it: a tensor on the instance's device, or a list of str."""
