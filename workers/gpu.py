@@ -35,6 +35,8 @@ def on_device(value: Any) -> bool:
     """Whether ``value`` is a DLPack tensor in device (not host) memory."""
     if isinstance(value, np.ndarray):
         return False
+    if _is_torch(value) and hasattr(value, "is_cpu"):  # a property read, where __dlpack_device__ is Python code
+        return not value.is_cpu
     device = getattr(value, "__dlpack_device__", None)
     if device is None:
         return False
