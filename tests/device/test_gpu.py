@@ -5,6 +5,8 @@ Not collected elsewhere (tests/conftest.py): CI has no GPU. bench/device_run.sh 
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -75,25 +77,33 @@ def test_resnet18_on_a_gpu_instance(server, batch):
     client.close()
 
 
-def test_gpu_output_lands_in_the_clients_region(server):
+@contextlib.contextmanager
+def _resnet_into_region(server, size: int):
+    """A client, a ones image as resnet18's input, and OUTPUT__0 asked into a registered region of ``size`` bytes."""
     x = np.ones((1, 3, 224, 224), np.float32)
     client = httpclient.InferenceServerClient(server.http_url)
-    region = shm.create_shared_memory_region("resnet_out", "/resnet_out", 4000)
+    name = f"resnet_out_{size}"
+    region = shm.create_shared_memory_region(name, f"/{name}", size)
     try:
-        client.register_system_shared_memory("resnet_out", "/resnet_out", 4000)
+        client.register_system_shared_memory(name, f"/{name}", size)
         inp = httpclient.InferInput("INPUT__0", list(x.shape), "FP32")
         inp.set_data_from_numpy(x, binary_data=True)
         out = httpclient.InferRequestedOutput("OUTPUT__0")
-        out.set_shared_memory("resnet_out", 4000)
+        out.set_shared_memory(name, size)
+        yield client, region, x, inp, out
+    finally:
+        client.unregister_system_shared_memory(name)
+        shm.destroy_shared_memory_region(region)
+        client.close()
+
+
+def test_gpu_output_lands_in_the_clients_region(server):
+    with _resnet_into_region(server, 4000) as (client, region, x, inp, out):
         client.infer("resnet18", [inp], outputs=[out])
         with torch.inference_mode():
             want = server.resnet(torch.from_numpy(x).cuda()).cpu().numpy()
         np.testing.assert_allclose(shm.get_contents_as_numpy(region, np.float32, [1, 1000]), want, rtol=1e-3,
                                    atol=1e-3)
-    finally:
-        client.unregister_system_shared_memory("resnet_out")
-        shm.destroy_shared_memory_region(region)
-        client.close()
 
 
 def test_each_request_of_a_gpu_batch_gets_its_own_rows(server):
@@ -116,23 +126,11 @@ def test_each_request_of_a_gpu_batch_gets_its_own_rows(server):
 
 
 def test_a_clients_region_too_small_for_a_gpu_output_fails_that_request(server):
-    x = np.ones((1, 3, 224, 224), np.float32)
-    client = httpclient.InferenceServerClient(server.http_url)
-    region = shm.create_shared_memory_region("resnet_small", "/resnet_small", 100)
-    try:
-        client.register_system_shared_memory("resnet_small", "/resnet_small", 100)
-        inp = httpclient.InferInput("INPUT__0", list(x.shape), "FP32")
-        inp.set_data_from_numpy(x, binary_data=True)
-        out = httpclient.InferRequestedOutput("OUTPUT__0")
-        out.set_shared_memory("resnet_small", 100)
+    with _resnet_into_region(server, 100) as (client, _, _, inp, out):
         with pytest.raises(InferenceServerException, match="at least 4000 bytes"):
             client.infer("resnet18", [inp], outputs=[out])
         result = client.infer("resnet18", [inp])  # the instance serves on
         assert result.as_numpy("OUTPUT__0").shape == (1, 1000)
-    finally:
-        client.unregister_system_shared_memory("resnet_small")
-        shm.destroy_shared_memory_region(region)
-        client.close()
 
 
 def test_python_model_gets_and_returns_gpu_tensors(server):
