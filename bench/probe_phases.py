@@ -137,9 +137,20 @@ def _instance(module: Any) -> None:
     _wrap(module.Instance, "execute", "front.Instance.execute")
 
 
+def _http_server(module: Any) -> None:
+    for name in ("data_received", "_respond"):  # a request's parse and dispatch; an answer's encoding and write
+        _wrap(module._Connection, name, f"http.{name}")
+
+
+def _http_front(module: Any) -> None:
+    _wrap(module.HttpFront, "infer", "http.HttpFront.infer")
+    _wrap(module.HttpFront, "_infer_response", "http.HttpFront._infer_response")
+
+
 _PATCHES: dict[str, Callable[[Any], None]] = {
     "shm.ring": _ring, "workers.runtime": _runtime, "workers.gpu": _gpu, "workers.backends.pytorch": _pytorch,
     "workers.backends.onnxruntime": _onnxruntime, "kernel.model": _model, "kernel.instance": _instance,
+    "protocol.http.server": _http_server, "protocol.http.front": _http_front,
 }
 
 
