@@ -47,6 +47,12 @@ MODELS = {
                       + io([("words", "TYPE_STRING", [-1])], [("OUTPUT__0", "TYPE_STRING", [-1])]), None),
     "torch_inplace": (tm.InPlace, 'backend: "pytorch"\nmax_batch_size: 2\n'
                       + io([("x", "TYPE_FP32", [4])], [("OUTPUT__0", "TYPE_FP32", [4])]), None),
+    "torch_grad": (tm.GradMode, 'backend: "pytorch"\n' + io([("x", "TYPE_FP32", [3])], [("OUTPUT__0", "TYPE_FP32", [3])]),
+                   None),
+    "torch_grad_no_inference_mode": (tm.GradMode, 'backend: "pytorch"\n'
+                                     + io([("x", "TYPE_FP32", [3])], [("OUTPUT__0", "TYPE_FP32", [3])])
+                                     + 'parameters { key: "INFERENCE_MODE" value: { string_value: "false" } }\n',
+                                     None),
     "torch_cnn": (tm.SmallCNN, 'backend: "pytorch"\nmax_batch_size: 8\n'
                   + io([("INPUT__0", "TYPE_FP32", [3, 32, 32])], [("OUTPUT__0", "TYPE_FP32", [10])])
                   + 'parameters { key: "INFERENCE_MODE" value: { string_value: "false" } }\n'
@@ -180,6 +186,13 @@ def test_string_lists(http):
     words = np.array([b"edge", b"kernel"], dtype=object)
     result = http.infer("torch_strings", inputs_for(httpclient, {"words": words}, "BYTES"))
     np.testing.assert_array_equal(result.as_numpy("OUTPUT__0"), np.array([b"EDGE", b"KERNEL"], dtype=object))
+
+
+@pytest.mark.parametrize("name", ["torch_grad", "torch_grad_no_inference_mode"])
+def test_forward_runs_without_autograd_in_both_inference_modes(http, name):
+    x = np.array([5, 6, 7], np.float32)
+    result = http.infer(name, inputs_for(httpclient, {"x": x}))
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT__0"), [0, 6, 7])  # 0: grad mode was off
 
 
 def test_cnn_with_parameters_matches_torch(repo, http):

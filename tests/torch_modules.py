@@ -12,6 +12,14 @@ class AddSub(torch.nn.Module):
         return INPUT__0 + INPUT__1, INPUT__0 - INPUT__1
 
 
+class GradMode(torch.nn.Module):
+    """OUTPUT__0 = x with its first element replaced by 1.0 where autograd is on during forward, else 0.0."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flag = torch.tensor([float(torch.is_grad_enabled())])
+        return torch.cat([flag, x[1:]])
+
+
 class Arguments(torch.nn.Module):
     """Inputs named after forward's arguments: OUT = x * 10 + y."""
 
