@@ -30,6 +30,8 @@ def io(inputs: list[tuple], outputs: list[tuple]) -> str:
 ADD_SUB = io([("INPUT__0", "TYPE_FP32", [4]), ("INPUT__1", "TYPE_FP32", [4])],
              [("OUTPUT__0", "TYPE_FP32", [4]), ("OUTPUT__1", "TYPE_FP32", [4])])
 
+GRAD_IO = io([("x", "TYPE_FP32", [3])], [("OUTPUT__0", "TYPE_FP32", [3])])
+
 #: name -> (module or None, config, reason it must fail with at load, or None when it loads)
 MODELS = {
     "torch_add": (tm.AddSub, 'backend: "pytorch"\nmax_batch_size: 8\n' + ADD_SUB
@@ -47,10 +49,8 @@ MODELS = {
                       + io([("words", "TYPE_STRING", [-1])], [("OUTPUT__0", "TYPE_STRING", [-1])]), None),
     "torch_inplace": (tm.InPlace, 'backend: "pytorch"\nmax_batch_size: 2\n'
                       + io([("x", "TYPE_FP32", [4])], [("OUTPUT__0", "TYPE_FP32", [4])]), None),
-    "torch_grad": (tm.GradMode, 'backend: "pytorch"\n' + io([("x", "TYPE_FP32", [3])], [("OUTPUT__0", "TYPE_FP32", [3])]),
-                   None),
-    "torch_grad_no_inference_mode": (tm.GradMode, 'backend: "pytorch"\n'
-                                     + io([("x", "TYPE_FP32", [3])], [("OUTPUT__0", "TYPE_FP32", [3])])
+    "torch_grad": (tm.GradMode, 'backend: "pytorch"\n' + GRAD_IO, None),
+    "torch_grad_no_inference_mode": (tm.GradMode, 'backend: "pytorch"\n' + GRAD_IO
                                      + 'parameters { key: "INFERENCE_MODE" value: { string_value: "false" } }\n',
                                      None),
     "torch_cnn": (tm.SmallCNN, 'backend: "pytorch"\nmax_batch_size: 8\n'
