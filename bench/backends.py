@@ -44,6 +44,7 @@ import numpy as np
 from bench.compare import REPO_ROOT, machine, ours_server, trace_args, triton_server
 from bench.inputs import BenchError
 from bench.stats import model_stats, server_split
+from kernel.cli import backend_setting
 
 # The direct calls run with the settings the backends give their frameworks (workers.backends.pytorch
 # sets this before torch loads; ONNX Runtime's options come from the backend itself, below).
@@ -517,7 +518,8 @@ def run(args: argparse.Namespace) -> dict:
         trace_file = os.path.join(out, "trace-backends-0.json")  # trace_args' name for it
         inprocess_trace = os.path.join(out, "trace-backends-inprocess.json")
         http_server = ours_server(repo, tmp, trace_args(args.trace, out, "backends", 0)
-                                  + [f"--backend-config={c}" for c in args.backend_config])
+                                  + [f"--backend-config={b},{k}={v}" if b else f"--backend-config={k}={v}"
+                                     for b, k, v in args.backend_config])
         http_server.start()
         try:
             if triton is not None:
@@ -528,9 +530,7 @@ def run(args: argparse.Namespace) -> dict:
             tracing = {"file": inprocess_trace, "level": ["TIMESTAMPS"], "rate": str(args.trace)} if args.trace \
                 else None
             config: dict[str, dict[str, str]] = {}
-            for item in args.backend_config:  # as the server's --backend-config=<backend>,<key>=<value>
-                backend, _, setting = item.partition(",")
-                key, _, value = setting.partition("=")
+            for backend, key, value in args.backend_config:
                 config.setdefault(backend, {})[key] = value
             runs: list[list[dict]] = []
             for start in range(args.starts):  # a fresh in-process server each time: its placement varies
@@ -763,7 +763,7 @@ def main(argv: list[str] | None = None) -> int:
                         "torch_cnn), and no frames")
     p.add_argument("--ort-threads", type=int, nargs="+", default=[], metavar="N",
                    help="the conv net once more with intra_op_thread_count N, for each N given")
-    p.add_argument("--backend-config", action="append", default=[], metavar="BACKEND,KEY=VALUE",
+    p.add_argument("--backend-config", action="append", type=backend_setting, default=[], metavar="BACKEND,KEY=VALUE",
                    help="a --backend-config of both servers measured (repeatable), e.g. python,front-poll-us=0")
     p.add_argument("--out", default=os.path.join(REPO_ROOT, "bench", "results", "tmp"), help="folder for the JSON")
     p.add_argument("--no-docs", action="store_true", help="leave docs/performance.md as it is")

@@ -109,7 +109,7 @@ def _config_name(text: str) -> str:
     return text
 
 
-def _backend_config(text: str) -> tuple[str, str, str]:
+def backend_setting(text: str) -> tuple[str, str, str]:
     """``<backend>,<key>=<value>``, or tritonserver's global ``<key>=<value>`` (backend "")."""
     comma, eq = text.find(","), text.find("=")
     if eq > 0 and (comma < 0 or eq < comma):
@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="counter_latencies=false leaves out the *_duration_us families; other settings "
                               "(summary_latencies, summary_quantiles) have no effect here")
     tracing = start.add_argument_group("Tracing")
-    tracing.add_argument("--trace-config", action="append", type=_backend_config, default=[],
+    tracing.add_argument("--trace-config", action="append", type=backend_setting, default=[],
                          metavar="[<mode>,]<setting>=<value>",
                          help="tracing, as tritonserver's: level=OFF|TIMESTAMPS|TENSORS (repeatable to combine), "
                               "rate=<one in N requests>, count=<traces, -1: unlimited>, triton,file=<path>, "
@@ -340,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="a directory of third-party backends, DIR/<name>/backend.py (or a Triton python-based "
                               "backend, DIR/<name>/model.py), searched before the built-in backends (python, "
                               "onnxruntime, pytorch, tensorrt); repeatable")
-    backend.add_argument("--backend-config", action="append", type=_backend_config, default=[],
+    backend.add_argument("--backend-config", action="append", type=backend_setting, default=[],
                          metavar="<backend>,<key>=<value>",
                          help="a backend setting, e.g. onnxruntime,default-max-batch-size=8, "
                               "pytorch,libomp-path=/usr/lib/aarch64-linux-gnu/libgomp.so.1 or "
