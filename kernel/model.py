@@ -102,7 +102,7 @@ class RequestFuture(asyncio.Future):
     def _hand_over(self, taking: list | None) -> None:
         """The taker, if any, gets the outcome: with the batch's takers being gathered (``taking``), else on
         the loop's next turn."""
-        then = getattr(self, "then", None)
+        then = self.then  # (set by new(), the only way the core makes one)
         if then is not None:
             self.then = None
             if taking is not None:
