@@ -281,12 +281,9 @@ class Connection(asyncio.Protocol):
     def uncork(self) -> None:
         corked, self.corked = self.corked, None
         if corked and self.transport is not None and not self.transport.is_closing():
-            if len(corked) == 1:
-                self.transport.write(corked[0])
-            elif sum(len(c) for c in corked) < 65536:  # small: one copy, one write
-                self.transport.write(b"".join(corked))
-            else:
-                self.transport.writelines(corked)
+            if len(corked) > 1 and sum(len(c) for c in corked) < 65536:  # small: one copy, one write
+                corked = [b"".join(corked)]
+            self._write(*corked)
 
     def _close(self) -> None:
         self.uncork()
